@@ -10,6 +10,10 @@
 #   Otherwise (Debian 12 ships 1.0.3) Debian's own `highway` source package is
 #   fetched from the next Debian suite with `apt-get source` and only its core
 #   library is built into DIR (default build/deps/hwy-<arch>).
+# - --arch aarch64 on an x86 host: Debian's g++-aarch64-linux-gnu and qemu-user,
+#   Catch2 v3 for arm64 unpacked into build/deps/catch2-aarch64 (printed as
+#   `LUTRA_CATCH2_PREFIX=<dir>`), and Highway cross-built with
+#   cmake/aarch64-linux-gnu.cmake. cmake/test-aarch64.sh uses all of it.
 # Extra apt sources are derived from the machine's configured Debian sources:
 # no package host name is written anywhere.
 #
@@ -54,7 +58,7 @@ case "$CODENAME" in
 esac
 EXTRA=/etc/apt/sources.list.d/lutra-extra.sources
 APT_UPDATED=0
-apt_update() { if [ $APT_UPDATED = 0 ]; then $SUDO apt-get update -qq; APT_UPDATED=1; fi; }
+apt_update() { if [ $APT_UPDATED = 0 ]; then $SUDO apt-get -o DPkg::Lock::Timeout=300 update -qq; APT_UPDATED=1; fi; }
 ensure_extra_sources() {
   [ "$CODENAME" = bookworm ] || return 0
   [ -f "$EXTRA" ] && return 0
@@ -93,6 +97,19 @@ PKGS=()
 for p in cmake ninja-build g++ make libbenchmark-dev dpkg-dev; do
   need_install "$p" && PKGS+=("$p")
 done
+# Cross builds (--arch aarch64 on an x86 host): Debian's cross compiler, and
+# qemu user-mode emulation to run the tests (see cmake/test-aarch64.sh).
+CROSS=""
+if [ "$ARCH" != "$(uname -m)" ]; then
+  case "$ARCH" in
+    aarch64) CROSS=aarch64-linux-gnu; DEB_ARCH=arm64 ;;
+    *) log "no cross toolchain known for --arch $ARCH (supported: aarch64)"; exit 2 ;;
+  esac
+  need_install "g++-$CROSS" && PKGS+=("g++-$CROSS")
+  if ! command -v "qemu-$ARCH" >/dev/null && ! command -v "qemu-$ARCH-static" >/dev/null; then
+    PKGS+=(qemu-user)
+  fi
+fi
 CATCH_PKG=""
 if need_install libcatch2-dev 3.0; then CATCH_PKG=libcatch2-dev; fi
 if [ ${#PKGS[@]} -gt 0 ] || [ -n "$CATCH_PKG" ]; then
@@ -100,19 +117,56 @@ if [ ${#PKGS[@]} -gt 0 ] || [ -n "$CATCH_PKG" ]; then
   apt_update
   if [ ${#PKGS[@]} -gt 0 ]; then
     log "installing ${PKGS[*]}"
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${PKGS[@]}" >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -qq "${PKGS[@]}" >/dev/null
   fi
   if [ -n "$CATCH_PKG" ]; then
     cand=$(apt-cache policy libcatch2-dev | awk '/Candidate:/{print $2}')
     if [ "$CODENAME" = bookworm ]; then
       log "installing libcatch2-dev (v3) from bookworm-backports"
-      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq -t bookworm-backports libcatch2-dev >/dev/null
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -qq -t bookworm-backports libcatch2-dev >/dev/null
     elif dpkg --compare-versions "${cand:-0}" ge 3.0; then
-      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libcatch2-dev >/dev/null
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -qq libcatch2-dev >/dev/null
     else
       log "no Catch2 v3 package found (candidate: ${cand:-none})"; exit 1
     fi
   fi
+fi
+
+# --- Catch2 v3 for a cross target ---------------------------------------------
+# Debian's libcatch2-dev cannot be installed for two architectures at once (it
+# is not Multi-Arch), so the target's .deb is fetched with a private apt state
+# under build/deps/apt-<arch> (the system's dpkg architectures and apt lists
+# stay untouched) and unpacked into build/deps/catch2-<arch>. CMake finds it
+# through CMAKE_FIND_ROOT_PATH (cmake/<arch>-linux-gnu.cmake).
+CATCH2_PREFIX=""
+if [ -n "$CROSS" ]; then
+  CATCH2_PREFIX="$ROOT/build/deps/catch2-$ARCH"
+  if [ ! -f "$CATCH2_PREFIX/usr/lib/cmake/Catch2/Catch2Config.cmake" ]; then
+    uri=$(debian_uri)
+    [ -n "$uri" ] || { log "cannot find a configured Debian archive URI in /etc/apt"; exit 1; }
+    suite=$CODENAME
+    [ "$CODENAME" = bookworm ] && suite=bookworm-backports  # Catch2 v3 lives there
+    A="$ROOT/build/deps/apt-$ARCH"
+    rm -rf "$A" "$CATCH2_PREFIX"
+    mkdir -p "$A/lists/partial" "$A/cache/archives/partial" "$A/etc/parts"
+    keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+    opts="arch=$DEB_ARCH"
+    [ -f "$keyring" ] && opts="$opts signed-by=$keyring"
+    echo "deb [$opts] $uri $suite main" > "$A/etc/sources.list"
+    APT_X=(-o "APT::Architecture=$DEB_ARCH" -o "APT::Architectures::=$DEB_ARCH"
+           -o "Dir::State::Lists=$A/lists" -o "Dir::Cache=$A/cache"
+           -o "Dir::Etc::SourceList=$A/etc/sources.list" -o "Dir::Etc::SourceParts=$A/etc/parts"
+           -o Dir::State::status=/dev/null -o APT::Sandbox::User=root)
+    log "fetching libcatch2-dev:$DEB_ARCH from $suite into $CATCH2_PREFIX"
+    apt-get "${APT_X[@]}" update -qq
+    (cd "$A" && apt-get "${APT_X[@]}" download -qq libcatch2-dev >/dev/null)
+    ver=$(dpkg-deb -f "$A"/libcatch2-dev_*_"$DEB_ARCH".deb Version)
+    if ! dpkg --compare-versions "$ver" ge 3.0; then
+      log "libcatch2-dev:$DEB_ARCH in $suite is $ver, need >= 3.0"; exit 1
+    fi
+    dpkg-deb -x "$A"/libcatch2-dev_*_"$DEB_ARCH".deb "$CATCH2_PREFIX"
+  fi
+  echo "LUTRA_CATCH2_PREFIX=$CATCH2_PREFIX"
 fi
 
 # --- Highway ------------------------------------------------------------------
@@ -121,13 +175,13 @@ if [ "$ARCH" = "$(uname -m)" ] && ! need_install libhwy-dev "$HWY_VERSION_MIN"; 
   log "system Highway $(pkg_version libhwy-dev) is new enough"
 else
   sys_cand=""
-  if [ "$ARCH" = "$(uname -m)" ]; then
+  if [ "$ARCH" = "$(uname -m)" ] && [ ! -f "$PREFIX/lib/cmake/hwy/hwy-config.cmake" ]; then
     apt_update
     sys_cand=$(apt-cache policy libhwy-dev | awk '/Candidate:/{print $2}')
   fi
   if [ -n "$sys_cand" ] && [ "$sys_cand" != "(none)" ] && dpkg --compare-versions "$sys_cand" ge "$HWY_VERSION_MIN"; then
     log "installing system libhwy-dev $sys_cand"
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libhwy-dev >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=300 install -y -qq libhwy-dev >/dev/null
   elif [ -f "$PREFIX/lib/cmake/hwy/hwy-config.cmake" ]; then
     log "Highway already built in $PREFIX"
     HWY_PREFIX="$PREFIX"

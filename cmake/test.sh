@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# lutra's test runner: installs dependencies (cmake/setup.sh), builds and runs.
+#
+#   bash cmake/test.sh            # Release build, every test on every CPU target
+#   bash cmake/test.sh asan       # Debug build with ASan+UBSan, every test
+#   bash cmake/test.sh headers    # every public header under -Werror -fno-exceptions -fno-rtti
+#   bash cmake/test.sh consume    # find_package and add_subdirectory consumers
+#   bash cmake/test.sh all        # all of the above (what .ci/run does)
+#
+# Build trees: build/ (Release), build-asan/. Extra ctest args via CTEST_ARGS.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+MODE=${1:-release}
+JOBS=${JOBS:-$(nproc)}
+
+HWY_PREFIX=$(bash cmake/setup.sh | sed -n 's/^LUTRA_HWY_PREFIX=//p')
+PREFIX_ARGS=()
+[ -n "$HWY_PREFIX" ] && PREFIX_ARGS=("-DCMAKE_PREFIX_PATH=$HWY_PREFIX")
+
+configure_and_test() {  # build_dir, extra cmake args...
+  local dir=$1; shift
+  cmake -S . -B "$dir" -G Ninja "${PREFIX_ARGS[@]}" "$@" >/dev/null
+  cmake --build "$dir" -j "$JOBS"
+  # -V shows each test's per-target lines ([targets] ...) and Catch2 summary.
+  (cd "$dir" && ctest -V -j1 ${CTEST_ARGS:-} 2>&1 | grep -E '^[0-9]+: (\[targets\]|All tests passed|test cases:|assertions:|Skipped|.*SKIPPED|.*FAILED|.*failed)|^[0-9]+/[0-9]+ Test|tests passed|tests failed|Total Test time|Errors while|The following tests' ; exit "${PIPESTATUS[0]}")
+}
+
+run_release() {
+  echo "== Release tests"
+  configure_and_test build -DCMAKE_BUILD_TYPE=Release -DLUTRA_BUILD_BENCH=ON
+}
+run_asan() {
+  echo "== ASan+UBSan tests"
+  # Bench is skipped under sanitizers (timings are meaningless there).
+  ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
+    configure_and_test build-asan -DCMAKE_BUILD_TYPE=Debug -DLUTRA_SANITIZE=ON \
+      -DLUTRA_BUILD_BENCH=OFF -DCMAKE_CXX_FLAGS="-O1"
+}
+run_headers() {
+  echo "== Public headers under -Wall -Wextra -Werror -fno-exceptions -fno-rtti"
+  bash cmake/check-headers.sh ${HWY_PREFIX:+"$HWY_PREFIX"}
+}
+run_consume() {
+  echo "== Consumers: find_package and add_subdirectory"
+  bash tests/consume/run.sh ${HWY_PREFIX:+"$HWY_PREFIX"}
+}
+
+case "$MODE" in
+  release) run_release ;;
+  asan) run_asan ;;
+  headers) run_headers ;;
+  consume) run_consume ;;
+  all) run_headers; run_release; run_asan; run_consume ;;
+  *) echo "usage: bash cmake/test.sh [release|asan|headers|consume|all]" >&2; exit 2 ;;
+esac
