@@ -1,0 +1,271 @@
+// lutra engine: see engine.h. Every loop over weights or activations below is
+// a lutra kernel called through examples/dispatch.h.
+#include "examples/engine.h"
+
+#include <math.h>
+#include <string.h>
+
+#include <algorithm>
+#include <chrono>
+
+#include "examples/dispatch.h"
+
+namespace lutra {
+namespace engine {
+
+Status Config::Validate() const {
+  if (dim <= 0 || hidden_dim <= 0 || n_layers <= 0 || n_heads <= 0 || n_kv_heads <= 0 ||
+      head_dim <= 0 || vocab_size <= 0 || seq_len <= 0) {
+    return InvalidArgument(
+        "model config: dim %d hidden_dim %d n_layers %d n_heads %d n_kv_heads %d head_dim %d "
+        "vocab %d seq_len %d, all must be >= 1",
+        dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, vocab_size, seq_len);
+  }
+  if (n_heads % n_kv_heads != 0) {
+    return InvalidArgument("model config: n_heads %d is not a multiple of n_kv_heads %d",
+                           n_heads, n_kv_heads);
+  }
+  if (head_dim % 2 != 0) {
+    return InvalidArgument("model config: head_dim %d must be even for RoPE", head_dim);
+  }
+  return Status();
+}
+
+StatusOr<RunState> MakeRunState(const Config& c, size_t max_batch) {
+  LUTRA_RETURN_IF_ERROR(c.Validate());
+  if (max_batch == 0) return InvalidArgument("run state: max_batch must be >= 1");
+  RunState s;
+  s.max_batch = max_batch;
+  s.x.resize(max_batch * c.dim);
+  s.xb.resize(max_batch * c.dim);
+  s.xb2.resize(max_batch * c.dim);
+  s.q.resize(max_batch * c.q_dim());
+  s.k.resize(max_batch * c.kv_dim());
+  s.v.resize(max_batch * c.kv_dim());
+  s.att.resize(size_t(c.n_heads) * c.seq_len);
+  s.hb.resize(max_batch * c.hidden_dim);
+  s.hb2.resize(max_batch * c.hidden_dim);
+  s.logits.resize(max_batch * c.vocab_size);
+  s.key_cache.assign(c.n_layers, std::vector<float>(size_t(c.seq_len) * c.kv_dim()));
+  s.value_cache.assign(c.n_layers, std::vector<float>(size_t(c.seq_len) * c.kv_dim()));
+  return s;
+}
+
+// ----------------------------------------------------------------------------
+// Steps of the forward pass
+
+namespace {
+
+// Y (num x rows) = X (num x cols) W^T: GEMV for one token, GEMM for a batch.
+void Project(const Linear& w, const float* x, size_t num, float* y) {
+  if (num == 1) {
+    dispatch::MatVecF32(w.f32, w.rows, w.cols, x, y);
+  } else {
+    dispatch::MatMulF32(w.f32, w.rows, w.cols, x, num, y);
+  }
+}
+
+// Copies the embedding row of each token into x (num x dim).
+void Embed(const Linear& embedding, const int* tokens, size_t num, float* x) {
+  for (size_t i = 0; i < num; ++i) {
+    memcpy(x + i * embedding.cols, embedding.f32 + size_t(tokens[i]) * embedding.cols,
+           embedding.cols * sizeof(float));
+  }
+}
+
+// Grouped-query attention of one token at position `pos` over the cached
+// positions max(0, pos - seq_len + 1)..pos (ring slots p % seq_len).
+// q: n_heads x head_dim; out: n_heads x head_dim.
+// TEMP: composed of Dot/Softmax until lutra/attention-inl.h lands.
+void Attend(const Config& c, const float* q, const float* key_cache,
+            const float* value_cache, size_t pos, float* att, float* out) {
+  const size_t hd = c.head_dim, kv_dim = c.kv_dim(), cap = c.seq_len;
+  const size_t first = pos + 1 > cap ? pos + 1 - cap : 0;
+  const size_t len = pos + 1 - first;
+  const int group = c.n_heads / c.n_kv_heads;
+  const float scale = 1.0f / sqrtf(float(hd));
+  for (int h = 0; h < c.n_heads; ++h) {
+    const float* qh = q + h * hd;
+    const size_t kv_off = size_t(h / group) * hd;
+    float* scores = att + size_t(h) * cap;
+    for (size_t t = 0; t < len; ++t) {
+      const size_t slot = (first + t) % cap;
+      scores[t] = dispatch::Dot(qh, key_cache + slot * kv_dim + kv_off, hd) * scale;
+    }
+    dispatch::Softmax(scores, len);
+    float* oh = out + h * hd;
+    memset(oh, 0, hd * sizeof(float));
+    for (size_t t = 0; t < len; ++t) {
+      const float* vt = value_cache + ((first + t) % cap) * kv_dim + kv_off;
+      for (size_t i = 0; i < hd; ++i) oh[i] += scores[t] * vt[i];  // TEMP
+    }
+  }
+}
+
+}  // namespace
+
+StatusOr<const float*> Forward(const Model& model, RunState& s, const int* tokens,
+                               size_t num, size_t pos, bool all_logits) {
+  const Config& c = model.config;
+  const Weights& w = model.weights;
+  if (num == 0 || num > s.max_batch) {
+    return InvalidArgument("forward: %zu tokens, need 1..%zu", num, s.max_batch);
+  }
+  for (size_t i = 0; i < num; ++i) {
+    if (tokens[i] < 0 || tokens[i] >= c.vocab_size) {
+      return OutOfRange("forward: token %d outside the vocabulary (%d)", tokens[i],
+                        c.vocab_size);
+    }
+  }
+  const size_t dim = c.dim, q_dim = c.q_dim(), kv_dim = c.kv_dim(), hidden = c.hidden_dim;
+
+  Embed(w.embedding, tokens, num, s.x.data());
+  for (int l = 0; l < c.n_layers; ++l) {
+    const LayerWeights& lw = w.layers[l];
+    // Attention block: x += Wo * Attention(RoPE(Wq xn), RoPE(Wk xn), Wv xn).
+    for (size_t i = 0; i < num; ++i) {
+      dispatch::RMSNorm(&s.x[i * dim], lw.attn_norm, dim, c.norm_eps, &s.xb[i * dim]);
+    }
+    Project(lw.wq, s.xb.data(), num, s.q.data());
+    Project(lw.wk, s.xb.data(), num, s.k.data());
+    Project(lw.wv, s.xb.data(), num, s.v.data());
+    float* key_cache = s.key_cache[l].data();
+    float* value_cache = s.value_cache[l].data();
+    for (size_t i = 0; i < num; ++i) {
+      dispatch::RoPE(&s.q[i * q_dim], c.n_heads, c.head_dim, pos + i, c.rope_theta);
+      dispatch::RoPE(&s.k[i * kv_dim], c.n_kv_heads, c.head_dim, pos + i, c.rope_theta);
+      // Store this token's key/value before attending, token by token, so a
+      // batch that wraps the ring never overwrites what an earlier token reads.
+      const size_t slot = (pos + i) % size_t(c.seq_len);
+      memcpy(key_cache + slot * kv_dim, &s.k[i * kv_dim], kv_dim * sizeof(float));
+      memcpy(value_cache + slot * kv_dim, &s.v[i * kv_dim], kv_dim * sizeof(float));
+      Attend(c, &s.q[i * q_dim], key_cache, value_cache, pos + i, s.att.data(),
+             &s.xb2[i * q_dim]);  // xb2 holds num x q_dim here
+    }
+    Project(lw.wo, s.xb2.data(), num, s.xb.data());
+    dispatch::AddTo(s.x.data(), s.xb.data(), num * dim);
+
+    // FFN block: x += W2 (SiLU(W1 xn) * W3 xn).
+    for (size_t i = 0; i < num; ++i) {
+      dispatch::RMSNorm(&s.x[i * dim], lw.ffn_norm, dim, c.norm_eps, &s.xb[i * dim]);
+    }
+    Project(lw.w1, s.xb.data(), num, s.hb.data());
+    Project(lw.w3, s.xb.data(), num, s.hb2.data());
+    dispatch::SwiGLU(s.hb.data(), s.hb2.data(), num * hidden);
+    Project(lw.w2, s.hb.data(), num, s.xb.data());
+    dispatch::AddTo(s.x.data(), s.xb.data(), num * dim);
+  }
+
+  // Head: only the rows whose logits are wanted.
+  const size_t first = all_logits ? 0 : num - 1;
+  const size_t rows = num - first;
+  for (size_t i = first; i < num; ++i) {
+    dispatch::RMSNorm(&s.x[i * dim], w.final_norm, dim, c.norm_eps, &s.xb[(i - first) * dim]);
+  }
+  Project(w.output, s.xb.data(), rows, s.logits.data());
+  return static_cast<const float*>(s.logits.data());
+}
+
+// ----------------------------------------------------------------------------
+// Sampling (llama2.c's xorshift RNG, so seeds reproduce its runs)
+
+float Sampler::RandomFloat() {
+  rng_ ^= rng_ >> 12;
+  rng_ ^= rng_ << 25;
+  rng_ ^= rng_ >> 27;
+  return float((rng_ * 0x2545F4914F6CDD1Dull) >> 40) / 16777216.0f;
+}
+
+int Sampler::Sample(float* logits, size_t vocab) {
+  if (options_.temperature <= 0.0f) {
+    return int(std::max_element(logits, logits + vocab) - logits);
+  }
+  for (size_t i = 0; i < vocab; ++i) logits[i] /= options_.temperature;
+  dispatch::Softmax(logits, vocab);
+  const float coin = RandomFloat();
+  if (options_.top_p <= 0.0f || options_.top_p >= 1.0f) {
+    float cdf = 0.0f;
+    for (size_t i = 0; i < vocab; ++i) {
+      cdf += logits[i];
+      if (coin < cdf) return int(i);
+    }
+    return int(vocab - 1);
+  }
+  // Top-p: the smallest set of most likely tokens whose mass exceeds top_p.
+  // Tokens below (1 - top_p) / (vocab - 1) cannot be in it, so drop them early.
+  candidates_.clear();
+  const float cutoff = (1.0f - options_.top_p) / float(vocab - 1);
+  for (size_t i = 0; i < vocab; ++i) {
+    if (logits[i] >= cutoff) candidates_.emplace_back(logits[i], int(i));
+  }
+  std::sort(candidates_.begin(), candidates_.end(),
+            [](const auto& a, const auto& b) { return a.first > b.first; });
+  float mass = 0.0f;
+  size_t last = candidates_.size() - 1;
+  for (size_t i = 0; i < candidates_.size(); ++i) {
+    mass += candidates_[i].first;
+    if (mass > options_.top_p) {
+      last = i;
+      break;
+    }
+  }
+  const float r = coin * mass;
+  float cdf = 0.0f;
+  for (size_t i = 0; i <= last; ++i) {
+    cdf += candidates_[i].first;
+    if (r < cdf) return candidates_[i].second;
+  }
+  return candidates_[last].second;
+}
+
+// ----------------------------------------------------------------------------
+// Generation
+
+Status Generate(const Model& model, RunState& state, const std::vector<int>& prompt,
+                size_t steps, Sampler& sampler, const std::vector<int>& stop_tokens,
+                const std::function<void(int, int)>& on_token, GenerateStats* stats) {
+  using Clock = std::chrono::steady_clock;
+  if (prompt.empty()) return InvalidArgument("generate: empty prompt (need at least BOS)");
+  const size_t vocab = model.config.vocab_size;
+  GenerateStats st;
+  st.prompt_tokens = prompt.size();
+  const auto t0 = Clock::now();
+
+  // Prefill: the prompt in chunks of max_batch tokens.
+  const float* logits = nullptr;
+  for (size_t done = 0; done < prompt.size();) {
+    const size_t n = std::min(state.max_batch, prompt.size() - done);
+    StatusOr<const float*> out = Forward(model, state, &prompt[done], n, done);
+    if (!out.ok()) return out.status();
+    logits = *out;
+    done += n;
+  }
+  std::vector<float> scratch(logits, logits + vocab);
+  int token = sampler.Sample(scratch.data(), vocab);
+  size_t pos = prompt.size();
+  st.prefill_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+
+  // Decode: llama2.c counts `steps` positions including the prompt's, so
+  // steps + 1 - prompt tokens are generated; the last one is never forwarded.
+  const auto t1 = Clock::now();
+  const size_t to_generate = steps + 1 > prompt.size() ? steps + 1 - prompt.size() : 0;
+  int prev = prompt.back();
+  for (size_t n = 0; n < to_generate; ++n) {
+    if (n > 0) {
+      StatusOr<const float*> out = Forward(model, state, &token, 1, pos++);
+      if (!out.ok()) return out.status();
+      scratch.assign(*out, *out + vocab);
+      prev = token;
+      token = sampler.Sample(scratch.data(), vocab);
+    }
+    if (std::find(stop_tokens.begin(), stop_tokens.end(), token) != stop_tokens.end()) break;
+    if (on_token) on_token(prev, token);
+    ++st.decode_tokens;
+  }
+  st.decode_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
+  if (stats) *stats = st;
+  return Status();
+}
+
+}  // namespace engine
+}  // namespace lutra
