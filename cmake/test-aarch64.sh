@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# Cross-builds lutra's test suite for aarch64 and runs every test under qemu
+# user-mode emulation, once per emulated CPU, so that every Highway target
+# lutra ships for Arm (NEON_WITHOUT_AES, NEON, SVE, SVE2, SVE_256, SVE2_128)
+# runs every kernel test. Installs what it needs first (cmake/setup.sh
+# --arch aarch64: cross g++, qemu-user, Catch2 and Highway for aarch64).
+#
+#   bash cmake/test-aarch64.sh                    # everything (see CPUS below)
+#   bash cmake/test-aarch64.sh --tests 'dot|gemv' # only tests whose name matches
+#   bash cmake/test-aarch64.sh --cpus 'max,sve=off max,sve256=on'
+#   bash cmake/test-aarch64.sh --build-only       # cross-build, run nothing
+#   bash cmake/test-aarch64.sh --keep-going       # build what compiles, test that
+#
+# Build tree: build-aarch64/ (Release, tests only). Each CPU run checks that
+# the [targets] line of every test case names the targets that CPU must
+# exercise, so a qemu or Highway change that silently drops SVE fails here.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+# Emulated CPUs (qemu -cpu strings) and the Highway targets each must run.
+#  - SVE off: an Armv8 phone without SVE; NEON (AES) and NEON_WITHOUT_AES.
+#  - 128-bit SVE2: today's SVE2 phones (Cortex-X2/A710 and later); selects
+#    the SVE2_128 target, plus generic SVE and SVE2 at 128 bits.
+#  - 256-bit SVE: Neoverse V1 style; selects SVE_256, and SVE/SVE2 at 256
+#    bits, so code that assumes 4 f32 lanes per vector breaks here.
+#  - 2048-bit SVE: the architectural maximum (64 f32 lanes per vector) for
+#    the generic SVE/SVE2 targets; catches lane-count and tail assumptions.
+#    (qemu-user starts processes with 512-bit vectors unless told otherwise:
+#    `sve2048=on` alone only raises the limit, the default length is in bytes.)
+CPUS_DEFAULT='max,sve=off max,sve128=on max,sve256=on max,sve-default-vector-length=256'
+CPUS=$CPUS_DEFAULT
+TESTS=''
+BUILD_ONLY=0
+KEEP_GOING=0
+JOBS=${JOBS:-$(nproc)}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --tests) TESTS="$2"; shift 2 ;;
+    --cpus) CPUS="$2"; shift 2 ;;
+    --build-only) BUILD_ONLY=1; shift ;;
+    --keep-going) KEEP_GOING=1; shift ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "test-aarch64.sh: unknown option '$1'" >&2; exit 2 ;;
+  esac
+done
+
+expected_targets() {  # qemu -cpu string -> Highway targets that must run
+  case "$1" in
+    *sve=off*) echo "NEON_WITHOUT_AES NEON" ;;
+    *sve128=on*) echo "NEON_WITHOUT_AES NEON SVE SVE2 SVE2_128" ;;
+    *sve256=on*) echo "NEON_WITHOUT_AES NEON SVE SVE2 SVE_256" ;;
+    *) echo "NEON_WITHOUT_AES NEON SVE SVE2" ;;
+  esac
+}
+
+start=$(date +%s)
+SETUP=$(bash cmake/setup.sh --arch aarch64)
+HWY_PREFIX=$(sed -n 's/^LUTRA_HWY_PREFIX=//p' <<<"$SETUP")
+CATCH2_PREFIX=$(sed -n 's/^LUTRA_CATCH2_PREFIX=//p' <<<"$SETUP")
+QEMU=$(command -v qemu-aarch64 || command -v qemu-aarch64-static)
+
+BUILD=build-aarch64
+cmake -S . -B "$BUILD" -G Ninja \
+  -DCMAKE_TOOLCHAIN_FILE="$ROOT/cmake/aarch64-linux-gnu.cmake" \
+  -DCMAKE_FIND_ROOT_PATH="$HWY_PREFIX;$CATCH2_PREFIX" \
+  -DCMAKE_BUILD_TYPE=Release -DLUTRA_BUILD_TESTS=ON -DLUTRA_BUILD_BENCH=OFF \
+  -DLUTRA_BUILD_EXAMPLES=OFF -DLUTRA_INSTALL=OFF >/dev/null
+
+# Test executables to build: all tests/<name>_test.cc, or those matching --tests.
+NAMES=()
+for src in tests/*_test.cc; do
+  name=$(basename "$src" .cc)
+  if [ -z "$TESTS" ] || grep -Eq -- "$TESTS" <<<"$name"; then NAMES+=("$name"); fi
+done
+[ ${#NAMES[@]} -gt 0 ] || { echo "no test matches '$TESTS'" >&2; exit 2; }
+echo "== aarch64 cross-build of ${#NAMES[@]} tests: ${NAMES[*]}"
+if [ $KEEP_GOING = 1 ]; then
+  cmake --build "$BUILD" -j "$JOBS" --target "${NAMES[@]}" -- -k 0 >"$BUILD/build.log" 2>&1 || true
+  BUILT=()
+  for n in "${NAMES[@]}"; do
+    if [ -x "$BUILD/tests/$n" ] && ! grep -q "^FAILED: .*CMakeFiles/$n.dir/" "$BUILD/build.log"; then
+      BUILT+=("$n")
+    else
+      echo "   does not compile: $n (see $BUILD/build.log)"
+    fi
+  done
+  NAMES=("${BUILT[@]}")
+  [ ${#NAMES[@]} -gt 0 ] || exit 1
+else
+  cmake --build "$BUILD" -j "$JOBS" --target "${NAMES[@]}"
+fi
+echo "== built in $(( $(date +%s) - start )) s"
+[ $BUILD_ONLY = 1 ] && exit 0
+
+# Vector-length probe, so each log states what the emulated CPU offers.
+PROBE="$BUILD/sve_vl_probe"
+printf '%s\n' '#include <stdio.h>' '#include <sys/prctl.h>' \
+  'int main(void) { int vl = prctl(PR_SVE_GET_VL);' \
+  '  if (vl < 0) printf("no SVE\n"); else printf("SVE %d-bit vectors\n", 8 * (vl & PR_SVE_VL_LEN_MASK));' \
+  '  return 0; }' >"$PROBE.c"
+aarch64-linux-gnu-gcc -O2 "$PROBE.c" -o "$PROBE"
+
+# ctest runs each test through CMAKE_CROSSCOMPILING_EMULATOR (qemu-aarch64 -L
+# <sysroot>); qemu reads the CPU model from QEMU_CPU.
+REGEX="^($(IFS='|'; echo "${NAMES[*]}"))\$"
+status=0
+for cpu in $CPUS; do
+  t0=$(date +%s)
+  echo "== qemu-aarch64 -cpu $cpu: $(QEMU_CPU=$cpu "$QEMU" -L /usr/aarch64-linux-gnu "$PROBE")"
+  log="$BUILD/ctest-${cpu//[^a-z0-9]/_}.log"
+  rc=0
+  (cd "$BUILD" && QEMU_CPU=$cpu ctest -V -j "$JOBS" -R "$REGEX" >"$ROOT/$log" 2>&1) || rc=$?
+  grep -E '^[0-9]+: (\[targets\]|All tests passed|test cases:|.*SKIPPED|.*FAILED|.*failed)|tests passed|tests failed|Errors while|The following tests|^\s+[0-9]+ - ' "$log" || true
+  # Every per-target test case must have run on every target this CPU offers.
+  lines=$(grep -E '^[0-9]+: \[targets\]' "$log" || true)
+  if [ -z "$lines" ]; then
+    echo "!! no [targets] lines under -cpu $cpu"; status=1
+  fi
+  for t in $(expected_targets "$cpu"); do
+    missing=$(grep -v -E ":( [A-Z0-9_]+)* $t( |\$)" <<<"$lines" || true)
+    if [ -n "$lines" ] && [ -n "$missing" ]; then
+      echo "!! target $t did not run under -cpu $cpu in:"; echo "$missing"; status=1
+    fi
+  done
+  if [ "$cpu" != "${cpu/sve=off/}" ] && grep -q ' SVE' <<<"$lines"; then
+    echo "!! an SVE target ran with SVE off"; status=1
+  fi
+  [ $rc = 0 ] || status=1
+  echo "== -cpu $cpu: ctest rc=$rc in $(( $(date +%s) - t0 )) s (log: $log)"
+done
+echo "== aarch64 done in $(( $(date +%s) - start )) s, status $status"
+exit $status
