@@ -1,0 +1,376 @@
+// GQA attention (decode and prefill) vs. a double-precision full-softmax
+// reference, on every target, for every KV storage type, across the ring
+// buffer's wrap, with and without a sliding window.
+#include <stddef.h>
+#include <stdint.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "tests/attention_test.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/highway.h"
+#include "lutra/attention-inl.h"
+#include "lutra/kv_cache-inl.h"
+#include "lutra/kv_cache.h"
+#include "tests/test_util.h"
+
+#ifndef LUTRA_TESTS_ATTENTION_TEST_ONCE_
+#define LUTRA_TESTS_ATTENTION_TEST_ONCE_
+namespace lutra {
+namespace test {
+
+// Everything appended to one layer, in f32, by absolute position: the
+// reference reads these originals (or the cache's dequantized rows).
+struct History {
+  size_t kv_heads = 0, head_dim = 0;
+  std::vector<float> k, v;  // [pos][kv_heads][head_dim]
+  const float* K(size_t pos, size_t h) const {
+    return k.data() + (pos * kv_heads + h) * head_dim;
+  }
+  const float* V(size_t pos, size_t h) const {
+    return v.data() + (pos * kv_heads + h) * head_dim;
+  }
+};
+
+// Full softmax in double over positions [lo, hi] of kv head h.
+// get_k / get_v return head_dim floats of a position.
+template <class GetK, class GetV>
+void AttentionRef(const float* q, size_t head_dim, size_t lo, size_t hi,
+                  double scale, const GetK& get_k, const GetV& get_v,
+                  double* out) {
+  std::vector<double> s(hi - lo + 1);
+  double mx = -HUGE_VAL;
+  for (size_t p = lo; p <= hi; ++p) {
+    const float* k = get_k(p);
+    double d = 0.0;
+    for (size_t i = 0; i < head_dim; ++i) d += double(q[i]) * k[i];
+    s[p - lo] = d * scale;
+    mx = std::max(mx, s[p - lo]);
+  }
+  double sum = 0.0;
+  for (double& x : s) sum += (x = std::exp(x - mx));
+  for (size_t i = 0; i < head_dim; ++i) out[i] = 0.0;
+  for (size_t p = lo; p <= hi; ++p) {
+    const float* v = get_v(p);
+    const double w = s[p - lo] / sum;
+    for (size_t i = 0; i < head_dim; ++i) out[i] += w * v[i];
+  }
+}
+
+// Per-element relative error of one stored value of each type (int8 is
+// bounded per row instead, see below).
+inline double TypeRelError(KVType type) {
+  switch (type) {
+    case KVType::kF32: return 0.0;
+    case KVType::kF16: return 1.0 / 2048;  // 2^-11: round to nearest, 10 bits
+    case KVType::kBF16: return 1.0 / 256;  // 2^-8: round to nearest, 7 bits
+    case KVType::kInt8: return 0.0;
+  }
+  return 0.0;
+}
+
+}  // namespace test
+}  // namespace lutra
+#endif  // LUTRA_TESTS_ATTENTION_TEST_ONCE_
+
+HWY_BEFORE_NAMESPACE();
+namespace lutra {
+namespace HWY_NAMESPACE {
+namespace {
+
+using test::History;
+
+struct Shape {
+  size_t kv_heads, group, head_dim, capacity;
+  KVType type;
+};
+
+std::string Describe(const Shape& s, size_t pos, size_t window) {
+  return std::string(KVTypeName(s.type)) + " kv_heads=" + std::to_string(s.kv_heads) +
+         " g=" + std::to_string(s.group) + " head_dim=" + std::to_string(s.head_dim) +
+         " C=" + std::to_string(s.capacity) + " pos=" + std::to_string(pos) +
+         " window=" + std::to_string(window);
+}
+
+// Checks out[token][head] for query tokens at pos .. pos + nt - 1 against
+// (a) the reference over the cache's own (dequantized) rows, with a
+// tolerance for f32 rounding only, and (b) the reference over the f32
+// originals, with the stated storage error bound:
+//   score error  ds <= scale * sum_i |q_i| * err_i(k)   (err_i per type)
+//   output error    <= max|v| * (e^(2 ds) - 1) + max_t err(v_t)
+// (softmax weights move by at most a factor e^(+-ds) each, so their L1
+// change is <= e^(2 ds) - 1; the weights sum to 1 over V's errors).
+void CheckOutputs(const KVCache& cache, const History& hist, const Shape& sh,
+                  size_t pos, size_t nt, size_t window, const float* q,
+                  const float* out) {
+  const size_t hd = sh.head_dim, nh = sh.kv_heads * sh.group;
+  const double scale = 1.0 / std::sqrt(double(hd));
+  const size_t cap = sh.capacity;
+  const size_t w = window == 0 ? cap : std::min(window, cap);
+  std::vector<double> ref(hd), ref_orig(hd), tol(hd), tol_orig(hd);
+  std::vector<float> kbuf(hd), vbuf(hd);
+  std::vector<std::vector<float>> kdec, vdec;
+  for (size_t t = 0; t < nt; ++t) {
+    const size_t p = pos + t;
+    const size_t lo = std::max(cache.start(0), p + 1 >= w ? p + 1 - w : 0);
+    for (size_t head = 0; head < nh; ++head) {
+      const size_t kvh = head / sh.group;
+      const float* qh = q + (t * nh + head) * hd;
+      // Dequantized cache rows of [lo, p].
+      kdec.assign(p - lo + 1, std::vector<float>(hd));
+      vdec.assign(p - lo + 1, std::vector<float>(hd));
+      double max_v = 0.0, max_k = 0.0, max_dv = 0.0, max_ds = 0.0;
+      for (size_t pp = lo; pp <= p; ++pp) {
+        cache.DecodeRow(0, 0, kvh, pp, kdec[pp - lo].data());
+        cache.DecodeRow(0, 1, kvh, pp, vdec[pp - lo].data());
+        const float* ko = hist.K(pp, kvh);
+        const float* vo = hist.V(pp, kvh);
+        double kmax_row = 0.0, vmax_row = 0.0;
+        for (size_t i = 0; i < hd; ++i) {
+          kmax_row = std::max(kmax_row, double(std::abs(ko[i])));
+          vmax_row = std::max(vmax_row, double(std::abs(vo[i])));
+        }
+        max_k = std::max(max_k, test::L2Norm(kdec[pp - lo].data(), hd));
+        max_v = std::max(max_v, vmax_row * 1.01);
+        double ds = 0.0, dv = 0.0;
+        for (size_t i = 0; i < hd; ++i) {
+          const double rel = test::TypeRelError(sh.type);
+          const double ek = sh.type == KVType::kInt8 ? kmax_row / 254.0
+                                                     : rel * std::abs(ko[i]);
+          const double ev = sh.type == KVType::kInt8 ? vmax_row / 254.0
+                                                     : rel * std::abs(vo[i]);
+          ds += std::abs(qh[i]) * ek;
+          dv = std::max(dv, ev);
+        }
+        max_ds = std::max(max_ds, ds * scale);
+        max_dv = std::max(max_dv, dv);
+      }
+      test::AttentionRef(
+          qh, hd, lo, p, scale, [&](size_t pp) { return kdec[pp - lo].data(); },
+          [&](size_t pp) { return vdec[pp - lo].data(); }, ref.data());
+      test::AttentionRef(
+          qh, hd, lo, p, scale, [&](size_t pp) { return hist.K(pp, kvh); },
+          [&](size_t pp) { return hist.V(pp, kvh); }, ref_orig.data());
+      // f32 rounding: each score is off by <= scale * DotTolerance, which
+      // moves the weights by a factor e^(+-2 ds); plus accumulation rounding
+      // of a convex combination (~ (context + head_dim) * eps * max|v|).
+      const double ds32 =
+          scale * test::DotTolerance(hd, test::L2Norm(qh, hd), max_k);
+      const double tol32 =
+          max_v * (std::expm1(4.0 * ds32) + 4e-7 * double(p - lo + 1 + hd)) + 1e-30;
+      const double tol_o = max_v * std::expm1(2.0 * max_ds) + max_dv + tol32;
+      const float* o = out + (t * nh + head) * hd;
+      const std::string what = Describe(sh, p, window) + " head=" + std::to_string(head);
+      test::ExpectClose(o, ref.data(), tol32, hd, what + " vs cache rows");
+      test::ExpectClose(o, ref_orig.data(), tol_o, hd, what + " vs f32 originals");
+    }
+  }
+}
+
+// Decodes token by token past the capacity (ring wrap), checking attention
+// at every position of interest, with and without a window.
+void TestDecode() {
+  test::Rng rng(42);
+  const KVType types[] = {KVType::kF32, KVType::kF16, KVType::kBF16, KVType::kInt8};
+  const size_t groups[] = {1, 2, 3, 4, 8};
+  const size_t dims[] = {32, 64, 80, 128, 18};
+  for (KVType type : types) {
+    for (size_t g : groups) {
+      for (size_t hd : dims) {
+        // Capacity 45 > block (32): blocks split at the wrap point too.
+        const Shape sh{2, g, hd, 45, type};
+        const size_t nh = sh.kv_heads * g;
+        for (size_t window : {size_t{0}, size_t{7}}) {
+          KVCacheConfig cfg;
+          cfg.num_layers = 1;
+          cfg.num_kv_heads = sh.kv_heads;
+          cfg.head_dim = hd;
+          cfg.capacity = sh.capacity;
+          cfg.type = type;
+          StatusOr<KVCache> c = KVCache::Create(cfg);
+          REQUIRE(c.ok());
+          KVCache& cache = *c;
+          History hist{sh.kv_heads, hd, {}, {}};
+          const size_t total = 2 * sh.capacity + 13;
+          std::vector<float> q(nh * hd), out(nh * hd);
+          for (size_t p = 0; p < total; ++p) {
+            std::vector<float> k = rng.GaussianVector(sh.kv_heads * hd);
+            std::vector<float> v = rng.GaussianVector(sh.kv_heads * hd);
+            hist.k.insert(hist.k.end(), k.begin(), k.end());
+            hist.v.insert(hist.v.end(), v.begin(), v.end());
+            REQUIRE(AppendKV(cache, 0, p, 1, k.data(), v.data()).ok());
+            // Check a sample of positions (all is too slow under ASan):
+            // the first ones, around capacity and the block size, the end.
+            const bool check = p < 3 || p == 31 || p == 32 || p == 33 ||
+                               p + 1 == sh.capacity || p == sh.capacity ||
+                               p == sh.capacity + 20 || p + 1 == total;
+            if (!check) continue;
+            for (float& x : q) x = rng.Gaussian(2.0f);  // peaky softmax
+            AttentionOptions opt;
+            opt.window = window;
+            const Status st = Attention(cache, 0, p, 1, q.data(), nh, out.data(), opt);
+            INFO(Describe(sh, p, window) << " " << st.message());
+            REQUIRE(st.ok());
+            CheckOutputs(cache, hist, sh, p, 1, window, q.data(), out.data());
+          }
+        }
+      }
+    }
+  }
+}
+
+// Prefill of T tokens equals T decode steps (before and after the wrap,
+// with a window), and chunks that the ring cannot serve are rejected.
+void TestPrefill() {
+  test::Rng rng(7);
+  for (KVType type : {KVType::kF32, KVType::kF16, KVType::kInt8}) {
+    for (size_t g : {size_t{1}, size_t{3}, size_t{8}}) {
+      for (size_t hd : {size_t{64}, size_t{80}}) {
+        for (size_t window : {size_t{0}, size_t{9}}) {
+          const size_t cap = 70, kvh = 2, nh = kvh * g;
+          KVCacheConfig cfg;
+          cfg.num_kv_heads = kvh;
+          cfg.head_dim = hd;
+          cfg.capacity = cap;
+          cfg.type = type;
+          StatusOr<KVCache> c1 = KVCache::Create(cfg), c2 = KVCache::Create(cfg);
+          REQUIRE((c1.ok() && c2.ok()));
+          KVCache& pre = *c1;
+          KVCache& dec = *c2;
+          const Shape sh{kvh, g, hd, cap, type};
+          History hist{kvh, hd, {}, {}};
+          // Chunks: 37 tokens (crosses blocks), 20 more (fills to 57), then
+          // with a window the ring may take chunks of cap - window + 1.
+          std::vector<size_t> chunks = {37, 20};
+          if (window != 0) chunks.push_back(cap - window + 1);
+          size_t pos = 0;
+          for (size_t T : chunks) {
+            std::vector<float> k = rng.GaussianVector(T * kvh * hd);
+            std::vector<float> v = rng.GaussianVector(T * kvh * hd);
+            std::vector<float> q = rng.GaussianVector(T * nh * hd, 2.0f);
+            hist.k.insert(hist.k.end(), k.begin(), k.end());
+            hist.v.insert(hist.v.end(), v.begin(), v.end());
+            REQUIRE(AppendKV(pre, 0, pos, T, k.data(), v.data()).ok());
+            std::vector<float> out_pre(T * nh * hd), out_dec(T * nh * hd);
+            AttentionOptions opt;
+            opt.window = window;
+            const Status st = Attention(pre, 0, pos, T, q.data(), nh, out_pre.data(), opt);
+            INFO(Describe(sh, pos, window) << " T=" << T << " " << st.message());
+            REQUIRE(st.ok());
+            for (size_t t = 0; t < T; ++t) {
+              const size_t row = t * kvh * hd;
+              REQUIRE(AppendKV(dec, 0, pos + t, 1, k.data() + row, v.data() + row).ok());
+              REQUIRE(Attention(dec, 0, pos + t, 1, q.data() + t * nh * hd, nh,
+                                out_dec.data() + t * nh * hd, opt)
+                          .ok());
+            }
+            // Same cache contents, different block boundaries: f32 rounding.
+            std::vector<double> expected(out_dec.begin(), out_dec.end());
+            double max_abs = 0.0;
+            for (float x : hist.v) max_abs = std::max(max_abs, double(std::abs(x)));
+            test::ExpectClose(out_pre.data(), expected.data(), 2e-5 * max_abs,
+                              out_pre.size(), "prefill vs decode " + Describe(sh, pos, window));
+            CheckOutputs(pre, hist, sh, pos, T, window, q.data(), out_pre.data());
+            pos += T;
+          }
+          // A chunk longer than the ring can serve is rejected, not wrong.
+          // Smallest chunk whose appends overwrite what its first query needs.
+          const size_t T = window ? cap - window + 2 : std::max<size_t>(2, cap - pos + 1);
+          std::vector<float> k(T * kvh * hd, 0.5f), q(T * nh * hd, 1.0f), out(q.size());
+          REQUIRE(AppendKV(pre, 0, pos, T, k.data(), k.data()).ok());
+          AttentionOptions opt;
+          opt.window = window;
+          const Status st = Attention(pre, 0, pos, T, q.data(), nh, out.data(), opt);
+          CHECK(st.code() == StatusCode::kOutOfRange);
+          // The same positions one at a time are fine.
+          CHECK(Attention(pre, 0, pos + T - 1, 1, q.data(), nh, out.data(), opt).ok());
+        }
+      }
+    }
+  }
+}
+
+// Truncate and re-append (speculative decoding) gives the same attention
+// as never having appended the rejected tokens.
+void TestTruncate() {
+  test::Rng rng(3);
+  KVCacheConfig cfg;
+  cfg.num_kv_heads = 2;
+  cfg.head_dim = 32;
+  cfg.capacity = 50;
+  cfg.type = KVType::kF16;
+  StatusOr<KVCache> a = KVCache::Create(cfg), b = KVCache::Create(cfg);
+  REQUIRE((a.ok() && b.ok()));
+  const size_t nh = 4, hd = 32, kvh = 2;
+  std::vector<float> k = rng.GaussianVector(80 * kvh * hd);
+  std::vector<float> v = rng.GaussianVector(80 * kvh * hd);
+  std::vector<float> junk = rng.GaussianVector(5 * kvh * hd);
+  // a: 60 tokens, 5 junk, truncate to 60, then tokens 60..79.
+  REQUIRE(AppendKV(*a, 0, 0, 60, k.data(), v.data()).ok());
+  REQUIRE(AppendKV(*a, 0, 60, 5, junk.data(), junk.data()).ok());
+  REQUIRE(a->Truncate(60).ok());
+  REQUIRE(AppendKV(*a, 0, 60, 20, k.data() + 60 * kvh * hd, v.data() + 60 * kvh * hd).ok());
+  REQUIRE(AppendKV(*b, 0, 0, 80, k.data(), v.data()).ok());
+  std::vector<float> q = rng.GaussianVector(nh * hd), oa(nh * hd), ob(nh * hd);
+  REQUIRE(Attention(*a, 0, 79, 1, q.data(), nh, oa.data()).ok());
+  REQUIRE(Attention(*b, 0, 79, 1, q.data(), nh, ob.data()).ok());
+  for (size_t i = 0; i < oa.size(); ++i) CHECK(oa[i] == ob[i]);
+}
+
+void TestErrors() {
+  KVCacheConfig cfg;
+  cfg.num_layers = 2;
+  cfg.num_kv_heads = 4;
+  cfg.head_dim = 16;
+  cfg.capacity = 8;
+  StatusOr<KVCache> c = KVCache::Create(cfg);
+  REQUIRE(c.ok());
+  std::vector<float> kv(4 * 16, 1.0f), q(12 * 16, 1.0f), out(q.size());
+  REQUIRE(AppendKV(*c, 0, 0, 1, kv.data(), kv.data()).ok());
+  // 6 heads is not a multiple of 4 kv heads.
+  Status st = Attention(*c, 0, 0, 1, q.data(), 6, out.data());
+  CHECK(st.code() == StatusCode::kInvalidArgument);
+  CHECK(st.message().find("num_kv_heads") != std::string::npos);
+  CHECK(Attention(*c, 2, 0, 1, q.data(), 8, out.data()).code() ==
+        StatusCode::kOutOfRange);
+  // Position 1 not appended yet; layer 1 holds nothing.
+  CHECK(Attention(*c, 0, 1, 1, q.data(), 8, out.data()).code() ==
+        StatusCode::kOutOfRange);
+  CHECK(Attention(*c, 1, 0, 1, q.data(), 8, out.data()).code() ==
+        StatusCode::kOutOfRange);
+  CHECK(Attention(*c, 0, 0, 1, q.data(), 8, out.data()).ok());
+  CHECK(Attention(*c, 0, 0, 0, q.data(), 8, out.data()).ok());  // no tokens
+  KVCache empty;
+  CHECK(!Attention(empty, 0, 0, 1, q.data(), 8, out.data()).ok());
+}
+
+}  // namespace
+}  // namespace HWY_NAMESPACE
+}  // namespace lutra
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace lutra {
+HWY_EXPORT(TestDecode);
+HWY_EXPORT(TestPrefill);
+HWY_EXPORT(TestTruncate);
+HWY_EXPORT(TestErrors);
+
+TEST_CASE("Decode attention matches full-softmax reference", "[attention]") {
+  test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestDecode)(); });
+}
+TEST_CASE("Prefill equals decode steps; oversized chunks rejected", "[attention]") {
+  test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestPrefill)(); });
+}
+TEST_CASE("Truncate then re-append equals a clean history", "[attention]") {
+  test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestTruncate)(); });
+}
+TEST_CASE("Attention rejects bad shapes and positions", "[attention]") {
+  test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestErrors)(); });
+}
+}  // namespace lutra
+#endif  // HWY_ONCE
