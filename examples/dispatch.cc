@@ -4,6 +4,8 @@
 
 #include <math.h>
 
+#include <vector>
+
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "examples/dispatch.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
@@ -54,6 +56,30 @@ void MatVecF32(const float* w, size_t rows, size_t cols, const float* x, float* 
 void MatMulF32(const float* w, size_t rows, size_t cols, const float* x,
                size_t batch, float* y) {
   HWY_DYNAMIC_DISPATCH(MatMulF32T)(w, rows, cols, x, batch, y);
+}
+
+// TEMP scalar: replaced by lutra/gemv-inl.h when it lands.
+void MatVecPalette(const PaletteView& w, const float* x, float* y) {
+  std::vector<float> row(w.shape.cols);
+  for (size_t r = 0; r < w.shape.rows; ++r) {
+    lutra::DequantizeRow(w, r, row.data());
+    y[r] = Dot(row.data(), x, w.shape.cols);
+  }
+}
+
+// TEMP scalar: replaced by lutra/gemm-inl.h when it lands.
+void MatMulPalette(const PaletteView& w, const float* x, size_t batch, float* y) {
+  std::vector<float> row(w.shape.cols);
+  for (size_t r = 0; r < w.shape.rows; ++r) {
+    lutra::DequantizeRow(w, r, row.data());
+    for (size_t m = 0; m < batch; ++m) {
+      y[m * w.shape.rows + r] = Dot(row.data(), x + m * w.shape.cols, w.shape.cols);
+    }
+  }
+}
+
+void DequantizeRow(const PaletteView& w, size_t r, float* out) {
+  lutra::DequantizeRow(w, r, out);
 }
 
 // TEMP scalar: replaced by lutra/ops-inl.h RMSNorm when it lands.

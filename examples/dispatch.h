@@ -13,6 +13,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "lutra/palette.h"
+
 namespace lutra {
 namespace dispatch {
 
@@ -27,6 +29,17 @@ void MatVecF32(const float* w, size_t rows, size_t cols, const float* x, float* 
 // used for prefill, built from Dot.
 void MatMulF32(const float* w, size_t rows, size_t cols, const float* x,
                size_t batch, float* y);
+
+// y (rows) = W x for a palettized W (docs/format.md): the decode GEMV.
+// TEMP scalar (DequantizeRow + Dot) until lutra/gemv-inl.h lands.
+void MatVecPalette(const PaletteView& w, const float* x, float* y);
+
+// Y (batch x rows) = X (batch x cols) W^T for a palettized W: the prefill GEMM.
+// TEMP scalar until lutra/gemm-inl.h lands.
+void MatMulPalette(const PaletteView& w, const float* x, size_t batch, float* y);
+
+// out (cols floats) = row r of a palettized W: the embedding lookup.
+void DequantizeRow(const PaletteView& w, size_t r, float* out);
 
 // out[i] = x[i] * weight[i] / sqrt(mean(x^2) + eps). out may alias x.
 void RMSNorm(const float* x, const float* weight, size_t num, float eps, float* out);

@@ -58,7 +58,13 @@ namespace {
 
 // Y (num x rows) = X (num x cols) W^T: GEMV for one token, GEMM for a batch.
 void Project(const Linear& w, const float* x, size_t num, float* y) {
-  if (num == 1) {
+  if (w.palettized()) {
+    if (num == 1) {
+      dispatch::MatVecPalette(w.palette, x, y);
+    } else {
+      dispatch::MatMulPalette(w.palette, x, num, y);
+    }
+  } else if (num == 1) {
     dispatch::MatVecF32(w.f32, w.rows, w.cols, x, y);
   } else {
     dispatch::MatMulF32(w.f32, w.rows, w.cols, x, num, y);
@@ -68,8 +74,13 @@ void Project(const Linear& w, const float* x, size_t num, float* y) {
 // Copies the embedding row of each token into x (num x dim).
 void Embed(const Linear& embedding, const int* tokens, size_t num, float* x) {
   for (size_t i = 0; i < num; ++i) {
-    memcpy(x + i * embedding.cols, embedding.f32 + size_t(tokens[i]) * embedding.cols,
-           embedding.cols * sizeof(float));
+    float* row = x + i * embedding.cols;
+    if (embedding.palettized()) {
+      dispatch::DequantizeRow(embedding.palette, size_t(tokens[i]), row);
+    } else {
+      memcpy(row, embedding.f32 + size_t(tokens[i]) * embedding.cols,
+             embedding.cols * sizeof(float));
+    }
   }
 }
 
@@ -265,6 +276,76 @@ Status Generate(const Model& model, RunState& state, const std::vector<int>& pro
   st.decode_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
   if (stats) *stats = st;
   return Status();
+}
+
+// ----------------------------------------------------------------------------
+// Evaluation
+
+namespace {
+
+// log-softmax of logits into out (double for the KL sums' sake).
+void LogSoftmax(const float* logits, size_t n, std::vector<double>& out) {
+  out.resize(n);
+  const double max = *std::max_element(logits, logits + n);
+  double sum = 0.0;
+  for (size_t i = 0; i < n; ++i) sum += exp(double(logits[i]) - max);
+  const double log_z = max + log(sum);
+  for (size_t i = 0; i < n; ++i) out[i] = double(logits[i]) - log_z;
+}
+
+}  // namespace
+
+StatusOr<EvalResult> Evaluate(const Model& reference, const Model& test,
+                              const std::vector<int>& tokens, size_t max_batch) {
+  const Config& c = reference.config;
+  const Config& t = test.config;
+  if (c.dim != t.dim || c.n_layers != t.n_layers || c.vocab_size != t.vocab_size ||
+      c.hidden_dim != t.hidden_dim || c.n_heads != t.n_heads || c.n_kv_heads != t.n_kv_heads) {
+    return InvalidArgument("evaluate: the two models have different shapes");
+  }
+  if (tokens.size() < 2) return InvalidArgument("evaluate: need at least 2 tokens");
+  if (tokens.size() > size_t(c.seq_len)) {
+    return InvalidArgument("evaluate: %zu tokens exceed the context of %d", tokens.size(),
+                           c.seq_len);
+  }
+  StatusOr<RunState> ref_state = MakeRunState(c, max_batch);
+  if (!ref_state.ok()) return ref_state.status();
+  StatusOr<RunState> test_state = MakeRunState(t, max_batch);
+  if (!test_state.ok()) return test_state.status();
+
+  const size_t vocab = c.vocab_size;
+  const size_t positions = tokens.size() - 1;  // predictions with a known next token
+  double kl = 0.0, nll_ref = 0.0, nll_test = 0.0;
+  size_t agree = 0;
+  std::vector<double> log_p, log_q;
+  for (size_t done = 0; done < positions;) {
+    const size_t n = std::min(max_batch, positions - done);
+    StatusOr<const float*> ref = Forward(reference, *ref_state, &tokens[done], n, done, true);
+    if (!ref.ok()) return ref.status();
+    StatusOr<const float*> tst = Forward(test, *test_state, &tokens[done], n, done, true);
+    if (!tst.ok()) return tst.status();
+    for (size_t i = 0; i < n; ++i) {
+      const float* lr = *ref + i * vocab;
+      const float* lt = *tst + i * vocab;
+      LogSoftmax(lr, vocab, log_p);
+      LogSoftmax(lt, vocab, log_q);
+      double sum = 0.0;
+      for (size_t v = 0; v < vocab; ++v) sum += exp(log_p[v]) * (log_p[v] - log_q[v]);
+      kl += sum;
+      const int next = tokens[done + i + 1];
+      nll_ref -= log_p[next];
+      nll_test -= log_q[next];
+      agree += (std::max_element(lr, lr + vocab) - lr) == (std::max_element(lt, lt + vocab) - lt);
+    }
+    done += n;
+  }
+  EvalResult r;
+  r.positions = positions;
+  r.mean_kl = kl / double(positions);
+  r.top1_agreement = double(agree) / double(positions);
+  r.perplexity_reference = exp(nll_ref / double(positions));
+  r.perplexity_test = exp(nll_test / double(positions));
+  return r;
 }
 
 }  // namespace engine

@@ -13,7 +13,9 @@
 #include <string>
 #include <vector>
 
+#include "lutra/palette.h"
 #include "lutra/status.h"
+#include "lutra/tokenizer.h"
 
 namespace lutra {
 namespace engine {
@@ -38,11 +40,19 @@ struct Config {
   Status Validate() const;
 };
 
-// One projection y = W x, W rows x cols (rows = outputs). Points into storage
-// owned by Model (loaded floats, palettized copies, or a mapped file).
+// One projection y = W x, W rows x cols (rows = outputs), either f32 or
+// palettized (docs/format.md). Points into storage owned by Model (loaded
+// floats, palettized copies, or a mapped .lutra file).
 struct Linear {
   size_t rows = 0, cols = 0;
-  const float* f32 = nullptr;  // row-major rows x cols
+  const float* f32 = nullptr;  // row-major rows x cols, or null when palettized
+  PaletteView palette;         // valid when f32 == nullptr
+
+  bool palettized() const { return f32 == nullptr; }
+  // Bytes of weight storage (indices + codebooks, or floats).
+  size_t bytes() const {
+    return palettized() ? palette.shape.total_bytes() : rows * cols * sizeof(float);
+  }
 };
 
 struct LayerWeights {
@@ -63,10 +73,49 @@ struct Weights {
 struct Model {
   Config config;
   Weights weights;
+  // The vocabulary carried by the model file (GGUF, .lutra); may be null.
+  std::shared_ptr<const Tokenizer> tokenizer;
   // Storage the views in `weights` point into.
   std::vector<std::vector<float>> f32_storage;
+  std::vector<PaletteMatrix> palettes;
   std::shared_ptr<void> keep_alive;  // e.g. the loader's mapped file
+
+  // Matrices once each (a tied output head is the embedding), for stats.
+  std::vector<const Linear*> Matrices() const;
+  size_t WeightBytes() const;     // all matrices + norms
+  size_t MatrixWeights() const;   // number of matrix elements
+  double BitsPerWeight() const;   // 8 * matrix bytes / matrix elements
 };
+
+// How to build the weights at load time.
+struct LoadOptions {
+  int bits = 0;              // 0: f32 weights; else palettize at b bits
+  double mixed_bits = 0.0;   // > 0: mixed 2/4/.. bits per tensor with this budget
+  size_t group = 16;         // rows sharing one codebook
+  CodebookType codebook = CodebookType::kF16;
+  bool progress = false;     // progress bar on stderr
+  int seq_len = 0;           // > 0: override the context length (KV capacity)
+};
+
+// Loads a llama2.c checkpoint (.bin), GGUF v3 Llama model or .lutra file
+// (detected by content, not name) and palettizes it when options ask for it.
+// threads: for palettizing.
+StatusOr<Model> LoadModel(const std::string& path, const LoadOptions& options,
+                          size_t threads = 1);
+
+// A palettized copy of an f32 model (the source may be dropped afterwards).
+StatusOr<Model> PalettizeModel(const Model& f32_model, const LoadOptions& options,
+                               size_t threads = 1);
+
+// Writes `model` (f32 or palettized) as a .lutra file (a GGUF container, see
+// docs/generate.md) that LoadModel maps without copying the weights.
+Status SaveLutraModel(const Model& model, const std::string& path);
+
+// Random weights at a named Llama-like shape ("tiny", "1b", "afm"), f32 or
+// palettized per `options` (random indices and codebooks drawn directly: no
+// k-means over billions of floats). Output head tied to the embedding.
+StatusOr<Model> MakeSyntheticModel(const std::string& shape, const LoadOptions& options,
+                                   uint64_t seed);
 
 // ----------------------------------------------------------------------------
 // Run state: activations for up to `max_batch` tokens and the KV cache.
@@ -132,6 +181,22 @@ Status Generate(const Model& model, RunState& state, const std::vector<int>& pro
                 size_t steps, Sampler& sampler, const std::vector<int>& stop_tokens,
                 const std::function<void(int prev, int token)>& on_token,
                 GenerateStats* stats);
+
+// ----------------------------------------------------------------------------
+// Quality of a quantized model against its reference
+
+struct EvalResult {
+  size_t positions = 0;        // next-token predictions compared
+  double mean_kl = 0.0;        // mean KL(P_reference || P_test), nats
+  double top1_agreement = 0.0; // fraction of positions with the same argmax
+  double perplexity_reference = 0.0;  // of the text under each model
+  double perplexity_test = 0.0;
+};
+
+// Teacher-forces `tokens` through both models (same Config) and compares the
+// next-token distributions at every position but the last.
+StatusOr<EvalResult> Evaluate(const Model& reference, const Model& test,
+                              const std::vector<int>& tokens, size_t max_batch);
 
 }  // namespace engine
 }  // namespace lutra

@@ -1,14 +1,312 @@
-// lutra-generate (placeholder until the generator lands): runs a kernel
-// through dynamic dispatch and prints which target served it.
-#include <cstdio>
+// lutra-generate: text generation from llama2.c, GGUF or .lutra model files
+// (or random weights at a named shape), with weights palettized at load.
+// The model code lives in engine.h/.cc and model.cc; this file is the
+// command line: options, loading, then generate / evaluate / save.
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <chrono>
+#include <string>
 #include <vector>
 
 #include "examples/dispatch.h"
+#include "examples/engine.h"
+#include "lutra/tokenizer.h"
 
-int main() {
-  std::vector<float> a(4099, 0.5f), b(4099, 2.0f);
-  const float dot = lutra::dispatch::Dot(a.data(), b.data(), a.size());
-  std::printf("lutra demo: Dot of 4099 elements = %.1f (expected 4099.0) on %s\n",
-              dot, lutra::dispatch::TargetName());
-  return dot == 4099.0f ? 0 : 1;
+namespace {
+
+using lutra::Status;
+using lutra::StatusOr;
+namespace engine = lutra::engine;
+
+struct Options {
+  std::string model;        // .bin (llama2.c), .gguf or .lutra
+  std::string synthetic;    // tiny | 1b | afm | <shape>:<layers>
+  std::string tokenizer;    // llama2.c tokenizer.bin (GGUF/.lutra carry their own)
+  std::string prompt;
+  size_t steps = 256;
+  float temperature = 1.0f;
+  float top_p = 0.9f;
+  uint64_t seed = 0;        // 0: from the clock
+  size_t threads = 1;
+  engine::LoadOptions load;
+  std::string kv_type = "f32";
+  std::string save;         // write a .lutra file and exit
+  bool eval = false;
+  std::string eval_text;
+  size_t eval_tokens = 256;
+  size_t batch = 64;        // prefill chunk
+};
+
+void PrintUsage(FILE* out) {
+  fprintf(out,
+          "Usage: lutra-generate (--model FILE | --synthetic SHAPE) [options]\n"
+          "\n"
+          "Model:\n"
+          "  --model FILE        llama2.c checkpoint (.bin), GGUF v3 Llama model (.gguf:\n"
+          "                      F32/F16/BF16/Q8_0 tensors) or palettized .lutra file\n"
+          "  --synthetic SHAPE   random weights: tiny, 1b, afm (or SHAPE:LAYERS, e.g. afm:4)\n"
+          "  --tokenizer FILE    llama2.c tokenizer.bin (GGUF/.lutra carry their own)\n"
+          "  --ctx N             context length / KV cache capacity (default: the model's)\n"
+          "Palettization at load (default: f32 weights):\n"
+          "  --bits B            index width 1, 2, 3, 4, 6 or 8\n"
+          "  --mixed BPW         mixed widths per tensor within BPW bits per weight (e.g. 3.5)\n"
+          "  --group G           rows sharing one codebook (default 16)\n"
+          "  --save FILE.lutra   write the (palettized) model to FILE.lutra and exit;\n"
+          "                      later runs map it with --model FILE.lutra\n"
+          "Generation:\n"
+          "  --prompt TEXT       prompt (default: empty, i.e. BOS only)\n"
+          "  --steps N           positions including the prompt's (default 256)\n"
+          "  --temp T            temperature, 0 = greedy (default 1.0)\n"
+          "  --topp P            nucleus sampling mass (default 0.9)\n"
+          "  --seed S            random seed (default: time)\n"
+          "  --threads N         worker threads (default 1)\n"
+          "  --kv-type T         KV cache element type: f32 (default)\n"
+          "Quality (--eval): KL divergence, top-1 agreement and perplexity of the\n"
+          "palettized model against the f32 model on --eval-text, or on text sampled\n"
+          "from the f32 model when absent:\n"
+          "  --eval              run the evaluation instead of generating\n"
+          "  --eval-text TEXT    text to evaluate on\n"
+          "  --eval-tokens N     tokens to evaluate (default 256)\n"
+          "  --help              this text\n");
+}
+
+// Parses a whole-string number; false on garbage or out of range.
+bool ParseSize(const char* s, size_t lo, size_t hi, size_t* out) {
+  char* end = nullptr;
+  const long long v = strtoll(s, &end, 10);
+  if (end == s || *end != '\0' || v < (long long)lo || v > (long long)hi) return false;
+  *out = size_t(v);
+  return true;
+}
+bool ParseFloat(const char* s, double lo, double hi, double* out) {
+  char* end = nullptr;
+  const double v = strtod(s, &end);
+  if (end == s || *end != '\0' || !(v >= lo && v <= hi)) return false;
+  *out = v;
+  return true;
+}
+
+Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string flag = argv[i];
+    if (flag == "--help" || flag == "-h") {
+      *help = true;
+      return Status();
+    }
+    if (flag == "--eval") {
+      o->eval = true;
+      continue;
+    }
+    if (i + 1 >= argc) return lutra::InvalidArgument("%s needs a value", flag.c_str());
+    const char* value = argv[++i];
+    size_t n = 0;
+    double d = 0.0;
+    auto bad = [&](const char* what) {
+      return lutra::InvalidArgument("%s %s: expected %s", flag.c_str(), value, what);
+    };
+    if (flag == "--model") {
+      o->model = value;
+    } else if (flag == "--synthetic") {
+      o->synthetic = value;
+    } else if (flag == "--tokenizer") {
+      o->tokenizer = value;
+    } else if (flag == "--prompt") {
+      o->prompt = value;
+    } else if (flag == "--steps") {
+      if (!ParseSize(value, 1, 1 << 24, &o->steps)) return bad("an integer >= 1");
+    } else if (flag == "--temp") {
+      if (!ParseFloat(value, 0.0, 100.0, &d)) return bad("a number in [0, 100]");
+      o->temperature = float(d);
+    } else if (flag == "--topp") {
+      if (!ParseFloat(value, 0.0, 1.0, &d)) return bad("a number in [0, 1]");
+      o->top_p = float(d);
+    } else if (flag == "--seed") {
+      if (!ParseSize(value, 0, size_t(1) << 62, &n)) return bad("an integer >= 0");
+      o->seed = n;
+    } else if (flag == "--threads") {
+      if (!ParseSize(value, 1, 256, &o->threads)) return bad("an integer in [1, 256]");
+    } else if (flag == "--bits") {
+      if (!ParseSize(value, 1, 8, &n) || !lutra::IsValidPaletteBits(int(n))) {
+        return bad("one of 1, 2, 3, 4, 6, 8");
+      }
+      o->load.bits = int(n);
+    } else if (flag == "--mixed") {
+      if (!ParseFloat(value, 1.0, 8.0, &d)) return bad("bits per weight in [1, 8]");
+      o->load.mixed_bits = d;
+    } else if (flag == "--group") {
+      if (!ParseSize(value, 1, 1 << 20, &o->load.group)) return bad("an integer >= 1");
+    } else if (flag == "--ctx") {
+      if (!ParseSize(value, 1, 1 << 20, &n)) return bad("an integer >= 1");
+      o->load.seq_len = int(n);
+    } else if (flag == "--kv-type") {
+      if (std::string(value) != "f32") return bad("f32");
+      o->kv_type = value;
+    } else if (flag == "--save") {
+      o->save = value;
+    } else if (flag == "--eval-text") {
+      o->eval_text = value;
+    } else if (flag == "--eval-tokens") {
+      if (!ParseSize(value, 2, 1 << 20, &o->eval_tokens)) return bad("an integer >= 2");
+    } else {
+      return lutra::InvalidArgument("unknown option %s (see --help)", flag.c_str());
+    }
+  }
+  if (o->model.empty() == o->synthetic.empty()) {
+    return lutra::InvalidArgument("give exactly one of --model FILE or --synthetic SHAPE");
+  }
+  if (o->load.bits != 0 && o->load.mixed_bits != 0.0) {
+    return lutra::InvalidArgument("--bits and --mixed are exclusive");
+  }
+  return Status();
+}
+
+int Fail(const Status& status) {
+  fprintf(stderr, "lutra-generate: error: %s\n", status.message().c_str());
+  return 1;
+}
+
+// A byte-level vocabulary for synthetic models without --tokenizer: ids 0-2
+// are <unk> <s> </s>, 3-258 the bytes, the rest placeholders " w<id>".
+StatusOr<lutra::Tokenizer> ByteTokenizer(int vocab_size) {
+  if (vocab_size < 259) {
+    return lutra::InvalidArgument("vocabulary of %d is too small for bytes", vocab_size);
+  }
+  std::vector<std::string> pieces = {"<unk>", "<s>", "</s>"};
+  char buf[32];
+  for (int b = 0; b < 256; ++b) {
+    snprintf(buf, sizeof(buf), "<0x%02X>", b);
+    pieces.push_back(buf);
+  }
+  for (int i = 259; i < vocab_size; ++i) {
+    snprintf(buf, sizeof(buf), " w%d", i);
+    pieces.push_back(buf);
+  }
+  std::vector<float> scores(pieces.size(), 0.0f);
+  return lutra::Tokenizer::FromVocab(std::move(pieces), std::move(scores), {}, 1, 2, 0,
+                                     /*add_space_prefix=*/false);
+}
+
+// --tokenizer, else the model file's vocabulary, else (synthetic) bytes.
+StatusOr<std::shared_ptr<const lutra::Tokenizer>> GetTokenizer(const Options& o,
+                                                               const engine::Model& model) {
+  StatusOr<lutra::Tokenizer> t = lutra::InvalidArgument("no tokenizer");
+  if (!o.tokenizer.empty()) {
+    t = lutra::Tokenizer::FromLlama2cFile(o.tokenizer, model.config.vocab_size);
+  } else if (model.tokenizer) {
+    return model.tokenizer;
+  } else if (!o.synthetic.empty()) {
+    t = ByteTokenizer(model.config.vocab_size);
+  } else {
+    return lutra::InvalidArgument(
+        "%s has no vocabulary: give --tokenizer FILE (llama2.c tokenizer.bin)",
+        o.model.c_str());
+  }
+  if (!t.ok()) return t.status();
+  if (t->vocab_size() != model.config.vocab_size) {
+    return lutra::InvalidArgument("tokenizer has %d tokens, the model %d", t->vocab_size(),
+                                  model.config.vocab_size);
+  }
+  return std::shared_ptr<const lutra::Tokenizer>(new lutra::Tokenizer(std::move(*t)));
+}
+
+// Writes a piece to stdout, skipping unprintable single bytes (llama2.c's
+// safe_printf), so raw byte tokens cannot garble the terminal.
+void PrintPiece(std::string_view piece) {
+  if (piece.size() == 1 && !isprint((unsigned char)piece[0]) && !isspace((unsigned char)piece[0])) {
+    return;
+  }
+  fwrite(piece.data(), 1, piece.size(), stdout);
+  fflush(stdout);
+}
+
+int RunGenerate(const Options& o, const engine::Model& model, const lutra::Tokenizer& tok) {
+  StatusOr<std::vector<int>> prompt = tok.Encode(o.prompt, /*add_bos=*/true);
+  if (!prompt.ok()) return Fail(prompt.status());
+  if (prompt->size() > size_t(model.config.seq_len)) {
+    return Fail(lutra::InvalidArgument("prompt of %zu tokens exceeds the context of %d",
+                                       prompt->size(), model.config.seq_len));
+  }
+  StatusOr<engine::RunState> state = engine::MakeRunState(model.config, o.batch);
+  if (!state.ok()) return Fail(state.status());
+
+  // The prompt is echoed first, as llama2.c does.
+  int prev = -1;
+  for (int t : *prompt) {
+    StatusOr<std::string_view> piece = tok.Decode(prev, t);
+    if (piece.ok()) PrintPiece(*piece);
+    prev = t;
+  }
+  engine::SamplerOptions so;
+  so.temperature = o.temperature;
+  so.top_p = o.top_p;
+  so.seed = o.seed;
+  engine::Sampler sampler(so);
+  std::vector<int> stop = {tok.bos_id()};
+  if (tok.eos_id() >= 0) stop.push_back(tok.eos_id());
+  engine::GenerateStats st;
+  Status status = engine::Generate(
+      model, *state, *prompt, o.steps, sampler, stop,
+      [&](int prev_token, int token) {
+        StatusOr<std::string_view> piece = tok.Decode(prev_token, token);
+        if (piece.ok()) PrintPiece(*piece);
+      },
+      &st);
+  printf("\n");
+  fflush(stdout);
+  if (!status.ok()) return Fail(status);
+  const double ttft_ms = st.prefill_seconds * 1e3;
+  fprintf(stderr,
+          "stats: prompt %zu tokens, time to first token %.1f ms (%.2f ms/prompt token), "
+          "decode %zu tokens at %.1f tokens/s, weights %.1f MiB at %.2f bits/weight, "
+          "%zu thread%s, %s\n",
+          st.prompt_tokens, ttft_ms, ttft_ms / double(st.prompt_tokens), st.decode_tokens,
+          st.decode_seconds > 0 ? double(st.decode_tokens) / st.decode_seconds : 0.0,
+          model.WeightBytes() / 1048576.0, model.BitsPerWeight(), o.threads,
+          o.threads == 1 ? "" : "s", lutra::dispatch::TargetName());
+  return 0;
+}
+
+int RunEval(const Options& o, const engine::Model& model, const lutra::Tokenizer& tok) {
+  (void)o, (void)model, (void)tok;
+  return Fail(lutra::Unimplemented("--eval: not yet"));
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o;
+  bool help = false;
+  Status parsed = ParseArgs(argc, argv, &o, &help);
+  if (help) {
+    PrintUsage(stdout);
+    return 0;
+  }
+  if (!parsed.ok()) {
+    Fail(parsed);
+    PrintUsage(stderr);
+    return 2;
+  }
+  if (o.seed == 0) {
+    o.seed = uint64_t(std::chrono::system_clock::now().time_since_epoch().count());
+  }
+  o.load.progress = true;
+
+  // Load (and palettize) the model.
+  StatusOr<engine::Model> model =
+      o.synthetic.empty() ? engine::LoadModel(o.model, o.load, o.threads)
+                          : engine::MakeSyntheticModel(o.synthetic, o.load, o.seed);
+  if (!model.ok()) return Fail(model.status());
+  if (!o.save.empty()) {
+    Status saved = engine::SaveLutraModel(*model, o.save);
+    if (!saved.ok()) return Fail(saved);
+    fprintf(stderr, "saved %s: %.1f MiB of weights at %.2f bits per weight\n", o.save.c_str(),
+            model->WeightBytes() / 1048576.0, model->BitsPerWeight());
+    return 0;
+  }
+  StatusOr<std::shared_ptr<const lutra::Tokenizer>> tokenizer = GetTokenizer(o, *model);
+  if (!tokenizer.ok()) return Fail(tokenizer.status());
+  if (o.eval) return RunEval(o, *model, **tokenizer);
+  return RunGenerate(o, *model, **tokenizer);
 }

@@ -1,0 +1,417 @@
+// Building a Model: synthetic weights, loading model files, palettizing, and
+// saving/mapping .lutra files. See engine.h.
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <string>
+#include <vector>
+
+#include "examples/engine.h"
+#include "lutra/gguf.h"
+#include "lutra/llama_model.h"
+#include "lutra/mapped_file.h"
+#include "lutra/palettize.h"
+
+namespace lutra {
+namespace engine {
+
+// ----------------------------------------------------------------------------
+// Model statistics
+
+std::vector<const Linear*> Model::Matrices() const {
+  std::vector<const Linear*> out;
+  out.push_back(&weights.embedding);
+  for (const LayerWeights& l : weights.layers) {
+    for (const Linear* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w1, &l.w2, &l.w3}) {
+      out.push_back(w);
+    }
+  }
+  const bool tied = weights.output.f32 == weights.embedding.f32 &&
+                    weights.output.palette.indices == weights.embedding.palette.indices;
+  if (!tied) out.push_back(&weights.output);
+  return out;
+}
+
+size_t Model::WeightBytes() const {
+  size_t bytes = 0;
+  for (const Linear* w : Matrices()) bytes += w->bytes();
+  // RMSNorm weights: two per layer plus the final one, f32.
+  bytes += (2 * size_t(config.n_layers) + 1) * size_t(config.dim) * sizeof(float);
+  return bytes;
+}
+
+size_t Model::MatrixWeights() const {
+  size_t n = 0;
+  for (const Linear* w : Matrices()) n += w->rows * w->cols;
+  return n;
+}
+
+double Model::BitsPerWeight() const {
+  size_t bytes = 0;
+  for (const Linear* w : Matrices()) bytes += w->bytes();
+  const size_t n = MatrixWeights();
+  return n == 0 ? 0.0 : 8.0 * double(bytes) / double(n);
+}
+
+// ----------------------------------------------------------------------------
+// Synthetic models
+
+namespace {
+
+// xorshift64*: fast enough to fill billions of weights in seconds.
+struct FastRng {
+  uint64_t state;
+  explicit FastRng(uint64_t seed) : state(seed * 0x9E3779B97F4A7C15ull + 1) {}
+  uint64_t Next() {
+    state ^= state >> 12;
+    state ^= state << 25;
+    state ^= state >> 27;
+    return state * 0x2545F4914F6CDD1Dull;
+  }
+  // Uniform in [-1, 1).
+  float Symmetric() { return float(int32_t(Next() >> 32)) * (1.0f / 2147483648.0f); }
+};
+
+StatusOr<Config> SyntheticConfig(const std::string& shape) {
+  Config c;
+  if (shape == "tiny") {
+    c.dim = 128, c.hidden_dim = 384, c.n_layers = 4, c.n_heads = 4, c.n_kv_heads = 2;
+    c.head_dim = 32, c.vocab_size = 512, c.seq_len = 256;
+  } else if (shape == "1b") {
+    c.dim = 2048, c.hidden_dim = 8192, c.n_layers = 16, c.n_heads = 32, c.n_kv_heads = 8;
+    c.head_dim = 64, c.vocab_size = 32000, c.seq_len = 2048;
+  } else if (shape == "afm") {
+    c.dim = 3072, c.hidden_dim = 8192, c.n_layers = 26, c.n_heads = 24, c.n_kv_heads = 8;
+    c.head_dim = 128, c.vocab_size = 49152, c.seq_len = 2048;
+  } else {
+    // "afm:L" / "1b:L": the same per-layer shape with L layers (benchmarks).
+    const size_t colon = shape.find(':');
+    if (colon != std::string::npos) {
+      StatusOr<Config> base = SyntheticConfig(shape.substr(0, colon));
+      const int layers = atoi(shape.c_str() + colon + 1);
+      if (base.ok() && layers >= 1 && layers <= 1000) {
+        base->n_layers = layers;
+        return base;
+      }
+    }
+    return InvalidArgument(
+        "synthetic shape '%s': expected tiny, 1b, afm, or <shape>:<layers> (e.g. afm:4)",
+        shape.c_str());
+  }
+  return c;
+}
+
+}  // namespace
+
+// Random f32 matrix, uniform with the variance of a 1/sqrt(cols) init.
+static Linear RandomF32(Model& m, size_t rows, size_t cols, FastRng& rng) {
+  m.f32_storage.emplace_back(rows * cols);
+  std::vector<float>& v = m.f32_storage.back();
+  const float scale = sqrtf(3.0f / float(cols));
+  for (float& x : v) x = scale * rng.Symmetric();
+  Linear w;
+  w.rows = rows, w.cols = cols, w.f32 = v.data();
+  return w;
+}
+
+// Random palettized matrix: uniformly random indices, and per group 2^b
+// sorted codebook entries spread like a 1/sqrt(cols) init.
+static StatusOr<Linear> RandomPalette(Model& m, size_t rows, size_t cols, int bits,
+                                      const LoadOptions& o, FastRng& rng) {
+  PaletteShape shape;
+  shape.rows = rows, shape.cols = cols, shape.bits = bits;
+  shape.group_rows = o.group, shape.codebook = o.codebook;
+  StatusOr<PaletteMatrix> pm = PaletteMatrix::Allocate(shape);
+  if (!pm.ok()) return pm.status();
+  uint8_t* idx = pm->mutable_indices();
+  for (size_t i = 0; i < shape.index_bytes(); i += 8) {
+    const uint64_t r = rng.Next();
+    memcpy(idx + i, &r, std::min<size_t>(8, shape.index_bytes() - i));
+  }
+  // The format wants index 0 in the padding columns.
+  for (size_t r = 0; r < rows; ++r) {
+    for (size_t c = cols; c < shape.padded_cols(); ++c) pm->set_index(r, c, 0);
+  }
+  const float scale = sqrtf(3.0f / float(cols));
+  std::vector<float> entries(shape.num_entries());
+  for (size_t g = 0; g < shape.num_groups(); ++g) {
+    for (float& e : entries) e = scale * rng.Symmetric();
+    std::sort(entries.begin(), entries.end());
+    for (size_t e = 0; e < entries.size(); ++e) pm->set_entry(g, e, entries[e]);
+  }
+  Linear w;
+  w.rows = rows, w.cols = cols, w.f32 = nullptr, w.palette = pm->view();
+  m.palettes.push_back(std::move(*pm));
+  return w;
+}
+
+StatusOr<Model> MakeSyntheticModel(const std::string& shape, const LoadOptions& o,
+                                   uint64_t seed) {
+  StatusOr<Config> config = SyntheticConfig(shape);
+  if (!config.ok()) return config.status();
+  Model m;
+  m.config = *config;
+  if (o.seq_len > 0) m.config.seq_len = o.seq_len;
+  const Config& c = m.config;
+  LUTRA_RETURN_IF_ERROR(c.Validate());
+  FastRng rng(seed);
+  // Norm weights near 1, like trained models.
+  const size_t num_norms = 2 * size_t(c.n_layers) + 1;
+  m.f32_storage.emplace_back(num_norms * c.dim);
+  for (float& x : m.f32_storage.back()) x = 1.0f + 0.1f * rng.Symmetric();
+  const float* norms = m.f32_storage.back().data();
+
+  // Bits per tensor: uniform, or for a mixed budget the FFN (most of the
+  // weights) at the lower width and attention at the higher one.
+  auto bits_for = [&](bool ffn) -> int {
+    if (o.mixed_bits > 0.0) {
+      const int lo = int(floor(o.mixed_bits)), hi = lo + 1;
+      const int fix = [](int b) { return b == 5 ? 4 : b == 7 ? 8 : b; }(lo);
+      return ffn ? fix : (hi == 5 ? 6 : hi == 7 ? 8 : hi);
+    }
+    return o.bits;
+  };
+  auto make = [&](size_t rows, size_t cols, bool ffn) -> StatusOr<Linear> {
+    const int bits = bits_for(ffn);
+    if (bits == 0) return RandomF32(m, rows, cols, rng);
+    return RandomPalette(m, rows, cols, bits, o, rng);
+  };
+  // Reserve so PaletteMatrix moves never happen mid-build (views stay valid
+  // either way, the storage is heap-allocated; this just avoids copies).
+  m.palettes.reserve(7 * size_t(c.n_layers) + 2);
+  m.f32_storage.reserve(7 * size_t(c.n_layers) + 3);
+
+  StatusOr<Linear> emb = make(c.vocab_size, c.dim, /*ffn=*/false);
+  if (!emb.ok()) return emb.status();
+  m.weights.embedding = *emb;
+  m.weights.output = *emb;
+  m.weights.layers.resize(c.n_layers);
+  for (int l = 0; l < c.n_layers; ++l) {
+    LayerWeights& lw = m.weights.layers[l];
+    lw.attn_norm = norms + (2 * l) * c.dim;
+    lw.ffn_norm = norms + (2 * l + 1) * c.dim;
+    struct Spec {
+      Linear* w;
+      int rows, cols;
+      bool ffn;
+    } specs[] = {{&lw.wq, c.q_dim(), c.dim, false},     {&lw.wk, c.kv_dim(), c.dim, false},
+                 {&lw.wv, c.kv_dim(), c.dim, false},    {&lw.wo, c.dim, c.q_dim(), false},
+                 {&lw.w1, c.hidden_dim, c.dim, true},   {&lw.w2, c.dim, c.hidden_dim, true},
+                 {&lw.w3, c.hidden_dim, c.dim, true}};
+    for (const Spec& s : specs) {
+      StatusOr<Linear> w = make(s.rows, s.cols, s.ffn);
+      if (!w.ok()) return w.status();
+      *s.w = *w;
+    }
+    if (o.progress && c.dim >= 1024) {
+      fprintf(stderr, "\rsynthetic %s: layer %d/%d", shape.c_str(), l + 1, c.n_layers);
+    }
+  }
+  if (o.progress && c.dim >= 1024) fprintf(stderr, "\n");
+  m.weights.final_norm = norms + 2 * size_t(c.n_layers) * c.dim;
+  return m;
+}
+
+// ----------------------------------------------------------------------------
+// Palettizing a loaded f32 model
+
+namespace {
+
+// Index width of each matrix (in Model::Matrices() order).
+// TEMP: --mixed splits FFN/attention until lutra/mixed_bits.h lands.
+std::vector<int> PlanBits(const Model& src, const LoadOptions& o) {
+  const std::vector<const Linear*> mats = src.Matrices();
+  std::vector<int> bits(mats.size(), o.bits);
+  if (o.mixed_bits > 0.0) {
+    const int lo = int(floor(o.mixed_bits));
+    for (size_t i = 0; i < mats.size(); ++i) {
+      // Layer matrices come in groups of 7 after the embedding; FFN = 4, 5, 6.
+      const bool ffn = i >= 1 && i < 1 + 7 * src.weights.layers.size() && (i - 1) % 7 >= 4;
+      bits[i] = ffn ? lo : lo + 1;
+      if (bits[i] == 5) bits[i] = ffn ? 4 : 6;
+      if (bits[i] == 7) bits[i] = ffn ? 6 : 8;
+    }
+  }
+  return bits;
+}
+
+// Progress bar on stderr: "palettizing [#####-----]  50% (12/36 tensors)",
+// redrawn in place when the percentage changes, on a terminal only.
+class ProgressBar {
+ public:
+  void Show(double fraction, size_t done, size_t total) {
+    const int percent = int(fraction * 100 + 0.5);
+    if (percent == last_percent_ || !isatty(2)) return;
+    last_percent_ = percent;
+    const int width = 30, filled = int(fraction * width + 0.5);
+    char bar[width + 1];
+    for (int i = 0; i < width; ++i) bar[i] = i < filled ? '#' : '-';
+    bar[width] = '\0';
+    fprintf(stderr, "\rpalettizing [%s] %3d%% (%zu/%zu tensors)", bar, percent, done, total);
+    fflush(stderr);
+  }
+
+ private:
+  int last_percent_ = -1;
+};
+
+}  // namespace
+
+StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t threads) {
+  Model m;
+  m.config = src.config;
+  m.tokenizer = src.tokenizer;
+  const Config& c = m.config;
+  // Norm weights are tiny and stay f32: copy them so `m` stands alone.
+  m.f32_storage.emplace_back((2 * size_t(c.n_layers) + 1) * c.dim);
+  float* norms = m.f32_storage.back().data();
+  m.weights.layers.resize(c.n_layers);
+  for (int l = 0; l < c.n_layers; ++l) {
+    memcpy(norms + 2 * l * c.dim, src.weights.layers[l].attn_norm, c.dim * sizeof(float));
+    memcpy(norms + (2 * l + 1) * c.dim, src.weights.layers[l].ffn_norm, c.dim * sizeof(float));
+    m.weights.layers[l].attn_norm = norms + 2 * l * c.dim;
+    m.weights.layers[l].ffn_norm = norms + (2 * l + 1) * c.dim;
+  }
+  memcpy(norms + 2 * size_t(c.n_layers) * c.dim, src.weights.final_norm, c.dim * sizeof(float));
+  m.weights.final_norm = norms + 2 * size_t(c.n_layers) * c.dim;
+
+  // Destination of each source matrix, in Model::Matrices() order.
+  const std::vector<const Linear*> mats = src.Matrices();
+  std::vector<Linear*> dst = {&m.weights.embedding};
+  for (LayerWeights& l : m.weights.layers) {
+    for (Linear* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w1, &l.w2, &l.w3}) dst.push_back(w);
+  }
+  if (mats.size() > dst.size()) dst.push_back(&m.weights.output);
+  const std::vector<int> bits = PlanBits(src, o);
+
+  size_t total_weights = 0, done_weights = 0;
+  for (const Linear* w : mats) total_weights += w->rows * w->cols;
+  m.palettes.reserve(mats.size());
+  ProgressBar bar;
+  for (size_t i = 0; i < mats.size(); ++i) {
+    const Linear& w = *mats[i];
+    if (w.palettized()) return InvalidArgument("palettize: model is already palettized");
+    PalettizeOptions po;
+    po.bits = bits[i];
+    po.group_rows = o.group;
+    po.codebook = o.codebook;
+    po.threads = threads;
+    if (o.progress) {
+      const size_t before = done_weights, size = w.rows * w.cols;
+      po.progress = [&, before, size, i](size_t groups_done, size_t groups) {
+        const double f = double(before + size * groups_done / std::max<size_t>(groups, 1)) /
+                         double(total_weights);
+        bar.Show(f, i, mats.size());
+      };
+    }
+    StatusOr<PaletteMatrix> pm = Palettize(w.f32, w.rows, w.cols, po);
+    if (!pm.ok()) return pm.status().WithContext("palettize tensor " + std::to_string(i));
+    Linear& out = *dst[i];
+    out.rows = w.rows, out.cols = w.cols, out.f32 = nullptr, out.palette = pm->view();
+    m.palettes.push_back(std::move(*pm));
+    done_weights += w.rows * w.cols;
+  }
+  if (o.progress && isatty(2)) {
+    bar.Show(1.0, mats.size(), mats.size());
+    fprintf(stderr, "\n");
+  }
+  // Tied head: the output is the (palettized) embedding itself.
+  if (dst.back() != &m.weights.output) m.weights.output = m.weights.embedding;
+  return m;
+}
+
+// ----------------------------------------------------------------------------
+// Loading model files
+
+StatusOr<Model> LoadLutraModel(GgufFile file, const LoadOptions& options);
+
+namespace {
+
+// Wraps the reader's f32 views (lutra/llama_model.h) as an engine Model that
+// keeps the reader's storage (mapped file, converted tensors) alive.
+StatusOr<Model> FromF32Weights(ModelWeightsF32 src) {
+  const ModelConfig& mc = src.config;
+  if (mc.rope_dim != mc.head_dim || mc.rope_layout != RopeLayout::kAdjacentPairs) {
+    return Unimplemented("model: partial or half-split RoPE (rope_dim %d, head_dim %d)",
+                         mc.rope_dim, mc.head_dim);
+  }
+  Model m;
+  Config& c = m.config;
+  c.dim = mc.dim, c.hidden_dim = mc.hidden_dim, c.n_layers = mc.n_layers;
+  c.n_heads = mc.n_heads, c.n_kv_heads = mc.n_kv_heads, c.head_dim = mc.head_dim;
+  c.vocab_size = mc.vocab_size, c.seq_len = mc.seq_len;
+  c.rope_theta = mc.rope_theta, c.norm_eps = mc.norm_eps;
+  LUTRA_RETURN_IF_ERROR(c.Validate());
+  auto linear = [](const float* p, size_t rows, size_t cols) {
+    Linear w;
+    w.rows = rows, w.cols = cols, w.f32 = p;
+    return w;
+  };
+  m.weights.embedding = linear(src.token_embedding, c.vocab_size, c.dim);
+  m.weights.output = linear(src.classifier, c.vocab_size, c.dim);
+  m.weights.final_norm = src.final_norm;
+  m.weights.layers.resize(c.n_layers);
+  for (int l = 0; l < c.n_layers; ++l) {
+    const LayerWeightsF32& s = src.layers[l];
+    LayerWeights& d = m.weights.layers[l];
+    d.attn_norm = s.attn_norm, d.ffn_norm = s.ffn_norm;
+    d.wq = linear(s.wq, c.q_dim(), c.dim);
+    d.wk = linear(s.wk, c.kv_dim(), c.dim);
+    d.wv = linear(s.wv, c.kv_dim(), c.dim);
+    d.wo = linear(s.wo, c.dim, c.q_dim());
+    d.w1 = linear(s.w1, c.hidden_dim, c.dim);
+    d.w2 = linear(s.w2, c.dim, c.hidden_dim);
+    d.w3 = linear(s.w3, c.hidden_dim, c.dim);
+  }
+  m.keep_alive = std::make_shared<ModelWeightsF32>(std::move(src));
+  return m;
+}
+
+bool IsGguf(const MappedFile& f) { return f.size() >= 4 && memcmp(f.data(), "GGUF", 4) == 0; }
+
+}  // namespace
+
+StatusOr<Model> LoadModel(const std::string& path, const LoadOptions& o, size_t threads) {
+  StatusOr<MappedFile> file = MappedFile::Open(path);
+  if (!file.ok()) return file.status();
+  StatusOr<ModelWeightsF32> weights = Status();
+  std::shared_ptr<const Tokenizer> tokenizer;
+  if (IsGguf(*file)) {
+    StatusOr<GgufFile> gguf = GgufFile::FromMapped(std::move(*file));
+    if (!gguf.ok()) return gguf.status();
+    if (gguf->reader().Find("lutra.format_version") != nullptr) {
+      return LoadLutraModel(std::move(*gguf), o);
+    }
+    // The vocabulary travels in the metadata; a file without one can still
+    // run with --tokenizer.
+    if (gguf->reader().Find("tokenizer.ggml.tokens") != nullptr) {
+      StatusOr<Tokenizer> t = Tokenizer::FromGguf(gguf->reader());
+      if (!t.ok()) return t.status().WithContext(path);
+      tokenizer = std::make_shared<const Tokenizer>(std::move(*t));
+    }
+    weights = LoadGgufModel(std::move(*gguf));
+  } else {
+    weights = LoadLlama2cModel(std::move(*file));
+  }
+  if (!weights.ok()) return weights.status();
+  StatusOr<Model> model = FromF32Weights(std::move(*weights));
+  if (!model.ok()) return model.status().WithContext(path);
+  model->tokenizer = tokenizer;
+  if (o.seq_len > 0) model->config.seq_len = o.seq_len;
+  if (o.bits == 0 && o.mixed_bits == 0.0) return model;
+  return PalettizeModel(*model, o, threads);
+}
+
+// TEMP: until lutra/gguf_writer.h lands.
+Status SaveLutraModel(const Model&, const std::string& path) {
+  return Unimplemented("saving %s: not supported yet", path.c_str());
+}
+StatusOr<Model> LoadLutraModel(GgufFile file, const LoadOptions&) {
+  return Unimplemented("%s: .lutra files are not supported yet", file.file().path().c_str());
+}
+
+}  // namespace engine
+}  // namespace lutra
