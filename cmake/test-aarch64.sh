@@ -139,6 +139,70 @@ check_headers() {
 status=0
 check_headers
 
+# lutra vendored the way docs/mobile.md tells a phone app to: Highway's and
+# lutra's source trees added with add_subdirectory, static dispatch with a
+# phone's -march, -fno-exceptions -fno-rtti; built and run under qemu.
+check_vendored() {
+  local dir="$BUILD/vendor" src
+  src=$(ls -d "$ROOT"/build/deps/src/highway 2>/dev/null || true)
+  [ -f "$src/CMakeLists.txt" ] || { echo "!! no Highway source tree in build/deps/src"; status=1; return 0; }
+  mkdir -p "$dir/app"
+  cat >"$dir/app/CMakeLists.txt" <<'CMAKE'
+cmake_minimum_required(VERSION 3.16)
+project(phone_app CXX)
+set(CMAKE_CXX_STANDARD 17)
+# docs/mobile.md, "Vendoring": Highway first, then lutra.
+set(HWY_ENABLE_TESTS OFF CACHE BOOL "" FORCE)
+set(HWY_ENABLE_CONTRIB OFF CACHE BOOL "" FORCE)
+set(HWY_ENABLE_EXAMPLES OFF CACHE BOOL "" FORCE)
+set(HWY_ENABLE_INSTALL OFF CACHE BOOL "" FORCE)
+add_subdirectory(${HWY_SOURCE_DIR} highway EXCLUDE_FROM_ALL)
+if(NOT TARGET hwy::hwy)
+  add_library(hwy::hwy ALIAS hwy)  # Highway's own CMake only exports it
+endif()
+add_subdirectory(${LUTRA_SOURCE_DIR} lutra EXCLUDE_FROM_ALL)
+add_executable(app main.cc)
+target_compile_options(app PRIVATE -march=armv8.2-a+crypto+fp16+dotprod
+                       -fno-exceptions -fno-rtti -Wall -Wextra -Werror)
+target_link_libraries(app PRIVATE lutra::lutra)
+CMAKE
+  cat >"$dir/app/main.cc" <<'CC'
+// Static dispatch: only the target of the app's -march is compiled.
+#include <stdio.h>
+
+#include <vector>
+
+#include "hwy/highway.h"
+#include "lutra/dot-inl.h"
+
+int main() {
+  std::vector<float> a(1001), b(1001);
+  double ref = 0.0, norm = 0.0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    a[i] = 0.001f * static_cast<float>(i);
+    b[i] = 1.0f - 0.0005f * static_cast<float>(i);
+    ref += double(a[i]) * b[i];
+    norm += double(a[i]) * a[i] + double(b[i]) * b[i];
+  }
+  const float dot = lutra::HWY_NAMESPACE::Dot(a.data(), b.data(), a.size());
+  const double err = dot - ref;
+  printf("vendored app, static target %s: Dot %f, reference %f\n",
+         hwy::TargetName(HWY_STATIC_TARGET), dot, ref);
+  return (err < 0 ? -err : err) <= 1e-5 * norm ? 0 : 1;
+}
+CC
+  if cmake -S "$dir/app" -B "$dir/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+       -DCMAKE_TOOLCHAIN_FILE="$ROOT/cmake/aarch64-linux-gnu.cmake" \
+       -DHWY_SOURCE_DIR="$src" -DLUTRA_SOURCE_DIR="$ROOT" >"$dir/build.log" 2>&1 &&
+     cmake --build "$dir/build" -j "$JOBS" >>"$dir/build.log" 2>&1 &&
+     QEMU_CPU=max,sve=off "$QEMU" -L /usr/aarch64-linux-gnu "$dir/build/app"; then
+    echo "== vendored (add_subdirectory) static-dispatch app OK"
+  else
+    echo "!! vendored app failed (see $dir/build.log)"; status=1
+  fi
+}
+check_vendored
+
 # Test executables to build: all tests/<name>_test.cc, or those matching --tests.
 NAMES=()
 for src in tests/*_test.cc; do
