@@ -13,13 +13,14 @@
 //     is the distinct values (unused entries repeat the largest).
 //  3. Initialization (PalettizeInit):
 //     - kOptimal (default): exact optimal 1-D k-means by dynamic programming
-//       over candidate cluster boundaries. When the group has <= 1024
-//       distinct values every boundary is a candidate and the result is the
-//       global optimum; otherwise the candidates are 512 equal-count and 512
-//       equal-width split points (so both the dense middle and sparse tails
-//       of heavy-tailed data get resolution). Cost O(k * B log B) with the
-//       monotone-split divide and conquer, B <= 1025 (b = 8 costs ~4x
-//       b = 4; if there are fewer than k candidate runs it uses kCompanded).
+//       over B candidate cluster boundaries, B = clamp(max(n/8, 4k), 64,
+//       1024). When the group has <= B distinct values every boundary is a
+//       candidate and the result is the global optimum; otherwise the
+//       candidates are B/2 equal-count and B/2 equal-width split points (so
+//       both the dense middle and sparse tails of heavy-tailed data get
+//       resolution). Cost O(k * B log B) with the monotone-split divide and
+//       conquer (b = 8 costs ~4x b = 4; if there are fewer than k candidate
+//       runs it uses kCompanded).
 //     - kQuantile: centers at the weighted (i + 1/2) / k quantiles.
 //     - kCompanded: quantiles of the (weighted) density raised to 1/3, the
 //       asymptotically MSE-optimal center density (good for large k).
@@ -263,20 +264,26 @@ inline void OptimalInit(GroupScratch& s, const SortedGroup& g, size_t k, double*
 }
 
 // Builds DP candidate boundaries (run starts, so equal values never split).
-inline void BuildCandidates(GroupScratch& s, const SortedGroup& g, size_t distinct) {
+// Up to L = clamp(max(n / 8, 4k), 64, 1024) candidates: all run starts when
+// there are at most L distinct values (the DP is then exact), otherwise L/2
+// equal-count plus L/2 equal-width split points. Small groups get fewer
+// candidates since Lloyd refines the boundaries anyway; 4096-wide groups
+// always get 1024.
+inline void BuildCandidates(GroupScratch& s, const SortedGroup& g, size_t distinct, size_t k) {
   const size_t n = g.n();
+  const size_t limit = std::min<size_t>(1024, std::max<size_t>(64, std::max(n / 8, 4 * k)));
   s.cand.clear();
   s.cand.push_back(0);
-  if (distinct <= 1024) {
+  if (distinct <= limit) {
     for (size_t i = 1; i < n; ++i) {
       if (g.x(i) != g.x(i - 1)) s.cand.push_back(i);
     }
   } else {
-    constexpr size_t kSplits = 512;
+    const size_t splits = limit / 2;
     const double lo = g.x(0), hi = g.x(n - 1);
-    for (size_t i = 1; i < kSplits; ++i) {
-      s.cand.push_back(g.LowerBound(g.x(i * n / kSplits)));  // equal count
-      s.cand.push_back(g.LowerBound(lo + (hi - lo) * double(i) / kSplits));  // equal width
+    for (size_t i = 1; i < splits; ++i) {
+      s.cand.push_back(g.LowerBound(g.x(i * n / splits)));  // equal count
+      s.cand.push_back(g.LowerBound(lo + (hi - lo) * double(i) / double(splits)));  // equal width
     }
     std::sort(s.cand.begin(), s.cand.end());
     s.cand.erase(std::unique(s.cand.begin(), s.cand.end()), s.cand.end());
@@ -446,7 +453,7 @@ inline void ClusterGroup(GroupScratch& s, const float* w, size_t nrows, size_t K
 
   PalettizeInit init = opt.init;
   if (init == PalettizeInit::kOptimal) {
-    BuildCandidates(s, g, distinct);
+    BuildCandidates(s, g, distinct, k);
     if (s.cand.size() - 1 < k) init = PalettizeInit::kCompanded;
   }
   switch (init) {
