@@ -24,8 +24,20 @@ set(CMAKE_SYSTEM_NAME Linux)
 set(CMAKE_SYSTEM_PROCESSOR aarch64)
 
 set(LUTRA_CROSS_TRIPLE aarch64-linux-gnu)
-set(CMAKE_C_COMPILER ${LUTRA_CROSS_TRIPLE}-gcc)
-set(CMAKE_CXX_COMPILER ${LUTRA_CROSS_TRIPLE}-g++)
+# GCC by default. For clang (what the Android NDK and Xcode use), pass
+#   -DCMAKE_C_COMPILER=clang-19 -DCMAKE_CXX_COMPILER=clang++-19
+# and the target triple is added here; clang then uses the GCC cross
+# toolchain's sysroot, libstdc++ and linker.
+if(NOT CMAKE_C_COMPILER)
+  set(CMAKE_C_COMPILER ${LUTRA_CROSS_TRIPLE}-gcc)
+endif()
+if(NOT CMAKE_CXX_COMPILER)
+  set(CMAKE_CXX_COMPILER ${LUTRA_CROSS_TRIPLE}-g++)
+endif()
+if(CMAKE_CXX_COMPILER MATCHES "clang")
+  set(CMAKE_C_COMPILER_TARGET ${LUTRA_CROSS_TRIPLE})
+  set(CMAKE_CXX_COMPILER_TARGET ${LUTRA_CROSS_TRIPLE})
+endif()
 
 # The cross compiler's own sysroot (libstdc++, glibc) plus whatever prefixes
 # the caller passed with -DCMAKE_FIND_ROOT_PATH=... .

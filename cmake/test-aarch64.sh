@@ -11,6 +11,8 @@
 #   bash cmake/test-aarch64.sh --build-only       # cross-build, run nothing
 #   bash cmake/test-aarch64.sh --keep-going       # build what compiles, test that
 #   bash cmake/test-aarch64.sh --size             # code size per dispatch mode
+#   bash cmake/test-aarch64.sh --compiler clang-19  # clang (as in the NDK/Xcode)
+#                                  instead of GCC 12; also compiles and runs NEON_BF16
 #
 # Build tree: build-aarch64/ (Release, tests only). Each CPU run checks that
 # the [targets] line of every test case names the targets that CPU must
@@ -35,6 +37,7 @@ TESTS=''
 BUILD_ONLY=0
 KEEP_GOING=0
 SIZE_ONLY=0
+COMPILER=gcc
 JOBS=${JOBS:-$(nproc)}
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -43,17 +46,43 @@ while [ $# -gt 0 ]; do
     --build-only) BUILD_ONLY=1; shift ;;
     --keep-going) KEEP_GOING=1; shift ;;
     --size) SIZE_ONLY=1; shift ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --compiler) COMPILER="$2"; shift 2 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "test-aarch64.sh: unknown option '$1'" >&2; exit 2 ;;
   esac
 done
 
+# Compiler: GCC 12 (Debian's cross g++), or clang-N with the GCC cross
+# toolchain's sysroot and libstdc++. Highway 1.2 compiles NEON_BF16 only with
+# clang >= 17 or GCC >= 13.2, so only the clang build runs it.
+BUILD=build-aarch64
+CMAKE_CC=()
+CXX_CMD=(aarch64-linux-gnu-g++)
+BF16=""
+case "$COMPILER" in
+  gcc) ;;
+  clang-*)
+    v=${COMPILER#clang-}
+    if ! command -v "clang++-$v" >/dev/null; then
+      echo "== installing clang-$v" >&2
+      SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get -o DPkg::Lock::Timeout=300 \
+        install -y -qq --no-install-recommends "clang-$v" >/dev/null
+    fi
+    BUILD=build-aarch64-clang
+    CMAKE_CC=(-DCMAKE_C_COMPILER="clang-$v" -DCMAKE_CXX_COMPILER="clang++-$v")
+    CXX_CMD=("clang++-$v" --target=aarch64-linux-gnu)
+    [ "$v" -ge 17 ] && BF16=" NEON_BF16"  # qemu's max CPU has FEAT_BF16
+    ;;
+  *) echo "test-aarch64.sh: --compiler gcc or clang-N" >&2; exit 2 ;;
+esac
+
 expected_targets() {  # qemu -cpu string -> Highway targets that must run
   case "$1" in
-    *sve=off*) echo "NEON_WITHOUT_AES NEON" ;;
-    *sve128=on*) echo "NEON_WITHOUT_AES NEON SVE SVE2 SVE2_128" ;;
-    *sve256=on*) echo "NEON_WITHOUT_AES NEON SVE SVE2 SVE_256" ;;
-    *) echo "NEON_WITHOUT_AES NEON SVE SVE2" ;;
+    *sve=off*) echo "NEON_WITHOUT_AES NEON$BF16" ;;
+    *sve128=on*) echo "NEON_WITHOUT_AES NEON$BF16 SVE SVE2 SVE2_128" ;;
+    *sve256=on*) echo "NEON_WITHOUT_AES NEON$BF16 SVE SVE2 SVE_256" ;;
+    *) echo "NEON_WITHOUT_AES NEON$BF16 SVE SVE2" ;;
   esac
 }
 
@@ -63,8 +92,7 @@ HWY_PREFIX=$(sed -n 's/^LUTRA_HWY_PREFIX=//p' <<<"$SETUP")
 CATCH2_PREFIX=$(sed -n 's/^LUTRA_CATCH2_PREFIX=//p' <<<"$SETUP")
 QEMU=$(command -v qemu-aarch64 || command -v qemu-aarch64-static)
 
-BUILD=build-aarch64
-cmake -S . -B "$BUILD" -G Ninja \
+cmake -S . -B "$BUILD" -G Ninja "${CMAKE_CC[@]}" \
   -DCMAKE_TOOLCHAIN_FILE="$ROOT/cmake/aarch64-linux-gnu.cmake" \
   -DCMAKE_FIND_ROOT_PATH="$HWY_PREFIX;$CATCH2_PREFIX" \
   -DCMAKE_BUILD_TYPE=Release -DLUTRA_BUILD_TESTS=ON -DLUTRA_BUILD_BENCH=OFF \
@@ -76,10 +104,10 @@ cmake -S . -B "$BUILD" -G Ninja \
 size_report() {
   local dir="$BUILD/size" mode name flags text
   mkdir -p "$dir"
-  printf '%-66s %10s\n' "examples/dispatch.cc compiled for aarch64 -O2" ".text bytes"
+  printf '%-66s %10s\n' "examples/dispatch.cc, ${CXX_CMD[*]} -O2" ".text bytes"
   while IFS='|' read -r name flags; do
     # shellcheck disable=SC2086  # $flags is a list of compiler flags
-    aarch64-linux-gnu-g++ -std=c++17 -O2 -fno-exceptions -fno-rtti -I include -I . \
+    "${CXX_CMD[@]}" -std=c++17 -O2 -fno-exceptions -fno-rtti -I include -I . \
       -isystem "$HWY_PREFIX/include" $flags -c examples/dispatch.cc -o "$dir/dispatch.o"
     text=$(aarch64-linux-gnu-size -A "$dir/dispatch.o" |
            awk '$1 ~ /^\.text/ {t += $2} END {print t}')
@@ -127,7 +155,7 @@ check_headers() {
   for march in "armv8-a" "armv8.2-a+fp16+dotprod -DHWY_COMPILE_ONLY_STATIC=1" \
                "armv9-a -msve-vector-bits=128 -DHWY_COMPILE_ONLY_STATIC=1"; do
     # shellcheck disable=SC2086  # $march holds the -march value and its flags
-    if ! aarch64-linux-gnu-g++ "${flags[@]}" -march=$march -c "$tu" -o "$dir/all_headers.o"; then
+    if ! "${CXX_CMD[@]}" "${flags[@]}" -march=$march -c "$tu" -o "$dir/all_headers.o"; then
       echo "!! public headers fail to compile for aarch64 with -march=$march"
       [ $KEEP_GOING = 1 ] && { status=1; return 0; }
       exit 1
@@ -191,7 +219,7 @@ int main() {
   return (err < 0 ? -err : err) <= 1e-5 * norm ? 0 : 1;
 }
 CC
-  if cmake -S "$dir/app" -B "$dir/build" -G Ninja -DCMAKE_BUILD_TYPE=Release \
+  if cmake -S "$dir/app" -B "$dir/build" -G Ninja -DCMAKE_BUILD_TYPE=Release "${CMAKE_CC[@]}" \
        -DCMAKE_TOOLCHAIN_FILE="$ROOT/cmake/aarch64-linux-gnu.cmake" \
        -DHWY_SOURCE_DIR="$src" -DLUTRA_SOURCE_DIR="$ROOT" >"$dir/build.log" 2>&1 &&
      cmake --build "$dir/build" -j "$JOBS" >>"$dir/build.log" 2>&1 &&
