@@ -1,0 +1,108 @@
+// Palettizer throughput (weights per second) per index width and thread count
+// on a heavy-tailed (Student-t, 3 dof) 4096 x 4096 matrix, plus the SNR
+// reached. The palettizer is scalar C++, so there is no per-target dispatch.
+//
+// Plain main() harness (Google Benchmark is linked but not used: one
+// palettization takes ~0.1-2 s, and a table of medians is easier to read):
+//   ./build-x/bench/palettize_bench                     # all widths, 1 and 2 threads
+//   ./build-x/bench/palettize_bench --bits 2,4 --threads 1,2,4 --reps 5
+//   ./build-x/bench/palettize_bench --rows 1024 --cols 4096 --init companded
+// Reports the median wall time of --reps runs (the machine may be shared).
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <chrono>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "lutra/palettize.h"
+
+namespace {
+
+std::vector<long> ParseList(const char* s) {
+  std::vector<long> out;
+  while (*s) {
+    char* end;
+    out.push_back(strtol(s, &end, 10));
+    if (end == s) break;
+    s = *end == ',' ? end + 1 : end;
+  }
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  size_t rows = 4096, cols = 4096;
+  int reps = 3;
+  std::vector<long> bits = {1, 2, 3, 4, 6, 8}, threads = {1, 2};
+  lutra::PalettizeInit init = lutra::PalettizeInit::kOptimal;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string a = argv[i];
+    if (a == "--rows") {
+      rows = strtoul(argv[i + 1], nullptr, 10);
+    } else if (a == "--cols") {
+      cols = strtoul(argv[i + 1], nullptr, 10);
+    } else if (a == "--reps") {
+      reps = std::max(1, atoi(argv[i + 1]));
+    } else if (a == "--bits") {
+      bits = ParseList(argv[i + 1]);
+    } else if (a == "--threads") {
+      threads = ParseList(argv[i + 1]);
+    } else if (a == "--init") {
+      const std::string v = argv[i + 1];
+      init = v == "quantile"    ? lutra::PalettizeInit::kQuantile
+             : v == "kmeans++"  ? lutra::PalettizeInit::kKMeansPlusPlus
+             : v == "companded" ? lutra::PalettizeInit::kCompanded
+                                : lutra::PalettizeInit::kOptimal;
+    } else {
+      fprintf(stderr, "unknown flag %s\n", a.c_str());
+      return 2;
+    }
+  }
+
+  std::vector<float> w(rows * cols);
+  std::mt19937_64 rng(1);
+  std::student_t_distribution<float> dist(3.0f);
+  for (float& x : w) x = 0.02f * dist(rng);
+
+  printf("palettize %zu x %zu, G = 16, f16 codebooks, init %d, median of %d runs\n", rows, cols,
+         static_cast<int>(init), reps);
+  printf("%4s %7s %10s %14s %9s %9s %8s\n", "bits", "threads", "median_s", "Mweights/s",
+         "speedup", "SNR_dB", "bpw");
+  for (long b : bits) {
+    double t1 = 0.0;
+    for (long t : threads) {
+      lutra::PalettizeOptions opt;
+      opt.bits = static_cast<int>(b);
+      opt.threads = static_cast<size_t>(t);
+      opt.init = init;
+      std::vector<double> times;
+      lutra::PalettizeStats st;
+      double bpw = 0.0;
+      for (int r = 0; r < reps; ++r) {
+        const auto start = std::chrono::steady_clock::now();
+        auto m = lutra::Palettize(w.data(), rows, cols, opt, &st);
+        const auto stop = std::chrono::steady_clock::now();
+        if (!m.ok()) {
+          fprintf(stderr, "palettize failed: %s\n", m.status().message().c_str());
+          return 1;
+        }
+        bpw = m->shape().bits_per_weight();
+        times.push_back(std::chrono::duration<double>(stop - start).count());
+      }
+      std::sort(times.begin(), times.end());
+      const double med = times[times.size() / 2];
+      if (t == threads.front()) t1 = med;
+      printf("%4ld %7ld %10.3f %14.1f %8.2fx %9.2f %8.4f\n", b, t, med,
+             double(rows * cols) / med * 1e-6, t1 / med, st.snr_db(), bpw);
+      fflush(stdout);
+    }
+  }
+  return 0;
+}
