@@ -1,0 +1,469 @@
+// GEMV y = W x over palettized weights (decode: lut_decode-inl.h), with a
+// fused epilogue (bias, residual, LoRA delta) and a caller-given row range so
+// that callers split rows across threads. Also the per-call activation
+// preparation shared with GEMM (gemm-inl.h).
+//
+// Per-target code: include after hwy/highway.h (see dot-inl.h). Types and the
+// precision contract are in matmul.h.
+//
+// Public entry points (namespace lutra::HWY_NAMESPACE):
+//   Status PrepareGemvInput(const PreparedPalette& w, const float* x,
+//                           size_t x_size, const Epilogue& ep,
+//                           const MatmulOptions& opt, PreparedInput* in);
+//   Status GemvRows(const PreparedPalette& w, const PreparedInput& in,
+//                   size_t r0, size_t r1, float* y);
+//   Status Gemv(const PreparedPalette& w, const float* x, size_t x_size,
+//               const Epilogue& ep, float* y, size_t y_size,
+//               ThreadPool* pool = nullptr, const MatmulOptions& opt = {},
+//               PreparedInput* scratch = nullptr);
+//   float TypedDot(WeightType type, const void* a, const float* x, size_t n);
+
+#if defined(LUTRA_GEMV_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef LUTRA_GEMV_INL_H_
+#undef LUTRA_GEMV_INL_H_
+#else
+#define LUTRA_GEMV_INL_H_
+#endif
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <cmath>
+#include <vector>
+
+#include "hwy/highway.h"
+#include "lutra/dot-inl.h"
+#include "lutra/lut_decode-inl.h"
+#include "lutra/matmul.h"
+#include "lutra/palette.h"
+#include "lutra/status.h"
+#include "lutra/thread_pool.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace lutra {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// Returns sum_i a[i] * x[i] (i < n) with a of `type` (f16, bf16 or f32,
+// unaligned), widened exactly to f32 and accumulated in f32. Used for A x
+// (n = K) and for rows of B (n = rank) in the LoRA epilogue.
+template <class DF>
+HWY_INLINE float TypedDot(DF df, WeightType type, const void* HWY_RESTRICT a,
+                          const float* HWY_RESTRICT x, size_t n) {
+  if (type == WeightType::kF32) return Dot(df, static_cast<const float*>(a), x, n);
+  const size_t N = hn::Lanes(df);
+  hn::Vec<DF> sum0 = hn::Zero(df), sum1 = hn::Zero(df);
+  size_t i = 0;
+  if (type == WeightType::kF16) {
+    const hn::Rebind<hwy::float16_t, DF> dh;
+    const hwy::float16_t* pa = static_cast<const hwy::float16_t*>(a);
+    for (; i + 2 * N <= n; i += 2 * N) {
+      sum0 = hn::MulAdd(hn::PromoteTo(df, hn::LoadU(dh, pa + i)), hn::LoadU(df, x + i), sum0);
+      sum1 = hn::MulAdd(hn::PromoteTo(df, hn::LoadU(dh, pa + i + N)),
+                        hn::LoadU(df, x + i + N), sum1);
+    }
+    for (; i < n; i += N) {
+      const size_t m = HWY_MIN(N, n - i);
+      sum0 = hn::MulAdd(hn::PromoteTo(df, hn::LoadN(dh, pa + i, m)), hn::LoadN(df, x + i, m),
+                        sum0);
+    }
+  } else {
+    const hn::Rebind<hwy::bfloat16_t, DF> dh;
+    const hwy::bfloat16_t* pa = static_cast<const hwy::bfloat16_t*>(a);
+    for (; i + 2 * N <= n; i += 2 * N) {
+      sum0 = hn::MulAdd(hn::PromoteTo(df, hn::LoadU(dh, pa + i)), hn::LoadU(df, x + i), sum0);
+      sum1 = hn::MulAdd(hn::PromoteTo(df, hn::LoadU(dh, pa + i + N)),
+                        hn::LoadU(df, x + i + N), sum1);
+    }
+    for (; i < n; i += N) {
+      const size_t m = HWY_MIN(N, n - i);
+      sum0 = hn::MulAdd(hn::PromoteTo(df, hn::LoadN(dh, pa + i, m)), hn::LoadN(df, x + i, m),
+                        sum0);
+    }
+  }
+  return hn::ReduceSum(df, hn::Add(sum0, sum1));
+}
+
+HWY_INLINE float TypedDot(WeightType type, const void* HWY_RESTRICT a,
+                          const float* HWY_RESTRICT x, size_t n) {
+  return TypedDot(hn::ScalableTag<float>(), type, a, x, n);
+}
+
+namespace detail {
+
+// Quantization blocks span about this many positions (a whole number of
+// units): int32 sums per block stay far from overflow (256 * 255 * 127) and
+// an activation outlier only coarsens the scale of its own block.
+constexpr size_t kBlockPositions = 256;
+
+template <int kBits>
+HWY_INLINE void SetGeometry(const PaletteShape& shape, PreparedInput* in) {
+  const UnitGeometry g = UnitGeometryFor<kBits>(shape);
+  in->lanes = g.lanes;
+  in->num_units = g.num_units;
+  in->unit_positions = g.unit_positions;
+  in->positions = g.num_units * g.unit_positions;
+  in->units_per_block = HWY_MAX(size_t{1}, kBlockPositions / g.unit_positions);
+  in->num_blocks = (g.num_units + in->units_per_block - 1) / in->units_per_block;
+  const size_t runs = in->positions / 16;
+  in->run_col.resize(runs);
+  for (size_t t = 0; t < runs; ++t) {
+    in->run_col[t] = static_cast<uint32_t>(PositionColumn<kBits>(g, t * 16));
+  }
+}
+
+HWY_INLINE size_t DecodeLanes(int bits) {
+  return (bits == 3 || bits == 6) ? 16 : hn::Lanes(hn::ScalableTag<uint8_t>());
+}
+
+// Gathers positions [p0, p0 + n) of token row x (K columns) into out, zero
+// for columns >= K. n and p0 are multiples of 16.
+HWY_INLINE void GatherPositions(const PreparedInput& in, const float* HWY_RESTRICT x,
+                                size_t p0, size_t n, float* HWY_RESTRICT out) {
+  const size_t K = in.cols;
+  for (size_t t = 0; t < n / 16; ++t) {
+    const size_t c0 = in.run_col[p0 / 16 + t];
+    const size_t valid = c0 >= K ? 0 : HWY_MIN(size_t{16}, K - c0);
+    if (valid) memcpy(out + 16 * t, x + c0, valid * sizeof(float));
+    for (size_t j = valid; j < 16; ++j) out[16 * t + j] = 0.0f;
+  }
+}
+
+}  // namespace detail
+
+// Prepares M token rows X (row m at X + m * ldx, K floats each) for
+// GemvRows / GemmRows against w: rearranges them into the decode's position
+// order, quantizes them (kInt8) or copies them (kF32), and computes the LoRA
+// product A x for every row. The epilogue's pointers are stored and must
+// stay valid until the row calls return. Cost O(M * (K + rank * K)).
+HWY_INLINE Status PrepareInput(const PreparedPalette& w, const float* HWY_RESTRICT X,
+                               size_t M, size_t ldx, const Epilogue& ep,
+                               const MatmulOptions& opt, PreparedInput* in) {
+  const PaletteShape& shape = w.shape();
+  if (in == nullptr) return InvalidArgument("matmul: null PreparedInput");
+  if (shape.rows == 0 || w.view().indices == nullptr) {
+    return InvalidArgument("matmul: weights are empty (use PreparedPalette::Make)");
+  }
+  const size_t K = shape.cols;
+  if (X == nullptr) return InvalidArgument("matmul: null activations");
+  if (M == 0) return InvalidArgument("matmul: M = 0 token rows, need M >= 1");
+  if (ldx < K) return InvalidArgument("matmul: row stride %zu < K = %zu", ldx, K);
+  if (opt.precision != MatmulPrecision::kInt8 && opt.precision != MatmulPrecision::kF32) {
+    return InvalidArgument("matmul: unknown precision %d", static_cast<int>(opt.precision));
+  }
+  if (ep.lora != nullptr) LUTRA_RETURN_IF_ERROR(ValidateLora(*ep.lora));
+
+  in->precision = opt.precision;
+  in->bits = shape.bits;
+  in->cols = K;
+  in->rows = M;
+  in->weights = &w;
+  in->epilogue = ep;
+  in->epilogue.lora = nullptr;  // kernels read in->lora
+  in->has_lora = ep.lora != nullptr;
+  if (in->has_lora) in->lora = *ep.lora;
+  switch (shape.bits) {
+    case 1: detail::SetGeometry<1>(shape, in); break;
+    case 2: detail::SetGeometry<2>(shape, in); break;
+    case 3: detail::SetGeometry<3>(shape, in); break;
+    case 4: detail::SetGeometry<4>(shape, in); break;
+    case 6: detail::SetGeometry<6>(shape, in); break;
+    case 8: detail::SetGeometry<8>(shape, in); break;
+    default: return InvalidArgument("matmul: bits = %d", shape.bits);
+  }
+  const size_t P = in->positions;
+  const size_t block = in->units_per_block * in->unit_positions;
+  const hn::ScalableTag<float> df;
+  const hn::RebindToSigned<decltype(df)> di32;
+  const hn::Rebind<int8_t, decltype(di32)> di8;
+  const size_t NF = hn::Lanes(df);
+
+  if (opt.precision == MatmulPrecision::kF32) {
+    in->xf.resize(M * P);
+    for (size_t m = 0; m < M; ++m) {
+      detail::GatherPositions(*in, X + m * ldx, 0, P, in->xf.data() + m * P);
+    }
+  } else {
+    in->xq.resize(M * P);
+    in->xscale.resize(M * in->num_blocks);
+    in->xsum.resize(M);
+    std::vector<float> tmp(block);
+    for (size_t m = 0; m < M; ++m) {
+      double total = 0.0;
+      for (size_t b = 0; b < in->num_blocks; ++b) {
+        const size_t p0 = b * block;
+        const size_t n = HWY_MIN(block, P - p0);  // multiple of 16 >= NF
+        detail::GatherPositions(*in, X + m * ldx, p0, n, tmp.data());
+        auto vmax = hn::Zero(df);
+        for (size_t i = 0; i < n; i += NF) vmax = hn::Max(vmax, hn::Abs(hn::LoadU(df, &tmp[i])));
+        const float amax = hn::ReduceMax(df, vmax);
+        const float scale = amax / 127.0f;
+        const auto inv = hn::Set(df, amax > 0.0f ? 127.0f / amax : 0.0f);
+        auto vsum = hn::Zero(di32);
+        int8_t* HWY_RESTRICT q = in->xq.data() + m * P + p0;
+        for (size_t i = 0; i < n; i += NF) {
+          const auto qi = hn::NearestInt(hn::Mul(hn::LoadU(df, &tmp[i]), inv));
+          vsum = hn::Add(vsum, qi);
+          hn::StoreU(hn::DemoteTo(di8, qi), di8, q + i);
+        }
+        in->xscale[m * in->num_blocks + b] = scale;
+        total += double(scale) * double(hn::ReduceSum(di32, vsum));
+      }
+      in->xsum[m] = static_cast<float>(total);
+    }
+  }
+  if (in->has_lora) {
+    const size_t rank = in->lora.rank;
+    const size_t a_row_bytes = K * WeightTypeBytes(in->lora.type);
+    in->lora_ax.resize(M * rank);
+    for (size_t m = 0; m < M; ++m) {
+      for (size_t k = 0; k < rank; ++k) {
+        in->lora_ax[m * rank + k] = TypedDot(
+            df, in->lora.type, static_cast<const uint8_t*>(in->lora.a) + k * a_row_bytes,
+            X + m * ldx, K);
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+// Single token: x has x_size == K floats.
+HWY_INLINE Status PrepareGemvInput(const PreparedPalette& w, const float* HWY_RESTRICT x,
+                                   size_t x_size, const Epilogue& ep,
+                                   const MatmulOptions& opt, PreparedInput* in) {
+  if (x_size != w.shape().cols) {
+    return InvalidArgument("gemv: x has %zu floats, K = %zu", x_size, w.shape().cols);
+  }
+  return PrepareInput(w, x, 1, x_size, ep, opt, in);
+}
+
+namespace detail {
+
+// Epilogue of output row r for token m: v = W x already scaled to f32.
+HWY_INLINE float FinishRow(const PreparedInput& in, size_t m, size_t r, float v,
+                           float residual) {
+  const Epilogue& ep = in.epilogue;
+  if (ep.bias != nullptr) v += ep.bias[r];
+  v += residual;
+  if (in.has_lora) {
+    const size_t rank = in.lora.rank;
+    const uint8_t* b = static_cast<const uint8_t*>(in.lora.b) +
+                       r * rank * WeightTypeBytes(in.lora.type);
+    v = std::fma(in.lora.scale,
+                 TypedDot(in.lora.type, b, in.lora_ax.data() + m * rank, rank), v);
+  }
+  return v;
+}
+
+// Int8 path: dots[i] = sum_b xscale[b] * (sum over block b of q_w * q_x) for
+// kRows consecutive rows starting at r (each with its own group table).
+// Rows are interleaved so that the i32 accumulation chains are independent
+// and every activation vector is loaded once for kRows rows.
+template <int kBits, size_t kRows>
+HWY_INLINE void DotRowsI8(const PreparedPalette& w, const PreparedInput& in, size_t r,
+                          float* HWY_RESTRICT dots) {
+  using D = DecodeTag<kBits>;
+  const D d;
+  const hn::Repartition<int8_t, D> di8;
+  const hn::Repartition<int32_t, D> di32;
+  const hn::Repartition<float, D> df;
+  using VI = hn::Vec<decltype(di32)>;
+  using VF = hn::Vec<decltype(df)>;
+  const size_t L = hn::Lanes(d);
+  const PaletteShape& shape = w.shape();
+  const size_t row_bytes = shape.row_bytes();
+  const size_t G = shape.group_rows;
+  const size_t unit_bytes = (kBits == 3 || kBits == 6) ? 48 : L;
+  const size_t UP = in.unit_positions;
+
+  const uint8_t* rows[kRows];
+  LutU8<kBits, D> lut[kRows];
+  VF accf[kRows];
+  for (size_t i = 0; i < kRows; ++i) {
+    rows[i] = w.view().row(r + i);
+    lut[i].Init(d, w.table_u8((r + i) / G));
+    accf[i] = hn::Zero(df);
+  }
+  const int8_t* HWY_RESTRICT xq = in.xq.data();
+  const float* HWY_RESTRICT xscale = in.xscale.data();
+  size_t u = 0;
+  for (size_t b = 0; b < in.num_blocks; ++b) {
+    VI acc[kRows];
+    for (size_t i = 0; i < kRows; ++i) acc[i] = hn::Zero(di32);
+    const size_t u_end = HWY_MIN(u + in.units_per_block, in.num_units);
+    for (; u < u_end; ++u) {
+      const size_t off = u * unit_bytes;
+      const int8_t* HWY_RESTRICT xu = xq + u * UP;
+      for (size_t i = 0; i < kRows; ++i) {
+        DecodeUnit<kBits>(d, rows[i] + off, row_bytes - off,
+                          [&](size_t s, hn::Vec<D> idx) HWY_ATTR {
+                            acc[i] = hn::SumOfMulQuadAccumulate(
+                                di32, lut[i].Lookup(d, idx), hn::LoadU(di8, xu + s * L), acc[i]);
+                          });
+      }
+    }
+    const VF sx = hn::Set(df, xscale[b]);
+    for (size_t i = 0; i < kRows; ++i) accf[i] = hn::MulAdd(hn::ConvertTo(df, acc[i]), sx, accf[i]);
+  }
+  for (size_t i = 0; i < kRows; ++i) dots[i] = hn::ReduceSum(df, accf[i]);
+}
+
+template <int kBits>
+HWY_NOINLINE void GemvRowsI8(const PreparedPalette& w, const PreparedInput& in, size_t r0,
+                             size_t r1, float* HWY_RESTRICT y) {
+  const size_t G = w.shape().group_rows;
+  const float* residual = in.epilogue.residual;
+  const float xsum = in.xsum[0];
+  constexpr size_t kRows = 4;
+  float dots[kRows];
+  size_t r = r0;
+  for (; r < r1; r += kRows) {
+    const size_t n = HWY_MIN(kRows, r1 - r);
+    if (n == kRows) {
+      DotRowsI8<kBits, kRows>(w, in, r, dots);
+    } else {
+      for (size_t i = 0; i < n; ++i) DotRowsI8<kBits, 1>(w, in, r + i, dots + i);
+    }
+    for (size_t i = 0; i < n; ++i) {
+      const size_t g = (r + i) / G;
+      // Explicit fma: the same rounding whichever path computed dots[i]
+      // (the compiler would contract a*b+c differently per inlined copy).
+      const float v = std::fma(w.step(g), dots[i], w.lo(g) * xsum);
+      // Read the residual before writing y: they may alias.
+      const float res = residual ? residual[r + i] : 0.0f;
+      y[r + i] = FinishRow(in, 0, r + i, v, res);
+    }
+  }
+}
+
+// Exact path: returns sum_c table_f32[idx_c] * x_c for row r over the
+// positions of token row xf (f32, position order).
+template <int kBits>
+HWY_INLINE float DotRowF32(const PreparedPalette& w, const PreparedInput& in, size_t r,
+                           const float* HWY_RESTRICT xf) {
+  using D = DecodeTag<kBits>;
+  const D d;
+  const hn::Repartition<float, D> df;
+  const hn::RebindToSigned<decltype(df)> di32;
+  const hn::Rebind<uint8_t, decltype(di32)> d8q;
+  using VF = hn::Vec<decltype(df)>;
+  const size_t L = hn::Lanes(d);
+  const size_t NF = hn::Lanes(df);  // L / 4
+  const PaletteShape& shape = w.shape();
+  const size_t row_bytes = shape.row_bytes();
+  const size_t unit_bytes = (kBits == 3 || kBits == 6) ? 48 : L;
+  const size_t UP = in.unit_positions;
+  const size_t E = shape.num_entries();
+  const float* HWY_RESTRICT table = w.table_f32(r / shape.group_rows);
+  const uint8_t* row = w.view().row(r);
+  HWY_ALIGN uint8_t idx_buf[hn::MaxLanes(d)];
+  VF acc[4] = {hn::Zero(df), hn::Zero(df), hn::Zero(df), hn::Zero(df)};
+  for (size_t u = 0; u < in.num_units; ++u) {
+    const size_t off = u * unit_bytes;
+    const float* HWY_RESTRICT xu = xf + u * UP;
+    DecodeUnit<kBits>(d, row + off, row_bytes - off, [&](size_t s, hn::Vec<D> idx) HWY_ATTR {
+      hn::Store(idx, d, idx_buf);
+      for (size_t q = 0; q < 4; ++q) {
+        const auto vi = hn::PromoteTo(di32, hn::LoadU(d8q, idx_buf + q * NF));
+        acc[q] = hn::MulAdd(LookupF32(df, table, E, vi), hn::LoadU(df, xu + s * L + q * NF),
+                            acc[q]);
+      }
+    });
+  }
+  return hn::ReduceSum(df, hn::Add(hn::Add(acc[0], acc[1]), hn::Add(acc[2], acc[3])));
+}
+
+template <int kBits>
+HWY_NOINLINE void GemvRowsF32(const PreparedPalette& w, const PreparedInput& in, size_t r0,
+                              size_t r1, float* HWY_RESTRICT y) {
+  const float* residual = in.epilogue.residual;
+  for (size_t r = r0; r < r1; ++r) {
+    const float v = DotRowF32<kBits>(w, in, r, in.xf.data());
+    const float res = residual ? residual[r] : 0.0f;
+    y[r] = FinishRow(in, 0, r, v, res);
+  }
+}
+
+// Checks that `in` was prepared for w by this target with `rows` tokens.
+HWY_INLINE Status CheckInput(const PreparedPalette& w, const PreparedInput& in,
+                             const char* caller) {
+  if (in.weights != &w || in.bits != w.shape().bits || in.cols != w.shape().cols) {
+    return InvalidArgument("%s: input was prepared for another matrix", caller);
+  }
+  if (in.lanes != DecodeLanes(in.bits)) {
+    return InvalidArgument("%s: input was prepared by another SIMD target (%zu lanes, need %zu)",
+                           caller, in.lanes, DecodeLanes(in.bits));
+  }
+  return Status::Ok();
+}
+
+}  // namespace detail
+
+// Computes y[r] for r in [r0, r1) (0 <= r0 <= r1 <= N) from an input made by
+// PrepareGemvInput on this target; y has N floats and only y[r0..r1) is
+// written. Single-threaded; any number of threads may call it concurrently
+// with disjoint row ranges (ranges need not align to groups or to 4 rows).
+HWY_INLINE Status GemvRows(const PreparedPalette& w, const PreparedInput& in, size_t r0,
+                           size_t r1, float* HWY_RESTRICT y) {
+  LUTRA_RETURN_IF_ERROR(detail::CheckInput(w, in, "gemv"));
+  if (in.rows != 1) return InvalidArgument("gemv: input has %zu token rows, need 1", in.rows);
+  if (r0 > r1 || r1 > w.shape().rows) {
+    return InvalidArgument("gemv: row range [%zu, %zu) not within [0, %zu)", r0, r1,
+                           w.shape().rows);
+  }
+  if (r0 == r1) return Status::Ok();
+  if (y == nullptr) return InvalidArgument("gemv: null output");
+  const bool f32 = in.precision == MatmulPrecision::kF32;
+  switch (in.bits) {
+#define LUTRA_GEMV_CASE(B)                            \
+  case B:                                             \
+    if (f32) {                                        \
+      detail::GemvRowsF32<B>(w, in, r0, r1, y);       \
+    } else {                                          \
+      detail::GemvRowsI8<B>(w, in, r0, r1, y);        \
+    }                                                 \
+    break;
+    LUTRA_GEMV_CASE(1)
+    LUTRA_GEMV_CASE(2)
+    LUTRA_GEMV_CASE(3)
+    LUTRA_GEMV_CASE(4)
+    LUTRA_GEMV_CASE(6)
+    LUTRA_GEMV_CASE(8)
+#undef LUTRA_GEMV_CASE
+    default:
+      return InvalidArgument("gemv: bits = %d", in.bits);
+  }
+  return Status::Ok();
+}
+
+// One-shot y = W x (+ epilogue): prepares x (into *scratch when given, to
+// reuse its buffers) and splits the rows over `pool` (nullptr = this thread)
+// in ranges of whole 4-row blocks. y_size must be N.
+HWY_INLINE Status Gemv(const PreparedPalette& w, const float* HWY_RESTRICT x, size_t x_size,
+                       const Epilogue& ep, float* HWY_RESTRICT y, size_t y_size,
+                       ThreadPool* pool = nullptr, const MatmulOptions& opt = MatmulOptions(),
+                       PreparedInput* scratch = nullptr) {
+  const size_t N = w.shape().rows;
+  if (y == nullptr || y_size != N) {
+    return InvalidArgument("gemv: output has %zu floats, N = %zu", y ? y_size : size_t{0}, N);
+  }
+  PreparedInput local;
+  PreparedInput* in = scratch ? scratch : &local;
+  LUTRA_RETURN_IF_ERROR(PrepareGemvInput(w, x, x_size, ep, opt, in));
+  if (pool == nullptr || pool->NumThreads() == 1) return GemvRows(w, *in, 0, N, y);
+  const size_t T = pool->NumThreads();
+  std::vector<Status> status(T);
+  pool->ParallelFor(T, [&](size_t task, size_t) {
+    const RowRange rr = SplitRows(N, T, task, 4);
+    status[task] = GemvRows(w, *in, rr.begin, rr.end, y);
+  });
+  for (const Status& s : status) LUTRA_RETURN_IF_ERROR(s);
+  return Status::Ok();
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace lutra
+HWY_AFTER_NAMESPACE();
+
+#endif  // LUTRA_GEMV_INL_H_

@@ -1,0 +1,228 @@
+// SIMD decode of palettized weight rows (format: palette.h / docs/format.md):
+// the one decode path shared by GEMV, GEMM and anything else that reads the
+// packed format, in the spirit of gemma.cpp's DecompressAndCall.
+//
+// A weight row is consumed in *units*. DecodeUnit hands the caller, for each
+// unit, a few vectors of u8 codebook indices together with their *position*
+// in the unit; the kernels multiply them with activations that were
+// rearranged once per call into the same position order (PositionColumn), so
+// the decode never has to move bytes across 128-bit blocks:
+// - b = 1, 2, 4, 8 (one plane of width w): a unit is one full vector of L
+//   bytes = L/16 consecutive chunks. Sub-vector s (0 <= s < 8/w) holds, in
+//   128-bit block i, lane j, the field s of chunk i's byte j, i.e. column
+//   c0 + i * 128/w + 16 s + j; its positions are s * L + 16 i + j. The last
+//   unit of a row may be partial (loaded with LoadN: bytes past the row read
+//   as 0 = index 0, multiplied by activations that are 0 there).
+// - b = 3, 6 (two planes): a unit is one 48-byte block decoded with 128-bit
+//   vectors (L = 16); sub-vector s holds columns c0 + 16 s + j, so positions
+//   equal columns.
+// Per-target code: include after hwy/highway.h (see dot-inl.h).
+
+#if defined(LUTRA_LUT_DECODE_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef LUTRA_LUT_DECODE_INL_H_
+#undef LUTRA_LUT_DECODE_INL_H_
+#else
+#define LUTRA_LUT_DECODE_INL_H_
+#endif
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "hwy/highway.h"
+#include "lutra/palette.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace lutra {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// u8 descriptor of a decode unit for kBits: full vectors for one-plane widths,
+// 128-bit vectors for the two-plane widths 3 and 6 (whose 48-byte blocks do
+// not tile wider vectors).
+template <int kBits>
+using DecodeTag = hwy::If<(kBits == 3 || kBits == 6), hn::Full128<uint8_t>,
+                          hn::ScalableTag<uint8_t>>;
+
+// Index vectors produced per unit.
+template <int kBits>
+constexpr size_t SubVectors() {
+  return kBits == 3 ? 8 : kBits == 6 ? 4 : static_cast<size_t>(8 / kBits);
+}
+
+// Geometry of the units of one row on the current target.
+struct UnitGeometry {
+  size_t lanes = 0;           // L
+  size_t sub_vectors = 0;     // index vectors per unit
+  size_t unit_positions = 0;  // L * sub_vectors
+  size_t unit_bytes = 0;      // packed bytes consumed per unit
+  size_t num_units = 0;       // per row
+};
+
+template <int kBits>
+HWY_INLINE UnitGeometry UnitGeometryFor(const PaletteShape& shape) {
+  UnitGeometry g;
+  g.lanes = hn::Lanes(DecodeTag<kBits>());
+  g.sub_vectors = SubVectors<kBits>();
+  g.unit_positions = g.lanes * g.sub_vectors;
+  if (kBits == 3 || kBits == 6) {
+    g.unit_bytes = 48;
+    g.num_units = shape.padded_cols() / shape.block_cols();
+  } else {
+    g.unit_bytes = g.lanes;
+    g.num_units = (shape.row_bytes() + g.lanes - 1) / g.lanes;
+  }
+  return g;
+}
+
+// Column of the first of the 16 consecutive positions starting at `pos`
+// (pos % 16 == 0): positions come in runs of 16 consecutive columns.
+// May return a column >= padded K for the zero tail of the last unit.
+template <int kBits>
+HWY_INLINE size_t PositionColumn(const UnitGeometry& g, size_t pos) {
+  if (kBits == 3 || kBits == 6) return pos;
+  const size_t cols_per_chunk = 128 / kBits;
+  const size_t u = pos / g.unit_positions;
+  const size_t rem = pos % g.unit_positions;
+  const size_t s = rem / g.lanes, block = (rem % g.lanes) / 16;
+  return u * (g.lanes / 16) * cols_per_chunk + block * cols_per_chunk + 16 * s;
+}
+
+// Field of width kW starting at bit kShift of every byte.
+template <int kShift, int kW, class D>
+HWY_INLINE hn::Vec<D> Field(D d, hn::Vec<D> v) {
+  const hn::Repartition<uint16_t, D> d16;
+  const auto mask = hn::Set(d, static_cast<uint8_t>((1u << kW) - 1u));
+  if (kShift == 0) return hn::And(v, mask);
+  // 16-bit shift: bits of the neighbouring byte shifted in are masked off.
+  return hn::And(hn::BitCast(d, hn::ShiftRight<kShift>(hn::BitCast(d16, v))), mask);
+}
+
+// Decodes unit `u` of a packed row: calls fn(s, idx) for s < SubVectors<kBits>
+// in order, idx = u8 codebook indices of positions s * L .. s * L + L - 1 of
+// the unit. `avail` = bytes of the row from the unit's start (one-plane
+// widths load min(avail, L) bytes, so nothing past the row is read).
+template <int kBits, class D, class Fn>
+HWY_INLINE void DecodeUnit(D d, const uint8_t* HWY_RESTRICT p, size_t avail,
+                           const Fn& fn) {
+  using V = hn::Vec<D>;
+  if constexpr (kBits == 3) {
+    const V a = hn::LoadU(d, p), b = hn::LoadU(d, p + 16), h = hn::LoadU(d, p + 32);
+    // index = low 2 bits (chunk a for columns 0..63, b for 64..127) | high << 2.
+    fn(0, hn::Or(Field<0, 2>(d, a), hn::ShiftLeft<2>(Field<0, 1>(d, h))));
+    fn(1, hn::Or(Field<2, 2>(d, a), hn::ShiftLeft<2>(Field<1, 1>(d, h))));
+    fn(2, hn::Or(Field<4, 2>(d, a), hn::ShiftLeft<2>(Field<2, 1>(d, h))));
+    fn(3, hn::Or(Field<6, 2>(d, a), hn::ShiftLeft<2>(Field<3, 1>(d, h))));
+    fn(4, hn::Or(Field<0, 2>(d, b), hn::ShiftLeft<2>(Field<4, 1>(d, h))));
+    fn(5, hn::Or(Field<2, 2>(d, b), hn::ShiftLeft<2>(Field<5, 1>(d, h))));
+    fn(6, hn::Or(Field<4, 2>(d, b), hn::ShiftLeft<2>(Field<6, 1>(d, h))));
+    fn(7, hn::Or(Field<6, 2>(d, b), hn::ShiftLeft<2>(Field<7, 1>(d, h))));
+    (void)avail;
+  } else if constexpr (kBits == 6) {
+    const V a = hn::LoadU(d, p), b = hn::LoadU(d, p + 16), h = hn::LoadU(d, p + 32);
+    fn(0, hn::Or(Field<0, 4>(d, a), hn::ShiftLeft<4>(Field<0, 2>(d, h))));
+    fn(1, hn::Or(Field<4, 4>(d, a), hn::ShiftLeft<4>(Field<2, 2>(d, h))));
+    fn(2, hn::Or(Field<0, 4>(d, b), hn::ShiftLeft<4>(Field<4, 2>(d, h))));
+    fn(3, hn::Or(Field<4, 4>(d, b), hn::ShiftLeft<4>(Field<6, 2>(d, h))));
+    (void)avail;
+  } else {
+    const size_t L = hn::Lanes(d);
+    const V v = avail >= L ? hn::LoadU(d, p) : hn::LoadN(d, p, avail);
+    if constexpr (kBits == 8) {
+      fn(0, v);
+    } else if constexpr (kBits == 4) {
+      fn(0, Field<0, 4>(d, v));
+      fn(1, Field<4, 4>(d, v));
+    } else if constexpr (kBits == 2) {
+      fn(0, Field<0, 2>(d, v));
+      fn(1, Field<2, 2>(d, v));
+      fn(2, Field<4, 2>(d, v));
+      fn(3, Field<6, 2>(d, v));
+    } else {
+      static_assert(kBits == 1, "bits");
+      fn(0, Field<0, 1>(d, v));
+      fn(1, Field<1, 1>(d, v));
+      fn(2, Field<2, 1>(d, v));
+      fn(3, Field<3, 1>(d, v));
+      fn(4, Field<4, 1>(d, v));
+      fn(5, Field<5, 1>(d, v));
+      fn(6, Field<6, 1>(d, v));
+      fn(7, Field<7, 1>(d, v));
+    }
+  }
+}
+
+// Byte lookup in a table of 2^kBits u8 entries (one codebook group), loaded
+// once per row. b <= 4: one 16-byte table broadcast to every 128-bit block,
+// looked up with TableLookupBytes (pshufb / tbl) inside each block. b = 6, 8:
+// TableLookupLanes / TwoTablesLookupLanes (vpermb / vpermi2b on AVX3_ZEN4)
+// over pieces of 2L entries, selected by the index's high bits.
+template <int kBits, class D>
+class LutU8 {
+  static constexpr size_t kEntries = size_t{1} << kBits;
+  // Up to 16 vectors of 16 lanes (b = 8 on 128-bit targets).
+  static constexpr size_t kMaxTables = kBits <= 4 ? 1 : kEntries / 16;
+
+ public:
+  using V = hn::Vec<D>;
+  // `table` has max(16, 2^kBits) bytes.
+  HWY_INLINE void Init(D d, const uint8_t* HWY_RESTRICT table) {
+    if constexpr (kBits <= 4) {
+      t_[0] = hn::LoadDup128(d, table);
+    } else {
+      const size_t L = hn::Lanes(d);
+      if (L >= kEntries) {  // one table vector (vpermb); zero-filled past 2^b
+        num_ = 1;
+        t_[0] = hn::LoadN(d, table, kEntries);
+      } else {  // an even number of L-entry vectors: L is a power of two >= 16
+        num_ = HWY_MIN(kMaxTables, kEntries / L);
+        for (size_t i = 0; i < num_; ++i) t_[i] = hn::LoadU(d, table + i * L);
+      }
+    }
+  }
+  HWY_INLINE V Lookup(D d, V idx) const {
+    if constexpr (kBits <= 4) {
+      (void)d;
+      return hn::TableLookupBytes(t_[0], idx);
+    } else {
+      const size_t L = hn::Lanes(d);
+      if (num_ == 1) return hn::TableLookupLanes(t_[0], hn::IndicesFromVec(d, idx));
+      // Pieces of 2L entries: lookup of the low bits, select by the high bits.
+      const V lowmask = hn::Set(d, static_cast<uint8_t>(2 * L - 1));
+      const V lo = hn::And(idx, lowmask);
+      V result = hn::TwoTablesLookupLanes(d, t_[0], t_[1], hn::IndicesFromVec(d, lo));
+      for (size_t i = 2; i + 1 < num_; i += 2) {
+        const V piece = hn::TwoTablesLookupLanes(d, t_[i], t_[i + 1], hn::IndicesFromVec(d, lo));
+        const auto in_piece = hn::Ge(idx, hn::Set(d, static_cast<uint8_t>(i * L)));
+        result = hn::IfThenElse(in_piece, piece, result);
+      }
+      return result;
+    }
+  }
+
+ private:
+  V t_[kMaxTables];
+  size_t num_ = 1;
+};
+
+// f32 codebook lookup of i32 indices (exact path). `table` has
+// max(16, 2^b) floats. 16-entry tables fit one or two f32 vectors on 512- and
+// 256-bit targets (vpermps / vpermt2ps); otherwise gather.
+template <class DF, class VI>
+HWY_INLINE hn::Vec<DF> LookupF32(DF df, const float* HWY_RESTRICT table, size_t entries,
+                                 VI idx) {
+  const size_t N = hn::Lanes(df);
+  if (entries <= 16 && N == 16) {
+    return hn::TableLookupLanes(hn::LoadU(df, table), hn::IndicesFromVec(df, idx));
+  }
+  if (entries <= 16 && N == 8) {
+    return hn::TwoTablesLookupLanes(df, hn::LoadU(df, table), hn::LoadU(df, table + 8),
+                                    hn::IndicesFromVec(df, idx));
+  }
+  return hn::GatherIndex(df, table, idx);
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace lutra
+HWY_AFTER_NAMESPACE();
+
+#endif  // LUTRA_LUT_DECODE_INL_H_

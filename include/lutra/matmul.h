@@ -1,0 +1,217 @@
+// Options, epilogue and prepared-operand types of the palettized GEMV/GEMM
+// kernels (gemv-inl.h, gemm-inl.h). Plain header: no per-target code.
+//
+// Call sequence (see gemv-inl.h for the per-target functions):
+//   PreparedPalette w = PreparedPalette::Make(view).value();  // once, at load
+//   PreparedInput in;                                         // reusable scratch
+//   PrepareGemvInput(w, x, K, epilogue, options, &in);        // once per call
+//   GemvRows(w, in, r0, r1, y);   // from any number of threads, disjoint ranges
+// or the one-shot Gemv(...)/Gemm(...) wrappers with an optional ThreadPool.
+//
+// Two precisions (MatmulOptions::precision):
+// - kInt8 (default, fast): each group's codebook is stored once as u8 with an
+//   affine map w ~= lo_g + step_g * q (step_g = (max - min) / 255), x is
+//   quantized per call to i8 with one f32 scale per block of positions
+//   (|x| max / 127), and u8 x i8 dot products accumulate exactly in i32 per
+//   block (VNNI vpdpbusd where available). Error of one output y_r, ignoring
+//   f32 rounding:  |err| <= (sx_max / 2) * sum_c (|w_rc| + step_g / 2)
+//                           + (step_g / 2) * sum_c |x_c|,
+//   with sx_max = max|x| / 127 (every block scale is <= sx_max).
+// - kF32 (reference precision): exact codebook values (f16/bf16 widen
+//   exactly to f32) times f32 x, accumulated in f32: error is f32 rounding
+//   only (<= ~K * eps * |w_r| |x|).
+#ifndef LUTRA_MATMUL_H_
+#define LUTRA_MATMUL_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+#include <vector>
+
+#include "lutra/palette.h"
+#include "lutra/status.h"
+
+namespace lutra {
+
+// Element type of LoRA factors.
+enum class WeightType : uint8_t { kF16 = 0, kBF16 = 1, kF32 = 2 };
+
+inline size_t WeightTypeBytes(WeightType type) {
+  switch (type) {
+    case WeightType::kF16:
+    case WeightType::kBF16:
+      return 2;
+    case WeightType::kF32:
+      return 4;
+  }
+  return 0;
+}
+
+// Largest LoRA rank the epilogue supports.
+inline constexpr size_t kMaxLoraRank = 64;
+
+// Low-rank delta added to the output: y += scale * B * (A * x).
+// A is rank x K row-major, B is N x rank row-major, both of `type`. A * x is
+// computed once per call (in Prepare*Input), B's rows while each output row
+// is still in registers.
+struct LoraDelta {
+  const void* a = nullptr;
+  const void* b = nullptr;
+  size_t rank = 0;  // 1..kMaxLoraRank
+  WeightType type = WeightType::kF32;
+  float scale = 1.0f;
+};
+
+// Fused epilogue, applied in this order to each output element:
+//   y = W x  [+ bias[n]]  [+ residual]  [+ lora->scale * B (A x)]
+// Null members are skipped. GEMV: bias and residual have N floats. GEMM:
+// bias has N floats (broadcast over tokens), residual is M x N at
+// residual_stride floats per token row (0 means the output's stride).
+// residual may alias the output (in-place residual add); each element is
+// read before it is written.
+struct Epilogue {
+  const float* bias = nullptr;
+  const float* residual = nullptr;
+  size_t residual_stride = 0;  // GEMM only
+  const LoraDelta* lora = nullptr;
+};
+
+enum class MatmulPrecision : uint8_t {
+  kInt8 = 0,  // u8 codebook x i8 activations, i32 dot products (default)
+  kF32 = 1,   // exact codebook values, f32 activations and FMA
+};
+
+inline const char* MatmulPrecisionName(MatmulPrecision p) {
+  return p == MatmulPrecision::kF32 ? "f32" : "int8";
+}
+
+struct MatmulOptions {
+  MatmulPrecision precision = MatmulPrecision::kInt8;
+};
+
+// A palettized matrix plus the small per-group tables the kernels read
+// instead of the stored codebooks: an f32 copy (exact path) and an affine u8
+// copy (int8 path). Built once when the weight is loaded; it does not copy
+// the indices, so the view's memory (e.g. an mmap) must outlive it.
+// Movable; tables are ~ (num_groups * 2^b * 5) bytes.
+class PreparedPalette {
+ public:
+  PreparedPalette() = default;
+
+  static StatusOr<PreparedPalette> Make(const PaletteView& view) {
+    LUTRA_RETURN_IF_ERROR(view.shape.Validate());
+    if (view.indices == nullptr || view.codebooks == nullptr) {
+      return InvalidArgument("prepare palette: view has null %s",
+                             view.indices == nullptr ? "indices" : "codebooks");
+    }
+    PreparedPalette p;
+    p.view_ = view;
+    const size_t E = view.shape.num_entries();
+    // At least 16 entries so that b <= 4 tables load as one 128-bit block.
+    p.stride_ = std::max<size_t>(16, E);
+    const size_t groups = view.shape.num_groups();
+    p.f32_.assign(groups * p.stride_, 0.0f);
+    p.u8_.assign(groups * p.stride_, 0);
+    p.step_.assign(groups, 0.0f);
+    p.lo_.assign(groups, 0.0f);
+    for (size_t g = 0; g < groups; ++g) {
+      float* t = &p.f32_[g * p.stride_];
+      float lo = 0.0f, hi = 0.0f;
+      for (size_t e = 0; e < E; ++e) {
+        t[e] = view.entry(g, e);
+        if (!std::isfinite(t[e])) {
+          return InvalidArgument("prepare palette: group %zu entry %zu is not finite",
+                                 g, e);
+        }
+        lo = e == 0 ? t[e] : std::min(lo, t[e]);
+        hi = e == 0 ? t[e] : std::max(hi, t[e]);
+      }
+      // Affine u8 code: w ~= lo + step * q, q in [0, 255]; |error| <= step/2.
+      const float step = (hi - lo) / 255.0f;
+      p.step_[g] = step;
+      p.lo_[g] = lo;
+      for (size_t e = 0; e < E; ++e) {
+        const float q = step > 0.0f ? std::nearbyint((t[e] - lo) / step) : 0.0f;
+        p.u8_[g * p.stride_ + e] = static_cast<uint8_t>(std::min(255.0f, std::max(0.0f, q)));
+      }
+    }
+    return p;
+  }
+
+  const PaletteView& view() const { return view_; }
+  const PaletteShape& shape() const { return view_.shape; }
+  // Entries per table row: max(16, 2^b); entries past 2^b are 0.
+  size_t table_stride() const { return stride_; }
+  const float* table_f32(size_t group) const { return &f32_[group * stride_]; }
+  const uint8_t* table_u8(size_t group) const { return &u8_[group * stride_]; }
+  float step(size_t group) const { return step_[group]; }
+  float lo(size_t group) const { return lo_[group]; }
+
+ private:
+  PaletteView view_;
+  size_t stride_ = 16;
+  std::vector<float> f32_;
+  std::vector<uint8_t> u8_;
+  std::vector<float> step_, lo_;
+};
+
+// Activations (M >= 1 token rows) prepared for one call against one
+// PreparedPalette: rearranged into the kernels' position order (which
+// depends on the SIMD target and the bit width), quantized (kInt8) or copied
+// (kF32), plus A*x of the LoRA epilogue. Filled by PrepareGemvInput /
+// PrepareGemmInput of the same target that then runs GemvRows / GemmRows;
+// keep one per thread-of-control and reuse it to avoid reallocations.
+// Fields are read by the kernels; callers treat them as opaque.
+struct PreparedInput {
+  MatmulPrecision precision = MatmulPrecision::kInt8;
+  int bits = 0;
+  size_t cols = 0;          // K
+  size_t rows = 0;          // M tokens
+  size_t lanes = 0;         // u8 lanes of one decoded vector
+  size_t num_units = 0;     // decode units per weight row
+  size_t unit_positions = 0;
+  size_t positions = 0;     // num_units * unit_positions (>= padded K)
+  size_t units_per_block = 0;
+  size_t num_blocks = 0;    // quantization blocks per token row
+  std::vector<uint32_t> run_col;  // first column of each 16-position run
+  std::vector<int8_t> xq;         // rows x positions (kInt8)
+  std::vector<float> xscale;      // rows x num_blocks (kInt8)
+  std::vector<float> xsum;        // rows: sum_b xscale * sum(xq in block)
+  std::vector<float> xf;          // rows x positions (kF32)
+  std::vector<float> lora_ax;     // rows x rank
+  Epilogue epilogue;
+  LoraDelta lora;  // copy of *epilogue.lora (epilogue.lora points here)
+  bool has_lora = false;
+  const PreparedPalette* weights = nullptr;  // the matrix this was prepared for
+
+  PreparedInput() = default;
+  // Copies would leave epilogue.lora pointing into the source; moving is
+  // fine because the kernels read `lora` directly.
+  PreparedInput(const PreparedInput&) = delete;
+  PreparedInput& operator=(const PreparedInput&) = delete;
+  PreparedInput(PreparedInput&&) = default;
+  PreparedInput& operator=(PreparedInput&&) = default;
+};
+
+// Validates a LoRA delta against a K-column, N-row weight.
+inline Status ValidateLora(const LoraDelta& lora) {
+  if (lora.rank == 0 || lora.rank > kMaxLoraRank) {
+    return InvalidArgument("lora: rank = %zu, need 1..%zu", lora.rank, kMaxLoraRank);
+  }
+  if (lora.a == nullptr || lora.b == nullptr) {
+    return InvalidArgument("lora: null %s factor", lora.a == nullptr ? "A" : "B");
+  }
+  if (WeightTypeBytes(lora.type) == 0) {
+    return InvalidArgument("lora: type %d is not f16 (0), bf16 (1) or f32 (2)",
+                           static_cast<int>(lora.type));
+  }
+  if (!std::isfinite(lora.scale)) return InvalidArgument("lora: scale is not finite");
+  return Status::Ok();
+}
+
+}  // namespace lutra
+
+#endif  // LUTRA_MATMUL_H_

@@ -1,0 +1,151 @@
+// A small fixed-size thread pool with a blocking parallel-for.
+//
+// lutra's kernels are single-threaded per call and take a row range, so any
+// engine can split work with its own pool; this one exists so that the
+// examples, tests and benchmarks need nothing else. The calling thread takes
+// part in the work, so ThreadPool(1) starts no threads and ParallelFor runs
+// inline.
+//
+// Plain header (no per-target code).
+#ifndef LUTRA_THREAD_POOL_H_
+#define LUTRA_THREAD_POOL_H_
+
+#include <stddef.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace lutra {
+
+// Half-open range [begin, end) of rows (or any items).
+struct RowRange {
+  size_t begin = 0;
+  size_t end = 0;
+  size_t size() const { return end - begin; }
+};
+
+// Splits [0, n) into `parts` contiguous ranges of nearly equal size whose
+// boundaries are multiples of `align` (except the last end, which is n), and
+// returns range `part` (< parts). Ranges may be empty when n is small. Used to
+// give each thread whole GEMM panels or whole 4-row GEMV blocks.
+inline RowRange SplitRows(size_t n, size_t parts, size_t part, size_t align = 1) {
+  if (parts == 0) parts = 1;
+  if (align == 0) align = 1;
+  const size_t units = (n + align - 1) / align;
+  const size_t base = units / parts, extra = units % parts;
+  const size_t first = part * base + std::min(part, extra);
+  const size_t count = base + (part < extra ? 1 : 0);
+  RowRange r;
+  r.begin = std::min(n, first * align);
+  r.end = std::min(n, (first + count) * align);
+  return r;
+}
+
+class ThreadPool {
+ public:
+  // num_threads >= 1 is the total parallelism including the caller, so
+  // num_threads - 1 worker threads are started. 0 is treated as 1.
+  explicit ThreadPool(size_t num_threads) {
+    num_threads_ = num_threads == 0 ? 1 : num_threads;
+    workers_.reserve(num_threads_ - 1);
+    for (size_t t = 1; t < num_threads_; ++t) {
+      workers_.emplace_back([this, t] { WorkerLoop(t); });
+    }
+  }
+  ~ThreadPool() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+      ++generation_;
+    }
+    start_cv_.notify_all();
+    for (std::thread& w : workers_) w.join();
+  }
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  size_t NumThreads() const { return num_threads_; }
+
+  // Calls fn(task, thread) once for every task in [0, num_tasks), where
+  // thread < NumThreads() identifies the executing thread (for per-thread
+  // scratch), and returns when all calls have returned. Tasks are handed out
+  // dynamically (an atomic counter), so uneven tasks balance. fn must not
+  // call ParallelFor on the same pool (not reentrant) and must not throw.
+  // Only one thread may call ParallelFor at a time.
+  template <class Fn>
+  void ParallelFor(size_t num_tasks, const Fn& fn) {
+    if (num_tasks == 0) return;
+    if (num_threads_ == 1 || num_tasks == 1) {
+      for (size_t task = 0; task < num_tasks; ++task) fn(task, size_t{0});
+      return;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job_fn_ = &fn;
+      job_call_ = &CallFn<Fn>;
+      num_tasks_ = num_tasks;
+      next_task_.store(0, std::memory_order_relaxed);
+      busy_workers_ = workers_.size();
+      ++generation_;
+    }
+    start_cv_.notify_all();
+    RunTasks(0);
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, [this] { return busy_workers_ == 0; });
+    job_fn_ = nullptr;
+  }
+
+ private:
+  template <class Fn>
+  static void CallFn(const void* fn, size_t task, size_t thread) {
+    (*static_cast<const Fn*>(fn))(task, thread);
+  }
+
+  void RunTasks(size_t thread) {
+    for (;;) {
+      const size_t task = next_task_.fetch_add(1, std::memory_order_relaxed);
+      if (task >= num_tasks_) break;
+      job_call_(job_fn_, task, thread);
+    }
+  }
+
+  void WorkerLoop(size_t thread) {
+    size_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        start_cv_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (stop_) return;
+      }
+      RunTasks(thread);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        --busy_workers_;
+      }
+      done_cv_.notify_one();
+    }
+  }
+
+  size_t num_threads_ = 1;
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable start_cv_, done_cv_;
+  size_t generation_ = 0;  // guarded by mu_; bumped per job and at shutdown
+  bool stop_ = false;
+  size_t busy_workers_ = 0;
+  // The current job; written under mu_ before generation_ is bumped, so
+  // workers that observe the new generation see it.
+  const void* job_fn_ = nullptr;
+  void (*job_call_)(const void*, size_t, size_t) = nullptr;
+  size_t num_tasks_ = 0;
+  std::atomic<size_t> next_task_{0};
+};
+
+}  // namespace lutra
+
+#endif  // LUTRA_THREAD_POOL_H_
