@@ -2,15 +2,16 @@
 // See dispatch.h for why, and docs/design.md for static dispatch instead.
 #include "examples/dispatch.h"
 
-#include <math.h>
-
 #include <vector>
 
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "examples/dispatch.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
+#include "lutra/attention-inl.h"
 #include "lutra/dot-inl.h"
+#include "lutra/kv_cache-inl.h"
+#include "lutra/ops-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace lutra {
@@ -28,6 +29,27 @@ void MatMulF32T(const float* w, size_t rows, size_t cols, const float* x,
   for (size_t m = 0; m < batch; ++m) {
     for (size_t r = 0; r < rows; ++r) y[m * rows + r] = Dot(w + r * cols, x + m * cols, cols);
   }
+}
+
+void RMSNormT(const float* x, const float* weight, size_t num, float eps, float* out) {
+  RMSNorm(x, weight, num, eps, out);
+}
+Status RoPET(float* x, size_t num_tokens, size_t num_heads, size_t head_dim, size_t first_pos,
+             float theta) {
+  return RoPE(x, num_tokens, num_heads, head_dim, first_pos, theta, RopeMode::kAdjacent);
+}
+void SwiGLUT(const float* gate, const float* up, size_t num, float* out) {
+  SwiGLU(gate, up, num, out);
+}
+void AddToT(float* x, const float* y, size_t num) { AddInPlace(x, y, num); }
+void SoftmaxT(float* x, size_t num) { Softmax(x, num); }
+Status AppendKVT(KVCache& cache, size_t layer, size_t pos, size_t num_tokens, const float* k,
+                 const float* v) {
+  return AppendKV(cache, layer, pos, num_tokens, k, v);
+}
+Status AttentionT(const KVCache& cache, size_t layer, size_t pos, size_t num_tokens,
+                  const float* q, size_t num_heads, float* out) {
+  return Attention(cache, layer, pos, num_tokens, q, num_heads, out);
 }
 
 }  // namespace
@@ -82,52 +104,33 @@ void DequantizeRow(const PaletteView& w, size_t r, float* out) {
   lutra::DequantizeRow(w, r, out);
 }
 
-// TEMP scalar: replaced by lutra/ops-inl.h RMSNorm when it lands.
+HWY_EXPORT(RMSNormT);
+HWY_EXPORT(RoPET);
+HWY_EXPORT(SwiGLUT);
+HWY_EXPORT(AddToT);
+HWY_EXPORT(SoftmaxT);
+HWY_EXPORT(AppendKVT);
+HWY_EXPORT(AttentionT);
+
 void RMSNorm(const float* x, const float* weight, size_t num, float eps, float* out) {
-  double ss = 0.0;
-  for (size_t i = 0; i < num; ++i) ss += double(x[i]) * x[i];
-  const float scale = 1.0f / sqrtf(float(ss / double(num)) + eps);
-  for (size_t i = 0; i < num; ++i) out[i] = weight[i] * (scale * x[i]);
+  HWY_DYNAMIC_DISPATCH(RMSNormT)(x, weight, num, eps, out);
 }
-
-// TEMP scalar: replaced by lutra/ops-inl.h RoPE when it lands.
-void RoPE(float* vec, size_t num_heads, size_t head_dim, size_t pos, float theta) {
-  for (size_t h = 0; h < num_heads; ++h) {
-    float* v = vec + h * head_dim;
-    for (size_t i = 0; i < head_dim; i += 2) {
-      const float freq = 1.0f / powf(theta, float(i) / float(head_dim));
-      const float angle = float(pos) * freq;
-      const float c = cosf(angle), s = sinf(angle);
-      const float v0 = v[i], v1 = v[i + 1];
-      v[i] = v0 * c - v1 * s;
-      v[i + 1] = v0 * s + v1 * c;
-    }
-  }
+Status RoPE(float* x, size_t num_tokens, size_t num_heads, size_t head_dim, size_t first_pos,
+            float theta) {
+  return HWY_DYNAMIC_DISPATCH(RoPET)(x, num_tokens, num_heads, head_dim, first_pos, theta);
 }
-
-// TEMP scalar: replaced by lutra/ops-inl.h SwiGLU when it lands.
-void SwiGLU(float* gate, const float* up, size_t num) {
-  for (size_t i = 0; i < num; ++i) {
-    const float g = gate[i];
-    gate[i] = g / (1.0f + expf(-g)) * up[i];
-  }
+void SwiGLU(const float* gate, const float* up, size_t num, float* out) {
+  HWY_DYNAMIC_DISPATCH(SwiGLUT)(gate, up, num, out);
 }
-
-// TEMP scalar: replaced by lutra/ops-inl.h when it lands.
-void AddTo(float* x, const float* y, size_t num) {
-  for (size_t i = 0; i < num; ++i) x[i] += y[i];
+void AddTo(float* x, const float* y, size_t num) { HWY_DYNAMIC_DISPATCH(AddToT)(x, y, num); }
+void Softmax(float* x, size_t num) { HWY_DYNAMIC_DISPATCH(SoftmaxT)(x, num); }
+Status AppendKV(KVCache& cache, size_t layer, size_t pos, size_t num_tokens, const float* k,
+                const float* v) {
+  return HWY_DYNAMIC_DISPATCH(AppendKVT)(cache, layer, pos, num_tokens, k, v);
 }
-
-// TEMP scalar: replaced by lutra/ops-inl.h Softmax when it lands.
-void Softmax(float* x, size_t num) {
-  float max = x[0];
-  for (size_t i = 1; i < num; ++i) max = x[i] > max ? x[i] : max;
-  float sum = 0.0f;
-  for (size_t i = 0; i < num; ++i) {
-    x[i] = expf(x[i] - max);
-    sum += x[i];
-  }
-  for (size_t i = 0; i < num; ++i) x[i] /= sum;
+Status Attention(const KVCache& cache, size_t layer, size_t pos, size_t num_tokens,
+                 const float* q, size_t num_heads, float* out) {
+  return HWY_DYNAMIC_DISPATCH(AttentionT)(cache, layer, pos, num_tokens, q, num_heads, out);
 }
 
 const char* TargetName() {

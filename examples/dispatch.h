@@ -13,7 +13,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "lutra/kv_cache.h"
 #include "lutra/palette.h"
+#include "lutra/status.h"
 
 namespace lutra {
 namespace dispatch {
@@ -42,21 +44,33 @@ void MatMulPalette(const PaletteView& w, const float* x, size_t batch, float* y)
 void DequantizeRow(const PaletteView& w, size_t r, float* out);
 
 // out[i] = x[i] * weight[i] / sqrt(mean(x^2) + eps). out may alias x.
+// lutra/ops-inl.h RMSNorm.
 void RMSNorm(const float* x, const float* weight, size_t num, float eps, float* out);
 
-// Rotates each of `num_heads` consecutive heads of `head_dim` floats in place
-// by position `pos`: pairs (2i, 2i+1) by angle pos * theta^(-2i / head_dim),
-// the llama2.c / GGUF "normal" RoPE layout.
-void RoPE(float* vec, size_t num_heads, size_t head_dim, size_t pos, float theta);
+// Rotates x (num_tokens x num_heads x head_dim, in place) for positions
+// first_pos.., pairs (2i, 2i+1) (llama2.c / GGUF "llama"). lutra/ops-inl.h RoPE.
+Status RoPE(float* x, size_t num_tokens, size_t num_heads, size_t head_dim, size_t first_pos,
+            float theta);
 
-// gate[i] = silu(gate[i]) * up[i]: the SwiGLU of the Llama FFN.
-void SwiGLU(float* gate, const float* up, size_t num);
+// out[i] = silu(gate[i]) * up[i]; out may alias gate. lutra/ops-inl.h SwiGLU.
+void SwiGLU(const float* gate, const float* up, size_t num, float* out);
 
-// x[i] += y[i]: residual connection.
+// x[i] += y[i]: residual connection. lutra/ops-inl.h AddInPlace.
 void AddTo(float* x, const float* y, size_t num);
 
-// In-place softmax over num values.
+// In-place softmax over num values. lutra/ops-inl.h Softmax.
 void Softmax(float* x, size_t num);
+
+// Appends K/V rows (num_tokens x kv_heads x head_dim f32 each) at positions
+// pos.. of `layer`; pos must be cache.end(layer). lutra/kv_cache-inl.h.
+Status AppendKV(KVCache& cache, size_t layer, size_t pos, size_t num_tokens, const float* k,
+                const float* v);
+
+// Causal GQA attention of num_tokens queries (num_tokens x num_heads x
+// head_dim) at positions pos.. over the cache; out has q's shape.
+// lutra/attention-inl.h Attention.
+Status Attention(const KVCache& cache, size_t layer, size_t pos, size_t num_tokens,
+                 const float* q, size_t num_heads, float* out);
 
 // Name of the Highway target these calls run on, e.g. "AVX3_ZEN4".
 const char* TargetName();

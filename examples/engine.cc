@@ -31,23 +31,30 @@ Status Config::Validate() const {
   return Status();
 }
 
-StatusOr<RunState> MakeRunState(const Config& c, size_t max_batch) {
+StatusOr<RunState> MakeRunState(const Config& c, size_t max_batch, KVType kv_type) {
   LUTRA_RETURN_IF_ERROR(c.Validate());
   if (max_batch == 0) return InvalidArgument("run state: max_batch must be >= 1");
   RunState s;
   s.max_batch = max_batch;
   s.x.resize(max_batch * c.dim);
   s.xb.resize(max_batch * c.dim);
-  s.xb2.resize(max_batch * c.dim);
   s.q.resize(max_batch * c.q_dim());
   s.k.resize(max_batch * c.kv_dim());
   s.v.resize(max_batch * c.kv_dim());
-  s.att.resize(size_t(c.n_heads) * c.seq_len);
+  s.att.resize(max_batch * c.q_dim());
   s.hb.resize(max_batch * c.hidden_dim);
   s.hb2.resize(max_batch * c.hidden_dim);
   s.logits.resize(max_batch * c.vocab_size);
-  s.key_cache.assign(c.n_layers, std::vector<float>(size_t(c.seq_len) * c.kv_dim()));
-  s.value_cache.assign(c.n_layers, std::vector<float>(size_t(c.seq_len) * c.kv_dim()));
+  KVCacheConfig kv;
+  kv.num_layers = c.n_layers;
+  kv.num_kv_heads = c.n_kv_heads;
+  kv.head_dim = c.head_dim;
+  kv.capacity = c.seq_len;
+  kv.type = kv_type;
+  kv.ring = true;
+  StatusOr<KVCache> cache = KVCache::Create(kv);
+  if (!cache.ok()) return cache.status();
+  s.cache = std::move(*cache);
   return s;
 }
 
@@ -84,33 +91,20 @@ void Embed(const Linear& embedding, const int* tokens, size_t num, float* x) {
   }
 }
 
-// Grouped-query attention of one token at position `pos` over the cached
-// positions max(0, pos - seq_len + 1)..pos (ring slots p % seq_len).
-// q: n_heads x head_dim; out: n_heads x head_dim.
-// TEMP: composed of Dot/Softmax until lutra/attention-inl.h lands.
-void Attend(const Config& c, const float* q, const float* key_cache,
-            const float* value_cache, size_t pos, float* att, float* out) {
-  const size_t hd = c.head_dim, kv_dim = c.kv_dim(), cap = c.seq_len;
-  const size_t first = pos + 1 > cap ? pos + 1 - cap : 0;
-  const size_t len = pos + 1 - first;
-  const int group = c.n_heads / c.n_kv_heads;
-  const float scale = 1.0f / sqrtf(float(hd));
-  for (int h = 0; h < c.n_heads; ++h) {
-    const float* qh = q + h * hd;
-    const size_t kv_off = size_t(h / group) * hd;
-    float* scores = att + size_t(h) * cap;
-    for (size_t t = 0; t < len; ++t) {
-      const size_t slot = (first + t) % cap;
-      scores[t] = dispatch::Dot(qh, key_cache + slot * kv_dim + kv_off, hd) * scale;
-    }
-    dispatch::Softmax(scores, len);
-    float* oh = out + h * hd;
-    memset(oh, 0, hd * sizeof(float));
-    for (size_t t = 0; t < len; ++t) {
-      const float* vt = value_cache + ((first + t) % cap) * kv_dim + kv_off;
-      for (size_t i = 0; i < hd; ++i) oh[i] += scores[t] * vt[i];  // TEMP
-    }
+// Stores the batch's keys/values at positions pos.. of `layer` and attends
+// each query to its causal window. Once the ring buffer has wrapped, a
+// token's own append would overwrite what an earlier token of the same batch
+// still reads, so such batches go one token at a time.
+Status Attend(const Config& c, RunState& s, size_t layer, size_t num, size_t pos) {
+  const size_t q_dim = c.q_dim(), kv_dim = c.kv_dim();
+  const size_t step = pos + num <= size_t(c.seq_len) ? num : 1;
+  for (size_t i = 0; i < num; i += step) {
+    LUTRA_RETURN_IF_ERROR(dispatch::AppendKV(s.cache, layer, pos + i, step, &s.k[i * kv_dim],
+                                             &s.v[i * kv_dim]));
+    LUTRA_RETURN_IF_ERROR(dispatch::Attention(s.cache, layer, pos + i, step, &s.q[i * q_dim],
+                                              c.n_heads, &s.att[i * q_dim]));
   }
+  return Status();
 }
 
 }  // namespace
@@ -128,7 +122,9 @@ StatusOr<const float*> Forward(const Model& model, RunState& s, const int* token
                         c.vocab_size);
     }
   }
-  const size_t dim = c.dim, q_dim = c.q_dim(), kv_dim = c.kv_dim(), hidden = c.hidden_dim;
+  const size_t dim = c.dim, hidden = c.hidden_dim;
+  // Positions continue the cache, or rewind it (a new prompt on this state).
+  if (pos != s.cache.end(0)) LUTRA_RETURN_IF_ERROR(s.cache.Truncate(pos));
 
   Embed(w.embedding, tokens, num, s.x.data());
   for (int l = 0; l < c.n_layers; ++l) {
@@ -140,20 +136,11 @@ StatusOr<const float*> Forward(const Model& model, RunState& s, const int* token
     Project(lw.wq, s.xb.data(), num, s.q.data());
     Project(lw.wk, s.xb.data(), num, s.k.data());
     Project(lw.wv, s.xb.data(), num, s.v.data());
-    float* key_cache = s.key_cache[l].data();
-    float* value_cache = s.value_cache[l].data();
-    for (size_t i = 0; i < num; ++i) {
-      dispatch::RoPE(&s.q[i * q_dim], c.n_heads, c.head_dim, pos + i, c.rope_theta);
-      dispatch::RoPE(&s.k[i * kv_dim], c.n_kv_heads, c.head_dim, pos + i, c.rope_theta);
-      // Store this token's key/value before attending, token by token, so a
-      // batch that wraps the ring never overwrites what an earlier token reads.
-      const size_t slot = (pos + i) % size_t(c.seq_len);
-      memcpy(key_cache + slot * kv_dim, &s.k[i * kv_dim], kv_dim * sizeof(float));
-      memcpy(value_cache + slot * kv_dim, &s.v[i * kv_dim], kv_dim * sizeof(float));
-      Attend(c, &s.q[i * q_dim], key_cache, value_cache, pos + i, s.att.data(),
-             &s.xb2[i * q_dim]);  // xb2 holds num x q_dim here
-    }
-    Project(lw.wo, s.xb2.data(), num, s.xb.data());
+    LUTRA_RETURN_IF_ERROR(dispatch::RoPE(s.q.data(), num, c.n_heads, c.head_dim, pos, c.rope_theta));
+    LUTRA_RETURN_IF_ERROR(
+        dispatch::RoPE(s.k.data(), num, c.n_kv_heads, c.head_dim, pos, c.rope_theta));
+    LUTRA_RETURN_IF_ERROR(Attend(c, s, l, num, pos));
+    Project(lw.wo, s.att.data(), num, s.xb.data());
     dispatch::AddTo(s.x.data(), s.xb.data(), num * dim);
 
     // FFN block: x += W2 (SiLU(W1 xn) * W3 xn).
@@ -162,7 +149,7 @@ StatusOr<const float*> Forward(const Model& model, RunState& s, const int* token
     }
     Project(lw.w1, s.xb.data(), num, s.hb.data());
     Project(lw.w3, s.xb.data(), num, s.hb2.data());
-    dispatch::SwiGLU(s.hb.data(), s.hb2.data(), num * hidden);
+    dispatch::SwiGLU(s.hb.data(), s.hb2.data(), num * hidden, s.hb.data());
     Project(lw.w2, s.hb.data(), num, s.xb.data());
     dispatch::AddTo(s.x.data(), s.xb.data(), num * dim);
   }

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "lutra/kv_cache.h"
 #include "lutra/palette.h"
 #include "lutra/status.h"
 #include "lutra/tokenizer.h"
@@ -103,6 +104,15 @@ struct LoadOptions {
 StatusOr<Model> LoadModel(const std::string& path, const LoadOptions& options,
                           size_t threads = 1);
 
+// The tokenizer for `model`: a llama2.c tokenizer.bin at `path` when given,
+// else the vocabulary carried by the model file. Checks the vocabulary size.
+StatusOr<std::shared_ptr<const Tokenizer>> LoadTokenizer(const std::string& path,
+                                                         const Model& model);
+
+// A byte-level vocabulary for synthetic models (ids 0-2 <unk> <s> </s>, 3-258
+// the bytes <0xXX>, the rest placeholder words " w<id>"); vocab_size >= 259.
+StatusOr<Tokenizer> ByteTokenizer(int vocab_size);
+
 // A palettized copy of an f32 model (the source may be dropped afterwards).
 StatusOr<Model> PalettizeModel(const Model& f32_model, const LoadOptions& options,
                                size_t threads = 1);
@@ -122,17 +132,19 @@ StatusOr<Model> MakeSyntheticModel(const std::string& shape, const LoadOptions& 
 
 struct RunState {
   size_t max_batch = 0;
-  std::vector<float> x, xb, xb2;  // max_batch x dim
+  std::vector<float> x, xb;       // max_batch x dim
   std::vector<float> q;           // max_batch x q_dim
   std::vector<float> k, v;        // max_batch x kv_dim
-  std::vector<float> att;         // n_heads x seq_len scores (one token at a time)
+  std::vector<float> att;         // max_batch x q_dim attention output
   std::vector<float> hb, hb2;     // max_batch x hidden_dim
   std::vector<float> logits;      // max_batch x vocab
-  // KV cache, per layer seq_len x kv_dim, ring-indexed by pos % seq_len.
-  std::vector<std::vector<float>> key_cache, value_cache;
+  // Keys and values of the last seq_len positions of every layer: a ring
+  // buffer, so generation may run past seq_len (attending a sliding window).
+  KVCache cache;
 };
 
-StatusOr<RunState> MakeRunState(const Config& config, size_t max_batch);
+StatusOr<RunState> MakeRunState(const Config& config, size_t max_batch,
+                                KVType kv_type = KVType::kF32);
 
 // Runs `num` tokens at positions pos..pos+num-1 through the model, appending
 // their keys/values to the cache. num <= state.max_batch; num > 1 is prefill

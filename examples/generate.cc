@@ -167,48 +167,19 @@ int Fail(const Status& status) {
   return 1;
 }
 
-// A byte-level vocabulary for synthetic models without --tokenizer: ids 0-2
-// are <unk> <s> </s>, 3-258 the bytes, the rest placeholders " w<id>".
-StatusOr<lutra::Tokenizer> ByteTokenizer(int vocab_size) {
-  if (vocab_size < 259) {
-    return lutra::InvalidArgument("vocabulary of %d is too small for bytes", vocab_size);
-  }
-  std::vector<std::string> pieces = {"<unk>", "<s>", "</s>"};
-  char buf[32];
-  for (int b = 0; b < 256; ++b) {
-    snprintf(buf, sizeof(buf), "<0x%02X>", b);
-    pieces.push_back(buf);
-  }
-  for (int i = 259; i < vocab_size; ++i) {
-    snprintf(buf, sizeof(buf), " w%d", i);
-    pieces.push_back(buf);
-  }
-  std::vector<float> scores(pieces.size(), 0.0f);
-  return lutra::Tokenizer::FromVocab(std::move(pieces), std::move(scores), {}, 1, 2, 0,
-                                     /*add_space_prefix=*/false);
-}
-
 // --tokenizer, else the model file's vocabulary, else (synthetic) bytes.
 StatusOr<std::shared_ptr<const lutra::Tokenizer>> GetTokenizer(const Options& o,
                                                                const engine::Model& model) {
-  StatusOr<lutra::Tokenizer> t = lutra::InvalidArgument("no tokenizer");
-  if (!o.tokenizer.empty()) {
-    t = lutra::Tokenizer::FromLlama2cFile(o.tokenizer, model.config.vocab_size);
-  } else if (model.tokenizer) {
-    return model.tokenizer;
-  } else if (!o.synthetic.empty()) {
-    t = ByteTokenizer(model.config.vocab_size);
-  } else {
-    return lutra::InvalidArgument(
-        "%s has no vocabulary: give --tokenizer FILE (llama2.c tokenizer.bin)",
-        o.model.c_str());
+  if (!o.synthetic.empty() && o.tokenizer.empty()) {
+    StatusOr<lutra::Tokenizer> t = engine::ByteTokenizer(model.config.vocab_size);
+    if (!t.ok()) return t.status();
+    return std::shared_ptr<const lutra::Tokenizer>(new lutra::Tokenizer(std::move(*t)));
   }
-  if (!t.ok()) return t.status();
-  if (t->vocab_size() != model.config.vocab_size) {
-    return lutra::InvalidArgument("tokenizer has %d tokens, the model %d", t->vocab_size(),
-                                  model.config.vocab_size);
+  StatusOr<std::shared_ptr<const lutra::Tokenizer>> t = engine::LoadTokenizer(o.tokenizer, model);
+  if (!t.ok() && o.tokenizer.empty()) {
+    return t.status().WithContext(o.model + " (give --tokenizer FILE, a llama2.c tokenizer.bin)");
   }
-  return std::shared_ptr<const lutra::Tokenizer>(new lutra::Tokenizer(std::move(*t)));
+  return t;
 }
 
 // Writes a piece to stdout, skipping unprintable single bytes (llama2.c's

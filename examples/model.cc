@@ -13,6 +13,7 @@
 #include "lutra/gguf.h"
 #include "lutra/llama_model.h"
 #include "lutra/mapped_file.h"
+#include "lutra/mixed_bits.h"
 #include "lutra/palettize.h"
 
 namespace lutra {
@@ -164,8 +165,9 @@ StatusOr<Model> MakeSyntheticModel(const std::string& shape, const LoadOptions& 
   for (float& x : m.f32_storage.back()) x = 1.0f + 0.1f * rng.Symmetric();
   const float* norms = m.f32_storage.back().data();
 
-  // Bits per tensor: uniform, or for a mixed budget the FFN (most of the
-  // weights) at the lower width and attention at the higher one.
+  // Bits per tensor: uniform, or for a mixed budget (no real weights to
+  // measure errors on) the FFN, most of the weights, at the lower width and
+  // attention and embedding at the next one: 3.5 -> FFN 3, others 4 bits.
   auto bits_for = [&](bool ffn) -> int {
     if (o.mixed_bits > 0.0) {
       const int lo = int(floor(o.mixed_bits)), hi = lo + 1;
@@ -220,21 +222,35 @@ StatusOr<Model> MakeSyntheticModel(const std::string& shape, const LoadOptions& 
 
 namespace {
 
-// Index width of each matrix (in Model::Matrices() order).
-// TEMP: --mixed splits FFN/attention until lutra/mixed_bits.h lands.
-std::vector<int> PlanBits(const Model& src, const LoadOptions& o) {
+// Index width of each matrix (in Model::Matrices() order): uniform, or for a
+// --mixed budget the allocator's choice (lutra/mixed_bits.h) that minimizes
+// the total squared weight error within the bits-per-weight budget.
+StatusOr<std::vector<int>> PlanBits(const Model& src, const LoadOptions& o, size_t threads) {
   const std::vector<const Linear*> mats = src.Matrices();
-  std::vector<int> bits(mats.size(), o.bits);
-  if (o.mixed_bits > 0.0) {
-    const int lo = int(floor(o.mixed_bits));
-    for (size_t i = 0; i < mats.size(); ++i) {
-      // Layer matrices come in groups of 7 after the embedding; FFN = 4, 5, 6.
-      const bool ffn = i >= 1 && i < 1 + 7 * src.weights.layers.size() && (i - 1) % 7 >= 4;
-      bits[i] = ffn ? lo : lo + 1;
-      if (bits[i] == 5) bits[i] = ffn ? 4 : 6;
-      if (bits[i] == 7) bits[i] = ffn ? 6 : 8;
-    }
+  if (o.mixed_bits <= 0.0) return std::vector<int>(mats.size(), o.bits);
+  std::vector<MixedBitsTensor> tensors(mats.size());
+  for (size_t i = 0; i < mats.size(); ++i) {
+    tensors[i].name = "tensor " + std::to_string(i);
+    tensors[i].data = mats[i]->f32;
+    tensors[i].rows = mats[i]->rows;
+    tensors[i].cols = mats[i]->cols;
   }
+  MixedBitsOptions mo;
+  mo.target_bits = o.mixed_bits;
+  mo.allowed_bits = {2, 3, 4, 6, 8};
+  mo.group_rows = o.group;
+  mo.codebook = o.codebook;
+  mo.threads = threads;
+  if (o.progress && isatty(2)) {
+    mo.progress = [](size_t done, size_t total) {
+      fprintf(stderr, "\rallocating bits: tensor %zu/%zu", done, total);
+      if (done == total) fprintf(stderr, "\n");
+    };
+  }
+  StatusOr<MixedBitsPlan> plan = AllocateBits(tensors, mo);
+  if (!plan.ok()) return plan.status().WithContext("--mixed");
+  std::vector<int> bits;
+  for (const TensorBits& t : plan->tensors) bits.push_back(t.bits);
   return bits;
 }
 
@@ -285,7 +301,11 @@ StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t th
     for (Linear* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w1, &l.w2, &l.w3}) dst.push_back(w);
   }
   if (mats.size() > dst.size()) dst.push_back(&m.weights.output);
-  const std::vector<int> bits = PlanBits(src, o);
+  for (const Linear* w : mats) {
+    if (w->palettized()) return InvalidArgument("palettize: model is already palettized");
+  }
+  StatusOr<std::vector<int>> bits = PlanBits(src, o, threads);
+  if (!bits.ok()) return bits.status();
 
   size_t total_weights = 0, done_weights = 0;
   for (const Linear* w : mats) total_weights += w->rows * w->cols;
@@ -293,9 +313,8 @@ StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t th
   ProgressBar bar;
   for (size_t i = 0; i < mats.size(); ++i) {
     const Linear& w = *mats[i];
-    if (w.palettized()) return InvalidArgument("palettize: model is already palettized");
     PalettizeOptions po;
-    po.bits = bits[i];
+    po.bits = (*bits)[i];
     po.group_rows = o.group;
     po.codebook = o.codebook;
     po.threads = threads;
@@ -403,6 +422,36 @@ StatusOr<Model> LoadModel(const std::string& path, const LoadOptions& o, size_t 
   if (o.seq_len > 0) model->config.seq_len = o.seq_len;
   if (o.bits == 0 && o.mixed_bits == 0.0) return model;
   return PalettizeModel(*model, o, threads);
+}
+
+StatusOr<std::shared_ptr<const Tokenizer>> LoadTokenizer(const std::string& path,
+                                                         const Model& model) {
+  if (path.empty()) {
+    if (!model.tokenizer) return NotFound("the model file carries no vocabulary");
+    return model.tokenizer;
+  }
+  StatusOr<Tokenizer> t = Tokenizer::FromLlama2cFile(path, model.config.vocab_size);
+  if (!t.ok()) return t.status();
+  return std::make_shared<const Tokenizer>(std::move(*t));
+}
+
+StatusOr<Tokenizer> ByteTokenizer(int vocab_size) {
+  if (vocab_size < 259) {
+    return InvalidArgument("byte tokenizer: vocabulary of %d < 259 tokens", vocab_size);
+  }
+  std::vector<std::string> pieces = {"<unk>", "<s>", "</s>"};
+  char buf[32];
+  for (int b = 0; b < 256; ++b) {
+    snprintf(buf, sizeof(buf), "<0x%02X>", b);
+    pieces.push_back(buf);
+  }
+  for (int i = 259; i < vocab_size; ++i) {
+    snprintf(buf, sizeof(buf), " w%d", i);
+    pieces.push_back(buf);
+  }
+  std::vector<float> scores(pieces.size(), 0.0f);
+  return Tokenizer::FromVocab(std::move(pieces), std::move(scores), {}, 1, 2, 0,
+                              /*add_space_prefix=*/false);
 }
 
 // TEMP: until lutra/gguf_writer.h lands.

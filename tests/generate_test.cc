@@ -6,6 +6,9 @@
 #include <stdio.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -205,6 +208,193 @@ TEST_CASE("Forward rejects bad tokens and batch sizes", "[generate]") {
   CHECK(!Forward(*model, *state, ok, 3, 0).ok());  // more than max_batch
   CHECK(!Forward(*model, *state, ok, 0, 0).ok());
   CHECK(!MakeSyntheticModel("huge", LoadOptions(), 1).ok());
+}
+
+// ----------------------------------------------------------------------------
+// Shared stories260K model (tests SKIP without ../shared/models)
+
+const char kZooText[] =
+    "Zoo was a little girl named Lily. She loved to play outside in the park. One day, she saw "
+    "a big, red ball. She wanted to play with it, but she didn't want to play with";
+
+std::string SharedPath(const char* name) { return test::SharedModelsDir() + "/" + name; }
+
+#define LUTRA_REQUIRE_SHARED_MODELS()                                              \
+  if (test::SharedModelsDir().empty()) {                                           \
+    SKIP("shared models not found (set LUTRA_SHARED_MODELS_DIR, see README.md)");  \
+  }
+
+// Greedy text (prompt echoed, as lutra-generate prints it) for `steps` positions.
+std::string GreedyText(const Model& m, const Tokenizer& tok, const std::string& prompt,
+                       size_t steps, size_t batch = 8) {
+  StatusOr<std::vector<int>> tokens = tok.Encode(prompt, true);
+  REQUIRE(tokens.ok());
+  StatusOr<RunState> state = MakeRunState(m.config, batch);
+  REQUIRE(state.ok());
+  StatusOr<std::string> text = tok.DecodeAll(*tokens);
+  REQUIRE(text.ok());
+  std::string out = *text;
+  Sampler sampler(SamplerOptions{});
+  Status s = Generate(m, *state, *tokens, steps, sampler, {tok.bos_id(), tok.eos_id()},
+                      [&](int prev, int token) {
+                        StatusOr<std::string_view> piece = tok.Decode(prev, token);
+                        REQUIRE(piece.ok());
+                        out += std::string(*piece);
+                      },
+                      nullptr);
+  REQUIRE(s.ok());
+  return out;
+}
+
+TEST_CASE("stories260K.bin greedy text matches llama2.c on every target", "[generate][shared]") {
+  LUTRA_REQUIRE_SHARED_MODELS();
+  StatusOr<Model> model = LoadModel(SharedPath("stories260K.bin"), LoadOptions());
+  REQUIRE(model.ok());
+  StatusOr<std::shared_ptr<const Tokenizer>> tok = LoadTokenizer(SharedPath("tok512.bin"), *model);
+  REQUIRE(tok.ok());
+  StatusOr<std::vector<int>> prompt = (*tok)->Encode("Zoo", true);
+  REQUIRE(prompt.ok());
+  CHECK(*prompt == std::vector<int>({1, 410, 469, 347}));
+  test::ForEachTarget([&] {
+    // Decode one token at a time (batch 1) and with batched prefill.
+    CHECK(GreedyText(*model, **tok, "Zoo", 60, 1) == kZooText);
+    CHECK(GreedyText(*model, **tok, "Zoo", 60, 8) == kZooText);
+  });
+}
+
+TEST_CASE("stories260K.gguf gives the logits of stories260K.bin", "[generate][shared]") {
+  LUTRA_REQUIRE_SHARED_MODELS();
+  StatusOr<Model> bin = LoadModel(SharedPath("stories260K.bin"), LoadOptions());
+  REQUIRE(bin.ok());
+  StatusOr<Model> gguf = LoadModel(SharedPath("stories260K.gguf"), LoadOptions());
+  REQUIRE(gguf.ok());
+  REQUIRE(gguf->tokenizer);  // the vocabulary comes from the GGUF metadata
+  StatusOr<std::vector<int>> prompt = gguf->tokenizer->Encode("Zoo", true);
+  REQUIRE(prompt.ok());
+  CHECK(*prompt == std::vector<int>({1, 410, 469, 347}));
+  CHECK(GreedyText(*gguf, *gguf->tokenizer, "Zoo", 60) == kZooText);
+  const std::vector<int> tokens = RandomTokens(24, bin->config.vocab_size, 9);
+  StatusOr<RunState> s1 = MakeRunState(bin->config, 24), s2 = MakeRunState(gguf->config, 24);
+  REQUIRE((s1.ok() && s2.ok()));
+  StatusOr<const float*> l1 = Forward(*bin, *s1, tokens.data(), 24, 0, true);
+  StatusOr<const float*> l2 = Forward(*gguf, *s2, tokens.data(), 24, 0, true);
+  REQUIRE((l1.ok() && l2.ok()));
+  const size_t n = 24 * size_t(bin->config.vocab_size);
+  const std::vector<double> expected(*l1, *l1 + n);
+  CHECK(RelError(*l2, expected) <= 1e-5);
+}
+
+TEST_CASE("8-bit palettized stories260K keeps the f32 greedy text", "[generate][shared]") {
+  LUTRA_REQUIRE_SHARED_MODELS();
+  StatusOr<Model> model = LoadModel(SharedPath("stories260K.bin"), Bits(8));
+  REQUIRE(model.ok());
+  StatusOr<std::shared_ptr<const Tokenizer>> tok = LoadTokenizer(SharedPath("tok512.bin"), *model);
+  REQUIRE(tok.ok());
+  test::ForEachTarget([&] { CHECK(GreedyText(*model, **tok, "Zoo", 60) == kZooText); });
+}
+
+// Quality of palettized stories260K against f32 on its own greedy story.
+TEST_CASE("Palettized stories260K: KL divergence bounds", "[generate][shared]") {
+  LUTRA_REQUIRE_SHARED_MODELS();
+  StatusOr<Model> f32 = LoadModel(SharedPath("stories260K.bin"), LoadOptions());
+  REQUIRE(f32.ok());
+  StatusOr<std::shared_ptr<const Tokenizer>> tok = LoadTokenizer(SharedPath("tok512.bin"), *f32);
+  REQUIRE(tok.ok());
+  StatusOr<std::vector<int>> tokens = (*tok)->Encode(std::string(kZooText) + " the ball.", true);
+  REQUIRE(tokens.ok());
+  struct Case {
+    LoadOptions options;
+    double max_kl;
+    double min_top1;
+  };
+  LoadOptions mixed;
+  mixed.mixed_bits = 3.5;
+  // stories260K is tiny (dim 64): a 16-row codebook costs 2^b / 64 bits per
+  // weight and 3-bit rows pad 64 columns to 128, so 3.5 bits per weight buys
+  // mostly 2-bit tensors. Measured (AVX3_ZEN4): 8-bit KL 0.0003, 4-bit 0.14
+  // (top-1 0.80), mixed 3.5 0.91 (top-1 0.58), uniform 2-bit 3.8 (top-1 0.09).
+  // Bounds leave ~2x headroom.
+  const Case cases[] = {{Bits(8), 0.005, 0.95}, {Bits(4), 0.3, 0.65}, {mixed, 1.8, 0.4}};
+  double kl4 = 0.0;
+  for (const Case& c : cases) {
+    StatusOr<Model> q = PalettizeModel(*f32, c.options);
+    REQUIRE(q.ok());
+    StatusOr<EvalResult> r = Evaluate(*f32, *q, *tokens, 16);
+    REQUIRE(r.ok());
+    INFO("bits " << c.options.bits << " mixed " << c.options.mixed_bits << ": bpw "
+                 << q->BitsPerWeight() << " KL " << r->mean_kl << " top-1 " << r->top1_agreement
+                 << " ppl " << r->perplexity_reference << " -> " << r->perplexity_test);
+    CHECK(r->positions == tokens->size() - 1);
+    CHECK(r->mean_kl <= c.max_kl);
+    CHECK(r->top1_agreement >= c.min_top1);
+    CHECK(r->perplexity_test >= 1.0);
+    if (c.options.mixed_bits > 0.0) CHECK(q->BitsPerWeight() <= 3.5);
+    if (c.options.bits == 4) kl4 = r->mean_kl;
+    if (c.options.bits == 8) {
+      // Perplexities of nearly the same model agree.
+      CHECK(std::abs(r->perplexity_test / r->perplexity_reference - 1.0) < 0.02);
+    }
+  }
+  // The measure can fail: 2 bits is clearly worse than 4 bits.
+  StatusOr<Model> q2 = PalettizeModel(*f32, Bits(2));
+  REQUIRE(q2.ok());
+  StatusOr<EvalResult> r2 = Evaluate(*f32, *q2, *tokens, 16);
+  REQUIRE(r2.ok());
+  INFO("2-bit KL " << r2->mean_kl << " 4-bit KL " << kl4);
+  CHECK(r2->mean_kl > 3 * kl4);
+  // A model against itself: zero KL, full agreement.
+  StatusOr<EvalResult> self = Evaluate(*f32, *f32, *tokens, 16);
+  REQUIRE(self.ok());
+  CHECK(self->mean_kl < 1e-9);
+  CHECK(self->top1_agreement == 1.0);
+}
+
+// ----------------------------------------------------------------------------
+// Bad files
+
+std::vector<char> ReadFile(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return std::vector<char>(std::istreambuf_iterator<char>(f), {});
+}
+
+std::string WriteTemp(const std::string& name, const std::vector<char>& bytes) {
+  const std::string path = "generate_test_" + name;
+  std::ofstream f(path, std::ios::binary);
+  f.write(bytes.data(), std::streamsize(bytes.size()));
+  return path;
+}
+
+void ExpectLoadError(const std::string& path, const char* fragment) {
+  StatusOr<Model> m = LoadModel(path, LoadOptions());
+  INFO(path << ": " << m.status().message());
+  REQUIRE(!m.ok());
+  CHECK(m.status().message().find(fragment) != std::string::npos);
+}
+
+TEST_CASE("Corrupt, truncated and mismatched files are rejected", "[generate][shared]") {
+  ExpectLoadError("does/not/exist.bin", "No such file");
+  LUTRA_REQUIRE_SHARED_MODELS();
+  const std::vector<char> bin = ReadFile(SharedPath("stories260K.bin"));
+  const std::vector<char> gguf = ReadFile(SharedPath("stories260K.gguf"));
+  REQUIRE((bin.size() > 1000 && gguf.size() > 1000));
+  ExpectLoadError(WriteTemp("trunc.bin", std::vector<char>(bin.begin(), bin.end() - 4)),
+                  "file size");
+  ExpectLoadError(WriteTemp("empty.bin", {}), "llama2c");
+  std::vector<char> bad_header = bin;
+  bad_header[4 * 3] = 0, bad_header[4 * 3 + 1] = 0;  // n_heads = 0 (low bytes)
+  ExpectLoadError(WriteTemp("header.bin", bad_header), "n_heads");
+  ExpectLoadError(WriteTemp("trunc.gguf", std::vector<char>(gguf.begin(), gguf.begin() + 3000)),
+                  "gguf");
+  ExpectLoadError(WriteTemp("trunc2.gguf", std::vector<char>(gguf.begin(), gguf.end() - 100)),
+                  "exceeds");
+  // A tokenizer for another vocabulary size, and a model file as tokenizer.
+  StatusOr<Model> model = LoadModel(SharedPath("stories260K.bin"), LoadOptions());
+  REQUIRE(model.ok());
+  const std::vector<char> tok = ReadFile(SharedPath("tok512.bin"));
+  const std::string short_tok = WriteTemp("tok.bin", std::vector<char>(tok.begin(), tok.end() - 40));
+  CHECK(!LoadTokenizer(short_tok, *model).ok());
+  CHECK(!LoadTokenizer(SharedPath("stories260K.bin"), *model).ok());
+  CHECK(!LoadTokenizer("", *model).ok());  // llama2.c files carry no vocabulary
 }
 
 }  // namespace
