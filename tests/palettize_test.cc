@@ -286,6 +286,38 @@ TEST_CASE("Palettize assigns each weight its nearest stored entry") {
   }
 }
 
+// Heavy ties (most weights exactly zero, as in pruned models) make quantile
+// and k-means++ inits produce duplicate centers; no entry may stay unused
+// while the group has more distinct values than entries.
+TEST_CASE("Palettize uses every entry with heavy ties, for every init") {
+  test::Rng rng(19);
+  const size_t N = 16, K = 256;
+  std::vector<float> w(N * K);
+  for (float& x : w) x = rng.Below(10) < 8 ? 0.0f : rng.HeavyTailed(0.02f);
+  for (PalettizeInit init : {PalettizeInit::kOptimal, PalettizeInit::kQuantile,
+                             PalettizeInit::kKMeansPlusPlus, PalettizeInit::kCompanded}) {
+    for (int b : {2, 3, 4, 6}) {
+      PalettizeOptions o = Opts(b, 16, CodebookType::kF32);
+      o.init = init;
+      PalettizeStats st;
+      auto m = Palettize(w.data(), N, K, o, &st);
+      REQUIRE(m.ok());
+      const PaletteView v = m->view();
+      std::vector<size_t> use(v.shape.num_entries(), 0);
+      for (size_t r = 0; r < N; ++r) {
+        for (size_t c = 0; c < K; ++c) ++use[v.index(r, c)];
+      }
+      size_t distinct_entries = 1;
+      for (size_t e = 1; e < use.size(); ++e) {
+        distinct_entries += v.entry(0, e) != v.entry(0, e - 1) ? 1 : 0;
+      }
+      INFO("init " << static_cast<int>(init) << " b=" << b);
+      CHECK(std::count(use.begin(), use.end(), size_t{0}) == 0);
+      CHECK(distinct_entries == use.size());
+    }
+  }
+}
+
 TEST_CASE("Palettize with column importance") {
   test::Rng rng(16);
   const size_t N = 32, K = 256;

@@ -99,7 +99,7 @@ struct PalettizeStats {
   size_t num_weights = 0;          // N * K
   size_t num_groups = 0;
   size_t degenerate_groups = 0;    // groups with <= 2^b distinct values (exact)
-  int max_iters_used = 0;          // most Lloyd iterations any group needed
+  int max_iters_used = 0;          // most Lloyd iterations any group ran (incl. empty-cluster repairs)
 
   double mse() const { return num_weights ? sq_error / double(num_weights) : 0.0; }
   // 10 log10(sum w^2 / sum (w - w')^2); 300 when exact.
@@ -472,6 +472,30 @@ inline void ClusterGroup(GroupScratch& s, const float* w, size_t nrows, size_t K
       break;
   }
   res->iters = Lloyd(s, g, k, opt.max_iters, centers);
+  // Empty clusters (possible after kQuantile / kKMeansPlusPlus inits with
+  // ties, rarely otherwise) waste an entry: move each one to split the
+  // cluster with the largest error at its mean, then run Lloyd again.
+  for (size_t rep = 0; rep < k && opt.max_iters > 0; ++rep) {
+    size_t empty = k, worst = k;
+    double worst_cost = 0.0;
+    for (size_t i = 0; i < k; ++i) {
+      const size_t a = s.split[i], b = s.split[i + 1];
+      if (g.W(a, b) <= 0.0) {
+        if (empty == k) empty = i;
+      } else if (g.Cost(a, b) > worst_cost) {
+        worst_cost = g.Cost(a, b);
+        worst = i;
+      }
+    }
+    if (empty == k || worst == k) break;
+    const size_t a = s.split[worst], b = s.split[worst + 1];
+    const size_t m = g.LowerBound(g.MeanY(a, b) + shift);
+    if (m <= a || m >= b) break;
+    centers[empty] = g.MeanY(a, m);
+    centers[worst] = g.MeanY(m, b);
+    std::sort(centers, centers + k);
+    res->iters += Lloyd(s, g, k, opt.max_iters, centers);
+  }
   for (size_t i = 0; i < k; ++i) centers[i] += shift;
 }
 
