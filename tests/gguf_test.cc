@@ -372,7 +372,7 @@ TEST_CASE("GGUF corrupt: coarse grid of truncations of the real file") {
   REQUIRE(file.ok());
   const size_t size = file->size();
   size_t checked = 0;
-  for (size_t n = 0; n < size; n += (n < 14400 ? 13 : 4999)) {
+  for (size_t n = 0; n < size; n += (n < 14400 ? 29 : 9973)) {
     std::vector<uint8_t> prefix(file->data(), file->data() + n);
     StatusOr<GgufReader> g = GgufReader::Parse(prefix.data(), prefix.size());
     INFO("prefix of " << n << " bytes: " << g.status().message());
@@ -380,7 +380,7 @@ TEST_CASE("GGUF corrupt: coarse grid of truncations of the real file") {
     CHECK(g.status().message().rfind("gguf: ", 0) == 0);
     ++checked;
   }
-  CHECK(checked > 1000);
+  CHECK(checked > 500);
 }
 
 TEST_CASE("GGUF corrupt: header fields") {

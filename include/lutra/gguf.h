@@ -299,6 +299,7 @@ inline Status ConvertToF32(uint32_t type, const uint8_t* src, uint64_t n, float*
     return InvalidArgument("gguf: %llu elements of %s is not a multiple of the block size %u",
                            static_cast<unsigned long long>(n), info->name, info->block_size);
   }
+  if (n == 0) return Status::Ok();  // dst may be null
   using gguf_internal::LoadU16;
   const auto half = [](const uint8_t* p) {
     return hwy::F32FromF16(hwy::float16_t::FromBits(LoadU16(p)));
@@ -668,18 +669,25 @@ class GgufReader {
   }
 
   // Reads a GGUF string (u64 length + bytes) as a view into the data.
-  static Status ReadString(ByteReader& r, std::string_view* out, const std::string& what) {
+  // `what()` describes the field; it is called only to build an error, so
+  // the fast path (e.g. 128k vocabulary strings) allocates nothing.
+  template <class What>
+  static Status ReadStringLazy(ByteReader& r, std::string_view* out, const What& what) {
     uint64_t len = 0;
-    LUTRA_RETURN_IF_ERROR(r.Read(&len, what + " length"));
-    if (len > r.remaining()) {
+    if (r.remaining() < 8) return r.Require(8, what() + " length");
+    std::memcpy(&len, r.current(), 8);
+    if (len > r.remaining() - 8) {
       return DataLoss("gguf: %s length %llu at offset %zu exceeds the %zu bytes left in the file",
-                      what.c_str(), static_cast<unsigned long long>(len), r.pos() - 8,
-                      r.remaining());
+                      what().c_str(), static_cast<unsigned long long>(len), r.pos(),
+                      r.remaining() - 8);
     }
     const uint8_t* p = nullptr;
-    LUTRA_RETURN_IF_ERROR(r.Take(len, &p, what));
-    *out = std::string_view(reinterpret_cast<const char*>(p), static_cast<size_t>(len));
+    LUTRA_RETURN_IF_ERROR(r.Take(8 + len, &p, "string"));
+    *out = std::string_view(reinterpret_cast<const char*>(p + 8), static_cast<size_t>(len));
     return Status::Ok();
+  }
+  static Status ReadString(ByteReader& r, std::string_view* out, const std::string& what) {
+    return ReadStringLazy(r, out, [&what] { return what; });
   }
 
   static Status ReadValueType(ByteReader& r, GgufValueType* type, const std::string& what) {
@@ -727,9 +735,9 @@ class GgufReader {
       }
       for (uint64_t i = 0; i < v->count; ++i) {
         std::string_view unused;
-        LUTRA_RETURN_IF_ERROR(ReadString(
-            r, &unused,
-            "element " + std::to_string(i) + " of '" + gguf_internal::Printable(key) + "'"));
+        LUTRA_RETURN_IF_ERROR(ReadStringLazy(r, &unused, [i, key] {
+          return "element " + std::to_string(i) + " of '" + gguf_internal::Printable(key) + "'";
+        }));
       }
     } else {
       uint64_t bytes = 0;
