@@ -30,7 +30,9 @@
 //     the midpoints of adjacent centers, found by binary search, and new
 //     centers are run means from the prefix sums, so one iteration costs
 //     O(k log n), independent of n. Stops when no boundary moves, or after
-//     max_iters.
+//     max_iters. An empty cluster (possible after the quantile or k-means++
+//     inits when values tie) is moved to split the cluster with the largest
+//     error, and Lloyd runs again, so no entry is wasted.
 //  5. Centers are rounded to the codebook type (f16 by default) BEFORE the
 //     final assignment, so each index is optimal for the value actually
 //     stored. Each weight picks its nearest stored entry by a branch-free
@@ -39,6 +41,11 @@
 // Everything is deterministic for given inputs and options (including the
 // seed), and independent of the thread count: groups are independent and
 // statistics are reduced in group order.
+//
+// Cost: ~15-40 ns per weight on one core for b <= 4 (4096 x 4096 in well
+// under a second when the machine is quiet; bench/palettize_bench.cc), plus
+// O(k B log B) per group for the DP. Scratch memory: ~48 bytes per value of
+// one group (G * K values) per thread, plus the output matrix.
 //
 // Plain header (scalar C++ and std::thread; no per-target code).
 #ifndef LUTRA_PALETTIZE_H_
