@@ -54,6 +54,9 @@ struct MixedBitsTensor {
   const float* column_importance = nullptr;
   // Scale of this tensor's error in the objective (e.g. layer sensitivity).
   double importance = 1.0;
+  // Widths allowed for this tensor; empty = MixedBitsOptions::allowed_bits.
+  // E.g. {8} pins an embedding at 8 bits while the rest is allocated.
+  std::vector<int> allowed_bits;
 };
 
 struct MixedBitsOptions {
@@ -329,10 +332,16 @@ inline StatusOr<std::vector<TensorCandidates>> EstimateTensorErrors(
       }
     }
     const double scale = ten.rows ? double(ten.rows) / double(std::max<size_t>(rows, 1)) : 1.0;
+    const std::vector<int>& allowed =
+        ten.allowed_bits.empty() ? opt.allowed_bits : ten.allowed_bits;
+    if (!ten.allowed_bits.empty()) {
+      LUTRA_RETURN_IF_ERROR(mixed_bits_detail::ValidateAllowedBits(ten.allowed_bits)
+                                .WithContext("tensor '" + ten.name + "'"));
+    }
     TensorCandidates& tc = out[t];
     tc.name = ten.name;
     tc.num_weights = ten.rows * ten.cols;
-    for (int b : opt.allowed_bits) {
+    for (int b : allowed) {
       PalettizeOptions po;
       po.bits = b;
       po.group_rows = opt.group_rows;
