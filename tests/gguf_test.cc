@@ -227,6 +227,53 @@ TEST_CASE("GGUF tensors: infos, alignment, conversion of every supported type") 
   }
 }
 
+TEST_CASE("GGUF writer: views, streaming WriteFile and its errors") {
+  std::vector<float> big(4096 + 3);
+  for (size_t i = 0; i < big.size(); ++i) big[i] = static_cast<float>(i) * 0.5f;
+  GgufWriter w;
+  w.AddU32("general.alignment", 64);
+  w.AddString("name", "view test");
+  w.AddTensorView("view", GgmlType::kF32, {big.size()}, big.data(), big.size() * 4);
+  w.AddTensorF32("copy", {3}, big.data());
+  w.AddTensorView("empty", GgmlType::kF32, {0}, big.data(), 0);
+  w.AddTensorF32("last", {32}, big.data(), GgmlType::kQ8_0);
+  StatusOr<std::vector<uint8_t>> mem = w.Finish();
+  REQUIRE(mem.ok());
+  const std::string path = "gguf_test_writer.tmp.gguf";
+  REQUIRE(w.WriteFile(path).ok());
+  StatusOr<MappedFile> file = MappedFile::Open(path);
+  REQUIRE(file.ok());
+  REQUIRE(file->size() == mem->size());
+  CHECK(std::memcmp(file->data(), mem->data(), mem->size()) == 0);
+  StatusOr<GgufReader> g = GgufReader::Parse(file->data(), file->size());
+  REQUIRE(g.ok());
+  CHECK(*TensorToF32(*g->FindTensor("view")) == big);
+  CHECK(g->FindTensor("empty")->n_bytes == 0);
+  CHECK(TensorToF32(*g->FindTensor("empty"))->empty());
+  std::remove(path.c_str());
+
+  // Errors are recorded and returned by Finish/WriteFile.
+  GgufWriter bad;
+  bad.AddU32("k", 1);
+  bad.AddU32("k", 2);
+  CHECK(bad.Finish().status().message() == "gguf writer: duplicate key 'k'");
+  GgufWriter bad2;
+  bad2.AddTensor("t", GgmlType::kQ8_0, {31}, big.data(), 34);
+  CHECK(Contains(bad2.Finish().status().message(), "gguf writer: tensor 't' of 34 bytes"));
+  CHECK(!bad2.WriteFile(path).ok());
+  GgufWriter bad3;
+  bad3.AddTensorF32("t", {4}, big.data());
+  bad3.AddTensorF32("t", {4}, big.data());
+  CHECK(bad3.Finish().status().message() == "gguf writer: duplicate tensor 't'");
+  GgufWriter bad4;
+  bad4.AddTensorF32("t", {256}, big.data(), GgmlType::kQ4_K);
+  CHECK(bad4.Finish().status().message() ==
+        "gguf writer: no encoder for q4_K (tensor 't')");
+  GgufWriter ok;
+  CHECK(Contains(ok.WriteFile("/nonexistent-dir/x.gguf").message(),
+                 "gguf writer: cannot create '/nonexistent-dir/x.gguf'"));
+}
+
 TEST_CASE("GGUF: unsupported tensor types are recognised and named") {
   // A q4_K tensor (256-element blocks of 144 bytes) parses (its size is known)
   // but converting it says which type and tensor.

@@ -177,6 +177,13 @@ TEST_CASE("Tokenizer: both sources agree, round-trip, and match the naive merge 
     CHECK(*t.bin.DecodeAll(*a) == text);
     CHECK(*t.gguf.DecodeAll(*b) == text);
   }
+  // Long texts (the heap merge order must equal the naive rescan's).
+  std::string long_text;
+  for (int i = 0; i < 12; ++i) long_text += story + (i % 3 ? " " : "\n");
+  for (int i = 0; i < 200; ++i) long_text.push_back(static_cast<char>('a' + rng.Below(3)));
+  const std::vector<int> long_ids = *t.bin.Encode(long_text);
+  CHECK(long_ids == NaiveEncode(t.bin, long_text));
+  CHECK(*t.bin.DecodeAll(long_ids) == long_text);
   // Merging really happens: a common sentence is far shorter than its bytes.
   CHECK(t.bin.Encode(story)->size() < story.size() / 2);
 }

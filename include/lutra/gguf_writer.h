@@ -15,6 +15,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -158,30 +159,16 @@ class GgufWriter {
   }
 
   // A tensor already encoded as `type`; ne in ggml order (ne[0] contiguous).
-  // `bytes` must equal the size the reader will compute.
+  // `bytes` must equal the size the reader will compute. The data is copied.
   void AddTensor(const std::string& name, GgmlType type, const std::vector<uint64_t>& ne,
                  const void* data, size_t bytes) {
-    const GgmlTypeInfo* info = GetGgmlTypeInfo(static_cast<uint32_t>(type));
-    uint64_t n = 1;
-    for (uint64_t d : ne) n *= d;
-    if (info == nullptr || ne.empty() || ne.size() > 4 || ne[0] % info->block_size != 0 ||
-        n / info->block_size * info->type_size != bytes) {
-      Fail(InvalidArgument("gguf writer: tensor '%s' of %zu bytes does not match type %u "
-                           "and %zu dims", name.c_str(), bytes, static_cast<uint32_t>(type),
-                           ne.size()));
-      return;
-    }
-    if (!tensor_names_.insert(name).second) {
-      Fail(InvalidArgument("gguf writer: duplicate tensor '%s'", name.c_str()));
-      return;
-    }
-    Tensor t;
-    t.name = name;
-    t.type = type;
-    t.ne = ne;
-    const uint8_t* p = static_cast<const uint8_t*>(data);
-    t.data.assign(p, p + bytes);
-    tensors_.push_back(std::move(t));
+    AddTensorImpl(name, type, ne, data, bytes, /*copy=*/true);
+  }
+  // As AddTensor, but keeps only the pointer: `data` must stay valid until
+  // the last Finish/WriteFile (avoids a copy of large weights).
+  void AddTensorView(const std::string& name, GgmlType type, const std::vector<uint64_t>& ne,
+                     const void* data, size_t bytes) {
+    AddTensorImpl(name, type, ne, data, bytes, /*copy=*/false);
   }
   // Encodes f32 values as `type` (f32, f16, bf16, q8_0 or q4_0) and adds them.
   void AddTensorF32(const std::string& name, const std::vector<uint64_t>& ne, const float* x,
@@ -214,12 +201,109 @@ class GgufWriter {
   // Serializes everything added so far; `layout` (optional) receives field
   // offsets. Fails with the first error recorded by an Add* call.
   StatusOr<std::vector<uint8_t>> Finish(GgufLayout* layout = nullptr) const {
+    std::vector<uint8_t> out;
+    LUTRA_RETURN_IF_ERROR(Header(&out, layout));
+    for (size_t i = 0; i < tensors_.size(); ++i) {
+      const Tensor& t = tensors_[i];
+      out.insert(out.end(), t.data, t.data + t.size);
+      // Pad between tensors, not after the last one: the file ends where the
+      // last tensor's data ends (as llama.cpp's writer does too).
+      if (i + 1 < tensors_.size()) out.resize(Pad(out.size()), 0);
+    }
+    return out;
+  }
+
+  // Streams the file to `path` (header, then each tensor's bytes) without
+  // building it in memory.
+  Status WriteFile(const std::string& path) const {
+    std::vector<uint8_t> header;
+    LUTRA_RETURN_IF_ERROR(Header(&header, nullptr));
+    std::FILE* f = std::fopen(path.c_str(), "wb");
+    if (f == nullptr) {
+      const int err = errno;
+      return NotFound("gguf writer: cannot create '%s': %s", path.c_str(), std::strerror(err));
+    }
+    bool ok = std::fwrite(header.data(), 1, header.size(), f) == header.size();
+    uint64_t pos = header.size();
+    static const uint8_t kZeros[256] = {};
+    for (size_t i = 0; ok && i < tensors_.size(); ++i) {
+      const Tensor& t = tensors_[i];
+      ok = t.size == 0 || std::fwrite(t.data, 1, t.size, f) == t.size;
+      pos += t.size;
+      if (i + 1 < tensors_.size()) {
+        uint64_t pad = Pad(pos) - pos;
+        pos += pad;
+        while (ok && pad > 0) {
+          const size_t chunk = pad < sizeof(kZeros) ? static_cast<size_t>(pad) : sizeof(kZeros);
+          ok = std::fwrite(kZeros, 1, chunk, f) == chunk;
+          pad -= chunk;
+        }
+      }
+    }
+    const bool closed = std::fclose(f) == 0;
+    if (!ok || !closed) {
+      const int err = errno;
+      return DataLoss("gguf writer: writing '%s' failed: %s", path.c_str(), std::strerror(err));
+    }
+    return Status::Ok();
+  }
+
+ private:
+  struct Entry {
+    std::string key;
+    GgufValueType type;
+    std::vector<uint8_t> value;
+  };
+  struct Tensor {
+    std::string name;
+    GgmlType type;
+    std::vector<uint64_t> ne;
+    std::vector<uint8_t> owned;  // empty for views
+    const uint8_t* data = nullptr;
+    size_t size = 0;
+  };
+
+  void AddTensorImpl(const std::string& name, GgmlType type, const std::vector<uint64_t>& ne,
+                     const void* data, size_t bytes, bool copy) {
+    const GgmlTypeInfo* info = GetGgmlTypeInfo(static_cast<uint32_t>(type));
+    uint64_t n = 1;
+    bool overflow = false;
+    for (uint64_t d : ne) overflow |= !CheckedMul(n, d, &n);
+    if (info == nullptr || ne.empty() || ne.size() > 4 || overflow ||
+        ne[0] % info->block_size != 0 || n / info->block_size * info->type_size != bytes ||
+        (data == nullptr && bytes != 0)) {
+      Fail(InvalidArgument("gguf writer: tensor '%s' of %zu bytes does not match type %u "
+                           "and %zu dims", name.c_str(), bytes, static_cast<uint32_t>(type),
+                           ne.size()));
+      return;
+    }
+    if (!tensor_names_.insert(name).second) {
+      Fail(InvalidArgument("gguf writer: duplicate tensor '%s'", name.c_str()));
+      return;
+    }
+    tensors_.emplace_back();
+    Tensor& t = tensors_.back();
+    t.name = name;
+    t.type = type;
+    t.ne = ne;
+    t.size = bytes;
+    const uint8_t* p = static_cast<const uint8_t*>(data);
+    if (copy) {
+      t.owned.assign(p, p + bytes);
+      t.data = t.owned.data();  // heap buffer: stable when tensors_ grows
+    } else {
+      t.data = p;
+    }
+  }
+
+  // Header, metadata, tensor infos and the padding before the data section.
+  Status Header(std::vector<uint8_t>* out_ptr, GgufLayout* layout) const {
     if (!status_.ok()) return status_;
     if (alignment_ == 0 || (alignment_ & (alignment_ - 1)) != 0) {
       return InvalidArgument("gguf writer: alignment %u is not a power of two", alignment_);
     }
+    std::vector<uint8_t>& out = *out_ptr;
     GgufLayout lay;
-    std::vector<uint8_t> out;
     out.insert(out.end(), {'G', 'G', 'U', 'F'});
     PutU32(out, version_);
     PutU64(out, tensors_.size());
@@ -247,47 +331,15 @@ class GgufWriter {
       l.offset = out.size();
       PutU64(out, offset);
       l.data = offset;  // made absolute below
-      offset += Pad(t.data.size());
+      offset += Pad(t.size);
       lay.tensors.push_back(l);
     }
     if (!tensors_.empty()) out.resize(Pad(out.size()), 0);
     lay.data_offset = out.size();
-    for (size_t i = 0; i < tensors_.size(); ++i) {
-      lay.tensors[i].data += lay.data_offset;
-      out.insert(out.end(), tensors_[i].data.begin(), tensors_[i].data.end());
-      // Pad between tensors, not after the last one: the file ends where the
-      // last tensor's data ends (as llama.cpp's writer does too).
-      if (i + 1 < tensors_.size()) out.resize(Pad(out.size()), 0);
-    }
+    for (GgufLayout::Entry& l : lay.tensors) l.data += lay.data_offset;
     if (layout) *layout = std::move(lay);
-    return out;
-  }
-
-  Status WriteFile(const std::string& path) const {
-    StatusOr<std::vector<uint8_t>> bytes = Finish();
-    if (!bytes.ok()) return bytes.status();
-    std::FILE* f = std::fopen(path.c_str(), "wb");
-    if (f == nullptr) return NotFound("gguf writer: cannot create '%s'", path.c_str());
-    const size_t wrote = std::fwrite(bytes->data(), 1, bytes->size(), f);
-    const bool closed = std::fclose(f) == 0;
-    if (wrote != bytes->size() || !closed) {
-      return DataLoss("gguf writer: short write to '%s'", path.c_str());
-    }
     return Status::Ok();
   }
-
- private:
-  struct Entry {
-    std::string key;
-    GgufValueType type;
-    std::vector<uint8_t> value;
-  };
-  struct Tensor {
-    std::string name;
-    GgmlType type;
-    std::vector<uint64_t> ne;
-    std::vector<uint8_t> data;
-  };
 
   static void PutU32(std::vector<uint8_t>& out, uint32_t v) {
     const uint8_t* p = reinterpret_cast<const uint8_t*>(&v);
@@ -301,7 +353,7 @@ class GgufWriter {
     PutU64(out, s.size());
     out.insert(out.end(), s.begin(), s.end());
   }
-  size_t Pad(size_t n) const { return (n + alignment_ - 1) / alignment_ * alignment_; }
+  uint64_t Pad(uint64_t n) const { return (n + alignment_ - 1) / alignment_ * alignment_; }
 
   Entry NewEntry(const std::string& key, GgufValueType type) {
     if (!keys_.insert(key).second) {

@@ -24,6 +24,7 @@
 #include <stdint.h>
 
 #include <cstring>
+#include <queue>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -303,30 +304,64 @@ class Tokenizer {
       }
       i += len;
     }
-    // Greedy merges, highest score first; O(n^2) like llama2.c, which is fine
-    // for prompts. Only pieces Encode may produce take part (byte and control
-    // tokens never merge, as in SentencePiece).
-    std::string pair;
-    for (;;) {
-      float best_score = -1e10f;
-      int best_id = -1;
-      size_t best_idx = 0;
-      for (size_t k = 0; k + 1 < tokens.size(); ++k) {
-        const int a = tokens[k], b = tokens[k + 1];
-        if (!Mergeable(a) || !Mergeable(b)) continue;
-        pair.assign(pieces_[a]);
-        pair.append(pieces_[b]);
-        const int id = Lookup(pair);
-        if (id >= 0 && scores_[id] > best_score) {
-          best_score = scores_[id];
-          best_id = id;
-          best_idx = k;
-        }
-      }
-      if (best_id < 0) break;
-      tokens[best_idx] = best_id;
-      tokens.erase(tokens.begin() + static_cast<ptrdiff_t>(best_idx) + 1);
+    // Greedy merges in llama2.c's order: repeatedly the adjacent pair whose
+    // concatenation is a piece with the highest score (leftmost on ties;
+    // scores <= -1e10 or NaN never merge). llama2.c rescans all pairs after
+    // each merge (O(n^2) lookups); here a heap of candidate pairs over a
+    // linked list of symbols gives the same sequence of merges in
+    // O(n log n): symbols never reorder, so "leftmost" is "smallest original
+    // index", and a candidate whose sides changed since it was pushed is
+    // skipped when popped. Only pieces Encode may produce take part (byte and
+    // control tokens never merge, as in SentencePiece).
+    const size_t n = tokens.size();
+    constexpr size_t kNone = ~size_t{0};
+    std::vector<size_t> next(n), prev(n);
+    for (size_t k = 0; k < n; ++k) {
+      next[k] = k + 1 < n ? k + 1 : kNone;
+      prev[k] = k == 0 ? kNone : k - 1;
     }
+    struct Candidate {
+      float score;
+      size_t left;
+      int left_id, right_id, merged;
+    };
+    const auto lower = [](const Candidate& a, const Candidate& b) {
+      return a.score < b.score || (a.score == b.score && a.left > b.left);
+    };
+    std::priority_queue<Candidate, std::vector<Candidate>, decltype(lower)> heap(lower);
+    std::string pair;
+    const auto consider = [&](size_t left) {
+      const size_t right = next[left];
+      if (right == kNone) return;
+      const int a = tokens[left], b = tokens[right];
+      if (!Mergeable(a) || !Mergeable(b)) return;
+      pair.assign(pieces_[a]);
+      pair.append(pieces_[b]);
+      const int id = Lookup(pair);
+      if (id >= 0 && scores_[id] > -1e10f) heap.push({scores_[id], left, a, b, id});
+    };
+    for (size_t k = 0; k + 1 < n; ++k) consider(k);
+    std::vector<bool> alive(n, true);
+    while (!heap.empty()) {
+      const Candidate c = heap.top();
+      heap.pop();
+      const size_t right = next[c.left];
+      if (!alive[c.left] || right == kNone || tokens[c.left] != c.left_id ||
+          tokens[right] != c.right_id) {
+        continue;  // stale: a side was merged away since this was pushed
+      }
+      tokens[c.left] = c.merged;
+      alive[right] = false;
+      next[c.left] = next[right];
+      if (next[right] != kNone) prev[next[right]] = c.left;
+      if (prev[c.left] != kNone) consider(prev[c.left]);
+      consider(c.left);
+    }
+    size_t out = 0;
+    for (size_t k = 0; k < n; ++k) {
+      if (alive[k]) tokens[out++] = tokens[k];
+    }
+    tokens.resize(out);
     if (add_eos) {
       if (eos_id_ < 0) return InvalidArgument("tokenizer: EOS requested but vocabulary has none");
       tokens.push_back(eos_id_);
