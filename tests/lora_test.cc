@@ -224,8 +224,6 @@ HWY_EXPORT(TestSwitchAdapters);
 
 namespace {
 
-using lora_file_detail::GgufBytes;
-
 TEST_CASE("Fused GEMV LoRA epilogue matches W x + s B (A x) on every target") {
   test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestFusedGemvEpilogue)(); });
 }
@@ -282,28 +280,15 @@ struct TensorSpec {
 std::vector<uint8_t> BuildGguf(const std::vector<std::pair<std::string, std::string>>& strings,
                                const std::vector<std::pair<std::string, float>>& floats,
                                const std::vector<TensorSpec>& tensors) {
-  GgufBytes out;
-  out.Raw("GGUF", 4);
-  out.U32(3);
-  out.U64(tensors.size());
-  out.U64(strings.size() + floats.size());
-  for (const auto& kv : strings) out.KeyString(kv.first, kv.second);
-  for (const auto& kv : floats) out.KeyF32(kv.first, kv.second);
-  uint64_t offset = 0;
+  GgufWriter out(3);
+  for (const auto& kv : strings) out.AddString(kv.first, kv.second);
+  for (const auto& kv : floats) out.AddF32(kv.first, kv.second);
   for (const TensorSpec& t : tensors) {
-    out.Str(t.name);
-    out.U32(static_cast<uint32_t>(t.ne.size()));
-    for (uint64_t n : t.ne) out.U64(n);
-    out.U32(t.type);
-    out.U64(offset);
-    offset += (t.data.size() + 31) / 32 * 32;
+    out.AddTensor(t.name, static_cast<GgmlType>(t.type), t.ne, t.data.data(), t.data.size());
   }
-  out.PadTo(32);
-  for (const TensorSpec& t : tensors) {
-    out.Raw(t.data.data(), t.data.size());
-    out.PadTo(32);
-  }
-  return out.bytes();
+  auto bytes = out.Finish();
+  REQUIRE(bytes.ok());
+  return std::move(bytes).value();
 }
 
 std::vector<uint8_t> F32Bytes(const std::vector<float>& v) {

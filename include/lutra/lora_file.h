@@ -30,6 +30,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <errno.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -41,6 +42,7 @@
 #include <vector>
 
 #include "lutra/gguf.h"
+#include "lutra/gguf_writer.h"
 #include "lutra/lora.h"
 #include "lutra/mapped_file.h"
 #include "lutra/status.h"
@@ -282,63 +284,15 @@ inline StatusOr<Adapter> ParseAdapterBytes(const uint8_t* data, size_t size,
   return ParseAdapter(*reader, base, options, name);
 }
 
-namespace lora_file_detail {
-
-// Minimal little-endian GGUF v3 writer for adapter files.
-class GgufBytes {
- public:
-  void U32(uint32_t v) { Raw(&v, 4); }
-  void U64(uint64_t v) { Raw(&v, 8); }
-  void F32(float v) { Raw(&v, 4); }
-  void Str(const std::string& s) {
-    U64(s.size());
-    Raw(s.data(), s.size());
-  }
-  void KeyString(const std::string& key, const std::string& value) {
-    Str(key);
-    U32(8);  // string
-    Str(value);
-  }
-  void KeyF32(const std::string& key, float value) {
-    Str(key);
-    U32(6);  // f32
-    F32(value);
-  }
-  void KeyU32(const std::string& key, uint32_t value) {
-    Str(key);
-    U32(4);  // u32
-    U32(value);
-  }
-  void KeyF32Array(const std::string& key, const std::vector<float>& values) {
-    Str(key);
-    U32(9);  // array
-    U32(6);  // of f32
-    U64(values.size());
-    Raw(values.data(), values.size() * 4);
-  }
-  void Raw(const void* p, size_t n) {
-    const uint8_t* b = static_cast<const uint8_t*>(p);
-    bytes_.insert(bytes_.end(), b, b + n);
-  }
-  void PadTo(size_t alignment) {
-    while (bytes_.size() % alignment) bytes_.push_back(0);
-  }
-  std::vector<uint8_t>& bytes() { return bytes_; }
-
- private:
-  std::vector<uint8_t> bytes_;
-};
-
-}  // namespace lora_file_detail
-
 // The adapter as GGUF bytes (see the top of this file): llama.cpp-compatible
 // tensors, adapter.lora.alpha = scale * rank of the first target (so that
 // alpha / r reproduces it), lutra.lora.scales when any target differs.
 inline StatusOr<std::vector<uint8_t>> SerializeAdapter(const Adapter& adapter) {
   using namespace lora_file_detail;
-  if (!HostIsLittleEndian()) return Unimplemented("lora: saving needs a little-endian host");
   const size_t n = adapter.num_targets();
-  if (n == 0) return InvalidArgument("lora: adapter '%s' has no targets to save", adapter.name().c_str());
+  if (n == 0) {
+    return InvalidArgument("lora: adapter '%s' has no targets to save", adapter.name().c_str());
+  }
   const LoraFactors& first = adapter.target(0);
   const float alpha = first.scale() * float(first.rank());
   bool uniform = true;
@@ -349,53 +303,25 @@ inline StatusOr<std::vector<uint8_t>> SerializeAdapter(const Adapter& adapter) {
     // Exact float comparison: the loader computes alpha / r the same way.
     if (alpha / float(f.rank()) != f.scale()) uniform = false;
   }
-  const uint32_t kAlignment = 32;
-  GgufBytes out;
-  out.Raw("GGUF", 4);
-  out.U32(3);
-  out.U64(2 * n);
-  out.U64(uniform ? 7 : 8);
-  out.KeyString("general.architecture", "llama");
-  out.KeyString("general.type", "adapter");
-  out.KeyString("general.name", adapter.name());
-  out.KeyU32("general.alignment", kAlignment);
-  out.KeyString("adapter.type", "lora");
-  out.KeyF32("adapter.lora.alpha", alpha);
-  out.KeyString("lutra.lora.kind", adapter.kind());
-  if (!uniform) out.KeyF32Array("lutra.lora.scales", scales);
-  // Tensor infos: offsets relative to the data section, each aligned.
-  uint64_t offset = 0;
-  auto aligned = [&](uint64_t bytes) { return (bytes + kAlignment - 1) / kAlignment * kAlignment; };
+  GgufWriter out(3);
+  out.AddString("general.architecture", "llama");
+  out.AddString("general.type", "adapter");
+  out.AddString("general.name", adapter.name());
+  out.AddString("adapter.type", "lora");
+  out.AddF32("adapter.lora.alpha", alpha);
+  out.AddString("lutra.lora.kind", adapter.kind());
+  if (!uniform) out.AddF32Array("lutra.lora.scales", scales);
   for (size_t i = 0; i < n; ++i) {
     const LoraFactors& f = adapter.target(i);
     const std::string stem = std::string("blk.") + std::to_string(f.layer()) + "." +
                              ProjectionGgufName(f.projection()) + ".weight";
+    const GgmlType type = static_cast<GgmlType>(WeightTypeToGgml(f.type()));
     const size_t es = WeightTypeBytes(f.type());
-    out.Str(stem + ".lora_a");
-    out.U32(2);
-    out.U64(f.cols());
-    out.U64(f.rank());
-    out.U32(WeightTypeToGgml(f.type()));
-    out.U64(offset);
-    offset += aligned(f.a_elements() * es);
-    out.Str(stem + ".lora_b");
-    out.U32(2);
-    out.U64(f.rank());
-    out.U64(f.rows());
-    out.U32(WeightTypeToGgml(f.type()));
-    out.U64(offset);
-    offset += aligned(f.b_elements() * es);
+    // ggml order: ne[0] is the contiguous dimension.
+    out.AddTensor(stem + ".lora_a", type, {f.cols(), f.rank()}, f.a(), f.a_elements() * es);
+    out.AddTensor(stem + ".lora_b", type, {f.rank(), f.rows()}, f.b(), f.b_elements() * es);
   }
-  out.PadTo(kAlignment);
-  for (size_t i = 0; i < n; ++i) {
-    const LoraFactors& f = adapter.target(i);
-    const size_t es = WeightTypeBytes(f.type());
-    out.Raw(f.a(), f.a_elements() * es);
-    out.PadTo(kAlignment);
-    out.Raw(f.b(), f.b_elements() * es);
-    out.PadTo(kAlignment);
-  }
-  return std::move(out.bytes());
+  return out.Finish();
 }
 
 // Writes the adapter to `path` (via a temporary file renamed into place, so
