@@ -279,20 +279,20 @@ TEST_CASE("Allocator edge targets and importance") {
   CHECK(!too_low.ok());
   CHECK(Contains(too_low.status().message(), "is below the minimum"));
 
-  // Per-tensor widths: the embedding pinned at 8 bits, the rest allocated.
+  // Per-tensor widths: the embedding pinned at 6 bits, the rest allocated.
   {
     std::vector<MixedBitsTensor> pinned = model.tensors;
-    pinned[0].allowed_bits = {8};
+    pinned[0].allowed_bits = {6};
     MixedBitsOptions po;
     po.target_bits = 6.0;
     auto p = AllocateBits(pinned, po);
     INFO(p.status().message());
     REQUIRE(p.ok());
-    CHECK(p->tensors[0].bits == 8);
-    CHECK(p->tensors[0].candidates.bits == std::vector<int>{8});
+    CHECK(p->tensors[0].bits == 6);
+    CHECK(p->tensors[0].candidates.bits == std::vector<int>{6});
     CHECK(p->tensors[1].candidates.bits == std::vector<int>{2, 4});
     CHECK(p->achieved_bits <= 6.0);
-    pinned[0].allowed_bits = {8, 7};
+    pinned[0].allowed_bits = {6, 7};
     auto bad = AllocateBits(pinned, po);
     REQUIRE(!bad.ok());
     CHECK(Contains(bad.status().message(), "tensor 'embed': mixed bits: allowed_bits contains 7"));

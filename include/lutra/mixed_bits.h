@@ -263,7 +263,7 @@ inline bool KnapsackDP(const std::vector<TensorCandidates>& cands, size_t budget
   size_t U = std::min<size_t>(65536, (size_t{1} << 26) / T);
   if (U < 16 || budget == 0) return false;
   U = std::min(U, budget);
-  const size_t unit = (budget + U - 1) / U;
+  const size_t unit = budget / U + (budget % U != 0 ? 1 : 0);  // ceil, no overflow
   U = budget / unit;
   const double inf = std::numeric_limits<double>::infinity();
   std::vector<double> prev(U + 1, 0.0), cur(U + 1);  // min error with cost <= u
