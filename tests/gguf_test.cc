@@ -274,6 +274,33 @@ TEST_CASE("GGUF writer: views, streaming WriteFile and its errors") {
                  "gguf writer: cannot create '/nonexistent-dir/x.gguf'"));
 }
 
+TEST_CASE("MappedFile: empty files, directories, buffers, moves") {
+  const std::string path = "gguf_test_empty.tmp";
+  std::FILE* f = std::fopen(path.c_str(), "wb");
+  REQUIRE(f != nullptr);
+  std::fclose(f);
+  for (MappedFile::Mode mode : {MappedFile::Mode::kMapOrRead, MappedFile::Mode::kRead}) {
+    StatusOr<MappedFile> empty = MappedFile::Open(path, mode);
+    REQUIRE(empty.ok());
+    CHECK(empty->size() == 0);
+    CHECK(GgufReader::Parse(empty->data(), empty->size()).status().message() ==
+          "gguf: truncated at offset 0 reading magic (need 4 bytes, 0 left)");
+  }
+  std::remove(path.c_str());
+  StatusOr<MappedFile> dir = MappedFile::Open(".");
+  REQUIRE(!dir.ok());
+  CHECK(dir.status().message() == "open '.': is a directory");
+  // Moves keep the bytes at the same address (readers hold pointers).
+  MappedFile a = MappedFile::FromBuffer({1, 2, 3}, "buf");
+  const uint8_t* p = a.data();
+  MappedFile b = std::move(a);
+  CHECK(b.data() == p);
+  CHECK(b.size() == 3);
+  CHECK(b.path() == "buf");
+  CHECK(a.data() == nullptr);
+  CHECK(a.size() == 0);
+}
+
 TEST_CASE("GGUF: unsupported tensor types are recognised and named") {
   // A q4_K tensor (256-element blocks of 144 bytes) parses (its size is known)
   // but converting it says which type and tensor.

@@ -191,7 +191,25 @@ struct GgufModelOptions {
   bool rope_scaling = false;
   int block_count_delta = 0;
   uint64_t bad_k_rows = 0;          // nonzero: wrong shape for blk.0.attn_k
+  bool permute_qk = false;          // apply llama.cpp's HF->GGUF Q/K row permutation
 };
+
+// llama.cpp's convert `permute(w, n_head)`: within each head, rows
+// [half 0 | half 1] become interleaved pairs: new row h*hd + 2i + j takes
+// old row h*hd + j*hd/2 + i.
+std::vector<float> PermuteRows(const float* w, int n_head, int rows, int cols) {
+  const int hd = rows / n_head;
+  std::vector<float> out(size_t(rows) * cols);
+  for (int h = 0; h < n_head; ++h) {
+    for (int i = 0; i < hd / 2; ++i) {
+      for (int j = 0; j < 2; ++j) {
+        const float* src = w + size_t(h * hd + j * (hd / 2) + i) * cols;
+        std::copy(src, src + cols, out.begin() + size_t(h * hd + 2 * i + j) * cols);
+      }
+    }
+  }
+  return out;
+}
 
 std::vector<uint8_t> WriteGgufModel(const ModelWeightsF32& w, const GgufModelOptions& o) {
   const ModelConfig& c = w.config;
@@ -226,8 +244,14 @@ std::vector<uint8_t> WriteGgufModel(const ModelWeightsF32& w, const GgufModelOpt
     const std::string p = "blk." + std::to_string(l) + ".";
     const LayerWeightsF32& L = w.layers[l];
     add(p + "attn_norm.weight", dim, 0, L.attn_norm);
-    add(p + "attn_q.weight", dim, q, L.wq);
-    add(p + "attn_k.weight", dim, l == 0 && o.bad_k_rows ? o.bad_k_rows : kv, L.wk);
+    std::vector<float> pq, pk;
+    if (o.permute_qk) {
+      pq = PermuteRows(L.wq, c.n_heads, c.q_dim(), c.dim);
+      pk = PermuteRows(L.wk, c.n_kv_heads, c.kv_dim(), c.dim);
+    }
+    add(p + "attn_q.weight", dim, q, o.permute_qk ? pq.data() : L.wq);
+    add(p + "attn_k.weight", dim, l == 0 && o.bad_k_rows ? o.bad_k_rows : kv,
+        o.permute_qk ? pk.data() : L.wk);
     add(p + "attn_v.weight", dim, kv, L.wv);
     add(p + "attn_output.weight", q, dim, L.wo);
     add(p + "ffn_norm.weight", dim, 0, L.ffn_norm);
@@ -378,6 +402,23 @@ TEST_CASE("Model: GGUF f16/bf16/q8_0/q4_0 re-encodings load close to f32") {
     const double snr = test::SnrDb(got.data(), want.data(), got.size());
     INFO("max weight diff " << diff << ", logits SNR " << snr << " dB");
     CHECK(snr >= cs.min_snr_db);
+  }
+  // The logits check is sensitive to the Q/K row order: a GGUF whose Q/K rows
+  // were permuted the way llama.cpp's HF converter does (i.e. a file that
+  // would need un-permuting) gives clearly different logits from position 1
+  // on (at position 0 RoPE is the identity and attention has one key).
+  {
+    GgufModelOptions o;
+    o.permute_qk = true;
+    StatusOr<ModelWeightsF32> w = LoadGgufBytes(WriteGgufModel(s.bin, o));
+    REQUIRE(w.ok());
+    ReferenceLlama r(*w), r0(s.bin);
+    r.Forward(410, 0);
+    r0.Forward(410, 0);
+    const std::vector<float> got = r.Forward(469, 1), exact = r0.Forward(469, 1);
+    const double snr = test::SnrDb(got.data(), exact.data(), got.size());
+    INFO("permuted Q/K: logits SNR " << snr << " dB");
+    CHECK(snr < 30.0);
   }
   // Tied: no output.weight -> classifier is the token embedding.
   GgufModelOptions tied;

@@ -118,8 +118,14 @@ class MappedFile {
         ::close(fd);
         return InvalidArgument("open '%s': is a directory", path.c_str());
       }
-      if (S_ISREG(st.st_mode) && st.st_size > 0 &&
-          static_cast<uint64_t>(st.st_size) <= std::numeric_limits<size_t>::max()) {
+      if (S_ISREG(st.st_mode) &&
+          static_cast<uint64_t>(st.st_size) > std::numeric_limits<size_t>::max() / 2) {
+        // 32-bit hosts: neither a mapping nor a buffer can hold it.
+        ::close(fd);
+        return ResourceExhausted("open '%s': %lld bytes do not fit in this address space",
+                                 path.c_str(), static_cast<long long>(st.st_size));
+      }
+      if (S_ISREG(st.st_mode) && st.st_size > 0) {
         const size_t size = static_cast<size_t>(st.st_size);
         void* map = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
         if (map != MAP_FAILED) {
