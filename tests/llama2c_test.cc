@@ -382,11 +382,13 @@ TEST_CASE("Model: GGUF f16/bf16/q8_0/q4_0 re-encodings load close to f32") {
   struct Case { GgmlType type; double max_weight_diff; double min_snr_db; };
   // Weight bounds: |w| < ~1.5 here; f16 rounds at 2^-11 relative, bf16 2^-8;
   // q8_0 steps are amax/127, q4_0 steps amax/8 per block of 32.
+  // Measured: f16 73.5 dB, bf16 56.2 dB, q8_0 48.1 dB, q4_0 17.3 dB (max
+  // weight diff 4.8e-4, 3.9e-3, 7.2e-3, 0.13); bounds leave ~10 dB margin.
   const Case cases[] = {{GgmlType::kF32, 0.0, 200.0},
-                        {GgmlType::kF16, 1e-3, 40.0},
-                        {GgmlType::kBF16, 1e-2, 25.0},
-                        {GgmlType::kQ8_0, 2e-2, 25.0},
-                        {GgmlType::kQ4_0, 0.5, 5.0}};
+                        {GgmlType::kF16, 1e-3, 60.0},
+                        {GgmlType::kBF16, 1e-2, 45.0},
+                        {GgmlType::kQ8_0, 2e-2, 38.0},
+                        {GgmlType::kQ4_0, 0.5, 10.0}};
   for (const Case& cs : cases) {
     INFO("type " << GgmlTypeName(static_cast<uint32_t>(cs.type)));
     GgufModelOptions o;
