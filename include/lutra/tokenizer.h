@@ -53,7 +53,7 @@ class Tokenizer {
 
   // Builds from parallel arrays. `pieces` hold the text with spaces as ' '
   // (not U+2581). types may be empty: then ids bos/eos/unk are control/unknown,
-  // pieces spelled exactly "<0xXX>" (two uppercase hex digits) are bytes and
+  // pieces spelled exactly "<0xXX>" (two hex digits) are bytes and
   // all others normal (the llama2.c convention). Ids < 0 mean "none".
   static StatusOr<Tokenizer> FromVocab(std::vector<std::string> pieces,
                                        std::vector<float> scores,
