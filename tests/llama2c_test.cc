@@ -462,6 +462,51 @@ TEST_CASE("Model: LoadModel / LoadModelAndTokenizer pick the format by magic") {
   CHECK(LoadModel(dir + "/missing.bin").status().code() == StatusCode::kNotFound);
 }
 
+TEST_CASE("Model: random header corruption of the real files never crashes") {
+  const std::string dir = test::SharedModelsDir();
+  if (dir.empty()) SKIP("shared models not found (../shared/models)");
+  StatusOr<MappedFile> gguf = MappedFile::Open(dir + "/stories260K.gguf");
+  StatusOr<MappedFile> bin = MappedFile::Open(dir + "/stories260K.bin");
+  StatusOr<MappedFile> tok = MappedFile::Open(dir + "/tok512.bin");
+  REQUIRE(gguf.ok());
+  REQUIRE(bin.ok());
+  REQUIRE(tok.ok());
+  const std::vector<uint8_t> g0(gguf->data(), gguf->data() + gguf->size());
+  const std::vector<uint8_t> b0(bin->data(), bin->data() + bin->size());
+  const std::vector<uint8_t> t0(tok->data(), tok->data() + tok->size());
+  test::Rng rng(2024);
+  int loaded = 0, rejected = 0;
+  for (int iter = 0; iter < 150; ++iter) {
+    // GGUF: flip bytes in the header/metadata/tensor-info region (14152 bytes).
+    std::vector<uint8_t> g = g0;
+    for (int f = 0; f < 3; ++f) g[rng.Below(14152)] ^= static_cast<uint8_t>(1 + rng.Below(255));
+    StatusOr<GgufFile> file = GgufFile::FromMapped(MappedFile::FromBuffer(std::move(g)));
+    if (file.ok()) {
+      StatusOr<Tokenizer> t = Tokenizer::FromGguf(file->reader());
+      if (t.ok()) (void)t->Encode("Zoo was here");
+      StatusOr<ModelWeightsF32> w = LoadGgufModel(std::move(*file));
+      w.ok() ? ++loaded : ++rejected;
+    } else {
+      ++rejected;
+    }
+    // llama2.c: flip header bytes (sizes must then mismatch or be rejected).
+    std::vector<uint8_t> b = b0;
+    b[rng.Below(28)] ^= static_cast<uint8_t>(1 + rng.Below(255));
+    StatusOr<ModelWeightsF32> w = LoadLlama2cModel(MappedFile::FromBuffer(std::move(b)));
+    CHECK(!w.ok());
+    // tokenizer.bin: flip anywhere.
+    std::vector<uint8_t> tb = t0;
+    tb[rng.Below(tb.size())] ^= static_cast<uint8_t>(1 + rng.Below(255));
+    StatusOr<Tokenizer> t = Tokenizer::FromLlama2cBytes(tb.data(), tb.size(), 512);
+    if (t.ok()) {
+      const std::vector<int> ids = *t->Encode("Zoo was here");
+      CHECK(t->DecodeAll(ids).ok());
+    }
+  }
+  INFO("gguf loaded " << loaded << ", rejected " << rejected);
+  CHECK(rejected > 0);
+}
+
 // ---------------------------------------------------------------------------
 // Synthetic llama2.c checkpoints
 
