@@ -10,6 +10,7 @@
 #include "hwy/highway.h"
 #include "lutra/attention-inl.h"
 #include "lutra/dot-inl.h"
+#include "lutra/gemv-inl.h"
 #include "lutra/kv_cache-inl.h"
 #include "lutra/ops-inl.h"
 
@@ -20,15 +21,53 @@ namespace {
 
 float DotT(const float* a, const float* b, size_t num) { return Dot(a, b, num); }
 
-void MatVecF32T(const float* w, size_t rows, size_t cols, const float* x, float* y) {
-  for (size_t r = 0; r < rows; ++r) y[r] = Dot(w + r * cols, x, cols);
+void MatVecF32T(const float* w, size_t rows, size_t cols, const float* x, float* y,
+                ThreadPool* pool) {
+  const size_t tasks = pool ? pool->NumThreads() : 1;
+  auto run = [&](size_t task, size_t) {
+    const RowRange rr = SplitRows(rows, tasks, task, 4);
+    for (size_t r = rr.begin; r < rr.end; ++r) y[r] = Dot(w + r * cols, x, cols);
+  };
+  if (pool) {
+    pool->ParallelFor(tasks, run);
+  } else {
+    run(0, 0);
+  }
 }
 
-void MatMulF32T(const float* w, size_t rows, size_t cols, const float* x,
-                size_t batch, float* y) {
-  for (size_t m = 0; m < batch; ++m) {
-    for (size_t r = 0; r < rows; ++r) y[m * rows + r] = Dot(w + r * cols, x + m * cols, cols);
+void MatMulF32T(const float* w, size_t rows, size_t cols, const float* x, size_t batch,
+                float* y, ThreadPool* pool) {
+  const size_t tasks = pool ? pool->NumThreads() : 1;
+  auto run = [&](size_t task, size_t) {
+    const RowRange rr = SplitRows(rows, tasks, task, 4);
+    for (size_t r = rr.begin; r < rr.end; ++r) {
+      for (size_t m = 0; m < batch; ++m) y[m * rows + r] = Dot(w + r * cols, x + m * cols, cols);
+    }
+  };
+  if (pool) {
+    pool->ParallelFor(tasks, run);
+  } else {
+    run(0, 0);
   }
+}
+
+Status GemvT(const PreparedPalette& w, const float* x, const LoraDelta* lora,
+             MatmulPrecision precision, float* y, ThreadPool* pool, PreparedInput* scratch) {
+  Epilogue ep;
+  ep.lora = lora;
+  MatmulOptions opt;
+  opt.precision = precision;
+  return Gemv(w, x, w.shape().cols, ep, y, w.shape().rows, pool, opt, scratch);
+}
+
+// TEMP: one GEMV per token until lutra/gemm-inl.h lands.
+Status GemmT(const PreparedPalette& w, const float* x, size_t batch, const LoraDelta* lora,
+             MatmulPrecision precision, float* y, ThreadPool* pool, PreparedInput* scratch) {
+  for (size_t m = 0; m < batch; ++m) {
+    LUTRA_RETURN_IF_ERROR(GemvT(w, x + m * w.shape().cols, lora, precision,
+                                y + m * w.shape().rows, pool, scratch));
+  }
+  return Status();
 }
 
 void RMSNormT(const float* x, const float* weight, size_t num, float eps, float* out) {
@@ -71,33 +110,27 @@ float Dot(const float* a, const float* b, size_t num) {
   return HWY_DYNAMIC_DISPATCH(DotT)(a, b, num);
 }
 
-void MatVecF32(const float* w, size_t rows, size_t cols, const float* x, float* y) {
-  HWY_DYNAMIC_DISPATCH(MatVecF32T)(w, rows, cols, x, y);
+HWY_EXPORT(GemvT);
+HWY_EXPORT(GemmT);
+
+void MatVecF32(const float* w, size_t rows, size_t cols, const float* x, float* y,
+               ThreadPool* pool) {
+  HWY_DYNAMIC_DISPATCH(MatVecF32T)(w, rows, cols, x, y, pool);
 }
 
-void MatMulF32(const float* w, size_t rows, size_t cols, const float* x,
-               size_t batch, float* y) {
-  HWY_DYNAMIC_DISPATCH(MatMulF32T)(w, rows, cols, x, batch, y);
+void MatMulF32(const float* w, size_t rows, size_t cols, const float* x, size_t batch,
+               float* y, ThreadPool* pool) {
+  HWY_DYNAMIC_DISPATCH(MatMulF32T)(w, rows, cols, x, batch, y, pool);
 }
 
-// TEMP scalar: replaced by lutra/gemv-inl.h when it lands.
-void MatVecPalette(const PaletteView& w, const float* x, float* y) {
-  std::vector<float> row(w.shape.cols);
-  for (size_t r = 0; r < w.shape.rows; ++r) {
-    lutra::DequantizeRow(w, r, row.data());
-    y[r] = Dot(row.data(), x, w.shape.cols);
-  }
+Status Gemv(const PreparedPalette& w, const float* x, const LoraDelta* lora,
+            MatmulPrecision precision, float* y, ThreadPool* pool, PreparedInput* scratch) {
+  return HWY_DYNAMIC_DISPATCH(GemvT)(w, x, lora, precision, y, pool, scratch);
 }
 
-// TEMP scalar: replaced by lutra/gemm-inl.h when it lands.
-void MatMulPalette(const PaletteView& w, const float* x, size_t batch, float* y) {
-  std::vector<float> row(w.shape.cols);
-  for (size_t r = 0; r < w.shape.rows; ++r) {
-    lutra::DequantizeRow(w, r, row.data());
-    for (size_t m = 0; m < batch; ++m) {
-      y[m * w.shape.rows + r] = Dot(row.data(), x + m * w.shape.cols, w.shape.cols);
-    }
-  }
+Status Gemm(const PreparedPalette& w, const float* x, size_t batch, const LoraDelta* lora,
+            MatmulPrecision precision, float* y, ThreadPool* pool, PreparedInput* scratch) {
+  return HWY_DYNAMIC_DISPATCH(GemmT)(w, x, batch, lora, precision, y, pool, scratch);
 }
 
 void DequantizeRow(const PaletteView& w, size_t r, float* out) {

@@ -14,8 +14,10 @@
 #include <stdint.h>
 
 #include "lutra/kv_cache.h"
+#include "lutra/matmul.h"
 #include "lutra/palette.h"
 #include "lutra/status.h"
+#include "lutra/thread_pool.h"
 
 namespace lutra {
 namespace dispatch {
@@ -23,22 +25,24 @@ namespace dispatch {
 // sum_i a[i] * b[i], see lutra/dot-inl.h.
 float Dot(const float* a, const float* b, size_t num);
 
-// y[r] = sum_c w[r * cols + c] * x[c] for r < rows: the f32 reference matvec
-// (one Dot per row). TEMP: single-threaded until lutra/thread_pool.h lands.
-void MatVecF32(const float* w, size_t rows, size_t cols, const float* x, float* y);
+// y[r] = sum_c w[r * cols + c] * x[c] for r < rows: the f32 reference
+// matvec, one lutra Dot per row, rows split over `pool` (may be null).
+void MatVecF32(const float* w, size_t rows, size_t cols, const float* x, float* y,
+               ThreadPool* pool);
 
-// Y (batch x rows) = X (batch x cols) * W^T, W rows x cols: the f32 GEMM
-// used for prefill, built from Dot.
-void MatMulF32(const float* w, size_t rows, size_t cols, const float* x,
-               size_t batch, float* y);
+// Y (batch x rows) = X (batch x cols) W^T, W rows x cols: the f32 GEMM for
+// prefill, built from Dot (each weight row is read once for all tokens).
+void MatMulF32(const float* w, size_t rows, size_t cols, const float* x, size_t batch,
+               float* y, ThreadPool* pool);
 
-// y (rows) = W x for a palettized W (docs/format.md): the decode GEMV.
-// TEMP scalar (DequantizeRow + Dot) until lutra/gemv-inl.h lands.
-void MatVecPalette(const PaletteView& w, const float* x, float* y);
+// y (rows) = W x [+ lora] for a palettized W: the decode GEMV
+// (lutra/gemv-inl.h). scratch is reused between calls (one per caller).
+Status Gemv(const PreparedPalette& w, const float* x, const LoraDelta* lora,
+            MatmulPrecision precision, float* y, ThreadPool* pool, PreparedInput* scratch);
 
-// Y (batch x rows) = X (batch x cols) W^T for a palettized W: the prefill GEMM.
-// TEMP scalar until lutra/gemm-inl.h lands.
-void MatMulPalette(const PaletteView& w, const float* x, size_t batch, float* y);
+// Y (batch x rows) = X (batch x cols) W^T [+ lora]: the prefill GEMM.
+Status Gemm(const PreparedPalette& w, const float* x, size_t batch, const LoraDelta* lora,
+            MatmulPrecision precision, float* y, ThreadPool* pool, PreparedInput* scratch);
 
 // out (cols floats) = row r of a palettized W: the embedding lookup.
 void DequantizeRow(const PaletteView& w, size_t r, float* out);

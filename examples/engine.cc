@@ -64,18 +64,17 @@ StatusOr<RunState> MakeRunState(const Config& c, size_t max_batch, KVType kv_typ
 namespace {
 
 // Y (num x rows) = X (num x cols) W^T: GEMV for one token, GEMM for a batch.
-void Project(const Linear& w, const float* x, size_t num, float* y) {
+Status Project(RunState& s, const Linear& w, const float* x, size_t num, float* y) {
   if (w.palettized()) {
-    if (num == 1) {
-      dispatch::MatVecPalette(w.palette, x, y);
-    } else {
-      dispatch::MatMulPalette(w.palette, x, num, y);
-    }
-  } else if (num == 1) {
-    dispatch::MatVecF32(w.f32, w.rows, w.cols, x, y);
-  } else {
-    dispatch::MatMulF32(w.f32, w.rows, w.cols, x, num, y);
+    if (num == 1) return dispatch::Gemv(*w.prepared, x, w.lora, s.precision, y, s.pool, &s.scratch);
+    return dispatch::Gemm(*w.prepared, x, num, w.lora, s.precision, y, s.pool, &s.scratch);
   }
+  if (num == 1) {
+    dispatch::MatVecF32(w.f32, w.rows, w.cols, x, y, s.pool);
+  } else {
+    dispatch::MatMulF32(w.f32, w.rows, w.cols, x, num, y, s.pool);
+  }
+  return Status();
 }
 
 // Copies the embedding row of each token into x (num x dim).
@@ -133,24 +132,24 @@ StatusOr<const float*> Forward(const Model& model, RunState& s, const int* token
     for (size_t i = 0; i < num; ++i) {
       dispatch::RMSNorm(&s.x[i * dim], lw.attn_norm, dim, c.norm_eps, &s.xb[i * dim]);
     }
-    Project(lw.wq, s.xb.data(), num, s.q.data());
-    Project(lw.wk, s.xb.data(), num, s.k.data());
-    Project(lw.wv, s.xb.data(), num, s.v.data());
+    LUTRA_RETURN_IF_ERROR(Project(s, lw.wq, s.xb.data(), num, s.q.data()));
+    LUTRA_RETURN_IF_ERROR(Project(s, lw.wk, s.xb.data(), num, s.k.data()));
+    LUTRA_RETURN_IF_ERROR(Project(s, lw.wv, s.xb.data(), num, s.v.data()));
     LUTRA_RETURN_IF_ERROR(dispatch::RoPE(s.q.data(), num, c.n_heads, c.head_dim, pos, c.rope_theta));
     LUTRA_RETURN_IF_ERROR(
         dispatch::RoPE(s.k.data(), num, c.n_kv_heads, c.head_dim, pos, c.rope_theta));
     LUTRA_RETURN_IF_ERROR(Attend(c, s, l, num, pos));
-    Project(lw.wo, s.att.data(), num, s.xb.data());
+    LUTRA_RETURN_IF_ERROR(Project(s, lw.wo, s.att.data(), num, s.xb.data()));
     dispatch::AddTo(s.x.data(), s.xb.data(), num * dim);
 
     // FFN block: x += W2 (SiLU(W1 xn) * W3 xn).
     for (size_t i = 0; i < num; ++i) {
       dispatch::RMSNorm(&s.x[i * dim], lw.ffn_norm, dim, c.norm_eps, &s.xb[i * dim]);
     }
-    Project(lw.w1, s.xb.data(), num, s.hb.data());
-    Project(lw.w3, s.xb.data(), num, s.hb2.data());
+    LUTRA_RETURN_IF_ERROR(Project(s, lw.w1, s.xb.data(), num, s.hb.data()));
+    LUTRA_RETURN_IF_ERROR(Project(s, lw.w3, s.xb.data(), num, s.hb2.data()));
     dispatch::SwiGLU(s.hb.data(), s.hb2.data(), num * hidden, s.hb.data());
-    Project(lw.w2, s.hb.data(), num, s.xb.data());
+    LUTRA_RETURN_IF_ERROR(Project(s, lw.w2, s.hb.data(), num, s.xb.data()));
     dispatch::AddTo(s.x.data(), s.xb.data(), num * dim);
   }
 
@@ -160,7 +159,7 @@ StatusOr<const float*> Forward(const Model& model, RunState& s, const int* token
   for (size_t i = first; i < num; ++i) {
     dispatch::RMSNorm(&s.x[i * dim], w.final_norm, dim, c.norm_eps, &s.xb[(i - first) * dim]);
   }
-  Project(w.output, s.xb.data(), rows, s.logits.data());
+  LUTRA_RETURN_IF_ERROR(Project(s, w.output, s.xb.data(), rows, s.logits.data()));
   return static_cast<const float*>(s.logits.data());
 }
 
@@ -283,7 +282,8 @@ void LogSoftmax(const float* logits, size_t n, std::vector<double>& out) {
 }  // namespace
 
 StatusOr<EvalResult> Evaluate(const Model& reference, const Model& test,
-                              const std::vector<int>& tokens, size_t max_batch) {
+                              const std::vector<int>& tokens, size_t max_batch,
+                              ThreadPool* pool, MatmulPrecision precision) {
   const Config& c = reference.config;
   const Config& t = test.config;
   if (c.dim != t.dim || c.n_layers != t.n_layers || c.vocab_size != t.vocab_size ||
@@ -299,6 +299,8 @@ StatusOr<EvalResult> Evaluate(const Model& reference, const Model& test,
   if (!ref_state.ok()) return ref_state.status();
   StatusOr<RunState> test_state = MakeRunState(t, max_batch);
   if (!test_state.ok()) return test_state.status();
+  ref_state->pool = test_state->pool = pool;
+  ref_state->precision = test_state->precision = precision;
 
   const size_t vocab = c.vocab_size;
   const size_t positions = tokens.size() - 1;  // predictions with a known next token

@@ -14,8 +14,10 @@
 #include <vector>
 
 #include "lutra/kv_cache.h"
+#include "lutra/matmul.h"
 #include "lutra/palette.h"
 #include "lutra/status.h"
+#include "lutra/thread_pool.h"
 #include "lutra/tokenizer.h"
 
 namespace lutra {
@@ -48,6 +50,8 @@ struct Linear {
   size_t rows = 0, cols = 0;
   const float* f32 = nullptr;  // row-major rows x cols, or null when palettized
   PaletteView palette;         // valid when f32 == nullptr
+  const PreparedPalette* prepared = nullptr;  // the GEMV/GEMM tables of `palette`
+  const LoraDelta* lora = nullptr;  // optional low-rank delta (palettized only)
 
   bool palettized() const { return f32 == nullptr; }
   // Bytes of weight storage (indices + codebooks, or floats).
@@ -79,7 +83,12 @@ struct Model {
   // Storage the views in `weights` point into.
   std::vector<std::vector<float>> f32_storage;
   std::vector<PaletteMatrix> palettes;
+  std::vector<std::unique_ptr<PreparedPalette>> prepared;
   std::shared_ptr<void> keep_alive;  // e.g. the loader's mapped file
+
+  // Builds the kernels' per-group tables of every palettized matrix (once,
+  // after the weights are in place; a tied head shares the embedding's).
+  Status Prepare();
 
   // Matrices once each (a tied output head is the embedding), for stats.
   std::vector<const Linear*> Matrices() const;
@@ -141,6 +150,11 @@ struct RunState {
   // Keys and values of the last seq_len positions of every layer: a ring
   // buffer, so generation may run past seq_len (attending a sliding window).
   KVCache cache;
+  // Matrix products: worker threads (null = this thread only), the
+  // palettized kernels' precision (matmul.h) and their reusable scratch.
+  ThreadPool* pool = nullptr;
+  MatmulPrecision precision = MatmulPrecision::kInt8;
+  PreparedInput scratch;
 };
 
 StatusOr<RunState> MakeRunState(const Config& config, size_t max_batch,
@@ -208,7 +222,9 @@ struct EvalResult {
 // Teacher-forces `tokens` through both models (same Config) and compares the
 // next-token distributions at every position but the last.
 StatusOr<EvalResult> Evaluate(const Model& reference, const Model& test,
-                              const std::vector<int>& tokens, size_t max_batch);
+                              const std::vector<int>& tokens, size_t max_batch,
+                              ThreadPool* pool = nullptr,
+                              MatmulPrecision precision = MatmulPrecision::kInt8);
 
 }  // namespace engine
 }  // namespace lutra

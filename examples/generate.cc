@@ -31,7 +31,8 @@ struct Options {
   uint64_t seed = 0;        // 0: from the clock
   size_t threads = 1;
   engine::LoadOptions load;
-  std::string kv_type = "f32";
+  lutra::KVType kv_type = lutra::KVType::kF32;
+  lutra::MatmulPrecision precision = lutra::MatmulPrecision::kInt8;
   std::string save;         // write a .lutra file and exit
   bool eval = false;
   std::string eval_text;
@@ -62,7 +63,9 @@ void PrintUsage(FILE* out) {
           "  --topp P            nucleus sampling mass (default 0.9)\n"
           "  --seed S            random seed (default: time)\n"
           "  --threads N         worker threads (default 1)\n"
-          "  --kv-type T         KV cache element type: f32 (default)\n"
+          "  --kv-type T         KV cache element type: f32 (default), f16, bf16, int8\n"
+          "  --precision P       palettized matmuls: int8 (default: u8 codebooks x int8\n"
+          "                      activations, fast) or f32 (exact codebook values)\n"
           "Quality (--eval): KL divergence, top-1 agreement and perplexity of the\n"
           "palettized model against the f32 model on --eval-text, or on text sampled\n"
           "from the f32 model when absent:\n"
@@ -141,8 +144,22 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
       if (!ParseSize(value, 1, 1 << 20, &n)) return bad("an integer >= 1");
       o->load.seq_len = int(n);
     } else if (flag == "--kv-type") {
-      if (std::string(value) != "f32") return bad("f32");
-      o->kv_type = value;
+      const std::string v = value;
+      if (v == "f32") {
+        o->kv_type = lutra::KVType::kF32;
+      } else if (v == "f16") {
+        o->kv_type = lutra::KVType::kF16;
+      } else if (v == "bf16") {
+        o->kv_type = lutra::KVType::kBF16;
+      } else if (v == "int8") {
+        o->kv_type = lutra::KVType::kInt8;
+      } else {
+        return bad("f32, f16, bf16 or int8");
+      }
+    } else if (flag == "--precision") {
+      const std::string v = value;
+      if (v != "int8" && v != "f32") return bad("int8 or f32");
+      o->precision = v == "f32" ? lutra::MatmulPrecision::kF32 : lutra::MatmulPrecision::kInt8;
     } else if (flag == "--save") {
       o->save = value;
     } else if (flag == "--eval-text") {
@@ -192,15 +209,18 @@ void PrintPiece(std::string_view piece) {
   fflush(stdout);
 }
 
-int RunGenerate(const Options& o, const engine::Model& model, const lutra::Tokenizer& tok) {
+int RunGenerate(const Options& o, const engine::Model& model, const lutra::Tokenizer& tok,
+                lutra::ThreadPool* pool) {
   StatusOr<std::vector<int>> prompt = tok.Encode(o.prompt, /*add_bos=*/true);
   if (!prompt.ok()) return Fail(prompt.status());
   if (prompt->size() > size_t(model.config.seq_len)) {
     return Fail(lutra::InvalidArgument("prompt of %zu tokens exceeds the context of %d",
                                        prompt->size(), model.config.seq_len));
   }
-  StatusOr<engine::RunState> state = engine::MakeRunState(model.config, o.batch);
+  StatusOr<engine::RunState> state = engine::MakeRunState(model.config, o.batch, o.kv_type);
   if (!state.ok()) return Fail(state.status());
+  state->pool = pool;
+  state->precision = o.precision;
 
   // The prompt is echoed first, as llama2.c does.
   int prev = -1;
@@ -239,7 +259,9 @@ int RunGenerate(const Options& o, const engine::Model& model, const lutra::Token
   return 0;
 }
 
-int RunEval(const Options& o, const engine::Model& model, const lutra::Tokenizer& tok) {
+int RunEval(const Options& o, const engine::Model& model, const lutra::Tokenizer& tok,
+            lutra::ThreadPool* pool) {
+  (void)pool;
   (void)o, (void)model, (void)tok;
   return Fail(lutra::Unimplemented("--eval: not yet"));
 }
@@ -278,6 +300,7 @@ int main(int argc, char** argv) {
   }
   StatusOr<std::shared_ptr<const lutra::Tokenizer>> tokenizer = GetTokenizer(o, *model);
   if (!tokenizer.ok()) return Fail(tokenizer.status());
-  if (o.eval) return RunEval(o, *model, **tokenizer);
-  return RunGenerate(o, *model, **tokenizer);
+  lutra::ThreadPool pool(o.threads);
+  if (o.eval) return RunEval(o, *model, **tokenizer, &pool);
+  return RunGenerate(o, *model, **tokenizer, &pool);
 }

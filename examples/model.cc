@@ -57,6 +57,27 @@ double Model::BitsPerWeight() const {
   return n == 0 ? 0.0 : 8.0 * double(bytes) / double(n);
 }
 
+Status Model::Prepare() {
+  std::vector<Linear*> all = {&weights.embedding, &weights.output};
+  for (LayerWeights& l : weights.layers) {
+    for (Linear* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w1, &l.w2, &l.w3}) all.push_back(w);
+  }
+  for (Linear* w : all) {
+    if (!w->palettized() || w->prepared != nullptr) continue;
+    // The tied head is a copy of the embedding's Linear: share its tables.
+    if (w == &weights.output && weights.embedding.prepared != nullptr &&
+        weights.output.palette.indices == weights.embedding.palette.indices) {
+      w->prepared = weights.embedding.prepared;
+      continue;
+    }
+    StatusOr<PreparedPalette> p = PreparedPalette::Make(w->palette);
+    if (!p.ok()) return p.status();
+    prepared.push_back(std::make_unique<PreparedPalette>(std::move(*p)));
+    w->prepared = prepared.back().get();
+  }
+  return Status();
+}
+
 // ----------------------------------------------------------------------------
 // Synthetic models
 
@@ -208,12 +229,13 @@ StatusOr<Model> MakeSyntheticModel(const std::string& shape, const LoadOptions& 
       if (!w.ok()) return w.status();
       *s.w = *w;
     }
-    if (o.progress && c.dim >= 1024) {
+    if (o.progress && c.dim >= 1024 && isatty(2)) {
       fprintf(stderr, "\rsynthetic %s: layer %d/%d", shape.c_str(), l + 1, c.n_layers);
     }
   }
-  if (o.progress && c.dim >= 1024) fprintf(stderr, "\n");
+  if (o.progress && c.dim >= 1024 && isatty(2)) fprintf(stderr, "\n");
   m.weights.final_norm = norms + 2 * size_t(c.n_layers) * c.dim;
+  LUTRA_RETURN_IF_ERROR(m.Prepare());
   return m;
 }
 
@@ -237,7 +259,10 @@ StatusOr<std::vector<int>> PlanBits(const Model& src, const LoadOptions& o, size
   }
   MixedBitsOptions mo;
   mo.target_bits = o.mixed_bits;
-  mo.allowed_bits = {2, 3, 4, 6, 8};
+  // 8-bit tensors only pay off for generous budgets (and their DP-optimal
+  // k-means is slow: ~10 ms per group).
+  mo.allowed_bits = {2, 3, 4, 6};
+  if (o.mixed_bits > 5.0) mo.allowed_bits.push_back(8);
   mo.group_rows = o.group;
   mo.codebook = o.codebook;
   mo.threads = threads;
@@ -339,6 +364,7 @@ StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t th
   }
   // Tied head: the output is the (palettized) embedding itself.
   if (dst.back() != &m.weights.output) m.weights.output = m.weights.embedding;
+  LUTRA_RETURN_IF_ERROR(m.Prepare());
   return m;
 }
 
