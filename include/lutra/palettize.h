@@ -235,10 +235,13 @@ inline void OptimalInit(GroupScratch& s, const SortedGroup& g, size_t k, double*
   for (size_t j = 1; j < k; ++j) {
     std::fill(s.dp_cur.begin(), s.dp_cur.end(), std::numeric_limits<double>::infinity());
     uint32_t* opt = s.opt.data() + j * (U + 1);
-    // Last layer only needs i = U.
+    // j + 1 clusters need >= j + 1 units, and the remaining k - 1 - j
+    // clusters need one unit each after i (so the last layer only has i = U).
+    // The argmin l then lies in [j, ihi - 1], all computed in the last layer.
     const size_t ilo = (j + 1 == k) ? U : j + 1;
+    const size_t ihi = U - (k - 1 - j);
     stack.clear();
-    stack.push_back({ilo, U, j, U - 1});
+    stack.push_back({ilo, ihi, j, ihi - 1});
     while (!stack.empty()) {
       const Frame f = stack.back();
       stack.pop_back();
