@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <algorithm>
 #include <chrono>
 #include <string>
 #include <vector>
@@ -259,11 +260,43 @@ int RunGenerate(const Options& o, const engine::Model& model, const lutra::Token
   return 0;
 }
 
-int RunEval(const Options& o, const engine::Model& model, const lutra::Tokenizer& tok,
-            lutra::ThreadPool* pool) {
-  (void)pool;
-  (void)o, (void)model, (void)tok;
-  return Fail(lutra::Unimplemented("--eval: not yet"));
+// --eval: the palettized `test` model against its f32 `reference` on
+// --eval-text, or on text the reference samples itself.
+int RunEval(const Options& o, const engine::Model& reference, const engine::Model& test,
+            const lutra::Tokenizer& tok, lutra::ThreadPool* pool) {
+  const size_t max_tokens = std::min(o.eval_tokens, size_t(reference.config.seq_len));
+  std::vector<int> tokens;
+  if (!o.eval_text.empty()) {
+    StatusOr<std::vector<int>> t = tok.Encode(o.eval_text, /*add_bos=*/true);
+    if (!t.ok()) return Fail(t.status());
+    tokens = std::move(*t);
+    if (tokens.size() > max_tokens) tokens.resize(max_tokens);
+  } else {
+    StatusOr<engine::RunState> state = engine::MakeRunState(reference.config, o.batch);
+    if (!state.ok()) return Fail(state.status());
+    state->pool = pool;
+    engine::SamplerOptions so;
+    so.temperature = o.temperature > 0.0f ? o.temperature : 1.0f;
+    so.top_p = o.top_p;
+    so.seed = o.seed;
+    engine::Sampler sampler(so);
+    StatusOr<std::vector<int>> prompt = tok.Encode(o.prompt, /*add_bos=*/true);
+    if (!prompt.ok()) return Fail(prompt.status());
+    tokens = *prompt;
+    Status s = engine::Generate(reference, *state, *prompt, max_tokens - 1, sampler, {},
+                                [&](int, int token) { tokens.push_back(token); }, nullptr);
+    if (!s.ok()) return Fail(s);
+  }
+  if (tokens.size() < 2) return Fail(lutra::InvalidArgument("--eval: need at least 2 tokens"));
+  StatusOr<engine::EvalResult> r =
+      engine::Evaluate(reference, test, tokens, o.batch, pool, o.precision);
+  if (!r.ok()) return Fail(r.status());
+  printf("eval on %s: %zu positions, mean KL(f32 || palettized) %.4f nats, top-1 agreement "
+         "%.1f%%, perplexity f32 %.3f -> palettized %.3f (%.2f bits/weight, %s kernels)\n",
+         o.eval_text.empty() ? "text sampled from the f32 model" : "--eval-text", r->positions,
+         r->mean_kl, 100.0 * r->top1_agreement, r->perplexity_reference, r->perplexity_test,
+         test.BitsPerWeight(), lutra::MatmulPrecisionName(o.precision));
+  return 0;
 }
 
 }  // namespace
@@ -286,11 +319,21 @@ int main(int argc, char** argv) {
   }
   o.load.progress = true;
 
-  // Load (and palettize) the model.
+  // Load (and palettize) the model. --eval keeps the f32 model as reference.
+  if (o.eval && o.load.bits == 0 && o.load.mixed_bits == 0.0) {
+    return Fail(lutra::InvalidArgument("--eval compares a palettized model with f32: give "
+                                       "--bits B or --mixed BPW"));
+  }
+  engine::LoadOptions load = o.load;
+  if (o.eval) load.bits = 0, load.mixed_bits = 0.0;
   StatusOr<engine::Model> model =
-      o.synthetic.empty() ? engine::LoadModel(o.model, o.load, o.threads)
-                          : engine::MakeSyntheticModel(o.synthetic, o.load, o.seed);
+      o.synthetic.empty() ? engine::LoadModel(o.model, load, o.threads)
+                          : engine::MakeSyntheticModel(o.synthetic, load, o.seed);
   if (!model.ok()) return Fail(model.status());
+  if (o.eval && model->MatrixWeights() > 0 && model->Matrices()[0]->palettized()) {
+    return Fail(lutra::InvalidArgument("--eval needs an f32 source model (.bin, .gguf or "
+                                       "--synthetic), not an already palettized .lutra file"));
+  }
   if (!o.save.empty()) {
     Status saved = engine::SaveLutraModel(*model, o.save);
     if (!saved.ok()) return Fail(saved);
@@ -301,6 +344,10 @@ int main(int argc, char** argv) {
   StatusOr<std::shared_ptr<const lutra::Tokenizer>> tokenizer = GetTokenizer(o, *model);
   if (!tokenizer.ok()) return Fail(tokenizer.status());
   lutra::ThreadPool pool(o.threads);
-  if (o.eval) return RunEval(o, *model, **tokenizer, &pool);
+  if (o.eval) {
+    StatusOr<engine::Model> test = engine::PalettizeModel(*model, o.load, o.threads);
+    if (!test.ok()) return Fail(test.status());
+    return RunEval(o, *model, *test, **tokenizer, &pool);
+  }
   return RunGenerate(o, *model, **tokenizer, &pool);
 }
