@@ -1,0 +1,368 @@
+// GEMM Y = X W^T over palettized weights for M tokens (prefill), with the
+// same fused epilogue as GEMV and a caller-given range of output channels so
+// that callers split panels across threads.
+//
+// Each panel of NR weight rows is decoded once (lut_decode-inl.h) into a
+// small tile - NR rows x all K positions, i.e. NR * K bytes, L2-resident; never
+// a dequantized copy of the matrix - and reused for all M tokens by a
+// register-blocked micro-kernel:
+// - kInt8: the tile holds u8 codes laid out [K/4][NR][4], so one vector load
+//   gives 4 consecutive positions of NR/2 rows; each token's 4 i8
+//   activations are broadcast and multiplied with vpdpbusd
+//   (SumOfMulQuadAccumulate) into MR x 2 i32 accumulators, converted to f32
+//   per quantization block.
+// - kF32: the tile holds exact f32 weights; dot products per (token, row).
+//
+// Per-target code: include after hwy/highway.h (see dot-inl.h).
+//
+// Public entry points (namespace lutra::HWY_NAMESPACE):
+//   Status PrepareGemmInput(const PreparedPalette& w, const float* X, size_t M,
+//                           size_t ldx, const Epilogue& ep,
+//                           const MatmulOptions& opt, PreparedInput* in);
+//   Status GemmRows(const PreparedPalette& w, const PreparedInput& in,
+//                   size_t n0, size_t n1, float* Y, size_t ldy);
+//   Status Gemm(const PreparedPalette& w, const float* X, size_t M, size_t ldx,
+//               const Epilogue& ep, float* Y, size_t ldy,
+//               ThreadPool* pool = nullptr, const MatmulOptions& opt = {},
+//               PreparedInput* scratch = nullptr);
+
+#if defined(LUTRA_GEMM_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef LUTRA_GEMM_INL_H_
+#undef LUTRA_GEMM_INL_H_
+#else
+#define LUTRA_GEMM_INL_H_
+#endif
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <cmath>
+#include <vector>
+
+#include "hwy/aligned_allocator.h"
+#include "hwy/highway.h"
+#include "lutra/dot-inl.h"
+#include "lutra/gemv-inl.h"
+#include "lutra/lut_decode-inl.h"
+#include "lutra/matmul.h"
+#include "lutra/status.h"
+#include "lutra/thread_pool.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace lutra {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// Prepares M token rows X (row m at X + m * ldx, K floats each; ldx >= K).
+HWY_INLINE Status PrepareGemmInput(const PreparedPalette& w, const float* HWY_RESTRICT X,
+                                   size_t M, size_t ldx, const Epilogue& ep,
+                                   const MatmulOptions& opt, PreparedInput* in) {
+  return PrepareInput(w, X, M, ldx, ep, opt, in);
+}
+
+namespace detail {
+
+// Token rows per micro-kernel call: MR x 2 vectors of i32 plus as many f32
+// accumulators must fit the register file (32 on AVX-512, 16 elsewhere).
+#if HWY_ARCH_X86 && HWY_TARGET > HWY_AVX3
+constexpr size_t kGemmMR = 3;
+#else
+constexpr size_t kGemmMR = 6;
+#endif
+
+// Output rows per panel: two i32 vectors.
+HWY_INLINE size_t PanelRows() { return 2 * hn::Lanes(hn::ScalableTag<int32_t>()); }
+
+// Per-panel data shared by the micro-kernel calls of one panel.
+struct Panel {
+  size_t n = 0;    // first output row
+  size_t nr = 0;   // valid rows (<= PanelRows())
+  const uint8_t* tile = nullptr;  // [positions / 4][NR][4] u8 codes
+  const float* step = nullptr;    // NR (0 past nr)
+  const float* lo = nullptr;      // NR
+  const float* bt = nullptr;      // LoRA B^T panel: rank x NR f32 (or null)
+};
+
+// Decodes rows [n, n + nr) into the interleaved u8 tile (rows past nr = 0).
+template <int kBits>
+HWY_NOINLINE void DecodePanelU8(const PreparedPalette& w, const PreparedInput& in, size_t n,
+                                size_t nr, size_t NR, uint8_t* HWY_RESTRICT tile) {
+  using D = DecodeTag<kBits>;
+  const D d;
+  const size_t L = hn::Lanes(d);
+  const PaletteShape& shape = w.shape();
+  const size_t row_bytes = shape.row_bytes();
+  const size_t unit_bytes = (kBits == 3 || kBits == 6) ? 48 : L;
+  const size_t UP = in.unit_positions;
+  HWY_ALIGN uint8_t buf[hn::MaxLanes(D())];
+  for (size_t j = 0; j < NR; ++j) {
+    if (j >= nr) {
+      for (size_t q = 0; q < in.positions / 4; ++q) memset(tile + (q * NR + j) * 4, 0, 4);
+      continue;
+    }
+    const size_t r = n + j;
+    LutU8<kBits, D> lut;
+    lut.Init(d, w.table_u8(r / shape.group_rows));
+    const uint8_t* row = w.view().row(r);
+    for (size_t u = 0; u < in.num_units; ++u) {
+      const size_t off = u * unit_bytes;
+      DecodeUnit<kBits>(d, row + off, row_bytes - off, [&](size_t s, hn::Vec<D> idx) HWY_ATTR {
+        hn::Store(lut.Lookup(d, idx), d, buf);
+        const size_t q0 = (u * UP + s * L) / 4;
+        for (size_t k = 0; k < L / 4; ++k) memcpy(tile + ((q0 + k) * NR + j) * 4, buf + 4 * k, 4);
+      });
+    }
+  }
+}
+
+// Decodes rows [n, n + nr) into exact f32 rows (positions order), zero rows
+// past nr.
+template <int kBits>
+HWY_NOINLINE void DecodePanelF32(const PreparedPalette& w, const PreparedInput& in, size_t n,
+                                 size_t nr, size_t NR, float* HWY_RESTRICT rows) {
+  using D = DecodeTag<kBits>;
+  const D d;
+  const size_t L = hn::Lanes(d);
+  const PaletteShape& shape = w.shape();
+  const size_t row_bytes = shape.row_bytes();
+  const size_t unit_bytes = (kBits == 3 || kBits == 6) ? 48 : L;
+  const size_t UP = in.unit_positions, P = in.positions;
+  HWY_ALIGN uint8_t buf[hn::MaxLanes(D())];
+  for (size_t j = 0; j < NR; ++j) {
+    float* HWY_RESTRICT out = rows + j * P;
+    if (j >= nr) {
+      for (size_t p = 0; p < P; ++p) out[p] = 0.0f;
+      continue;
+    }
+    const size_t r = n + j;
+    const float* table = w.table_f32(r / shape.group_rows);
+    const uint8_t* row = w.view().row(r);
+    for (size_t u = 0; u < in.num_units; ++u) {
+      const size_t off = u * unit_bytes;
+      DecodeUnit<kBits>(d, row + off, row_bytes - off, [&](size_t s, hn::Vec<D> idx) HWY_ATTR {
+        hn::Store(idx, d, buf);
+        float* o = out + u * UP + s * L;
+        for (size_t k = 0; k < L; ++k) o[k] = table[buf[k]];
+      });
+    }
+  }
+}
+
+// Writes Y[m, n .. n + nr) = step * acc + lo * xsum[m] (+ epilogue) for one
+// token m, where acc holds the panel's two vectors of f32 dot products.
+template <class DF, class VF = hn::Vec<DF>>
+HWY_INLINE void StorePanelRow(DF df, const PreparedInput& in, const Panel& p, size_t m, VF acc0,
+                              VF acc1, float* HWY_RESTRICT Y, size_t ldy) {
+  const size_t NF = hn::Lanes(df);
+  const Epilogue& ep = in.epilogue;
+  const size_t rstride = ep.residual_stride ? ep.residual_stride : ldy;
+  const VF xs = hn::Set(df, in.xsum[m]);
+  VF v[2] = {acc0, acc1};
+  for (size_t h = 0; h < 2; ++h) {
+    const size_t off = h * NF;
+    if (off >= p.nr) break;
+    const size_t cnt = HWY_MIN(NF, p.nr - off);
+    VF y = hn::MulAdd(v[h], hn::LoadU(df, p.step + off), hn::Mul(hn::LoadU(df, p.lo + off), xs));
+    const size_t col = p.n + off;
+    if (ep.bias) y = hn::Add(y, hn::LoadN(df, ep.bias + col, cnt));
+    if (ep.residual) y = hn::Add(y, hn::LoadN(df, ep.residual + m * rstride + col, cnt));
+    if (in.has_lora) {
+      const size_t rank = in.lora.rank;
+      const size_t NR = 2 * NF;
+      const float* ax = in.lora_ax.data() + m * rank;
+      VF delta = hn::Zero(df);
+      for (size_t k = 0; k < rank; ++k) {
+        delta = hn::MulAdd(hn::Set(df, ax[k]), hn::LoadU(df, p.bt + k * NR + off), delta);
+      }
+      y = hn::MulAdd(delta, hn::Set(df, in.lora.scale), y);
+    }
+    hn::StoreN(y, df, Y + m * ldy + col, cnt);
+  }
+}
+
+// Int8 micro-kernel: tokens [m, m + kMR) x the panel's NR rows.
+template <size_t kMR>
+HWY_INLINE void MicroKernelI8(const PreparedInput& in, const Panel& p, size_t m,
+                              float* HWY_RESTRICT Y, size_t ldy) {
+  const hn::ScalableTag<int32_t> di32;
+  const hn::Repartition<uint8_t, decltype(di32)> du8;
+  const hn::Repartition<int8_t, decltype(di32)> di8;
+  const hn::Repartition<float, decltype(di32)> df;
+  using VI = hn::Vec<decltype(di32)>;
+  using VF = hn::Vec<decltype(df)>;
+  const size_t NF = hn::Lanes(df);
+  const size_t NR = 2 * NF;
+  const size_t P = in.positions;
+  const size_t block_quads = in.units_per_block * in.unit_positions / 4;
+  const size_t num_quads = P / 4;
+  const uint8_t* HWY_RESTRICT tile = p.tile;
+  const int8_t* xq[kMR];
+  VF accf0[kMR], accf1[kMR];
+  for (size_t i = 0; i < kMR; ++i) {
+    xq[i] = in.xq.data() + (m + i) * P;
+    accf0[i] = hn::Zero(df);
+    accf1[i] = hn::Zero(df);
+  }
+  for (size_t b = 0, q = 0; b < in.num_blocks; ++b) {
+    VI acc0[kMR], acc1[kMR];
+    for (size_t i = 0; i < kMR; ++i) {
+      acc0[i] = hn::Zero(di32);
+      acc1[i] = hn::Zero(di32);
+    }
+    const size_t q_end = HWY_MIN(q + block_quads, num_quads);
+    for (; q < q_end; ++q) {
+      const auto w0 = hn::LoadU(du8, tile + q * NR * 4);
+      const auto w1 = hn::LoadU(du8, tile + q * NR * 4 + NF * 4);
+      for (size_t i = 0; i < kMR; ++i) {
+        int32_t x4;
+        memcpy(&x4, xq[i] + q * 4, 4);
+        const auto xb = hn::BitCast(di8, hn::Set(di32, x4));
+        acc0[i] = hn::SumOfMulQuadAccumulate(di32, w0, xb, acc0[i]);
+        acc1[i] = hn::SumOfMulQuadAccumulate(di32, w1, xb, acc1[i]);
+      }
+    }
+    for (size_t i = 0; i < kMR; ++i) {
+      const VF sx = hn::Set(df, in.xscale[(m + i) * in.num_blocks + b]);
+      accf0[i] = hn::MulAdd(hn::ConvertTo(df, acc0[i]), sx, accf0[i]);
+      accf1[i] = hn::MulAdd(hn::ConvertTo(df, acc1[i]), sx, accf1[i]);
+    }
+  }
+  for (size_t i = 0; i < kMR; ++i) StorePanelRow(df, in, p, m + i, accf0[i], accf1[i], Y, ldy);
+}
+
+template <int kBits>
+HWY_NOINLINE void GemmRowsImpl(const PreparedPalette& w, const PreparedInput& in, size_t n0,
+                               size_t n1, float* HWY_RESTRICT Y, size_t ldy) {
+  const hn::ScalableTag<float> df;
+  const size_t NF = hn::Lanes(df);
+  const size_t NR = 2 * NF;
+  const size_t P = in.positions, M = in.rows;
+  const size_t G = w.shape().group_rows;
+  const bool f32 = in.precision == MatmulPrecision::kF32;
+  hwy::AlignedFreeUniquePtr<uint8_t[]> tile;
+  hwy::AlignedFreeUniquePtr<float[]> rows;
+  if (f32) {
+    rows = hwy::AllocateAligned<float>(NR * P);
+  } else {
+    tile = hwy::AllocateAligned<uint8_t>(NR * P);
+  }
+  std::vector<float> step(NR), lo(NR), bt;
+  if (in.has_lora) bt.resize(in.lora.rank * NR);
+  const size_t bytes = WeightTypeBytes(in.lora.type);
+  for (size_t n = n0; n < n1; n += NR) {
+    Panel p;
+    p.n = n;
+    p.nr = HWY_MIN(NR, n1 - n);
+    for (size_t j = 0; j < NR; ++j) {
+      step[j] = j < p.nr ? w.step((n + j) / G) : 0.0f;
+      lo[j] = j < p.nr ? w.lo((n + j) / G) : 0.0f;
+    }
+    p.step = step.data();
+    p.lo = lo.data();
+    if (in.has_lora) {
+      // B^T for this panel in f32: rank x NR, zero past nr.
+      const size_t rank = in.lora.rank;
+      const uint8_t* B = static_cast<const uint8_t*>(in.lora.b);
+      for (size_t j = 0; j < NR; ++j) {
+        for (size_t k = 0; k < rank; ++k) {
+          float v = 0.0f;
+          if (j < p.nr) {
+            const uint8_t* e = B + ((n + j) * rank + k) * bytes;
+            if (in.lora.type == WeightType::kF32) {
+              memcpy(&v, e, 4);
+            } else {
+              uint16_t b16;
+              memcpy(&b16, e, 2);
+              v = in.lora.type == WeightType::kF16
+                      ? hwy::F32FromF16(hwy::float16_t::FromBits(b16))
+                      : hwy::F32FromBF16(hwy::bfloat16_t::FromBits(b16));
+            }
+          }
+          bt[k * NR + j] = v;
+        }
+      }
+      p.bt = bt.data();
+    }
+    if (f32) {
+      DecodePanelF32<kBits>(w, in, n, p.nr, NR, rows.get());
+      const float* residual = in.epilogue.residual;
+      const size_t rstride = in.epilogue.residual_stride ? in.epilogue.residual_stride : ldy;
+      for (size_t m = 0; m < M; ++m) {
+        const float* x = in.xf.data() + m * P;
+        for (size_t j = 0; j < p.nr; ++j) {
+          const float v = Dot(df, rows.get() + j * P, x, P);
+          const float res = residual ? residual[m * rstride + n + j] : 0.0f;
+          Y[m * ldy + n + j] = FinishRow(in, m, n + j, v, res);
+        }
+      }
+      continue;
+    }
+    DecodePanelU8<kBits>(w, in, n, p.nr, NR, tile.get());
+    p.tile = tile.get();
+    size_t m = 0;
+    for (; m + kGemmMR <= M; m += kGemmMR) MicroKernelI8<kGemmMR>(in, p, m, Y, ldy);
+    for (; m < M; ++m) MicroKernelI8<1>(in, p, m, Y, ldy);
+  }
+}
+
+}  // namespace detail
+
+// Computes Y[m, n] for all M tokens and output channels n in [n0, n1)
+// (0 <= n0 <= n1 <= N) from an input made by PrepareGemmInput on this target.
+// Y is M x N at ldy >= N floats per token row; only columns [n0, n1) are
+// written. Single-threaded; threads may call it concurrently with disjoint
+// ranges (multiples of 2 * f32 lanes avoid partial panels).
+HWY_INLINE Status GemmRows(const PreparedPalette& w, const PreparedInput& in, size_t n0,
+                           size_t n1, float* HWY_RESTRICT Y, size_t ldy) {
+  LUTRA_RETURN_IF_ERROR(detail::CheckInput(w, in, "gemm"));
+  const size_t N = w.shape().rows;
+  if (n0 > n1 || n1 > N) {
+    return InvalidArgument("gemm: row range [%zu, %zu) not within [0, %zu)", n0, n1, N);
+  }
+  if (ldy < N) return InvalidArgument("gemm: output stride %zu < N = %zu", ldy, N);
+  const Epilogue& ep = in.epilogue;
+  if (ep.residual && ep.residual_stride != 0 && ep.residual_stride < N) {
+    return InvalidArgument("gemm: residual stride %zu < N = %zu", ep.residual_stride, N);
+  }
+  if (n0 == n1) return Status::Ok();
+  if (Y == nullptr) return InvalidArgument("gemm: null output");
+  switch (in.bits) {
+    case 1: detail::GemmRowsImpl<1>(w, in, n0, n1, Y, ldy); break;
+    case 2: detail::GemmRowsImpl<2>(w, in, n0, n1, Y, ldy); break;
+    case 3: detail::GemmRowsImpl<3>(w, in, n0, n1, Y, ldy); break;
+    case 4: detail::GemmRowsImpl<4>(w, in, n0, n1, Y, ldy); break;
+    case 6: detail::GemmRowsImpl<6>(w, in, n0, n1, Y, ldy); break;
+    case 8: detail::GemmRowsImpl<8>(w, in, n0, n1, Y, ldy); break;
+    default: return InvalidArgument("gemm: bits = %d", in.bits);
+  }
+  return Status::Ok();
+}
+
+// One-shot Y = X W^T (+ epilogue) for M tokens: prepares X (into *scratch
+// when given) and splits the output channels over `pool` (nullptr = this
+// thread) in whole panels.
+HWY_INLINE Status Gemm(const PreparedPalette& w, const float* HWY_RESTRICT X, size_t M,
+                       size_t ldx, const Epilogue& ep, float* HWY_RESTRICT Y, size_t ldy,
+                       ThreadPool* pool = nullptr, const MatmulOptions& opt = MatmulOptions(),
+                       PreparedInput* scratch = nullptr) {
+  const size_t N = w.shape().rows;
+  PreparedInput local;
+  PreparedInput* in = scratch ? scratch : &local;
+  LUTRA_RETURN_IF_ERROR(PrepareGemmInput(w, X, M, ldx, ep, opt, in));
+  if (pool == nullptr || pool->NumThreads() == 1) return GemmRows(w, *in, 0, N, Y, ldy);
+  const size_t T = pool->NumThreads();
+  std::vector<Status> status(T);
+  pool->ParallelFor(T, [&](size_t task, size_t) {
+    const RowRange rr = SplitRows(N, T, task, detail::PanelRows());
+    status[task] = GemmRows(w, *in, rr.begin, rr.end, Y, ldy);
+  });
+  for (const Status& s : status) LUTRA_RETURN_IF_ERROR(s);
+  return Status::Ok();
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace lutra
+HWY_AFTER_NAMESPACE();
+
+#endif  // LUTRA_GEMM_INL_H_

@@ -1,0 +1,201 @@
+// GEMM over palettized weights vs. a scalar reference (dequantize, multiply
+// in double), on every target: every bit width x codebook type x precision x
+// epilogue, M = 1..33, strided X / Y, and channel ranges that split panels
+// and groups.
+#include <stddef.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "tests/gemm_test.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/highway.h"
+#include "lutra/gemm-inl.h"
+#include "lutra/gemv-inl.h"
+#include "tests/matmul_test_util.h"
+#include "tests/test_util.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace lutra {
+namespace HWY_NAMESPACE {
+namespace {
+
+struct Case {
+  size_t N, K, G;
+  int bits;
+  CodebookType type;
+  MatmulPrecision precision;
+  size_t M;
+  int epilogue;  // 0 none, 1 bias, 2 residual (aliasing Y), 3 LoRA, 4 all
+};
+
+void RunCase(test::Rng& rng, const Case& c) {
+  const size_t N = c.N, K = c.K, M = c.M;
+  PaletteMatrix mat = test::RandomPalette(rng, N, K, c.bits, c.G, c.type);
+  const PaletteView v = mat.view();
+  StatusOr<PreparedPalette> pw = PreparedPalette::Make(v);
+  REQUIRE(pw.ok());
+  std::vector<float> w(N * K);
+  REQUIRE(Dequantize(v, w.data(), w.size()).ok());
+  const size_t ldx = K + 3, ldy = N + 5;
+  std::vector<float> X(M * ldx, 1e30f);  // padding must not be read
+  for (size_t m = 0; m < M; ++m) {
+    const std::vector<float> x = test::RandomActivations(rng, K);
+    std::copy(x.begin(), x.end(), X.begin() + m * ldx);
+  }
+  const std::vector<float> bias = rng.GaussianVector(N);
+  std::vector<float> Y(M * ldy, -777.0f), residual_copy;
+  test::LoraFactors lora;
+  Epilogue ep;
+  if (c.epilogue == 1 || c.epilogue == 4) ep.bias = bias.data();
+  if (c.epilogue == 2 || c.epilogue == 4) {
+    for (size_t i = 0; i < M * ldy; ++i) Y[i] = rng.Gaussian();
+    residual_copy = Y;
+    ep.residual = Y.data();  // in place; residual_stride 0 = ldy
+  }
+  if (c.epilogue == 3 || c.epilogue == 4) {
+    lora = test::RandomLora(rng, N, K, 1 + rng.Below(64),
+                            static_cast<WeightType>(rng.Below(3)));
+    ep.lora = &lora.delta;
+  }
+  MatmulOptions opt;
+  opt.precision = c.precision;
+  PreparedInput in;
+  REQUIRE(PrepareGemmInput(pw.value(), X.data(), M, ldx, ep, opt, &in).ok());
+  const size_t a = rng.Below(N + 1);
+  REQUIRE(GemmRows(pw.value(), in, 0, a, Y.data(), ldy).ok());
+  REQUIRE(GemmRows(pw.value(), in, a, N, Y.data(), ldy).ok());
+
+  const std::string what = "gemm M=" + std::to_string(M) + " N=" + std::to_string(N) +
+                           " K=" + std::to_string(K) + " G=" + std::to_string(c.G) +
+                           " bits=" + std::to_string(c.bits) + " codebook=" +
+                           CodebookTypeName(c.type) + " precision=" +
+                           MatmulPrecisionName(c.precision) + " epilogue=" +
+                           std::to_string(c.epilogue) + " split=" + std::to_string(a);
+  INFO(what);
+  const test::LoraFactors* lp = (c.epilogue == 3 || c.epilogue == 4) ? &lora : nullptr;
+  std::vector<double> xhat, sx;
+  for (size_t m = 0; m < M; ++m) {
+    const float* x = X.data() + m * ldx;
+    if (c.precision == MatmulPrecision::kInt8) test::QuantizedActivations(in, m, &xhat, &sx);
+    std::vector<double> expected(N), tol(N);
+    for (size_t r = 0; r < N; ++r) {
+      const float* res = residual_copy.empty() ? nullptr : &residual_copy[m * ldy + r];
+      const test::RefRow ref =
+          c.precision == MatmulPrecision::kInt8
+              ? test::Int8ReferenceRow(pw.value(), &w[r * K], r, x, xhat, sx, ep, res, lp)
+              : test::ReferenceRow(v, &w[r * K], r, x, ep, res, lp);
+      expected[r] = ref.value;
+      tol[r] = ref.tol;
+    }
+    test::ExpectClose(Y.data() + m * ldy, expected.data(), tol.data(), N,
+                      what + " token " + std::to_string(m));
+    // Stride padding is untouched.
+    for (size_t r = N; r < ldy; ++r) {
+      CHECK(Y[m * ldy + r] == (residual_copy.empty() ? -777.0f : residual_copy[m * ldy + r]));
+    }
+  }
+}
+
+void TestGemmAllFormats() {
+  test::Rng rng(77);
+  const int all_bits[] = {1, 2, 3, 4, 6, 8};
+  const CodebookType types[] = {CodebookType::kF16, CodebookType::kBF16, CodebookType::kF32};
+  const size_t Ms[] = {1, 2, 3, 5, 7, 13, 33};
+  size_t variant = 0;
+  for (int bits : all_bits) {
+    for (CodebookType type : types) {
+      for (MatmulPrecision precision : {MatmulPrecision::kInt8, MatmulPrecision::kF32}) {
+        ++variant;
+        Case c;
+        const size_t shape = variant % 3;
+        c.N = shape == 0 ? 37 : shape == 1 ? 70 : 9;
+        c.K = shape == 0 ? 100 : shape == 1 ? 300 : 1031;
+        c.G = shape == 0 ? 16 : shape == 1 ? 5 : 9;
+        c.bits = bits;
+        c.type = type;
+        c.precision = precision;
+        c.M = Ms[variant % 7];
+        c.epilogue = static_cast<int>(variant % 5);
+        RunCase(rng, c);
+      }
+    }
+  }
+}
+
+// Every M in 1..33 (micro-kernel remainders) for the fast path.
+void TestGemmAllM() {
+  test::Rng rng(78);
+  for (size_t M = 1; M <= 33; ++M) {
+    Case c{45, 130, 16, M % 2 ? 4 : 2, CodebookType::kF16, MatmulPrecision::kInt8, M,
+           static_cast<int>(M % 5)};
+    RunCase(rng, c);
+  }
+}
+
+// GEMM agrees with M calls of GEMV (same quantization of each token).
+void TestGemmMatchesGemv() {
+  test::Rng rng(79);
+  const size_t N = 50, K = 200, M = 9;
+  PaletteMatrix mat = test::RandomPalette(rng, N, K, 4, 16, CodebookType::kF16);
+  StatusOr<PreparedPalette> pw = PreparedPalette::Make(mat.view());
+  REQUIRE(pw.ok());
+  std::vector<float> X(M * K);
+  for (float& f : X) f = rng.Gaussian();
+  std::vector<float> Y(M * N), y(N);
+  ThreadPool pool(2);
+  REQUIRE(Gemm(pw.value(), X.data(), M, K, Epilogue(), Y.data(), N, &pool).ok());
+  for (size_t m = 0; m < M; ++m) {
+    REQUIRE(Gemv(pw.value(), X.data() + m * K, K, Epilogue(), y.data(), N).ok());
+    for (size_t r = 0; r < N; ++r) {
+      CHECK(std::abs(Y[m * N + r] - y[r]) <= 1e-5f * (1.0f + std::abs(y[r])));
+    }
+  }
+}
+
+void TestGemmErrors() {
+  test::Rng rng(80);
+  const size_t N = 8, K = 40, M = 3;
+  PaletteMatrix mat = test::RandomPalette(rng, N, K, 4, 4, CodebookType::kF16);
+  StatusOr<PreparedPalette> pw = PreparedPalette::Make(mat.view());
+  REQUIRE(pw.ok());
+  std::vector<float> X(M * K, 1.0f), Y(M * N);
+  PreparedInput in;
+  CHECK(!PrepareGemmInput(pw.value(), X.data(), 0, K, Epilogue(), MatmulOptions(), &in).ok());
+  CHECK(!PrepareGemmInput(pw.value(), X.data(), M, K - 1, Epilogue(), MatmulOptions(), &in).ok());
+  REQUIRE(PrepareGemmInput(pw.value(), X.data(), M, K, Epilogue(), MatmulOptions(), &in).ok());
+  CHECK(!GemmRows(pw.value(), in, 0, N, Y.data(), N - 1).ok());
+  CHECK(!GemmRows(pw.value(), in, 5, 4, Y.data(), N).ok());
+  CHECK(!GemmRows(pw.value(), in, 0, N + 1, Y.data(), N).ok());
+  CHECK(!GemmRows(pw.value(), in, 0, N, nullptr, N).ok());
+  CHECK(!GemvRows(pw.value(), in, 0, N, Y.data()).ok());  // M = 3 input
+}
+
+}  // namespace
+}  // namespace HWY_NAMESPACE
+}  // namespace lutra
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace lutra {
+HWY_EXPORT(TestGemmAllFormats);
+HWY_EXPORT(TestGemmAllM);
+HWY_EXPORT(TestGemmMatchesGemv);
+HWY_EXPORT(TestGemmErrors);
+
+TEST_CASE("GEMM matches scalar reference for every format and epilogue", "[gemm]") {
+  test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestGemmAllFormats)(); });
+}
+TEST_CASE("GEMM for every M in 1..33", "[gemm]") {
+  test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestGemmAllM)(); });
+}
+TEST_CASE("GEMM equals GEMV per token", "[gemm]") {
+  test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestGemmMatchesGemv)(); });
+}
+TEST_CASE("GEMM rejects bad input", "[gemm]") {
+  test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestGemmErrors)(); });
+}
+}  // namespace lutra
+#endif  // HWY_ONCE
