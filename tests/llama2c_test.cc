@@ -476,7 +476,7 @@ TEST_CASE("Model: random header corruption of the real files never crashes") {
   const std::vector<uint8_t> t0(tok->data(), tok->data() + tok->size());
   test::Rng rng(2024);
   int loaded = 0, rejected = 0;
-  for (int iter = 0; iter < 150; ++iter) {
+  for (int iter = 0; iter < 60; ++iter) {  // ~2 s under ASan
     // GGUF: flip bytes in the header/metadata/tensor-info region (14152 bytes).
     std::vector<uint8_t> g = g0;
     for (int f = 0; f < 3; ++f) g[rng.Below(14152)] ^= static_cast<uint8_t>(1 + rng.Below(255));
