@@ -13,6 +13,7 @@
 
 #include <catch2/catch_test_macros.hpp>
 
+#include "hwy/base.h"  // reference F32FromF16 / F32FromBF16
 #include "lutra/gguf_writer.h"
 #include "lutra/mapped_file.h"
 #include "tests/test_util.h"
@@ -229,6 +230,35 @@ TEST_CASE("GGUF tensors: infos, alignment, conversion of every supported type") 
                      "has 192 elements, output holds 10"));
     }
   }
+}
+
+TEST_CASE("GGUF: f16 and bf16 bit conversions are exact for all 65536 inputs") {
+  size_t nans = 0;
+  for (uint32_t bits = 0; bits < 65536; ++bits) {
+    const uint16_t h = static_cast<uint16_t>(bits);
+    const float want = hwy::F32FromF16(hwy::BitCastScalar<hwy::float16_t>(h));
+    const float got = F32FromF16Bits(h);
+    if (std::isnan(want)) {
+      ++nans;
+      CHECK(std::isnan(got));
+      continue;
+    }
+    uint32_t a, b;
+    std::memcpy(&a, &got, 4);
+    std::memcpy(&b, &want, 4);
+    if (a != b) FAIL("f16 bits 0x" << std::hex << bits << ": " << got << " vs " << want);
+    const float bf_want = hwy::F32FromBF16(hwy::BitCastScalar<hwy::bfloat16_t>(h));
+    const float bf_got = F32FromBF16Bits(h);
+    std::memcpy(&a, &bf_got, 4);
+    std::memcpy(&b, &bf_want, 4);
+    if (a != b && !std::isnan(bf_want)) FAIL("bf16 bits 0x" << std::hex << bits);
+  }
+  CHECK(nans == 2 * 1023);  // exponent all ones, mantissa != 0, both signs
+  CHECK(F32FromF16Bits(0x0001) == std::ldexp(1.0f, -24));  // smallest subnormal
+  CHECK(F32FromF16Bits(0x7BFF) == 65504.0f);               // largest normal
+  CHECK(std::isinf(F32FromF16Bits(0xFC00)));
+  CHECK(F32FromF16Bits(0xFC00) < 0.0f);
+  CHECK(std::signbit(F32FromF16Bits(0x8000)));             // -0
 }
 
 TEST_CASE("GGUF writer: views, streaming WriteFile and its errors") {
