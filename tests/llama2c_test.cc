@@ -690,6 +690,50 @@ TEST_CASE("GGUF llama: missing, misshapen and unsupported contents are named") {
         "gguf: model config: n_layers = 0, must be > 0");
   CHECK(with_kv("llama.context_length", 2, false).ok());
 
+  // LoadModelAndTokenizer: the embedded vocabulary must match vocab_size.
+  {
+    const std::string path = "llama2c_test_vocab.tmp.gguf";
+    for (int n_tokens : {40, 39}) {
+      GgufWriter g;
+      g.AddString("general.architecture", "llama");
+      g.AddU32("llama.context_length", 8);
+      g.AddU32("llama.embedding_length", 64);
+      g.AddU32("llama.feed_forward_length", 96);
+      g.AddU32("llama.block_count", 2);
+      g.AddU32("llama.attention.head_count", 4);
+      g.AddU32("llama.attention.head_count_kv", 2);
+      g.AddString("tokenizer.ggml.model", "llama");
+      std::vector<std::string> tokens = {"<unk>", "<s>", "</s>", "\xE2\x96\x81"};
+      while (static_cast<int>(tokens.size()) < n_tokens) {
+        tokens.push_back(std::string(1, static_cast<char>('a' + tokens.size() % 26)) +
+                         std::to_string(tokens.size()));
+      }
+      g.AddStringArray("tokenizer.ggml.tokens", tokens);
+      g.AddF32Array("tokenizer.ggml.scores", std::vector<float>(tokens.size(), 0.0f));
+      // The synthetic weights, copied tensor by tensor (views, no copies).
+      const std::vector<uint8_t> weights_only = WriteGgufModel(*base, GgufModelOptions());
+      StatusOr<GgufReader> src = GgufReader::Parse(weights_only.data(), weights_only.size());
+      REQUIRE(src.ok());
+      for (const GgufTensorInfo& t : src->tensors()) {
+        std::vector<uint64_t> ne(t.ne, t.ne + t.n_dims);
+        g.AddTensorView(std::string(t.name), t.ggml_type(), ne, t.data, t.n_bytes);
+      }
+      REQUIRE(g.WriteFile(path).ok());
+      StatusOr<ModelAndTokenizer> mt = LoadModelAndTokenizer(path, "");
+      if (n_tokens == 40) {
+        INFO(mt.status().message());
+        REQUIRE(mt.ok());
+        CHECK(mt->tokenizer.vocab_size() == 40);
+        CHECK(MaxWeightDiff(*base, mt->weights) == 0.0);
+      } else {
+        REQUIRE(!mt.ok());
+        CHECK(mt.status().message() ==
+              path + ": tokenizer has 39 tokens, model vocab_size is 40");
+      }
+    }
+    std::remove(path.c_str());
+  }
+
   // A k-quant tensor is recognised and named.
   GgufWriter g;
   g.AddString("general.architecture", "llama");
