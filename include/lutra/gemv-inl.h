@@ -259,7 +259,9 @@ HWY_INLINE float FinishRow(const PreparedInput& in, size_t m, size_t r, float v,
 // Int8 path: dots[i] = sum_b xscale[b] * (sum over block b of q_w * q_x) for
 // kRows consecutive rows starting at r (each with its own group table).
 // Rows are interleaved so that the i32 accumulation chains are independent
-// and every activation vector is loaded once for kRows rows.
+// and every activation vector is loaded once for kRows rows. kRows is 1 or
+// 4; the accumulators are named variables, not arrays, because SVE vectors
+// are sizeless types that cannot form arrays.
 template <int kBits, size_t kRows>
 HWY_INLINE void DotRowsI8(const PreparedPalette& w, const PreparedInput& in, size_t r,
                           float* HWY_RESTRICT dots) {
@@ -277,36 +279,52 @@ HWY_INLINE void DotRowsI8(const PreparedPalette& w, const PreparedInput& in, siz
   const size_t unit_bytes = (kBits == 3 || kBits == 6) ? 48 : L;
   const size_t UP = in.unit_positions;
 
+  static_assert(kRows == 1 || kRows == 4, "DotRowsI8 handles 1 or 4 rows");
   const uint8_t* rows[kRows];
   LutU8<kBits, D> lut[kRows];
-  VF accf[kRows];
   for (size_t i = 0; i < kRows; ++i) {
     rows[i] = w.view().row(r + i);
     lut[i].Init(d, w.table_u8((r + i) / G));
-    accf[i] = hn::Zero(df);
   }
+  VF accf0 = hn::Zero(df), accf1 = hn::Zero(df), accf2 = hn::Zero(df), accf3 = hn::Zero(df);
   const int8_t* HWY_RESTRICT xq = in.xq.data();
   const float* HWY_RESTRICT xscale = in.xscale.data();
   size_t u = 0;
   for (size_t b = 0; b < in.num_blocks; ++b) {
-    VI acc[kRows];
-    for (size_t i = 0; i < kRows; ++i) acc[i] = hn::Zero(di32);
+    VI acc0 = hn::Zero(di32), acc1 = hn::Zero(di32), acc2 = hn::Zero(di32), acc3 = hn::Zero(di32);
     const size_t u_end = HWY_MIN(u + in.units_per_block, in.num_units);
     for (; u < u_end; ++u) {
       const size_t off = u * unit_bytes;
       const int8_t* HWY_RESTRICT xu = xq + u * UP;
-      for (size_t i = 0; i < kRows; ++i) {
+      // Accumulates row i's unit u into acc.
+      const auto row_unit = [&](size_t i, VI& acc) HWY_ATTR {
         DecodeUnit<kBits>(d, rows[i] + off, row_bytes - off,
                           [&](size_t s, hn::Vec<D> idx) HWY_ATTR {
-                            acc[i] = hn::SumOfMulQuadAccumulate(
-                                di32, lut[i].Lookup(d, idx), hn::LoadU(di8, xu + s * L), acc[i]);
+                            acc = hn::SumOfMulQuadAccumulate(
+                                di32, lut[i].Lookup(d, idx), hn::LoadU(di8, xu + s * L), acc);
                           });
+      };
+      row_unit(0, acc0);
+      if constexpr (kRows == 4) {
+        row_unit(1, acc1);
+        row_unit(2, acc2);
+        row_unit(3, acc3);
       }
     }
     const VF sx = hn::Set(df, xscale[b]);
-    for (size_t i = 0; i < kRows; ++i) accf[i] = hn::MulAdd(hn::ConvertTo(df, acc[i]), sx, accf[i]);
+    accf0 = hn::MulAdd(hn::ConvertTo(df, acc0), sx, accf0);
+    if constexpr (kRows == 4) {
+      accf1 = hn::MulAdd(hn::ConvertTo(df, acc1), sx, accf1);
+      accf2 = hn::MulAdd(hn::ConvertTo(df, acc2), sx, accf2);
+      accf3 = hn::MulAdd(hn::ConvertTo(df, acc3), sx, accf3);
+    }
   }
-  for (size_t i = 0; i < kRows; ++i) dots[i] = hn::ReduceSum(df, accf[i]);
+  dots[0] = hn::ReduceSum(df, accf0);
+  if constexpr (kRows == 4) {
+    dots[1] = hn::ReduceSum(df, accf1);
+    dots[2] = hn::ReduceSum(df, accf2);
+    dots[3] = hn::ReduceSum(df, accf3);
+  }
 }
 
 template <int kBits>
@@ -358,20 +376,25 @@ HWY_INLINE float DotRowF32(const PreparedPalette& w, const PreparedInput& in, si
   const float* HWY_RESTRICT table = w.table_f32(r / shape.group_rows);
   const uint8_t* row = w.view().row(r);
   HWY_ALIGN uint8_t idx_buf[hn::MaxLanes(d)];
-  VF acc[4] = {hn::Zero(df), hn::Zero(df), hn::Zero(df), hn::Zero(df)};
+  // Named accumulators, not an array: SVE vectors are sizeless types.
+  VF acc0 = hn::Zero(df), acc1 = hn::Zero(df), acc2 = hn::Zero(df), acc3 = hn::Zero(df);
   for (size_t u = 0; u < in.num_units; ++u) {
     const size_t off = u * unit_bytes;
     const float* HWY_RESTRICT xu = xf + u * UP;
     DecodeUnit<kBits>(d, row + off, row_bytes - off, [&](size_t s, hn::Vec<D> idx) HWY_ATTR {
       hn::Store(idx, d, idx_buf);
-      for (size_t q = 0; q < 4; ++q) {
+      // Quarter q of the index vector times the matching activations.
+      const auto quarter = [&](size_t q, VF& acc) HWY_ATTR {
         const auto vi = hn::PromoteTo(di32, hn::LoadU(d8q, idx_buf + q * NF));
-        acc[q] = hn::MulAdd(LookupF32(df, table, E, vi), hn::LoadU(df, xu + s * L + q * NF),
-                            acc[q]);
-      }
+        acc = hn::MulAdd(LookupF32(df, table, E, vi), hn::LoadU(df, xu + s * L + q * NF), acc);
+      };
+      quarter(0, acc0);
+      quarter(1, acc1);
+      quarter(2, acc2);
+      quarter(3, acc3);
     });
   }
-  return hn::ReduceSum(df, hn::Add(hn::Add(acc[0], acc[1]), hn::Add(acc[2], acc[3])));
+  return hn::ReduceSum(df, hn::Add(hn::Add(acc0, acc1), hn::Add(acc2, acc3)));
 }
 
 template <int kBits>

@@ -156,6 +156,16 @@ HWY_INLINE void DecodeUnit(D d, const uint8_t* HWY_RESTRICT p, size_t avail,
 // looked up with TableLookupBytes (pshufb / tbl) inside each block. b = 6, 8:
 // TableLookupLanes / TwoTablesLookupLanes (vpermb / vpermi2b on AVX3_ZEN4)
 // over pieces of 2L entries, selected by the index's high bits.
+//
+// On SVE (and RVV) vectors are sizeless types that cannot be class members,
+// so there the object keeps the table pointer and loads the table vectors
+// in Lookup (L1-resident: one 16-byte broadcast load for b <= 4); elsewhere
+// it keeps them in registers. Both compute the same lookup.
+#if HWY_TARGET_IS_SVE || HWY_TARGET == HWY_RVV
+#define LUTRA_LUT_SIZELESS 1
+#else
+#define LUTRA_LUT_SIZELESS 0
+#endif
 template <int kBits, class D>
 class LutU8 {
   static constexpr size_t kEntries = size_t{1} << kBits;
@@ -164,34 +174,37 @@ class LutU8 {
 
  public:
   using V = hn::Vec<D>;
+  // User-provided, so that it is compiled for this target: the implicit
+  // constructor would not be, and GCC then refuses to inline NEON's
+  // always-inline Vec128() into it ("target specific option mismatch").
+  HWY_INLINE LutU8() {}
   // `table` has max(16, 2^kBits) bytes.
   HWY_INLINE void Init(D d, const uint8_t* HWY_RESTRICT table) {
-    if constexpr (kBits <= 4) {
-      t_[0] = hn::LoadDup128(d, table);
-    } else {
+    if constexpr (kBits > 4) {
       const size_t L = hn::Lanes(d);
-      if (L >= kEntries) {  // one table vector (vpermb); zero-filled past 2^b
-        num_ = 1;
-        t_[0] = hn::LoadN(d, table, kEntries);
-      } else {  // an even number of L-entry vectors: L is a power of two >= 16
-        num_ = HWY_MIN(kMaxTables, kEntries / L);
-        for (size_t i = 0; i < num_; ++i) t_[i] = hn::LoadU(d, table + i * L);
-      }
+      // One table vector (vpermb) when L >= 2^b, else an even number of
+      // L-entry vectors: L is a power of two >= 16.
+      num_ = L >= kEntries ? 1 : HWY_MIN(kMaxTables, kEntries / L);
     }
+#if LUTRA_LUT_SIZELESS
+    (void)d;
+    table_ = table;
+#else
+    for (size_t i = 0; i < num_; ++i) t_[i] = Table(d, table, i);
+#endif
   }
   HWY_INLINE V Lookup(D d, V idx) const {
     if constexpr (kBits <= 4) {
-      (void)d;
-      return hn::TableLookupBytes(t_[0], idx);
+      return hn::TableLookupBytes(T(d, 0), idx);
     } else {
       const size_t L = hn::Lanes(d);
-      if (num_ == 1) return hn::TableLookupLanes(t_[0], hn::IndicesFromVec(d, idx));
+      if (num_ == 1) return hn::TableLookupLanes(T(d, 0), hn::IndicesFromVec(d, idx));
       // Pieces of 2L entries: lookup of the low bits, select by the high bits.
       const V lowmask = hn::Set(d, static_cast<uint8_t>(2 * L - 1));
       const V lo = hn::And(idx, lowmask);
-      V result = hn::TwoTablesLookupLanes(d, t_[0], t_[1], hn::IndicesFromVec(d, lo));
+      V result = hn::TwoTablesLookupLanes(d, T(d, 0), T(d, 1), hn::IndicesFromVec(d, lo));
       for (size_t i = 2; i + 1 < num_; i += 2) {
-        const V piece = hn::TwoTablesLookupLanes(d, t_[i], t_[i + 1], hn::IndicesFromVec(d, lo));
+        const V piece = hn::TwoTablesLookupLanes(d, T(d, i), T(d, i + 1), hn::IndicesFromVec(d, lo));
         const auto in_piece = hn::Ge(idx, hn::Set(d, static_cast<uint8_t>(i * L)));
         result = hn::IfThenElse(in_piece, piece, result);
       }
@@ -200,9 +213,29 @@ class LutU8 {
   }
 
  private:
+  // Table vector i of `table` (i < num_).
+  static HWY_INLINE V Table(D d, const uint8_t* HWY_RESTRICT table, size_t i) {
+    if constexpr (kBits <= 4) {
+      (void)i;
+      return hn::LoadDup128(d, table);
+    } else {
+      if (hn::Lanes(d) >= kEntries) return hn::LoadN(d, table, kEntries);  // zero past 2^b
+      return hn::LoadU(d, table + i * hn::Lanes(d));
+    }
+  }
+#if LUTRA_LUT_SIZELESS
+  HWY_INLINE V T(D d, size_t i) const { return Table(d, table_, i); }
+  const uint8_t* table_ = nullptr;
+#else
+  HWY_INLINE V T(D d, size_t i) const {
+    (void)d;
+    return t_[i];
+  }
   V t_[kMaxTables];
+#endif
   size_t num_ = 1;
 };
+#undef LUTRA_LUT_SIZELESS
 
 // f32 codebook lookup of i32 indices (exact path). `table` has
 // max(16, 2^b) floats. 16-entry tables fit one or two f32 vectors on 512- and
