@@ -358,18 +358,39 @@ class Adapter {
   void set_kind(std::string kind) { kind_ = std::move(kind); }
 
  private:
+  // Index of the first non-finite element of n `type` elements, or n. Works
+  // on the bits (exponent all ones = Inf or NaN), so it is a fast scan.
+  static size_t FirstNonFinite(const void* src, size_t n, WeightType type) {
+    const uint8_t* p = static_cast<const uint8_t*>(src);
+    if (type == WeightType::kF32) {
+      for (size_t i = 0; i < n; ++i) {
+        uint32_t bits;
+        memcpy(&bits, p + 4 * i, 4);
+        if ((bits & 0x7F800000u) == 0x7F800000u) return i;
+      }
+      return n;
+    }
+    const uint16_t exp = type == WeightType::kF16 ? 0x7C00u : 0x7F80u;
+    for (size_t i = 0; i < n; ++i) {
+      uint16_t bits;
+      memcpy(&bits, p + 2 * i, 2);
+      if ((bits & exp) == exp) return i;
+    }
+    return n;
+  }
+
   static Status Convert(const void* src, size_t n, WeightType src_type, WeightType type,
                         uint8_t* dst, const std::string& name, const char* which) {
-    const size_t esize = WeightTypeBytes(type);
+    const size_t bad = FirstNonFinite(src, n, src_type);
+    if (bad != n) {
+      return InvalidArgument("lora: %s: %s element %zu is not finite", name.c_str(), which, bad);
+    }
+    if (src_type == type) {  // exact copy of the bits (the common case: f16 files)
+      memcpy(dst, src, n * WeightTypeBytes(type));
+      return Status::Ok();
+    }
     for (size_t i = 0; i < n; ++i) {
       const float v = LoadLoraElement(src, src_type, i);
-      if (!(v - v == 0.0f)) {
-        return InvalidArgument("lora: %s: %s element %zu is not finite", name.c_str(), which, i);
-      }
-      if (src_type == type) {  // exact copy of the bits
-        memcpy(dst + esize * i, static_cast<const uint8_t*>(src) + esize * i, esize);
-        continue;
-      }
       switch (type) {
         case WeightType::kF16: {
           const float r = RoundToCodebookType(v, CodebookType::kF16);  // saturates

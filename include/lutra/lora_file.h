@@ -241,7 +241,7 @@ inline StatusOr<Adapter> ParseAdapter(const GgufReader& gguf, const BaseShapes& 
     const size_t r = static_cast<size_t>(rank);
     float scale = scales.empty() ? (*alpha != 0.0f ? *alpha / float(r) : 1.0f) : scales[i];
     scale *= options.scale;
-    WeightType ta, tb;
+    WeightType ta = WeightType::kF32, tb = WeightType::kF32;
     GgmlToWeightType(a.type, &ta);
     GgmlToWeightType(b.type, &tb);
     Status s;
