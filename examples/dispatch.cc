@@ -10,6 +10,7 @@
 #include "hwy/highway.h"
 #include "lutra/attention-inl.h"
 #include "lutra/dot-inl.h"
+#include "lutra/gemm-inl.h"
 #include "lutra/gemv-inl.h"
 #include "lutra/kv_cache-inl.h"
 #include "lutra/ops-inl.h"
@@ -60,14 +61,13 @@ Status GemvT(const PreparedPalette& w, const float* x, const LoraDelta* lora,
   return Gemv(w, x, w.shape().cols, ep, y, w.shape().rows, pool, opt, scratch);
 }
 
-// TEMP: one GEMV per token until lutra/gemm-inl.h lands.
 Status GemmT(const PreparedPalette& w, const float* x, size_t batch, const LoraDelta* lora,
              MatmulPrecision precision, float* y, ThreadPool* pool, PreparedInput* scratch) {
-  for (size_t m = 0; m < batch; ++m) {
-    LUTRA_RETURN_IF_ERROR(GemvT(w, x + m * w.shape().cols, lora, precision,
-                                y + m * w.shape().rows, pool, scratch));
-  }
-  return Status();
+  Epilogue ep;
+  ep.lora = lora;
+  MatmulOptions opt;
+  opt.precision = precision;
+  return Gemm(w, x, batch, w.shape().cols, ep, y, w.shape().rows, pool, opt, scratch);
 }
 
 void RMSNormT(const float* x, const float* weight, size_t num, float eps, float* out) {

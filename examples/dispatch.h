@@ -40,7 +40,8 @@ void MatMulF32(const float* w, size_t rows, size_t cols, const float* x, size_t 
 Status Gemv(const PreparedPalette& w, const float* x, const LoraDelta* lora,
             MatmulPrecision precision, float* y, ThreadPool* pool, PreparedInput* scratch);
 
-// Y (batch x rows) = X (batch x cols) W^T [+ lora]: the prefill GEMM.
+// Y (batch x rows) = X (batch x cols) W^T [+ lora]: the prefill GEMM
+// (lutra/gemm-inl.h).
 Status Gemm(const PreparedPalette& w, const float* x, size_t batch, const LoraDelta* lora,
             MatmulPrecision precision, float* y, ThreadPool* pool, PreparedInput* scratch);
 

@@ -126,9 +126,10 @@ StatusOr<Tokenizer> ByteTokenizer(int vocab_size);
 StatusOr<Model> PalettizeModel(const Model& f32_model, const LoadOptions& options,
                                size_t threads = 1);
 
-// Writes `model` (f32 or palettized) as a .lutra file (a GGUF container, see
-// docs/generate.md) that LoadModel maps without copying the weights.
-Status SaveLutraModel(const Model& model, const std::string& path);
+// Writes `model` (f32 or palettized) and `tokenizer` (may be null) as a
+// .lutra file (a GGUF container, see model.cc and docs/generate.md) that
+// LoadModel maps without copying the weights.
+Status SaveLutraModel(const Model& model, const Tokenizer* tokenizer, const std::string& path);
 
 // Random weights at a named Llama-like shape ("tiny", "1b", "afm"), f32 or
 // palettized per `options` (random indices and codebooks drawn directly: no

@@ -334,15 +334,15 @@ int main(int argc, char** argv) {
     return Fail(lutra::InvalidArgument("--eval needs an f32 source model (.bin, .gguf or "
                                        "--synthetic), not an already palettized .lutra file"));
   }
+  StatusOr<std::shared_ptr<const lutra::Tokenizer>> tokenizer = GetTokenizer(o, *model);
+  if (!tokenizer.ok()) return Fail(tokenizer.status());
   if (!o.save.empty()) {
-    Status saved = engine::SaveLutraModel(*model, o.save);
+    Status saved = engine::SaveLutraModel(*model, tokenizer->get(), o.save);
     if (!saved.ok()) return Fail(saved);
     fprintf(stderr, "saved %s: %.1f MiB of weights at %.2f bits per weight\n", o.save.c_str(),
             model->WeightBytes() / 1048576.0, model->BitsPerWeight());
     return 0;
   }
-  StatusOr<std::shared_ptr<const lutra::Tokenizer>> tokenizer = GetTokenizer(o, *model);
-  if (!tokenizer.ok()) return Fail(tokenizer.status());
   lutra::ThreadPool pool(o.threads);
   if (o.eval) {
     StatusOr<engine::Model> test = engine::PalettizeModel(*model, o.load, o.threads);

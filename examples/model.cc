@@ -11,6 +11,7 @@
 
 #include "examples/engine.h"
 #include "lutra/gguf.h"
+#include "lutra/gguf_writer.h"
 #include "lutra/llama_model.h"
 #include "lutra/mapped_file.h"
 #include "lutra/mixed_bits.h"
@@ -480,12 +481,303 @@ StatusOr<Tokenizer> ByteTokenizer(int vocab_size) {
                               /*add_space_prefix=*/false);
 }
 
-// TEMP: until lutra/gguf_writer.h lands.
-Status SaveLutraModel(const Model&, const std::string& path) {
-  return Unimplemented("saving %s: not supported yet", path.c_str());
+// ----------------------------------------------------------------------------
+// .lutra model files
+//
+// A .lutra file is a GGUF v3 container (lutra/gguf.h reads and validates it,
+// lutra/gguf_writer.h writes it), general.alignment 64, so every tensor's
+// data starts 64-byte aligned in the mapped file and is used in place:
+//   metadata  general.architecture = "lutra", lutra.format_version = 1,
+//             lutra.{dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim,
+//             vocab_size, seq_len} (u32), lutra.rope_theta, lutra.norm_eps (f32),
+//             lutra.tied_embedding (bool), the vocabulary as GGUF tokenizer.ggml.*
+//             keys, and per palettized matrix NAME
+//             lutra.palette.NAME = [rows, cols, bits, group_rows, codebook type]
+//             (u64 array; codebook type 0 f16, 1 bf16, 2 f32).
+//   tensors   NAME.indices: the packed indices as raw bytes (I8, index_bytes);
+//             NAME.codebooks: F16/BF16/F32, num_groups * 2^bits entries;
+//             or NAME.weight F32 [cols, rows] for an f32 matrix;
+//             norms blk.N.attn_norm.weight, blk.N.ffn_norm.weight,
+//             output_norm.weight (F32).
+//   NAME      token_embd, blk.N.{attn_q, attn_k, attn_v, attn_output, ffn_gate,
+//             ffn_down, ffn_up}, and output when not tied to token_embd
+//             (the tied head is the one palettized embedding, stored once).
+
+namespace {
+
+constexpr uint32_t kLutraFormatVersion = 1;
+
+struct NamedLinear {
+  std::string name;
+  Linear* w;
+};
+struct NamedNorm {
+  std::string name;
+  const float** w;
+};
+
+// Matrices and norms of `m` with their .lutra names; the head only if untied.
+void NameTensors(Model& m, bool tied, std::vector<NamedLinear>* mats,
+                 std::vector<NamedNorm>* norms) {
+  Weights& w = m.weights;
+  mats->push_back({"token_embd", &w.embedding});
+  for (size_t l = 0; l < w.layers.size(); ++l) {
+    LayerWeights& lw = w.layers[l];
+    const std::string p = "blk." + std::to_string(l) + ".";
+    for (const NamedLinear& n : std::vector<NamedLinear>{{p + "attn_q", &lw.wq},
+                                                         {p + "attn_k", &lw.wk},
+                                                         {p + "attn_v", &lw.wv},
+                                                         {p + "attn_output", &lw.wo},
+                                                         {p + "ffn_gate", &lw.w1},
+                                                         {p + "ffn_down", &lw.w2},
+                                                         {p + "ffn_up", &lw.w3}}) {
+      mats->push_back(n);
+    }
+    norms->push_back({p + "attn_norm.weight", &lw.attn_norm});
+    norms->push_back({p + "ffn_norm.weight", &lw.ffn_norm});
+  }
+  norms->push_back({"output_norm.weight", &w.final_norm});
+  if (!tied) mats->push_back({"output", &w.output});
 }
-StatusOr<Model> LoadLutraModel(GgufFile file, const LoadOptions&) {
-  return Unimplemented("%s: .lutra files are not supported yet", file.file().path().c_str());
+
+bool IsTied(const Model& m) {
+  return m.weights.output.f32 == m.weights.embedding.f32 &&
+         m.weights.output.palette.indices == m.weights.embedding.palette.indices;
+}
+
+// SentencePiece writes spaces as U+2581 in GGUF vocabularies.
+std::string SpaceToMarker(const std::string& piece) {
+  std::string out;
+  for (char ch : piece) {
+    if (ch == ' ') {
+      out += "\xE2\x96\x81";
+    } else {
+      out += ch;
+    }
+  }
+  return out;
+}
+
+void AddTokenizer(const Tokenizer& tok, GgufWriter& g) {
+  std::vector<std::string> pieces;
+  std::vector<float> scores;
+  std::vector<int32_t> types;
+  for (int i = 0; i < tok.vocab_size(); ++i) {
+    pieces.push_back(SpaceToMarker(tok.piece(i)));
+    scores.push_back(tok.score(i));
+    types.push_back(int32_t(tok.type(i)));
+  }
+  // The tokenizer keeps no getter for its dummy-prefix flag: a lone "x"
+  // decodes with a leading space exactly when Encode adds the prefix.
+  StatusOr<std::vector<int>> x = tok.Encode("x", /*add_bos=*/false);
+  StatusOr<std::string> text = x.ok() ? tok.DecodeAll(*x) : StatusOr<std::string>(x.status());
+  const bool space_prefix = text.ok() && !text->empty() && (*text)[0] == ' ';
+  g.AddString("tokenizer.ggml.model", "llama");
+  g.AddStringArray("tokenizer.ggml.tokens", pieces);
+  g.AddF32Array("tokenizer.ggml.scores", scores);
+  g.AddI32Array("tokenizer.ggml.token_type", types);
+  g.AddU32("tokenizer.ggml.bos_token_id", uint32_t(tok.bos_id()));
+  g.AddU32("tokenizer.ggml.eos_token_id", uint32_t(tok.eos_id()));
+  g.AddU32("tokenizer.ggml.unknown_token_id", uint32_t(tok.unk_id()));
+  g.AddBool("tokenizer.ggml.add_space_prefix", space_prefix);
+}
+
+}  // namespace
+
+Status SaveLutraModel(const Model& model, const Tokenizer* tokenizer, const std::string& path) {
+  const Config& c = model.config;
+  LUTRA_RETURN_IF_ERROR(c.Validate());
+  GgufWriter g(3);
+  g.AddString("general.architecture", "lutra");
+  g.AddU32("general.alignment", 64);
+  g.AddU32("lutra.format_version", kLutraFormatVersion);
+  const struct {
+    const char* key;
+    int value;
+  } ints[] = {{"lutra.dim", c.dim},
+              {"lutra.hidden_dim", c.hidden_dim},
+              {"lutra.n_layers", c.n_layers},
+              {"lutra.n_heads", c.n_heads},
+              {"lutra.n_kv_heads", c.n_kv_heads},
+              {"lutra.head_dim", c.head_dim},
+              {"lutra.vocab_size", c.vocab_size},
+              {"lutra.seq_len", c.seq_len}};
+  for (const auto& kv : ints) g.AddU32(kv.key, uint32_t(kv.value));
+  g.AddF32("lutra.rope_theta", c.rope_theta);
+  g.AddF32("lutra.norm_eps", c.norm_eps);
+  const bool tied = IsTied(model);
+  g.AddBool("lutra.tied_embedding", tied);
+  if (tokenizer != nullptr) AddTokenizer(*tokenizer, g);
+
+  // The writer keeps pointers (AddTensorView): the weights are streamed to
+  // the file without another copy.
+  Model& m = const_cast<Model&>(model);  // NameTensors hands out mutable slots; only read here
+  std::vector<NamedLinear> mats;
+  std::vector<NamedNorm> norms;
+  NameTensors(m, tied, &mats, &norms);
+  for (const NamedLinear& n : mats) {
+    const Linear& w = *n.w;
+    if (w.palettized()) {
+      const PaletteShape& sh = w.palette.shape;
+      const uint64_t meta[5] = {sh.rows, sh.cols, uint64_t(sh.bits), sh.group_rows,
+                                uint64_t(sh.codebook)};
+      g.AddArray("lutra.palette." + n.name, GgufValueType::kU64, meta, 5);
+      g.AddTensorView(n.name + ".indices", GgmlType::kI8, {sh.index_bytes()}, w.palette.indices,
+                      sh.index_bytes());
+      const GgmlType cb = sh.codebook == CodebookType::kF16    ? GgmlType::kF16
+                          : sh.codebook == CodebookType::kBF16 ? GgmlType::kBF16
+                                                               : GgmlType::kF32;
+      g.AddTensorView(n.name + ".codebooks", cb, {sh.num_groups() * sh.num_entries()},
+                      w.palette.codebooks, sh.codebook_bytes());
+    } else {
+      g.AddTensorView(n.name + ".weight", GgmlType::kF32, {w.cols, w.rows}, w.f32,
+                      w.rows * w.cols * sizeof(float));
+    }
+  }
+  for (const NamedNorm& n : norms) {
+    g.AddTensorView(n.name, GgmlType::kF32, {uint64_t(c.dim)}, *n.w, c.dim * sizeof(float));
+  }
+  return g.WriteFile(path);
+}
+
+StatusOr<Model> LoadLutraModel(GgufFile file, const LoadOptions& o) {
+  auto gguf = std::make_shared<GgufFile>(std::move(file));
+  const GgufReader& g = gguf->reader();
+  const std::string& path = gguf->file().path();
+  auto fail = [&](const Status& s) { return s.WithContext(path + ": lutra"); };
+  StatusOr<uint32_t> version = g.GetU32("lutra.format_version");
+  if (!version.ok()) return fail(version.status());
+  if (*version != kLutraFormatVersion) {
+    return fail(Unimplemented("format version %u, this build reads %u", *version,
+                              kLutraFormatVersion));
+  }
+  Model m;
+  Config& c = m.config;
+  const struct {
+    const char* key;
+    int* out;
+  } ints[] = {{"lutra.dim", &c.dim},           {"lutra.hidden_dim", &c.hidden_dim},
+              {"lutra.n_layers", &c.n_layers}, {"lutra.n_heads", &c.n_heads},
+              {"lutra.n_kv_heads", &c.n_kv_heads}, {"lutra.head_dim", &c.head_dim},
+              {"lutra.vocab_size", &c.vocab_size}, {"lutra.seq_len", &c.seq_len}};
+  for (const auto& kv : ints) {
+    StatusOr<uint32_t> v = g.GetU32(kv.key);
+    if (!v.ok()) return fail(v.status());
+    if (*v > (1u << 24)) return fail(DataLoss("%s = %u is implausibly large", kv.key, *v));
+    *kv.out = int(*v);
+  }
+  StatusOr<float> theta = g.GetF32("lutra.rope_theta");
+  StatusOr<float> eps = g.GetF32("lutra.norm_eps");
+  StatusOr<bool> tied = g.GetBool("lutra.tied_embedding");
+  if (!theta.ok() || !eps.ok() || !tied.ok()) {
+    return fail(!theta.ok() ? theta.status() : !eps.ok() ? eps.status() : tied.status());
+  }
+  c.rope_theta = *theta, c.norm_eps = *eps;
+  Status valid = c.Validate();
+  if (!valid.ok()) return fail(DataLoss("%s", valid.message().c_str()));
+  if (!(c.rope_theta > 0.0f) || !(c.norm_eps > 0.0f && c.norm_eps < 1.0f)) {
+    return fail(DataLoss("rope_theta %g / norm_eps %g out of range", double(c.rope_theta),
+                         double(c.norm_eps)));
+  }
+  m.weights.layers.resize(c.n_layers);
+
+  // Shapes every matrix must have, in NameTensors order.
+  std::vector<NamedLinear> mats;
+  std::vector<NamedNorm> norms;
+  NameTensors(m, *tied, &mats, &norms);
+  std::vector<std::pair<size_t, size_t>> shapes = {{size_t(c.vocab_size), size_t(c.dim)}};
+  for (int l = 0; l < c.n_layers; ++l) {
+    for (auto rc : std::vector<std::pair<int, int>>{{c.q_dim(), c.dim},
+                                                    {c.kv_dim(), c.dim},
+                                                    {c.kv_dim(), c.dim},
+                                                    {c.dim, c.q_dim()},
+                                                    {c.hidden_dim, c.dim},
+                                                    {c.dim, c.hidden_dim},
+                                                    {c.hidden_dim, c.dim}}) {
+      shapes.emplace_back(rc.first, rc.second);
+    }
+  }
+  if (!*tied) shapes.emplace_back(size_t(c.vocab_size), size_t(c.dim));
+
+  for (size_t i = 0; i < mats.size(); ++i) {
+    const std::string& name = mats[i].name;
+    Linear& w = *mats[i].w;
+    w.rows = shapes[i].first, w.cols = shapes[i].second;
+    const GgufValue* meta = g.Find("lutra.palette." + name);
+    if (meta == nullptr) {  // an f32 matrix
+      StatusOr<const GgufTensorInfo*> t = g.GetTensor(name + ".weight");
+      if (!t.ok()) return fail(t.status());
+      const GgufTensorInfo& ti = **t;
+      if (ti.type != uint32_t(GgmlType::kF32) || ti.n_dims != 2 || ti.ne[0] != w.cols ||
+          ti.ne[1] != w.rows || reinterpret_cast<uintptr_t>(ti.data) % 4 != 0) {
+        return fail(DataLoss("tensor %s.weight is %s %s, expected aligned f32 [%zu, %zu]",
+                             name.c_str(), ti.type_name(), ti.ShapeString().c_str(), w.cols,
+                             w.rows));
+      }
+      w.f32 = reinterpret_cast<const float*>(ti.data);
+      continue;
+    }
+    StatusOr<std::vector<int64_t>> v = g.GetIntArray("lutra.palette." + name);
+    if (!v.ok()) return fail(v.status());
+    if (v->size() != 5) return fail(DataLoss("lutra.palette.%s has %zu values, expected 5",
+                                             name.c_str(), v->size()));
+    PaletteShape sh;
+    sh.rows = size_t((*v)[0]), sh.cols = size_t((*v)[1]), sh.bits = int((*v)[2]);
+    sh.group_rows = size_t((*v)[3]);
+    const int64_t cb = (*v)[4];
+    if (cb < 0 || cb > 2) return fail(DataLoss("%s: codebook type %lld", name.c_str(), (long long)cb));
+    sh.codebook = CodebookType(cb);
+    if (sh.rows != w.rows || sh.cols != w.cols) {
+      return fail(DataLoss("%s is %zu x %zu, the config implies %zu x %zu", name.c_str(),
+                           sh.rows, sh.cols, w.rows, w.cols));
+    }
+    Status shape_ok = sh.Validate();
+    if (!shape_ok.ok()) return fail(DataLoss("%s: %s", name.c_str(), shape_ok.message().c_str()));
+    StatusOr<const GgufTensorInfo*> idx = g.GetTensor(name + ".indices");
+    if (!idx.ok()) return fail(idx.status());
+    StatusOr<const GgufTensorInfo*> cbt = g.GetTensor(name + ".codebooks");
+    if (!cbt.ok()) return fail(cbt.status());
+    const uint32_t want_cb = sh.codebook == CodebookType::kF16    ? uint32_t(GgmlType::kF16)
+                             : sh.codebook == CodebookType::kBF16 ? uint32_t(GgmlType::kBF16)
+                                                                  : uint32_t(GgmlType::kF32);
+    if ((*idx)->type != uint32_t(GgmlType::kI8) || (*cbt)->type != want_cb) {
+      return fail(DataLoss("%s: tensor types %s/%s, expected i8 indices and %s codebooks",
+                           name.c_str(), (*idx)->type_name(), (*cbt)->type_name(),
+                           CodebookTypeName(sh.codebook)));
+    }
+    StatusOr<PaletteView> view = PaletteView::Make(sh, (*idx)->data, size_t((*idx)->n_bytes),
+                                                   (*cbt)->data, size_t((*cbt)->n_bytes));
+    if (!view.ok()) return fail(view.status().WithContext(name));
+    w.f32 = nullptr;
+    w.palette = *view;
+  }
+  if (*tied) m.weights.output = m.weights.embedding;
+  for (const NamedNorm& n : norms) {
+    StatusOr<const GgufTensorInfo*> t = g.GetTensor(n.name);
+    if (!t.ok()) return fail(t.status());
+    const GgufTensorInfo& ti = **t;
+    if (ti.type != uint32_t(GgmlType::kF32) || ti.n_elements != uint64_t(c.dim) ||
+        reinterpret_cast<uintptr_t>(ti.data) % 4 != 0) {
+      return fail(DataLoss("tensor %s is %s %s, expected aligned f32 [%d]", n.name.c_str(),
+                           ti.type_name(), ti.ShapeString().c_str(), c.dim));
+    }
+    *n.w = reinterpret_cast<const float*>(ti.data);
+  }
+  if (g.Find("tokenizer.ggml.tokens") != nullptr) {
+    StatusOr<Tokenizer> t = Tokenizer::FromGguf(g);
+    if (!t.ok()) return fail(t.status());
+    m.tokenizer = std::make_shared<const Tokenizer>(std::move(*t));
+  }
+  m.keep_alive = gguf;
+  if (o.seq_len > 0) m.config.seq_len = o.seq_len;
+  LUTRA_RETURN_IF_ERROR(m.Prepare());
+  if (o.bits != 0 || o.mixed_bits != 0.0) {
+    if (m.weights.embedding.palettized()) {
+      return InvalidArgument("%s is already palettized: drop --bits/--mixed", path.c_str());
+    }
+    return PalettizeModel(m, o, 1);
+  }
+  return m;
 }
 
 }  // namespace engine

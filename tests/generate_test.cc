@@ -464,6 +464,76 @@ TEST_CASE("Corrupt, truncated and mismatched files are rejected", "[generate][sh
   CHECK(!LoadTokenizer("", *model).ok());  // llama2.c files carry no vocabulary
 }
 
+// ----------------------------------------------------------------------------
+// .lutra files
+
+// Logits of a few random tokens (batched prefill), for comparing models.
+std::vector<float> SomeLogits(const Model& m, MatmulPrecision precision) {
+  const std::vector<int> tokens = RandomTokens(6, m.config.vocab_size, 11);
+  StatusOr<RunState> s = MakeRunState(m.config, 6);
+  REQUIRE(s.ok());
+  s->precision = precision;
+  StatusOr<const float*> out = Forward(m, *s, tokens.data(), tokens.size(), 0, true);
+  REQUIRE(out.ok());
+  return std::vector<float>(*out, *out + tokens.size() * m.config.vocab_size);
+}
+
+TEST_CASE(".lutra files round-trip and map the weights in place", "[generate]") {
+  for (int bits : {0, 3, 4}) {
+    LoadOptions o = Bits(bits);
+    StatusOr<Model> model = MakeSyntheticModel("tiny", o, 21);
+    REQUIRE(model.ok());
+    StatusOr<Tokenizer> tok = ByteTokenizer(model->config.vocab_size);
+    REQUIRE(tok.ok());
+    const std::string path = "generate_test_tiny" + std::to_string(bits) + ".lutra";
+    REQUIRE(SaveLutraModel(*model, &*tok, path).ok());
+    StatusOr<Model> loaded = LoadModel(path, LoadOptions());
+    INFO("bits " << bits << ": " << loaded.status().message());
+    REQUIRE(loaded.ok());
+    CHECK(loaded->palettes.empty());        // no copies: views into the mapping
+    CHECK(loaded->f32_storage.empty());
+    CHECK(loaded->BitsPerWeight() == model->BitsPerWeight());
+    CHECK(SomeLogits(*loaded, MatmulPrecision::kF32) == SomeLogits(*model, MatmulPrecision::kF32));
+    REQUIRE(loaded->tokenizer);
+    StatusOr<std::vector<int>> a = loaded->tokenizer->Encode("hi there", true);
+    StatusOr<std::vector<int>> b = tok->Encode("hi there", true);
+    REQUIRE((a.ok() && b.ok()));
+    CHECK(*a == *b);
+    // Palettizing an already palettized file is refused, not silently redone.
+    if (bits != 0) CHECK(!LoadModel(path, Bits(4)).ok());
+  }
+}
+
+TEST_CASE("stories260K as .lutra: same text, bad files rejected", "[generate][shared]") {
+  LUTRA_REQUIRE_SHARED_MODELS();
+  const Model& q8 = Stories(8);
+  StatusOr<std::shared_ptr<const Tokenizer>> tok = LoadTokenizer(SharedPath("tok512.bin"), q8);
+  REQUIRE(tok.ok());
+  const std::string path = "generate_test_stories8.lutra";
+  REQUIRE(SaveLutraModel(q8, tok->get(), path).ok());
+  StatusOr<Model> loaded = LoadModel(path, LoadOptions());
+  REQUIRE(loaded.ok());
+  REQUIRE(loaded->tokenizer);  // the vocabulary travels inside the file
+  CHECK(GreedyText(*loaded, *loaded->tokenizer, "Zoo", 60) == kZooText);
+
+  const std::vector<char> bytes = ReadFile(path);
+  REQUIRE(bytes.size() > 4096);
+  ExpectLoadError(WriteTemp("trunc.lutra", std::vector<char>(bytes.begin(), bytes.end() - 1)),
+                  "exceeds");
+  ExpectLoadError(WriteTemp("half.lutra", std::vector<char>(bytes.begin(), bytes.begin() + 2000)),
+                  "gguf");
+  // A palette shape that disagrees with the config: patch lutra.palette.token_embd's
+  // bits (third u64 of the array) from 8 to 4.
+  const std::string key = "lutra.palette.token_embd";
+  auto it = std::search(bytes.begin(), bytes.end(), key.begin(), key.end());
+  REQUIRE(it != bytes.end());
+  std::vector<char> patched = bytes;
+  const size_t bits_at = size_t(it - bytes.begin()) + key.size() + 4 + 4 + 8 + 2 * 8;
+  REQUIRE(patched[bits_at] == 8);
+  patched[bits_at] = 4;
+  ExpectLoadError(WriteTemp("bits.lutra", patched), "token_embd");
+}
+
 }  // namespace
 }  // namespace engine
 }  // namespace lutra
