@@ -1,0 +1,180 @@
+// End-to-end prefill and decode speed of lutra-generate's engine
+// (examples/engine.h) on synthetic Llama-shaped models: palettized (4-bit,
+// mixed 3.5) against f32 weights through the same pipeline, in the same run,
+// with 1 and 2 threads.
+//
+//   e2e_bench [--shape afm] [--f32-layers 2] [--prefill 64] [--decode 16]
+//             [--reps 3] [--threads 1,2] [--full-layers 26]
+//
+// Palettized models run at the full shape (afm: 26 layers); the f32
+// comparison runs at the same per-layer dims with --f32-layers layers (f32
+// AFM is 11 GB), and the palettized models are also run at that reduced
+// depth so every ratio compares equal shapes. Figures are medians of --reps
+// runs; each run prefills --prefill tokens (GEMM) then decodes --decode
+// tokens (GEMV) one at a time. "GB/s" is weight bytes streamed per decoded
+// token times tokens/s (the head and embedding included).
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <chrono>
+#include <string>
+#include <vector>
+
+#include "examples/dispatch.h"
+#include "examples/engine.h"
+
+namespace {
+
+using lutra::Status;
+using lutra::StatusOr;
+namespace engine = lutra::engine;
+
+struct Args {
+  std::string shape = "afm";
+  int full_layers = 0;  // 0: the shape's own
+  int f32_layers = 2;
+  size_t prefill = 64;
+  size_t decode = 16;
+  int reps = 3;
+  std::vector<size_t> threads = {1, 2};
+};
+
+struct Result {
+  double prefill_tps = 0.0, decode_tps = 0.0;
+};
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Median prefill and decode tokens/s of `model` with `threads` threads.
+StatusOr<Result> Measure(const engine::Model& model, const Args& a, size_t threads) {
+  using Clock = std::chrono::steady_clock;
+  lutra::ThreadPool pool(threads);
+  StatusOr<engine::RunState> state = engine::MakeRunState(model.config, a.prefill);
+  if (!state.ok()) return state.status();
+  state->pool = &pool;
+  std::vector<int> prompt(a.prefill);
+  for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = int((i * 7919 + 3) % model.config.vocab_size);
+  std::vector<double> prefill, decode;
+  for (int rep = 0; rep < a.reps; ++rep) {
+    const auto t0 = Clock::now();
+    StatusOr<const float*> out = engine::Forward(model, *state, prompt.data(), prompt.size(), 0);
+    if (!out.ok()) return out.status();
+    const auto t1 = Clock::now();
+    int token = 1;
+    for (size_t i = 0; i < a.decode; ++i) {
+      out = engine::Forward(model, *state, &token, 1, prompt.size() + i);
+      if (!out.ok()) return out.status();
+      token = int(std::max_element(*out, *out + model.config.vocab_size) - *out);
+    }
+    const auto t2 = Clock::now();
+    prefill.push_back(double(a.prefill) / std::chrono::duration<double>(t1 - t0).count());
+    decode.push_back(double(a.decode) / std::chrono::duration<double>(t2 - t1).count());
+  }
+  return Result{Median(prefill), Median(decode)};
+}
+
+struct Variant {
+  const char* name;
+  engine::LoadOptions options;
+};
+
+int Run(const Args& a) {
+  engine::LoadOptions f32, q4, mixed;
+  q4.bits = 4;
+  mixed.mixed_bits = 3.5;
+  const Variant variants[] = {{"f32", f32}, {"4-bit", q4}, {"mixed 3.5", mixed}};
+  printf("e2e_bench: shape %s, prefill %zu tokens, decode %zu tokens, median of %d, target %s\n",
+         a.shape.c_str(), a.prefill, a.decode, a.reps, lutra::dispatch::TargetName());
+  printf("| model | layers | weights | bits/weight | threads | prefill tok/s | decode tok/s | "
+         "decode GB/s | prefill vs f32 | decode vs f32 |\n");
+  printf("|---|---|---|---|---|---|---|---|---|---|\n");
+  // Depths: the reduced one (all three variants, ratios), then the full one
+  // (palettized only).
+  std::vector<int> depths = {a.f32_layers};
+  if (a.full_layers != a.f32_layers) depths.push_back(a.full_layers);
+  for (int layers : depths) {
+    const std::string shape = a.shape + ":" + std::to_string(layers);
+    std::vector<Result> f32_results;
+    for (const Variant& v : variants) {
+      if (layers != a.f32_layers && v.options.bits == 0 && v.options.mixed_bits == 0.0) continue;
+      engine::LoadOptions o = v.options;
+      o.seq_len = int(a.prefill + a.decode);
+      StatusOr<engine::Model> model = engine::MakeSyntheticModel(shape, o, 1);
+      if (!model.ok()) {
+        fprintf(stderr, "e2e_bench: %s\n", model.status().message().c_str());
+        return 1;
+      }
+      for (size_t ti = 0; ti < a.threads.size(); ++ti) {
+        StatusOr<Result> r = Measure(*model, a, a.threads[ti]);
+        if (!r.ok()) {
+          fprintf(stderr, "e2e_bench: %s\n", r.status().message().c_str());
+          return 1;
+        }
+        if (v.options.bits == 0 && v.options.mixed_bits == 0.0) f32_results.push_back(*r);
+        char vs_prefill[32] = "-", vs_decode[32] = "-";
+        if (layers == a.f32_layers && ti < f32_results.size()) {
+          snprintf(vs_prefill, sizeof(vs_prefill), "%.2fx", r->prefill_tps / f32_results[ti].prefill_tps);
+          snprintf(vs_decode, sizeof(vs_decode), "%.2fx", r->decode_tps / f32_results[ti].decode_tps);
+        }
+        const double bytes = double(model->WeightBytes());
+        printf("| %s | %d | %.0f MiB | %.2f | %zu | %.1f | %.2f | %.2f | %s | %s |\n", v.name,
+               layers, bytes / 1048576.0, model->BitsPerWeight(), a.threads[ti], r->prefill_tps,
+               r->decode_tps, bytes * r->decode_tps / 1e9, vs_prefill, vs_decode);
+        fflush(stdout);
+      }
+    }
+  }
+  return 0;
+}
+
+bool ParseArgs(int argc, char** argv, Args* a) {
+  for (int i = 1; i + 1 < argc; i += 2) {
+    const std::string flag = argv[i];
+    const char* v = argv[i + 1];
+    if (flag == "--shape") {
+      a->shape = v;
+    } else if (flag == "--full-layers") {
+      a->full_layers = atoi(v);
+    } else if (flag == "--f32-layers") {
+      a->f32_layers = atoi(v);
+    } else if (flag == "--prefill") {
+      a->prefill = size_t(atoi(v));
+    } else if (flag == "--decode") {
+      a->decode = size_t(atoi(v));
+    } else if (flag == "--reps") {
+      a->reps = atoi(v);
+    } else if (flag == "--threads") {
+      a->threads.clear();
+      for (const char* p = v; *p;) {
+        a->threads.push_back(size_t(strtoul(p, const_cast<char**>(&p), 10)));
+        if (*p == ',') ++p;
+      }
+    } else {
+      return false;
+    }
+  }
+  if ((argc - 1) % 2 != 0) return false;
+  return a->f32_layers >= 1 && a->prefill >= 1 && a->decode >= 1 && a->reps >= 1 &&
+         !a->threads.empty();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Args a;
+  if (!ParseArgs(argc, argv, &a)) {
+    fprintf(stderr,
+            "usage: e2e_bench [--shape afm|1b|tiny] [--full-layers L] [--f32-layers L] "
+            "[--prefill N] [--decode N] [--reps R] [--threads 1,2]\n");
+    return 2;
+  }
+  if (a.full_layers == 0) {
+    a.full_layers = a.shape == "afm" ? 26 : a.shape == "1b" ? 16 : 4;
+  }
+  return Run(a);
+}
