@@ -187,53 +187,78 @@ StatusOr<Model> MakeSyntheticModel(const std::string& shape, const LoadOptions& 
   for (float& x : m.f32_storage.back()) x = 1.0f + 0.1f * rng.Symmetric();
   const float* norms = m.f32_storage.back().data();
 
-  // Bits per tensor: uniform, or for a mixed budget (no real weights to
-  // measure errors on) the FFN, most of the weights, at the lower width and
-  // attention and embedding at the next one: 3.5 -> FFN 3, others 4 bits.
-  auto bits_for = [&](bool ffn) -> int {
-    if (o.mixed_bits > 0.0) {
-      const int lo = int(floor(o.mixed_bits)), hi = lo + 1;
-      const int fix = [](int b) { return b == 5 ? 4 : b == 7 ? 8 : b; }(lo);
-      return ffn ? fix : (hi == 5 ? 6 : hi == 7 ? 8 : hi);
-    }
-    return o.bits;
+  // Every matrix in build order: the embedding, then 7 per layer.
+  struct Spec {
+    Linear* w;
+    size_t rows, cols;
+    bool ffn;
+    int bits;
   };
-  auto make = [&](size_t rows, size_t cols, bool ffn) -> StatusOr<Linear> {
-    const int bits = bits_for(ffn);
-    if (bits == 0) return RandomF32(m, rows, cols, rng);
-    return RandomPalette(m, rows, cols, bits, o, rng);
-  };
-  // Reserve so PaletteMatrix moves never happen mid-build (views stay valid
-  // either way, the storage is heap-allocated; this just avoids copies).
-  m.palettes.reserve(7 * size_t(c.n_layers) + 2);
-  m.f32_storage.reserve(7 * size_t(c.n_layers) + 3);
-
-  StatusOr<Linear> emb = make(c.vocab_size, c.dim, /*ffn=*/false);
-  if (!emb.ok()) return emb.status();
-  m.weights.embedding = *emb;
-  m.weights.output = *emb;
+  std::vector<Spec> specs = {{&m.weights.embedding, size_t(c.vocab_size), size_t(c.dim), false, o.bits}};
   m.weights.layers.resize(c.n_layers);
   for (int l = 0; l < c.n_layers; ++l) {
     LayerWeights& lw = m.weights.layers[l];
     lw.attn_norm = norms + (2 * l) * c.dim;
     lw.ffn_norm = norms + (2 * l + 1) * c.dim;
-    struct Spec {
-      Linear* w;
-      int rows, cols;
-      bool ffn;
-    } specs[] = {{&lw.wq, c.q_dim(), c.dim, false},     {&lw.wk, c.kv_dim(), c.dim, false},
-                 {&lw.wv, c.kv_dim(), c.dim, false},    {&lw.wo, c.dim, c.q_dim(), false},
-                 {&lw.w1, c.hidden_dim, c.dim, true},   {&lw.w2, c.dim, c.hidden_dim, true},
-                 {&lw.w3, c.hidden_dim, c.dim, true}};
-    for (const Spec& s : specs) {
-      StatusOr<Linear> w = make(s.rows, s.cols, s.ffn);
-      if (!w.ok()) return w.status();
-      *s.w = *w;
-    }
-    if (o.progress && c.dim >= 1024 && isatty(2)) {
-      fprintf(stderr, "\rsynthetic %s: layer %d/%d", shape.c_str(), l + 1, c.n_layers);
+    const size_t dim = c.dim, q = c.q_dim(), kv = c.kv_dim(), hid = c.hidden_dim;
+    for (const Spec& s : std::vector<Spec>{{&lw.wq, q, dim, false, o.bits},
+                                           {&lw.wk, kv, dim, false, o.bits},
+                                           {&lw.wv, kv, dim, false, o.bits},
+                                           {&lw.wo, dim, q, false, o.bits},
+                                           {&lw.w1, hid, dim, true, o.bits},
+                                           {&lw.w2, dim, hid, true, o.bits},
+                                           {&lw.w3, hid, dim, true, o.bits}}) {
+      specs.push_back(s);
     }
   }
+  // A mixed budget without real weights to measure errors on: every matrix
+  // at the width below the budget, then whole matrices one width up while the
+  // average (codebooks and padding included) stays within it - attention and
+  // the embedding first, as the allocator tends to favor them on real models.
+  if (o.mixed_bits > 0.0) {
+    static const int kWidths[] = {1, 2, 3, 4, 6, 8};
+    int lo = 1, hi = 2;
+    for (size_t i = 0; i + 1 < 6; ++i) {
+      if (kWidths[i] <= o.mixed_bits) lo = kWidths[i], hi = kWidths[i + 1];
+    }
+    auto bytes = [&](const Spec& s, int bits) {
+      PaletteShape sh;
+      sh.rows = s.rows, sh.cols = s.cols, sh.bits = bits, sh.group_rows = o.group;
+      sh.codebook = o.codebook;
+      return double(sh.total_bytes());
+    };
+    double total = 0.0, weights = 0.0;
+    for (Spec& s : specs) {
+      s.bits = lo;
+      total += bytes(s, lo);
+      weights += double(s.rows * s.cols);
+    }
+    const double budget = o.mixed_bits * weights / 8.0;
+    for (bool ffn : {false, true}) {
+      for (Spec& s : specs) {
+        const double extra = bytes(s, hi) - bytes(s, lo);
+        if (s.ffn == ffn && total + extra <= budget) {
+          s.bits = hi;
+          total += extra;
+        }
+      }
+    }
+  }
+  // Reserve so PaletteMatrix moves never happen mid-build (views stay valid
+  // either way, the storage is heap-allocated; this just avoids copies).
+  m.palettes.reserve(specs.size());
+  m.f32_storage.reserve(specs.size() + 1);
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const Spec& s = specs[i];
+    StatusOr<Linear> w = s.bits == 0 ? StatusOr<Linear>(RandomF32(m, s.rows, s.cols, rng))
+                                     : RandomPalette(m, s.rows, s.cols, s.bits, o, rng);
+    if (!w.ok()) return w.status();
+    *s.w = *w;
+    if (o.progress && c.dim >= 1024 && isatty(2) && (i % 7 == 0)) {
+      fprintf(stderr, "\rsynthetic %s: layer %zu/%d", shape.c_str(), i / 7, c.n_layers);
+    }
+  }
+  m.weights.output = m.weights.embedding;
   if (o.progress && c.dim >= 1024 && isatty(2)) fprintf(stderr, "\n");
   m.weights.final_norm = norms + 2 * size_t(c.n_layers) * c.dim;
   LUTRA_RETURN_IF_ERROR(m.Prepare());
