@@ -158,12 +158,13 @@ HWY_INLINE void StorePanelRow(DF df, const PreparedInput& in, const Panel& p, si
   const Epilogue& ep = in.epilogue;
   const size_t rstride = ep.residual_stride ? ep.residual_stride : ldy;
   const VF xs = hn::Set(df, in.xsum[m]);
-  VF v[2] = {acc0, acc1};
   for (size_t h = 0; h < 2; ++h) {
     const size_t off = h * NF;
     if (off >= p.nr) break;
     const size_t cnt = HWY_MIN(NF, p.nr - off);
-    VF y = hn::MulAdd(v[h], hn::LoadU(df, p.step + off), hn::Mul(hn::LoadU(df, p.lo + off), xs));
+    // A select, not an array {acc0, acc1}: SVE vectors are sizeless types.
+    const VF v = h == 0 ? acc0 : acc1;
+    VF y = hn::MulAdd(v, hn::LoadU(df, p.step + off), hn::Mul(hn::LoadU(df, p.lo + off), xs));
     const size_t col = p.n + off;
     if (ep.bias) y = hn::Add(y, hn::LoadN(df, ep.bias + col, cnt));
     if (ep.residual) y = hn::Add(y, hn::LoadN(df, ep.residual + m * rstride + col, cnt));
@@ -182,6 +183,9 @@ HWY_INLINE void StorePanelRow(DF df, const PreparedInput& in, const Panel& p, si
 }
 
 // Int8 micro-kernel: tokens [m, m + kMR) x the panel's NR rows.
+// The kMR x 2 accumulators are named variables (token i uses a<i>0/a<i>1 and
+// f<i>0/f<i>1; those of tokens >= kMR are dead code), not arrays, because SVE
+// vectors are sizeless types that cannot form arrays.
 template <size_t kMR>
 HWY_INLINE void MicroKernelI8(const PreparedInput& in, const Panel& p, size_t m,
                               float* HWY_RESTRICT Y, size_t ldy) {
@@ -197,38 +201,52 @@ HWY_INLINE void MicroKernelI8(const PreparedInput& in, const Panel& p, size_t m,
   const size_t block_quads = in.units_per_block * in.unit_positions / 4;
   const size_t num_quads = P / 4;
   const uint8_t* HWY_RESTRICT tile = p.tile;
+  static_assert(kMR >= 1 && kMR <= 6, "MicroKernelI8 handles 1 to 6 tokens");
   const int8_t* xq[kMR];
-  VF accf0[kMR], accf1[kMR];
-  for (size_t i = 0; i < kMR; ++i) {
-    xq[i] = in.xq.data() + (m + i) * P;
-    accf0[i] = hn::Zero(df);
-    accf1[i] = hn::Zero(df);
-  }
+  for (size_t i = 0; i < kMR; ++i) xq[i] = in.xq.data() + (m + i) * P;
+  VF f00 = hn::Zero(df), f01 = f00, f10 = f00, f11 = f00, f20 = f00, f21 = f00;
+  VF f30 = f00, f31 = f00, f40 = f00, f41 = f00, f50 = f00, f51 = f00;
   for (size_t b = 0, q = 0; b < in.num_blocks; ++b) {
-    VI acc0[kMR], acc1[kMR];
-    for (size_t i = 0; i < kMR; ++i) {
-      acc0[i] = hn::Zero(di32);
-      acc1[i] = hn::Zero(di32);
-    }
+    VI a00 = hn::Zero(di32), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00;
+    VI a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
     const size_t q_end = HWY_MIN(q + block_quads, num_quads);
     for (; q < q_end; ++q) {
       const auto w0 = hn::LoadU(du8, tile + q * NR * 4);
       const auto w1 = hn::LoadU(du8, tile + q * NR * 4 + NF * 4);
-      for (size_t i = 0; i < kMR; ++i) {
+      // Token i's 4 activation bytes times both weight vectors.
+      const auto token = [&](size_t i, VI& acc0, VI& acc1) HWY_ATTR {
         int32_t x4;
         memcpy(&x4, xq[i] + q * 4, 4);
         const auto xb = hn::BitCast(di8, hn::Set(di32, x4));
-        acc0[i] = hn::SumOfMulQuadAccumulate(di32, w0, xb, acc0[i]);
-        acc1[i] = hn::SumOfMulQuadAccumulate(di32, w1, xb, acc1[i]);
-      }
+        acc0 = hn::SumOfMulQuadAccumulate(di32, w0, xb, acc0);
+        acc1 = hn::SumOfMulQuadAccumulate(di32, w1, xb, acc1);
+      };
+      token(0, a00, a01);
+      if constexpr (kMR > 1) token(1, a10, a11);
+      if constexpr (kMR > 2) token(2, a20, a21);
+      if constexpr (kMR > 3) token(3, a30, a31);
+      if constexpr (kMR > 4) token(4, a40, a41);
+      if constexpr (kMR > 5) token(5, a50, a51);
     }
-    for (size_t i = 0; i < kMR; ++i) {
+    // Token i's block sums, scaled by its block scale, into f32.
+    const auto scale = [&](size_t i, VI acc0, VI acc1, VF& f0, VF& f1) HWY_ATTR {
       const VF sx = hn::Set(df, in.xscale[(m + i) * in.num_blocks + b]);
-      accf0[i] = hn::MulAdd(hn::ConvertTo(df, acc0[i]), sx, accf0[i]);
-      accf1[i] = hn::MulAdd(hn::ConvertTo(df, acc1[i]), sx, accf1[i]);
-    }
+      f0 = hn::MulAdd(hn::ConvertTo(df, acc0), sx, f0);
+      f1 = hn::MulAdd(hn::ConvertTo(df, acc1), sx, f1);
+    };
+    scale(0, a00, a01, f00, f01);
+    if constexpr (kMR > 1) scale(1, a10, a11, f10, f11);
+    if constexpr (kMR > 2) scale(2, a20, a21, f20, f21);
+    if constexpr (kMR > 3) scale(3, a30, a31, f30, f31);
+    if constexpr (kMR > 4) scale(4, a40, a41, f40, f41);
+    if constexpr (kMR > 5) scale(5, a50, a51, f50, f51);
   }
-  for (size_t i = 0; i < kMR; ++i) StorePanelRow(df, in, p, m + i, accf0[i], accf1[i], Y, ldy);
+  StorePanelRow(df, in, p, m, f00, f01, Y, ldy);
+  if constexpr (kMR > 1) StorePanelRow(df, in, p, m + 1, f10, f11, Y, ldy);
+  if constexpr (kMR > 2) StorePanelRow(df, in, p, m + 2, f20, f21, Y, ldy);
+  if constexpr (kMR > 3) StorePanelRow(df, in, p, m + 3, f30, f31, Y, ldy);
+  if constexpr (kMR > 4) StorePanelRow(df, in, p, m + 4, f40, f41, Y, ldy);
+  if constexpr (kMR > 5) StorePanelRow(df, in, p, m + 5, f50, f51, Y, ldy);
 }
 
 template <int kBits>
