@@ -22,15 +22,25 @@ namespace {
 BaseShapes TinyBase() { return BaseShapes::Llama(2, 8, 12, 8, 4); }
 
 // An adapter on layer 0's q projection whose A and B are filled with `tag`,
-// so that every reader can check it got the adapter it asked for.
-std::shared_ptr<const Adapter> MakeTagged(const std::string& name, float tag, size_t rank) {
+// so that every reader can check it got the adapter it asked for. No Catch2
+// assertions inside: loaders run on worker threads, and Catch2's assertion
+// macros are not thread-safe.
+StatusOr<AdapterManager::AdapterPtr> BuildTagged(const std::string& name, float tag,
+                                                 size_t rank) {
   const BaseShapes base = TinyBase();
   auto adapter = Adapter::Create(name, base);
-  REQUIRE(adapter.ok());
+  if (!adapter.ok()) return adapter.status();
   std::vector<float> a(rank * base.Cols(Projection::kQ), tag);
   std::vector<float> b(base.Rows(Projection::kQ) * rank, tag);
-  REQUIRE(adapter->AddF32(0, Projection::kQ, rank, a.data(), b.data(), 1.0f).ok());
-  return std::make_shared<const Adapter>(std::move(adapter).value());
+  LUTRA_RETURN_IF_ERROR(adapter->AddF32(0, Projection::kQ, rank, a.data(), b.data(), 1.0f));
+  return AdapterManager::AdapterPtr(std::make_shared<const Adapter>(std::move(adapter).value()));
+}
+
+// Same, on the test's own thread, asserting success.
+std::shared_ptr<const Adapter> MakeTagged(const std::string& name, float tag, size_t rank) {
+  auto adapter = BuildTagged(name, tag, rank);
+  REQUIRE(adapter.ok());
+  return *adapter;
 }
 
 TEST_CASE("AdapterManager loads on first use and evicts LRU under the budget") {
@@ -122,9 +132,8 @@ TEST_CASE("AdapterManager is safe with concurrent generations on different adapt
   AdapterManager manager(3 * one);  // half of them fit: constant churn
   for (int i = 0; i < kAdapters; ++i) {
     const std::string name = "t" + std::to_string(i);
-    REQUIRE(manager.Register(name, [name, i] {
-      return StatusOr<AdapterManager::AdapterPtr>(MakeTagged(name, float(i + 1), 4));
-    }).ok());
+    REQUIRE(manager.Register(name, [name, i] { return BuildTagged(name, float(i + 1), 4); })
+                .ok());
   }
   std::atomic<int> failures{0};
   std::vector<std::thread> threads;
