@@ -399,6 +399,17 @@ TEST_CASE("Adapter file round trip keeps bits, scales, names") {
     }
   }
   CHECK(b.Find(1, Projection::kQ) == nullptr);
+  // Through the manager: registered by file, loaded on first use.
+  AdapterManager manager(size_t{1} << 20);
+  REQUIRE(manager.RegisterFile("task", path, base).ok());
+  REQUIRE(manager.RegisterFile("wrong-base", path, BaseShapes::Llama(4, 64, 172, 64, 32)).ok());
+  auto from_manager = manager.Get("task");
+  REQUIRE(from_manager.ok());
+  CHECK((*from_manager)->name() == "task");
+  CHECK((*from_manager)->num_targets() == 4);
+  const auto wrong_base = manager.Get("wrong-base");
+  CHECK(wrong_base.status().message().find("is for layer 4, the base model has 4 layers") !=
+        std::string::npos);
   // User scale multiplies; the name can be overridden.
   LoadAdapterOptions opt;
   opt.scale = 0.5f;

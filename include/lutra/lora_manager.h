@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "lutra/lora.h"
+#include "lutra/lora_file.h"
 #include "lutra/status.h"
 
 namespace lutra {
@@ -68,6 +69,15 @@ class AdapterManager {
       return InvalidArgument("adapter manager: %s is already registered", name.c_str());
     }
     return Status::Ok();
+  }
+
+  // Registers an adapter file (lora_file.h format), read on first use and
+  // validated against `base`; options.scale is the user's scale.
+  Status RegisterFile(const std::string& name, const std::string& path, const BaseShapes& base,
+                      const LoadAdapterOptions& options = LoadAdapterOptions()) {
+    LoadAdapterOptions opt = options;
+    if (opt.name.empty()) opt.name = name;
+    return Register(name, [path, base, opt]() { return LoadAdapter(path, base, opt); });
   }
 
   // Forgets `name` and drops the cache's reference (holders keep theirs).
