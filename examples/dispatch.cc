@@ -70,6 +70,21 @@ Status GemmT(const PreparedPalette& w, const float* x, size_t batch, const LoraD
   return Gemm(w, x, batch, w.shape().cols, ep, y, w.shape().rows, pool, opt, scratch);
 }
 
+void LoraApplyT(const LoraDelta& lora, const float* x, size_t batch, size_t rows, size_t cols,
+                float* ax, float* y) {
+  const size_t elem = WeightTypeBytes(lora.type);
+  const uint8_t* a = static_cast<const uint8_t*>(lora.a);
+  const uint8_t* b = static_cast<const uint8_t*>(lora.b);
+  for (size_t m = 0; m < batch; ++m) {
+    for (size_t k = 0; k < lora.rank; ++k) {
+      ax[k] = lora.scale * TypedDot(lora.type, a + k * cols * elem, x + m * cols, cols);
+    }
+    for (size_t r = 0; r < rows; ++r) {
+      y[m * rows + r] += TypedDot(lora.type, b + r * lora.rank * elem, ax, lora.rank);
+    }
+  }
+}
+
 void RMSNormT(const float* x, const float* weight, size_t num, float eps, float* out) {
   RMSNorm(x, weight, num, eps, out);
 }
@@ -111,6 +126,7 @@ float Dot(const float* a, const float* b, size_t num) {
 }
 
 HWY_EXPORT(GemvT);
+HWY_EXPORT(LoraApplyT);
 HWY_EXPORT(GemmT);
 
 void MatVecF32(const float* w, size_t rows, size_t cols, const float* x, float* y,
@@ -131,6 +147,11 @@ Status Gemv(const PreparedPalette& w, const float* x, const LoraDelta* lora,
 Status Gemm(const PreparedPalette& w, const float* x, size_t batch, const LoraDelta* lora,
             MatmulPrecision precision, float* y, ThreadPool* pool, PreparedInput* scratch) {
   return HWY_DYNAMIC_DISPATCH(GemmT)(w, x, batch, lora, precision, y, pool, scratch);
+}
+
+void LoraApply(const LoraDelta& lora, const float* x, size_t batch, size_t rows, size_t cols,
+               float* ax, float* y) {
+  HWY_DYNAMIC_DISPATCH(LoraApplyT)(lora, x, batch, rows, cols, ax, y);
 }
 
 void DequantizeRow(const PaletteView& w, size_t r, float* out) {

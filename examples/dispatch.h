@@ -45,6 +45,12 @@ Status Gemv(const PreparedPalette& w, const float* x, const LoraDelta* lora,
 Status Gemm(const PreparedPalette& w, const float* x, size_t batch, const LoraDelta* lora,
             MatmulPrecision precision, float* y, ThreadPool* pool, PreparedInput* scratch);
 
+// Y (batch x rows) += lora.scale * B (A X) for f32 weights, whose matvec has
+// no fused epilogue: A is rank x cols, B rows x rank (f32/f16/bf16), ax is
+// scratch of lora.rank floats. lutra/gemv-inl.h TypedDot.
+void LoraApply(const LoraDelta& lora, const float* x, size_t batch, size_t rows, size_t cols,
+               float* ax, float* y);
+
 // out (cols floats) = row r of a palettized W: the embedding lookup.
 void DequantizeRow(const PaletteView& w, size_t r, float* out);
 

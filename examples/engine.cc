@@ -64,15 +64,23 @@ StatusOr<RunState> MakeRunState(const Config& c, size_t max_batch, KVType kv_typ
 namespace {
 
 // Y (num x rows) = X (num x cols) W^T: GEMV for one token, GEMM for a batch.
-Status Project(RunState& s, const Linear& w, const float* x, size_t num, float* y) {
+// `layer`/`p` select the active adapter's delta (the head has none: layer -1).
+Status Project(RunState& s, const Linear& w, const float* x, size_t num, float* y,
+               int layer = -1, Projection p = Projection::kQ) {
+  const LoraDelta* lora =
+      s.adapter != nullptr && layer >= 0 ? s.adapter->Find(size_t(layer), p) : nullptr;
   if (w.palettized()) {
-    if (num == 1) return dispatch::Gemv(*w.prepared, x, w.lora, s.precision, y, s.pool, &s.scratch);
-    return dispatch::Gemm(*w.prepared, x, num, w.lora, s.precision, y, s.pool, &s.scratch);
+    if (num == 1) return dispatch::Gemv(*w.prepared, x, lora, s.precision, y, s.pool, &s.scratch);
+    return dispatch::Gemm(*w.prepared, x, num, lora, s.precision, y, s.pool, &s.scratch);
   }
   if (num == 1) {
     dispatch::MatVecF32(w.f32, w.rows, w.cols, x, y, s.pool);
   } else {
     dispatch::MatMulF32(w.f32, w.rows, w.cols, x, num, y, s.pool);
+  }
+  if (lora != nullptr) {
+    s.lora_ax.resize(lora->rank);
+    dispatch::LoraApply(*lora, x, num, w.rows, w.cols, s.lora_ax.data(), y);
   }
   return Status();
 }
@@ -132,24 +140,24 @@ StatusOr<const float*> Forward(const Model& model, RunState& s, const int* token
     for (size_t i = 0; i < num; ++i) {
       dispatch::RMSNorm(&s.x[i * dim], lw.attn_norm, dim, c.norm_eps, &s.xb[i * dim]);
     }
-    LUTRA_RETURN_IF_ERROR(Project(s, lw.wq, s.xb.data(), num, s.q.data()));
-    LUTRA_RETURN_IF_ERROR(Project(s, lw.wk, s.xb.data(), num, s.k.data()));
-    LUTRA_RETURN_IF_ERROR(Project(s, lw.wv, s.xb.data(), num, s.v.data()));
+    LUTRA_RETURN_IF_ERROR(Project(s, lw.wq, s.xb.data(), num, s.q.data(), l, Projection::kQ));
+    LUTRA_RETURN_IF_ERROR(Project(s, lw.wk, s.xb.data(), num, s.k.data(), l, Projection::kK));
+    LUTRA_RETURN_IF_ERROR(Project(s, lw.wv, s.xb.data(), num, s.v.data(), l, Projection::kV));
     LUTRA_RETURN_IF_ERROR(dispatch::RoPE(s.q.data(), num, c.n_heads, c.head_dim, pos, c.rope_theta));
     LUTRA_RETURN_IF_ERROR(
         dispatch::RoPE(s.k.data(), num, c.n_kv_heads, c.head_dim, pos, c.rope_theta));
     LUTRA_RETURN_IF_ERROR(Attend(c, s, l, num, pos));
-    LUTRA_RETURN_IF_ERROR(Project(s, lw.wo, s.att.data(), num, s.xb.data()));
+    LUTRA_RETURN_IF_ERROR(Project(s, lw.wo, s.att.data(), num, s.xb.data(), l, Projection::kO));
     dispatch::AddTo(s.x.data(), s.xb.data(), num * dim);
 
     // FFN block: x += W2 (SiLU(W1 xn) * W3 xn).
     for (size_t i = 0; i < num; ++i) {
       dispatch::RMSNorm(&s.x[i * dim], lw.ffn_norm, dim, c.norm_eps, &s.xb[i * dim]);
     }
-    LUTRA_RETURN_IF_ERROR(Project(s, lw.w1, s.xb.data(), num, s.hb.data()));
-    LUTRA_RETURN_IF_ERROR(Project(s, lw.w3, s.xb.data(), num, s.hb2.data()));
+    LUTRA_RETURN_IF_ERROR(Project(s, lw.w1, s.xb.data(), num, s.hb.data(), l, Projection::kW1));
+    LUTRA_RETURN_IF_ERROR(Project(s, lw.w3, s.xb.data(), num, s.hb2.data(), l, Projection::kW3));
     dispatch::SwiGLU(s.hb.data(), s.hb2.data(), num * hidden, s.hb.data());
-    LUTRA_RETURN_IF_ERROR(Project(s, lw.w2, s.hb.data(), num, s.xb.data()));
+    LUTRA_RETURN_IF_ERROR(Project(s, lw.w2, s.hb.data(), num, s.xb.data(), l, Projection::kW2));
     dispatch::AddTo(s.x.data(), s.xb.data(), num * dim);
   }
 
@@ -283,7 +291,8 @@ void LogSoftmax(const float* logits, size_t n, std::vector<double>& out) {
 
 StatusOr<EvalResult> Evaluate(const Model& reference, const Model& test,
                               const std::vector<int>& tokens, size_t max_batch,
-                              ThreadPool* pool, MatmulPrecision precision) {
+                              ThreadPool* pool, MatmulPrecision precision,
+                              const Adapter* test_adapter) {
   const Config& c = reference.config;
   const Config& t = test.config;
   if (c.dim != t.dim || c.n_layers != t.n_layers || c.vocab_size != t.vocab_size ||
@@ -301,6 +310,7 @@ StatusOr<EvalResult> Evaluate(const Model& reference, const Model& test,
   if (!test_state.ok()) return test_state.status();
   ref_state->pool = test_state->pool = pool;
   ref_state->precision = test_state->precision = precision;
+  test_state->adapter = test_adapter;
 
   const size_t vocab = c.vocab_size;
   const size_t positions = tokens.size() - 1;  // predictions with a known next token

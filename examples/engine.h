@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "lutra/kv_cache.h"
+#include "lutra/lora.h"
 #include "lutra/matmul.h"
 #include "lutra/palette.h"
 #include "lutra/status.h"
@@ -51,7 +52,6 @@ struct Linear {
   const float* f32 = nullptr;  // row-major rows x cols, or null when palettized
   PaletteView palette;         // valid when f32 == nullptr
   const PreparedPalette* prepared = nullptr;  // the GEMV/GEMM tables of `palette`
-  const LoraDelta* lora = nullptr;  // optional low-rank delta (palettized only)
 
   bool palettized() const { return f32 == nullptr; }
   // Bytes of weight storage (indices + codebooks, or floats).
@@ -156,6 +156,10 @@ struct RunState {
   ThreadPool* pool = nullptr;
   MatmulPrecision precision = MatmulPrecision::kInt8;
   PreparedInput scratch;
+  // LoRA adapter applied to the layer projections (null: none). Fused into
+  // the palettized GEMV/GEMM epilogue: y = W x + scale * B (A x).
+  const Adapter* adapter = nullptr;
+  std::vector<float> lora_ax;  // f32 weights' LoRA scratch (rank floats)
 };
 
 StatusOr<RunState> MakeRunState(const Config& config, size_t max_batch,
@@ -221,11 +225,30 @@ struct EvalResult {
 };
 
 // Teacher-forces `tokens` through both models (same Config) and compares the
-// next-token distributions at every position but the last.
+// next-token distributions at every position but the last. test_adapter
+// (may be null) runs on `test`, e.g. a recovery adapter.
 StatusOr<EvalResult> Evaluate(const Model& reference, const Model& test,
                               const std::vector<int>& tokens, size_t max_batch,
                               ThreadPool* pool = nullptr,
-                              MatmulPrecision precision = MatmulPrecision::kInt8);
+                              MatmulPrecision precision = MatmulPrecision::kInt8,
+                              const Adapter* test_adapter = nullptr);
+
+// ----------------------------------------------------------------------------
+// LoRA adapters (lutra/lora.h)
+
+// The shapes an adapter for `model` must have.
+BaseShapes AdapterShapes(const Config& config);
+
+// Loads a LoRA adapter file (GGUF, llama.cpp layout; lutra/lora_file.h) for
+// `model`, its scales multiplied by `scale`.
+StatusOr<std::shared_ptr<const Adapter>> LoadLora(const std::string& path, float scale,
+                                                  const Model& model);
+
+// Rank-r accuracy-recovery adapter of a palettized model: the truncated SVD
+// of each projection's quantization residual W - W_hat (lutra/recovery.h).
+StatusOr<std::shared_ptr<const Adapter>> BuildRecoveryAdapter(const Model& f32_model,
+                                                              const Model& palettized,
+                                                              size_t rank, size_t threads);
 
 }  // namespace engine
 }  // namespace lutra

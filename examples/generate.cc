@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -39,6 +40,26 @@ struct Options {
   std::string eval_text;
   size_t eval_tokens = 256;
   size_t batch = 64;        // prefill chunk
+  std::vector<std::string> loras;  // FILE[:SCALE]
+  std::string prompts_file;        // lines "[ADAPTER<TAB>]PROMPT"
+  size_t recover_rank = 0;         // > 0: build a recovery adapter
+};
+
+// LoRA adapters by name; `active` is the one --prompt runs with.
+struct Adapters {
+  std::vector<std::shared_ptr<const lutra::Adapter>> all;
+  const lutra::Adapter* active = nullptr;
+  const lutra::Adapter* Find(const std::string& name) const {
+    for (const auto& a : all) {
+      if (a->name() == name) return a.get();
+    }
+    return nullptr;
+  }
+  size_t bytes() const {
+    size_t n = 0;
+    for (const auto& a : all) n += a->bytes();
+    return n;
+  }
 };
 
 void PrintUsage(FILE* out) {
@@ -73,6 +94,13 @@ void PrintUsage(FILE* out) {
           "  --eval              run the evaluation instead of generating\n"
           "  --eval-text TEXT    text to evaluate on\n"
           "  --eval-tokens N     tokens to evaluate (default 256)\n"
+          "LoRA adapters (lutra/lora_file.h: llama.cpp GGUF adapter layout):\n"
+          "  --lora FILE[:SCALE] load an adapter (repeatable); the first one is active\n"
+          "  --recover-rank R    build a rank-R accuracy-recovery adapter for the\n"
+          "                      palettized weights (needs --bits/--mixed; named\n"
+          "                      'recovery', active unless a --lora is given)\n"
+          "  --prompts-file FILE one prompt per line, optionally 'ADAPTER<TAB>PROMPT' to\n"
+          "                      switch adapters per prompt ('-' for none)\n"
           "  --help              this text\n");
 }
 
@@ -163,6 +191,14 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
       o->precision = v == "f32" ? lutra::MatmulPrecision::kF32 : lutra::MatmulPrecision::kInt8;
     } else if (flag == "--save") {
       o->save = value;
+    } else if (flag == "--lora") {
+      o->loras.push_back(value);
+    } else if (flag == "--prompts-file") {
+      o->prompts_file = value;
+    } else if (flag == "--recover-rank") {
+      if (!ParseSize(value, 1, lutra::kMaxLoraRank, &o->recover_rank)) {
+        return bad("a rank in [1, 64]");
+      }
     } else if (flag == "--eval-text") {
       o->eval_text = value;
     } else if (flag == "--eval-tokens") {
@@ -176,6 +212,11 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
   }
   if (o->load.bits != 0 && o->load.mixed_bits != 0.0) {
     return lutra::InvalidArgument("--bits and --mixed are exclusive");
+  }
+  const bool palettize = o->load.bits != 0 || o->load.mixed_bits != 0.0;
+  if ((o->eval || o->recover_rank > 0) && !palettize) {
+    return lutra::InvalidArgument("%s needs --bits B or --mixed BPW (a palettized model)",
+                                  o->eval ? "--eval" : "--recover-rank");
   }
   return Status();
 }
@@ -211,8 +252,9 @@ void PrintPiece(std::string_view piece) {
 }
 
 int RunGenerate(const Options& o, const engine::Model& model, const lutra::Tokenizer& tok,
-                lutra::ThreadPool* pool) {
-  StatusOr<std::vector<int>> prompt = tok.Encode(o.prompt, /*add_bos=*/true);
+                lutra::ThreadPool* pool, const std::string& prompt_text,
+                const lutra::Adapter* adapter, size_t adapter_bytes) {
+  StatusOr<std::vector<int>> prompt = tok.Encode(prompt_text, /*add_bos=*/true);
   if (!prompt.ok()) return Fail(prompt.status());
   if (prompt->size() > size_t(model.config.seq_len)) {
     return Fail(lutra::InvalidArgument("prompt of %zu tokens exceeds the context of %d",
@@ -222,6 +264,7 @@ int RunGenerate(const Options& o, const engine::Model& model, const lutra::Token
   if (!state.ok()) return Fail(state.status());
   state->pool = pool;
   state->precision = o.precision;
+  state->adapter = adapter;
 
   // The prompt is echoed first, as llama2.c does.
   int prev = -1;
@@ -252,18 +295,19 @@ int RunGenerate(const Options& o, const engine::Model& model, const lutra::Token
   fprintf(stderr,
           "stats: prompt %zu tokens, time to first token %.1f ms (%.2f ms/prompt token), "
           "decode %zu tokens at %.1f tokens/s, weights %.1f MiB at %.2f bits/weight, "
-          "%zu thread%s, %s\n",
+          "adapters %.1f KiB (active: %s), %zu thread%s, %s\n",
           st.prompt_tokens, ttft_ms, ttft_ms / double(st.prompt_tokens), st.decode_tokens,
           st.decode_seconds > 0 ? double(st.decode_tokens) / st.decode_seconds : 0.0,
-          model.WeightBytes() / 1048576.0, model.BitsPerWeight(), o.threads,
-          o.threads == 1 ? "" : "s", lutra::dispatch::TargetName());
+          model.WeightBytes() / 1048576.0, model.BitsPerWeight(), adapter_bytes / 1024.0,
+          adapter ? adapter->name().c_str() : "none", o.threads, o.threads == 1 ? "" : "s",
+          lutra::dispatch::TargetName());
   return 0;
 }
 
 // --eval: the palettized `test` model against its f32 `reference` on
 // --eval-text, or on text the reference samples itself.
 int RunEval(const Options& o, const engine::Model& reference, const engine::Model& test,
-            const lutra::Tokenizer& tok, lutra::ThreadPool* pool) {
+            const lutra::Tokenizer& tok, lutra::ThreadPool* pool, const lutra::Adapter* adapter) {
   const size_t max_tokens = std::min(o.eval_tokens, size_t(reference.config.seq_len));
   std::vector<int> tokens;
   if (!o.eval_text.empty()) {
@@ -288,14 +332,19 @@ int RunEval(const Options& o, const engine::Model& reference, const engine::Mode
     if (!s.ok()) return Fail(s);
   }
   if (tokens.size() < 2) return Fail(lutra::InvalidArgument("--eval: need at least 2 tokens"));
-  StatusOr<engine::EvalResult> r =
-      engine::Evaluate(reference, test, tokens, o.batch, pool, o.precision);
-  if (!r.ok()) return Fail(r.status());
-  printf("eval on %s: %zu positions, mean KL(f32 || palettized) %.4f nats, top-1 agreement "
-         "%.1f%%, perplexity f32 %.3f -> palettized %.3f (%.2f bits/weight, %s kernels)\n",
-         o.eval_text.empty() ? "text sampled from the f32 model" : "--eval-text", r->positions,
-         r->mean_kl, 100.0 * r->top1_agreement, r->perplexity_reference, r->perplexity_test,
-         test.BitsPerWeight(), lutra::MatmulPrecisionName(o.precision));
+  for (const lutra::Adapter* a : {static_cast<const lutra::Adapter*>(nullptr), adapter}) {
+    StatusOr<engine::EvalResult> r =
+        engine::Evaluate(reference, test, tokens, o.batch, pool, o.precision, a);
+    if (!r.ok()) return Fail(r.status());
+    printf("eval on %s: %zu positions, mean KL(f32 || palettized%s%s) %.4f nats, top-1 "
+           "agreement %.1f%%, perplexity f32 %.3f -> palettized %.3f (%.2f bits/weight, %s "
+           "kernels)\n",
+           o.eval_text.empty() ? "text sampled from the f32 model" : "--eval-text", r->positions,
+           a ? " + " : "", a ? a->name().c_str() : "", r->mean_kl, 100.0 * r->top1_agreement,
+           r->perplexity_reference, r->perplexity_test, test.BitsPerWeight(),
+           lutra::MatmulPrecisionName(o.precision));
+    if (adapter == nullptr) break;
+  }
   return 0;
 }
 
@@ -319,23 +368,28 @@ int main(int argc, char** argv) {
   }
   o.load.progress = true;
 
-  // Load (and palettize) the model. --eval keeps the f32 model as reference.
-  if (o.eval && o.load.bits == 0 && o.load.mixed_bits == 0.0) {
-    return Fail(lutra::InvalidArgument("--eval compares a palettized model with f32: give "
-                                       "--bits B or --mixed BPW"));
-  }
+  // Load (and palettize) the model. --eval and --recover-rank need the f32
+  // model too: load it, then palettize a copy.
+  const bool keep_f32 = o.eval || o.recover_rank > 0;
   engine::LoadOptions load = o.load;
-  if (o.eval) load.bits = 0, load.mixed_bits = 0.0;
+  if (keep_f32) load.bits = 0, load.mixed_bits = 0.0;
   StatusOr<engine::Model> model =
       o.synthetic.empty() ? engine::LoadModel(o.model, load, o.threads)
                           : engine::MakeSyntheticModel(o.synthetic, load, o.seed);
   if (!model.ok()) return Fail(model.status());
-  if (o.eval && model->MatrixWeights() > 0 && model->Matrices()[0]->palettized()) {
-    return Fail(lutra::InvalidArgument("--eval needs an f32 source model (.bin, .gguf or "
-                                       "--synthetic), not an already palettized .lutra file"));
+  if (keep_f32 && model->Matrices()[0]->palettized()) {
+    return Fail(lutra::InvalidArgument("--eval and --recover-rank need an f32 source model "
+                                       "(.bin, .gguf or --synthetic), not a palettized .lutra"));
   }
   StatusOr<std::shared_ptr<const lutra::Tokenizer>> tokenizer = GetTokenizer(o, *model);
   if (!tokenizer.ok()) return Fail(tokenizer.status());
+  std::unique_ptr<engine::Model> f32;
+  if (keep_f32) {
+    StatusOr<engine::Model> q = engine::PalettizeModel(*model, o.load, o.threads);
+    if (!q.ok()) return Fail(q.status());
+    f32 = std::make_unique<engine::Model>(std::move(*model));
+    *model = std::move(*q);
+  }
   if (!o.save.empty()) {
     Status saved = engine::SaveLutraModel(*model, tokenizer->get(), o.save);
     if (!saved.ok()) return Fail(saved);
@@ -343,11 +397,61 @@ int main(int argc, char** argv) {
             model->WeightBytes() / 1048576.0, model->BitsPerWeight());
     return 0;
   }
-  lutra::ThreadPool pool(o.threads);
-  if (o.eval) {
-    StatusOr<engine::Model> test = engine::PalettizeModel(*model, o.load, o.threads);
-    if (!test.ok()) return Fail(test.status());
-    return RunEval(o, *model, *test, **tokenizer, &pool);
+
+  // Adapters: --lora files, then the recovery adapter.
+  Adapters adapters;
+  for (const std::string& spec : o.loras) {
+    std::string path = spec;
+    double scale = 1.0;
+    const size_t colon = spec.rfind(':');
+    if (colon != std::string::npos && ParseFloat(spec.c_str() + colon + 1, -100.0, 100.0, &scale)) {
+      path = spec.substr(0, colon);
+    }
+    StatusOr<std::shared_ptr<const lutra::Adapter>> a =
+        engine::LoadLora(path, float(scale), *model);
+    if (!a.ok()) return Fail(a.status());
+    adapters.all.push_back(*a);
   }
-  return RunGenerate(o, *model, **tokenizer, &pool);
+  if (o.recover_rank > 0) {
+    StatusOr<std::shared_ptr<const lutra::Adapter>> a =
+        engine::BuildRecoveryAdapter(*f32, *model, o.recover_rank, o.threads);
+    if (!a.ok()) return Fail(a.status());
+    adapters.all.push_back(*a);
+  }
+  if (!adapters.all.empty()) adapters.active = adapters.all.front().get();
+  if (!o.eval) f32.reset();  // only the palettized weights stay in memory
+
+  lutra::ThreadPool pool(o.threads);
+  if (o.eval) return RunEval(o, *f32, *model, **tokenizer, &pool, adapters.active);
+  if (o.prompts_file.empty()) {
+    return RunGenerate(o, *model, **tokenizer, &pool, o.prompt, adapters.active,
+                       adapters.bytes());
+  }
+  // Batch mode: one generation per line, each with its own adapter.
+  FILE* f = fopen(o.prompts_file.c_str(), "r");
+  if (f == nullptr) {
+    return Fail(lutra::NotFound("cannot open --prompts-file %s", o.prompts_file.c_str()));
+  }
+  char line[4096];
+  int rc = 0;
+  while (rc == 0 && fgets(line, sizeof(line), f) != nullptr) {
+    std::string text = line;
+    while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
+    if (text.empty()) continue;
+    const lutra::Adapter* adapter = adapters.active;
+    const size_t tab = text.find('\t');
+    if (tab != std::string::npos) {
+      const std::string name = text.substr(0, tab);
+      text = text.substr(tab + 1);
+      adapter = name == "-" ? nullptr : adapters.Find(name);
+      if (adapter == nullptr && name != "-") {
+        rc = Fail(lutra::NotFound("--prompts-file: no adapter named '%s'", name.c_str()));
+        break;
+      }
+    }
+    fprintf(stderr, "[adapter: %s]\n", adapter ? adapter->name().c_str() : "none");
+    rc = RunGenerate(o, *model, **tokenizer, &pool, text, adapter, adapters.bytes());
+  }
+  fclose(f);
+  return rc;
 }

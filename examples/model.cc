@@ -13,9 +13,11 @@
 #include "lutra/gguf.h"
 #include "lutra/gguf_writer.h"
 #include "lutra/llama_model.h"
+#include "lutra/lora_file.h"
 #include "lutra/mapped_file.h"
 #include "lutra/mixed_bits.h"
 #include "lutra/palettize.h"
+#include "lutra/recovery.h"
 
 namespace lutra {
 namespace engine {
@@ -803,6 +805,53 @@ StatusOr<Model> LoadLutraModel(GgufFile file, const LoadOptions& o) {
     return PalettizeModel(m, o, 1);
   }
   return m;
+}
+
+// ----------------------------------------------------------------------------
+// LoRA adapters
+
+BaseShapes AdapterShapes(const Config& c) {
+  return BaseShapes::Llama(c.n_layers, c.dim, c.hidden_dim, c.q_dim(), c.kv_dim());
+}
+
+StatusOr<std::shared_ptr<const Adapter>> LoadLora(const std::string& path, float scale,
+                                                  const Model& model) {
+  LoadAdapterOptions o;
+  o.scale = scale;
+  return LoadAdapter(path, AdapterShapes(model.config), o);
+}
+
+StatusOr<std::shared_ptr<const Adapter>> BuildRecoveryAdapter(const Model& f32_model,
+                                                              const Model& palettized,
+                                                              size_t rank, size_t threads) {
+  if (f32_model.config.n_layers != palettized.config.n_layers ||
+      f32_model.config.dim != palettized.config.dim) {
+    return InvalidArgument("recovery: the f32 and palettized models differ in shape");
+  }
+  std::vector<RecoveryTarget> targets;
+  for (int l = 0; l < f32_model.config.n_layers; ++l) {
+    const LayerWeights& w = f32_model.weights.layers[l];
+    const LayerWeights& q = palettized.weights.layers[l];
+    const Linear* ws[kNumProjections] = {&w.wq, &w.wk, &w.wv, &w.wo, &w.w1, &w.w2, &w.w3};
+    const Linear* qs[kNumProjections] = {&q.wq, &q.wk, &q.wv, &q.wo, &q.w1, &q.w2, &q.w3};
+    for (size_t p = 0; p < kNumProjections; ++p) {
+      if (ws[p]->palettized() || !qs[p]->palettized()) {
+        return InvalidArgument("recovery: needs f32 originals and palettized copies");
+      }
+      RecoveryTarget t;
+      t.layer = size_t(l);
+      t.projection = kAllProjections[p];
+      t.weights = ws[p]->f32;
+      t.quantized = qs[p]->palette;
+      targets.push_back(t);
+    }
+  }
+  RecoveryOptions o;
+  o.rank = rank;
+  o.threads = threads;
+  StatusOr<Adapter> a = lutra::BuildRecoveryAdapter(AdapterShapes(f32_model.config), targets, o);
+  if (!a.ok()) return a.status();
+  return std::shared_ptr<const Adapter>(std::make_shared<Adapter>(std::move(*a)));
 }
 
 }  // namespace engine

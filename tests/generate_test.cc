@@ -20,6 +20,7 @@
 #include <utility>
 
 #include "examples/engine.h"
+#include "lutra/lora_file.h"
 #include "tests/test_util.h"
 
 namespace lutra {
@@ -36,20 +37,35 @@ double RefWeight(const Linear& w, size_t r, size_t c) {
 
 // Dense copies of the weights, made once per RefForward (decoding a
 // palettized weight per use would dominate the test's run time).
+// With a LoRA delta, the dense matrix is W + scale * B A.
 using DenseCache = std::map<const Linear*, std::vector<double>>;
-const std::vector<double>& DenseWeights(const Linear& w, DenseCache& cache) {
+const std::vector<double>& DenseWeights(const Linear& w, DenseCache& cache,
+                                        const LoraDelta* lora = nullptr) {
   std::vector<double>& dense = cache[&w];
   if (dense.empty()) {
     dense.resize(w.rows * w.cols);
     for (size_t r = 0; r < w.rows; ++r) {
       for (size_t c = 0; c < w.cols; ++c) dense[r * w.cols + c] = RefWeight(w, r, c);
     }
+    if (lora != nullptr) {
+      for (size_t r = 0; r < w.rows; ++r) {
+        for (size_t c = 0; c < w.cols; ++c) {
+          double ba = 0.0;
+          for (size_t k = 0; k < lora->rank; ++k) {
+            ba += double(LoadLoraElement(lora->b, lora->type, r * lora->rank + k)) *
+                  double(LoadLoraElement(lora->a, lora->type, k * w.cols + c));
+          }
+          dense[r * w.cols + c] += double(lora->scale) * ba;
+        }
+      }
+    }
   }
   return dense;
 }
 
-std::vector<double> RefMatVec(const Linear& w, const std::vector<double>& x, DenseCache& cache) {
-  const std::vector<double>& dense = DenseWeights(w, cache);
+std::vector<double> RefMatVec(const Linear& w, const std::vector<double>& x, DenseCache& cache,
+                              const LoraDelta* lora = nullptr) {
+  const std::vector<double>& dense = DenseWeights(w, cache, lora);
   std::vector<double> y(w.rows, 0.0);
   for (size_t r = 0; r < w.rows; ++r) {
     for (size_t c = 0; c < w.cols; ++c) y[r] += dense[r * w.cols + c] * x[c];
@@ -81,7 +97,8 @@ void RefRoPE(std::vector<double>& v, int heads, int head_dim, size_t pos, double
 
 // Logits of every position of `tokens` (positions x vocab). Attention covers
 // the last seq_len positions (the ring buffer's sliding window).
-std::vector<std::vector<double>> RefForward(const Model& m, const std::vector<int>& tokens) {
+std::vector<std::vector<double>> RefForward(const Model& m, const std::vector<int>& tokens,
+                                           const Adapter* adapter = nullptr) {
   const Config& c = m.config;
   const int hd = c.head_dim, group = c.n_heads / c.n_kv_heads;
   std::vector<std::vector<std::vector<double>>> keys(c.n_layers), values(c.n_layers);
@@ -92,9 +109,10 @@ std::vector<std::vector<double>> RefForward(const Model& m, const std::vector<in
     for (int i = 0; i < c.dim; ++i) x[i] = RefWeight(m.weights.embedding, tokens[pos], i);
     for (int l = 0; l < c.n_layers; ++l) {
       const LayerWeights& lw = m.weights.layers[l];
+      auto lora = [&](Projection p) { return adapter ? adapter->Find(l, p) : nullptr; };
       std::vector<double> xn = RefRMSNorm(x, lw.attn_norm, c.norm_eps);
-      std::vector<double> q = RefMatVec(lw.wq, xn, dense), k = RefMatVec(lw.wk, xn, dense),
-                          v = RefMatVec(lw.wv, xn, dense);
+      std::vector<double> q = RefMatVec(lw.wq, xn, dense, lora(Projection::kQ)), k = RefMatVec(lw.wk, xn, dense, lora(Projection::kK)),
+                          v = RefMatVec(lw.wv, xn, dense, lora(Projection::kV));
       RefRoPE(q, c.n_heads, hd, pos, c.rope_theta);
       RefRoPE(k, c.n_kv_heads, hd, pos, c.rope_theta);
       keys[l].push_back(k);
@@ -119,12 +137,12 @@ std::vector<std::vector<double>> RefForward(const Model& m, const std::vector<in
           }
         }
       }
-      std::vector<double> o = RefMatVec(lw.wo, att_out, dense);
+      std::vector<double> o = RefMatVec(lw.wo, att_out, dense, lora(Projection::kO));
       for (int i = 0; i < c.dim; ++i) x[i] += o[i];
       xn = RefRMSNorm(x, lw.ffn_norm, c.norm_eps);
-      std::vector<double> h1 = RefMatVec(lw.w1, xn, dense), h3 = RefMatVec(lw.w3, xn, dense);
+      std::vector<double> h1 = RefMatVec(lw.w1, xn, dense, lora(Projection::kW1)), h3 = RefMatVec(lw.w3, xn, dense, lora(Projection::kW3));
       for (size_t i = 0; i < h1.size(); ++i) h1[i] = h1[i] / (1.0 + exp(-h1[i])) * h3[i];
-      std::vector<double> f = RefMatVec(lw.w2, h1, dense);
+      std::vector<double> f = RefMatVec(lw.w2, h1, dense, lora(Projection::kW2));
       for (int i = 0; i < c.dim; ++i) x[i] += f[i];
     }
     logits.push_back(RefMatVec(m.weights.output, RefRMSNorm(x, m.weights.final_norm, c.norm_eps), dense));
@@ -205,6 +223,61 @@ TEST_CASE("Forward matches the scalar reference (synthetic, f32 and palettized)"
       // u8 steps (matmul.h): measured worst 4.5e-2 over 40 tokens, 4 layers.
       CheckForwardMatchesReference(*model4, tokens, ref4, batch, MatmulPrecision::kF32, 2e-4);
       CheckForwardMatchesReference(*model4, tokens, ref4, batch, MatmulPrecision::kInt8, 8e-2);
+    }
+  });
+}
+
+// A random adapter on every projection of every layer (rank 3, f16).
+std::shared_ptr<const Adapter> RandomAdapter(const Model& m, uint64_t seed) {
+  test::Rng rng(seed);
+  StatusOr<Adapter> a = Adapter::Create("random", AdapterShapes(m.config));
+  REQUIRE(a.ok());
+  const BaseShapes shapes = AdapterShapes(m.config);
+  const size_t rank = 3;
+  for (int l = 0; l < m.config.n_layers; ++l) {
+    for (Projection p : kAllProjections) {
+      const std::vector<float> A = rng.GaussianVector(rank * shapes.Cols(p), 0.05f);
+      const std::vector<float> B = rng.GaussianVector(shapes.Rows(p) * rank, 0.05f);
+      REQUIRE(a->AddFactors(l, p, rank, A.data(), A.size(), B.data(), B.size(), WeightType::kF32,
+                            WeightType::kF16, 0.5f)
+                  .ok());
+    }
+  }
+  return std::make_shared<const Adapter>(std::move(*a));
+}
+
+TEST_CASE("LoRA adapters: f32 and fused palettized paths match the reference",
+          "[generate][lora]") {
+  StatusOr<Model> f32 = MakeSyntheticModel("tiny", LoadOptions(), 4);
+  StatusOr<Model> q4 = MakeSyntheticModel("tiny", Bits(4), 5);
+  REQUIRE((f32.ok() && q4.ok()));
+  const std::shared_ptr<const Adapter> adapter = RandomAdapter(*f32, 6);
+  const std::vector<int> tokens = RandomTokens(12, f32->config.vocab_size, 7);
+  const auto ref = RefForward(*f32, tokens, adapter.get());
+  const auto ref4 = RefForward(*q4, tokens, adapter.get());
+  const auto plain = RefForward(*f32, tokens);
+  test::ForEachTarget([&] {
+    for (size_t batch : {size_t(1), size_t(5)}) {
+      for (const Model* m : {&*f32, &*q4}) {
+        StatusOr<RunState> s = MakeRunState(m->config, batch);
+        REQUIRE(s.ok());
+        s->precision = MatmulPrecision::kF32;
+        s->adapter = adapter.get();
+        double worst = 0.0, moved = 0.0;
+        for (size_t pos = 0; pos < tokens.size(); pos += batch) {
+          const size_t n = std::min(batch, tokens.size() - pos);
+          StatusOr<const float*> out = Forward(*m, *s, &tokens[pos], n, pos, true);
+          REQUIRE(out.ok());
+          for (size_t i = 0; i < n; ++i) {
+            const float* row = *out + i * m->config.vocab_size;
+            worst = std::max(worst, RelError(row, (m == &*f32 ? ref : ref4)[pos + i]));
+            if (m == &*f32) moved = std::max(moved, RelError(row, plain[pos + i]));
+          }
+        }
+        INFO("batch " << batch << (m == &*f32 ? " f32" : " 4-bit") << " worst " << worst);
+        CHECK(worst <= 2e-4);
+        if (m == &*f32) CHECK(moved > 1e-2);  // the adapter really changes the output
+      }
     }
   });
 }
@@ -462,6 +535,41 @@ TEST_CASE("Corrupt, truncated and mismatched files are rejected", "[generate][sh
   CHECK(!LoadTokenizer(short_tok, *model).ok());
   CHECK(!LoadTokenizer(SharedPath("stories260K.bin"), *model).ok());
   CHECK(!LoadTokenizer("", *model).ok());  // llama2.c files carry no vocabulary
+}
+
+TEST_CASE("Recovery adapter lowers the KL of 4-bit stories260K; adapter files load",
+          "[generate][shared][lora]") {
+  LUTRA_REQUIRE_SHARED_MODELS();
+  const Model& f32 = Stories(0);
+  StatusOr<Model> q4 = PalettizeModel(f32, Bits(4), 2);
+  REQUIRE(q4.ok());
+  StatusOr<std::shared_ptr<const Adapter>> rec = BuildRecoveryAdapter(f32, *q4, 8, 2);
+  REQUIRE(rec.ok());
+  StatusOr<std::shared_ptr<const Tokenizer>> tok = LoadTokenizer(SharedPath("tok512.bin"), f32);
+  REQUIRE(tok.ok());
+  StatusOr<std::vector<int>> tokens = (*tok)->Encode(kZooText, true);
+  REQUIRE(tokens.ok());
+  StatusOr<EvalResult> base = Evaluate(f32, *q4, *tokens, 16);
+  StatusOr<EvalResult> recovered = Evaluate(f32, *q4, *tokens, 16, nullptr,
+                                            MatmulPrecision::kInt8, rec->get());
+  REQUIRE((base.ok() && recovered.ok()));
+  INFO("KL 4-bit " << base->mean_kl << " + recovery rank 8 " << recovered->mean_kl);
+  CHECK(recovered->mean_kl < 0.9 * base->mean_kl);
+  // Saved as a llama.cpp-layout adapter file and loaded back: same logits.
+  const std::string path = "generate_test_recovery.gguf";
+  REQUIRE(SaveAdapter(path, **rec).ok());
+  StatusOr<std::shared_ptr<const Adapter>> loaded = LoadLora(path, 1.0f, *q4);
+  REQUIRE(loaded.ok());
+  StatusOr<EvalResult> again = Evaluate(f32, *q4, *tokens, 16, nullptr, MatmulPrecision::kInt8,
+                                        loaded->get());
+  REQUIRE(again.ok());
+  CHECK(std::abs(again->mean_kl - recovered->mean_kl) < 1e-6);
+  // An adapter for another model is refused with a clear error.
+  StatusOr<Model> tiny = MakeSyntheticModel("tiny", LoadOptions(), 1);
+  REQUIRE(tiny.ok());
+  StatusOr<std::shared_ptr<const Adapter>> wrong = LoadLora(path, 1.0f, *tiny);
+  REQUIRE(!wrong.ok());
+  CHECK(!wrong.status().message().empty());
 }
 
 // ----------------------------------------------------------------------------
