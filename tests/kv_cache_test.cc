@@ -102,7 +102,7 @@ void TestBookkeeping() {
   for (KVType type : {KVType::kF32, KVType::kInt8}) {
     StatusOr<KVCache> c = KVCache::Create(Config(3, kvh, hd, cap, type));
     REQUIRE(c.ok());
-    std::vector<float> kv(20 * kvh * hd, 1.0f);
+    std::vector<float> kv(30 * kvh * hd, 1.0f);  // up to 30 positions per append
     // Per layer positions; appends must be contiguous.
     REQUIRE(AppendKV(*c, 0, 0, 4, kv.data(), kv.data()).ok());
     CHECK((c->start(0) == 0 && c->end(0) == 4));
