@@ -233,6 +233,9 @@ void TestDecode() {
     double signal = 0.0, noise = 0.0;
     for (size_t g : groups) {
       for (size_t hd : dims) {
+        // The odd head_dim (vector tails) once, with f32 rows: tails of the
+        // other types use the same LoadN paths; keeps the ASan run short.
+        if (hd == 18 && type != KVType::kF32) continue;
         // Capacity 45 > block (32): blocks split at the wrap point too.
         const Shape sh{2, g, hd, 45, type};
         const size_t nh = sh.kv_heads * g;
@@ -299,6 +302,7 @@ void TestPrefill() {
   for (KVType type : {KVType::kF32, KVType::kF16, KVType::kInt8}) {
     for (size_t g : {size_t{1}, size_t{3}, size_t{8}}) {
       for (size_t hd : {size_t{64}, size_t{80}}) {
+        if (hd == 64 && type != KVType::kF32) continue;  // test time
         for (size_t window : {size_t{0}, size_t{9}}) {
           const size_t cap = 70, kvh = 2, nh = kvh * g;
           KVCacheConfig cfg;
