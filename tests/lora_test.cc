@@ -317,6 +317,25 @@ TEST_CASE("Adapter validates targets and shapes") {
   REQUIRE(a.AddF32(1, Projection::kK, 4, fa.data(), fb.data(), 1.0f).ok());
   CHECK(a.FindFactors(1, Projection::kK)->A(0, 0) == 65504.0f);
   CHECK(a.num_targets() == 2);
+  // The scalar reference apply: y += s B (A x) for a batch of 2 rows.
+  {
+    const LoraFactors* f = a.FindFactors(0, Projection::kK);
+    test::Rng rng(7);
+    const std::vector<float> x = rng.GaussianVector(2 * 67);
+    std::vector<float> y(2 * 35, 1.0f);
+    LoraReferenceApply(*f, x.data(), 2, y.data());
+    for (size_t m = 0; m < 2; ++m) {
+      for (size_t n = 0; n < 35; ++n) {
+        double want = 0.0;
+        for (size_t r = 0; r < 4; ++r) {
+          double ax = 0.0;
+          for (size_t k = 0; k < 67; ++k) ax += double(f->A(r, k)) * x[m * 67 + k];
+          want += double(f->B(n, r)) * ax;
+        }
+        CHECK(std::abs(y[m * 35 + n] - (1.0 + want)) <= 1e-5 * (1.0 + std::abs(want)));
+      }
+    }
+  }
   CHECK(a.bytes() > 2 * (4 * 67 + 35 * 4) * 2);
   CHECK(!BaseShapes().Validate().ok());
 }
