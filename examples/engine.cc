@@ -130,6 +130,13 @@ StatusOr<const float*> Forward(const Model& model, RunState& s, const int* token
     }
   }
   const size_t dim = c.dim, hidden = c.hidden_dim;
+  if (s.cache.num_layers() != size_t(c.n_layers) || s.cache.capacity() != size_t(c.seq_len) ||
+      s.cache.num_kv_heads() != size_t(c.n_kv_heads) || s.cache.head_dim() != size_t(c.head_dim) ||
+      s.x.size() != s.max_batch * dim || s.hb.size() != s.max_batch * hidden ||
+      s.logits.size() != s.max_batch * size_t(c.vocab_size) ||
+      s.q.size() != s.max_batch * size_t(c.q_dim())) {
+    return InvalidArgument("forward: the run state was made for a different model config");
+  }
   // Positions continue the cache, or rewind it (a new prompt on this state).
   if (pos != s.cache.end(0)) LUTRA_RETURN_IF_ERROR(s.cache.Truncate(pos));
 

@@ -308,6 +308,12 @@ TEST_CASE("Forward rejects bad tokens and batch sizes", "[generate]") {
   CHECK(!Forward(*model, *state, ok, 3, 0).ok());  // more than max_batch
   CHECK(!Forward(*model, *state, ok, 0, 0).ok());
   CHECK(!MakeSyntheticModel("huge", LoadOptions(), 1).ok());
+  // A run state made for another model is refused, not overrun.
+  LoadOptions longer;
+  longer.seq_len = 512;
+  StatusOr<Model> other = MakeSyntheticModel("tiny", longer, 1);
+  REQUIRE(other.ok());
+  CHECK(!Forward(*other, *state, ok, 1, 0).ok());
 }
 
 // ----------------------------------------------------------------------------
