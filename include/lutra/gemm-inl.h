@@ -107,8 +107,9 @@ HWY_NOINLINE void DecodePanelU8(const PreparedPalette& w, const PreparedInput& i
     const uint8_t* row = w.view().row(r);
     for (size_t u = 0; u < in.num_units; ++u) {
       const size_t off = u * unit_bytes;
-      DecodeUnit<kBits>(d, row + off, row_bytes - off, [&](size_t s, hn::Vec<D> idx) HWY_ATTR {
-        hn::Store(lut.Lookup(d, idx), d, buf);
+      DecodeLookupUnit<kBits>(d, lut, row + off, row_bytes - off,
+                              [&](size_t s, hn::Vec<D> codes) HWY_ATTR {
+        hn::Store(codes, d, buf);
         const size_t q0 = (u * UP + s * L) / 4;
         for (size_t k = 0; k < L / 4; ++k) memcpy(tile + ((q0 + k) * NR + j) * 4, buf + 4 * k, 4);
       });

@@ -32,6 +32,7 @@
 #include <cmath>
 #include <vector>
 
+#include "hwy/cache_control.h"
 #include "hwy/highway.h"
 #include "lutra/dot-inl.h"
 #include "lutra/lut_decode-inl.h"
@@ -262,9 +263,13 @@ HWY_INLINE float FinishRow(const PreparedInput& in, size_t m, size_t r, float v,
 // and every activation vector is loaded once for kRows rows. kRows is 1 or
 // 4; the accumulators are named variables, not arrays, because SVE vectors
 // are sizeless types that cannot form arrays.
+// When `prefetch` is set, the same byte offsets of the next kRows rows (the
+// next call's data) are prefetched one unit at a time: rows are read as
+// kRows interleaved streams, which hardware prefetchers follow poorly, and
+// prefetching exactly one block ahead hides the DRAM latency.
 template <int kBits, size_t kRows>
 HWY_INLINE void DotRowsI8(const PreparedPalette& w, const PreparedInput& in, size_t r,
-                          float* HWY_RESTRICT dots) {
+                          bool prefetch, float* HWY_RESTRICT dots) {
   using D = DecodeTag<kBits>;
   const D d;
   const hn::Repartition<int8_t, D> di8;
@@ -296,13 +301,20 @@ HWY_INLINE void DotRowsI8(const PreparedPalette& w, const PreparedInput& in, siz
     for (; u < u_end; ++u) {
       const size_t off = u * unit_bytes;
       const int8_t* HWY_RESTRICT xu = xq + u * UP;
+      if (prefetch) {
+        for (size_t i = 0; i < kRows; ++i) {
+          for (size_t pb = 0; pb < unit_bytes; pb += 64) {
+            hwy::Prefetch(rows[i] + kRows * row_bytes + off + pb);
+          }
+        }
+      }
       // Accumulates row i's unit u into acc.
       const auto row_unit = [&](size_t i, VI& acc) HWY_ATTR {
-        DecodeUnit<kBits>(d, rows[i] + off, row_bytes - off,
-                          [&](size_t s, hn::Vec<D> idx) HWY_ATTR {
-                            acc = hn::SumOfMulQuadAccumulate(
-                                di32, lut[i].Lookup(d, idx), hn::LoadU(di8, xu + s * L), acc);
-                          });
+        DecodeLookupUnit<kBits>(d, lut[i], rows[i] + off, row_bytes - off,
+                                [&](size_t s, hn::Vec<D> codes) HWY_ATTR {
+                                  acc = hn::SumOfMulQuadAccumulate(
+                                      di32, codes, hn::LoadU(di8, xu + s * L), acc);
+                                });
       };
       row_unit(0, acc0);
       if constexpr (kRows == 4) {
@@ -339,9 +351,10 @@ HWY_NOINLINE void GemvRowsI8(const PreparedPalette& w, const PreparedInput& in, 
   for (; r < r1; r += kRows) {
     const size_t n = HWY_MIN(kRows, r1 - r);
     if (n == kRows) {
-      DotRowsI8<kBits, kRows>(w, in, r, dots);
+      // Prefetch only within this call's range: other threads own the rest.
+      DotRowsI8<kBits, kRows>(w, in, r, r + 2 * kRows <= r1, dots);
     } else {
-      for (size_t i = 0; i < n; ++i) DotRowsI8<kBits, 1>(w, in, r + i, dots + i);
+      for (size_t i = 0; i < n; ++i) DotRowsI8<kBits, 1>(w, in, r + i, false, dots + i);
     }
     for (size_t i = 0; i < n; ++i) {
       const size_t g = (r + i) / G;

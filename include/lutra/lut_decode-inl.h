@@ -192,6 +192,28 @@ class LutU8 {
 #else
     for (size_t i = 0; i < num_; ++i) t_[i] = Table(d, table, i);
 #endif
+    if constexpr (kBits == 2) {
+      // Nibble tables: a 4-bit nibble holds two 2-bit fields; pair_[0] maps
+      // it to the entry of its low field, pair_[1] to that of its high field.
+      for (size_t i = 0; i < 16; ++i) {
+        pair_[0][i] = table[i & 3];
+        pair_[1][i] = table[i >> 2];
+      }
+#if !LUTRA_LUT_SIZELESS
+      p_[0] = hn::LoadDup128(d, pair_[0]);
+      p_[1] = hn::LoadDup128(d, pair_[1]);
+#endif
+    }
+  }
+  // b = 2 only: codes of field `which` (0 = low, 1 = high) of each 4-bit
+  // nibble in `nibbles` (values < 16).
+  HWY_INLINE V LookupPair(D d, size_t which, V nibbles) const {
+#if LUTRA_LUT_SIZELESS
+    return hn::TableLookupBytes(hn::LoadDup128(d, pair_[which]), nibbles);
+#else
+    (void)d;
+    return hn::TableLookupBytes(p_[which], nibbles);
+#endif
   }
   HWY_INLINE V Lookup(D d, V idx) const {
     if constexpr (kBits <= 4) {
@@ -232,9 +254,33 @@ class LutU8 {
     return t_[i];
   }
   V t_[kMaxTables];
+  V p_[2];  // b = 2: vectors of pair_
 #endif
   size_t num_ = 1;
+  HWY_ALIGN uint8_t pair_[2][16];
 };
+
+// Decodes unit `u` of a packed row straight to u8 codes of the group's table
+// (the int8 path): calls fn(s, codes) for each sub-vector s, in the position
+// order of DecodeUnit. For b = 2 a 4-bit nibble (two fields) indexes two
+// 16-entry tables, so the four fields of a byte cost two masks and four
+// byte shuffles instead of seven shift/mask operations and four shuffles.
+template <int kBits, class D, class Fn>
+HWY_INLINE void DecodeLookupUnit(D d, const LutU8<kBits, D>& lut, const uint8_t* HWY_RESTRICT p,
+                                 size_t avail, const Fn& fn) {
+  if constexpr (kBits == 2) {
+    const size_t L = hn::Lanes(d);
+    const hn::Vec<D> v = avail >= L ? hn::LoadU(d, p) : hn::LoadN(d, p, avail);
+    const hn::Vec<D> lo = Field<0, 4>(d, v), hi = Field<4, 4>(d, v);
+    fn(0, lut.LookupPair(d, 0, lo));
+    fn(1, lut.LookupPair(d, 1, lo));
+    fn(2, lut.LookupPair(d, 0, hi));
+    fn(3, lut.LookupPair(d, 1, hi));
+  } else {
+    DecodeUnit<kBits>(d, p, avail,
+                      [&](size_t s, hn::Vec<D> idx) HWY_ATTR { fn(s, lut.Lookup(d, idx)); });
+  }
+}
 #undef LUTRA_LUT_SIZELESS
 
 // f32 codebook lookup of i32 indices (exact path). `table` has

@@ -1,0 +1,486 @@
+// Palettized GEMV / GEMM throughput against this machine's own measured
+// limits, all in one run (so the ratios are measured under the same load):
+// - read bandwidth: a STREAM-like sum over a >= 1 GiB buffer, 1 and 2 threads;
+// - f32 FMA, bf16 dot and int8 dot peaks of one core (register-resident);
+// - GEMV at 4096x4096 and 14336x4096 for bits 2/3/4/8, 1 and 2 threads,
+//   cache-cold (each call uses the next of enough matrices to cover
+//   >= 256 MiB, so weights come from DRAM): us per call, GB/s of packed bytes
+//   and the ratio to the measured bandwidth;
+// - GEMM at M = 16, 64, 512: GFLOP/s, ratio to the f32 FMA peak, and the
+//   speedup over M GEMV calls;
+// - GEMV with a fused rank-16 LoRA delta: overhead over plain GEMV.
+// Every figure is the median of repetitions. Usage:
+//   matmul_bench [--quick] [--gemv-only] [--rows=4096|14336]
+//   (--quick: fewer repetitions and smaller buffers, a smoke test only)
+// Dispatches dynamically to the best target of this CPU.
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <algorithm>
+#include <chrono>
+#include <random>
+#include <string>
+#include <vector>
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "bench/matmul_bench.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/highway.h"
+#include "hwy/targets.h"
+#include "lutra/gemm-inl.h"
+#include "lutra/gemv-inl.h"
+#include "lutra/matmul.h"
+#include "lutra/palette.h"
+#include "lutra/thread_pool.h"
+
+#ifndef LUTRA_MATMUL_BENCH_SHARED_
+#define LUTRA_MATMUL_BENCH_SHARED_
+namespace lutra {
+namespace bench {
+
+inline double Now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+inline double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n == 0 ? 0.0 : (n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]));
+}
+
+// Results of the peak micro-benchmarks (operations per second, 1 core).
+struct Peaks {
+  double f32_fma_flops = 0;  // 2 per FMA lane
+  double bf16_dot_flops = 0; // 2 per bf16 product
+  double i8_dot_ops = 0;     // 2 per u8 x i8 product
+};
+
+// One set of matrices covering >= min_bytes of packed weights, all views over
+// one shared random buffer (any byte is a valid index for every width when K
+// is a multiple of the block width, as here).
+struct MatrixSet {
+  std::vector<PreparedPalette> mats;
+  std::vector<std::vector<uint16_t>> codebooks;
+  size_t bytes_per_matrix = 0;
+};
+
+}  // namespace bench
+}  // namespace lutra
+#endif  // LUTRA_MATMUL_BENCH_SHARED_
+
+HWY_BEFORE_NAMESPACE();
+namespace lutra {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// Sum of the u64 words of [p, p + n) (n multiple of 4096), read as
+// `streams` equal segments in lockstep: the read stream that GEMV cannot
+// beat. Several streams matter on machines where one sequential stream does
+// not saturate DRAM (GEMV itself reads 4 rows at once), so the bench reports
+// the best of 1, 4 and 8 streams as "the" bandwidth.
+uint64_t SumWords(const uint8_t* HWY_RESTRICT p, size_t n, size_t streams) {
+  const hn::ScalableTag<uint64_t> d;
+  const size_t N = hn::Lanes(d);
+  const uint64_t* w = reinterpret_cast<const uint64_t*>(p);
+  const size_t words = n / 8;
+  const size_t seg = words / streams / (2 * N) * (2 * N);
+  auto s0 = hn::Zero(d), s1 = hn::Zero(d);
+  if (streams == 1) {
+    for (size_t i = 0; i + 2 * N <= words; i += 2 * N) {
+      s0 = hn::Add(s0, hn::LoadU(d, w + i));
+      s1 = hn::Add(s1, hn::LoadU(d, w + i + N));
+    }
+  } else {
+    for (size_t i = 0; i < seg; i += 2 * N) {
+      for (size_t k = 0; k < streams; ++k) {
+        s0 = hn::Add(s0, hn::LoadU(d, w + k * seg + i));
+        s1 = hn::Add(s1, hn::LoadU(d, w + k * seg + i + N));
+      }
+    }
+  }
+  return hn::ReduceSum(d, hn::Add(s0, s1));
+}
+
+// Register-resident peak loops: kAcc independent chains of `iters` ops.
+// Returns the number of operations (FLOP or int8 ops) performed; `sink`
+// keeps the results alive.
+double F32FmaLoop(size_t iters, float* sink) {
+  const hn::ScalableTag<float> df;
+  constexpr size_t kAcc = 12;
+  hn::Vec<decltype(df)> acc[kAcc];
+  for (size_t i = 0; i < kAcc; ++i) acc[i] = hn::Set(df, sink[i]);
+  const auto a = hn::Set(df, sink[20]), b = hn::Set(df, sink[21]);
+  for (size_t it = 0; it < iters; ++it) {
+    for (size_t i = 0; i < kAcc; ++i) acc[i] = hn::MulAdd(a, acc[i], b);
+  }
+  for (size_t i = 1; i < kAcc; ++i) acc[0] = hn::Add(acc[0], acc[i]);
+  sink[0] = hn::ReduceSum(df, acc[0]);
+  return 2.0 * double(kAcc) * double(iters) * double(hn::Lanes(df));
+}
+
+double Bf16DotLoop(size_t iters, float* sink) {
+  const hn::ScalableTag<float> df;
+  const hn::Repartition<hwy::bfloat16_t, decltype(df)> dbf;
+  constexpr size_t kAcc = 12;
+  hn::Vec<decltype(df)> acc[kAcc], acc2[kAcc];
+  for (size_t i = 0; i < kAcc; ++i) {
+    acc[i] = hn::Set(df, sink[i]);
+    acc2[i] = hn::Zero(df);
+  }
+  const auto a = hn::Set(dbf, hwy::BF16FromF32(sink[20]));
+  const auto b = hn::Set(dbf, hwy::BF16FromF32(sink[21]));
+  for (size_t it = 0; it < iters; ++it) {
+    for (size_t i = 0; i < kAcc; ++i) acc[i] = hn::ReorderWidenMulAccumulate(df, a, b, acc[i], acc2[i]);
+  }
+  for (size_t i = 1; i < kAcc; ++i) acc[0] = hn::Add(acc[0], hn::Add(acc[i], acc2[i]));
+  sink[0] = hn::ReduceSum(df, hn::Add(acc[0], acc2[0]));
+  return 2.0 * 2.0 * double(kAcc) * double(iters) * double(hn::Lanes(df));
+}
+
+double I8DotLoop(size_t iters, float* sink) {
+  const hn::ScalableTag<int32_t> di;
+  const hn::Repartition<uint8_t, decltype(di)> du8;
+  const hn::Repartition<int8_t, decltype(di)> di8;
+  constexpr size_t kAcc = 12;
+  hn::Vec<decltype(di)> acc[kAcc];
+  for (size_t i = 0; i < kAcc; ++i) acc[i] = hn::Set(di, static_cast<int32_t>(sink[i]));
+  const auto a = hn::Set(du8, static_cast<uint8_t>(sink[20] + 3));
+  const auto b = hn::Set(di8, static_cast<int8_t>(sink[21] + 5));
+  for (size_t it = 0; it < iters; ++it) {
+    for (size_t i = 0; i < kAcc; ++i) acc[i] = hn::SumOfMulQuadAccumulate(di, a, b, acc[i]);
+  }
+  for (size_t i = 1; i < kAcc; ++i) acc[0] = hn::Add(acc[0], acc[i]);
+  sink[0] = static_cast<float>(hn::ReduceSum(di, acc[0]));
+  return 2.0 * 4.0 * double(kAcc) * double(iters) * double(hn::Lanes(di));
+}
+
+Status RunGemv(const PreparedPalette& w, const float* x, const Epilogue& ep, float* y,
+               ThreadPool* pool, int precision, PreparedInput* scratch) {
+  MatmulOptions opt;
+  opt.precision = static_cast<MatmulPrecision>(precision);
+  return Gemv(w, x, w.shape().cols, ep, y, w.shape().rows, pool, opt, scratch);
+}
+
+Status RunGemm(const PreparedPalette& w, const float* X, size_t M, float* Y, ThreadPool* pool,
+               PreparedInput* scratch) {
+  return Gemm(w, X, M, w.shape().cols, Epilogue(), Y, w.shape().rows, pool, MatmulOptions(),
+              scratch);
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace lutra
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace lutra {
+namespace bench {
+
+HWY_EXPORT(SumWords);
+HWY_EXPORT(F32FmaLoop);
+HWY_EXPORT(Bf16DotLoop);
+HWY_EXPORT(I8DotLoop);
+HWY_EXPORT(RunGemv);
+HWY_EXPORT(RunGemm);
+
+void Check(const Status& s) {
+  if (!s.ok()) {
+    fprintf(stderr, "error: %s\n", s.message().c_str());
+    exit(1);
+  }
+}
+
+// Seconds to sum one chunk of `chunk` bytes at `offset` of buf with
+// `threads` threads (each sums its own half).
+double TimeChunk(const std::vector<uint8_t>& buf, size_t offset, size_t chunk, ThreadPool& pool,
+                 size_t threads, size_t streams) {
+  static std::vector<uint64_t> sums(8);
+  const double t0 = Now();
+  pool.ParallelFor(threads, [&](size_t task, size_t) {
+    const RowRange rr = SplitRows(chunk, threads, task, 4096);
+    sums[task] += HWY_DYNAMIC_DISPATCH(SumWords)(buf.data() + offset + rr.begin, rr.size(),
+                                                 streams);
+  });
+  return Now() - t0;
+}
+
+// Median read bandwidth in bytes/s over `passes` passes through all of buf,
+// timed per chunk of `chunk` bytes. The machine is shared: a long timed
+// interval almost always includes time descheduled, so the bandwidth (like
+// each GEMV call) is timed in pieces of the size of one weight matrix and
+// the median is reported.
+double ReadBandwidth(const std::vector<uint8_t>& buf, ThreadPool& pool, size_t threads,
+                     int passes, size_t streams, size_t chunk = size_t{8} << 20) {
+  std::vector<double> rates;
+  for (int pass = 0; pass < passes; ++pass) {
+    for (size_t off = 0; off + chunk <= buf.size(); off += chunk) {
+      rates.push_back(double(chunk) / TimeChunk(buf, off, chunk, pool, threads, streams));
+    }
+  }
+  return Median(rates);
+}
+
+template <class Fn>
+double PeakOps(Fn fn) {
+  std::vector<float> sink(32, 1.0f);
+  fn(1000, sink.data());  // warm up
+  std::vector<double> rates;
+  for (int rep = 0; rep < 5; ++rep) {
+    const size_t iters = 4000000;
+    const double t0 = Now();
+    const double ops = fn(iters, sink.data());
+    rates.push_back(ops / (Now() - t0));
+  }
+  return Median(rates);
+}
+
+MatrixSet MakeSet(const std::vector<uint8_t>& random, size_t N, size_t K, int bits,
+                  size_t min_bytes) {
+  MatrixSet set;
+  PaletteShape shape;
+  shape.rows = N;
+  shape.cols = K;
+  shape.bits = bits;
+  shape.group_rows = 16;
+  shape.codebook = CodebookType::kF16;
+  const size_t ib = shape.index_bytes();
+  set.bytes_per_matrix = shape.total_bytes();
+  const size_t count = std::max<size_t>(2, (min_bytes + ib - 1) / ib);
+  std::mt19937 rng(bits);
+  for (size_t i = 0; i < count; ++i) {
+    const size_t offset = (i * ib) % (random.size() - ib + 1);
+    std::vector<uint16_t> cb(shape.num_groups() * shape.num_entries());
+    for (uint16_t& e : cb) {
+      const float v = std::normal_distribution<float>(0.0f, 0.05f)(rng);
+      e = hwy::BitCastScalar<uint16_t>(hwy::F16FromF32(v));
+    }
+    set.codebooks.push_back(std::move(cb));
+    StatusOr<PaletteView> v = PaletteView::Make(shape, random.data() + offset, ib,
+                                                set.codebooks.back().data(),
+                                                shape.codebook_bytes());
+    Check(v.status());
+    StatusOr<PreparedPalette> p = PreparedPalette::Make(v.value());
+    Check(p.status());
+    set.mats.push_back(std::move(p.value()));
+  }
+  return set;
+}
+
+// Median seconds per GEMV call, rotating through the set.
+double TimeGemv(const MatrixSet& set, ThreadPool* pool, const Epilogue& ep, int precision,
+                int passes) {
+  const PaletteShape& s = set.mats[0].shape();
+  std::vector<float> x(s.cols), y(s.rows);
+  std::mt19937 rng(1);
+  for (float& f : x) f = std::normal_distribution<float>()(rng);
+  PreparedInput scratch;
+  std::vector<double> times;
+  for (int pass = 0; pass < passes; ++pass) {
+    for (const PreparedPalette& w : set.mats) {
+      const double t0 = Now();
+      Check(HWY_DYNAMIC_DISPATCH(RunGemv)(w, x.data(), ep, y.data(), pool, precision,
+                                          &scratch));
+      times.push_back(Now() - t0);
+    }
+  }
+  return Median(times);
+}
+
+double TimeGemm(const MatrixSet& set, size_t M, ThreadPool* pool, int reps) {
+  const PaletteShape& s = set.mats[0].shape();
+  std::vector<float> X(M * s.cols), Y(M * s.rows);
+  std::mt19937 rng(2);
+  for (float& f : X) f = std::normal_distribution<float>()(rng);
+  PreparedInput scratch;
+  std::vector<double> times;
+  for (int rep = 0; rep < reps; ++rep) {
+    const PreparedPalette& w = set.mats[rep % set.mats.size()];
+    const double t0 = Now();
+    Check(HWY_DYNAMIC_DISPATCH(RunGemm)(w, X.data(), M, Y.data(), pool, &scratch));
+    times.push_back(Now() - t0);
+  }
+  return Median(times);
+}
+
+int Main(int argc, char** argv) {
+  bool quick = false, gemv_only = false;
+  size_t only_rows = 0;
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    if (arg == "--quick") quick = true;
+    if (arg == "--gemv-only") gemv_only = true;
+    if (arg.rfind("--rows=", 0) == 0) only_rows = std::stoul(arg.substr(7));
+  }
+  const size_t kMiB = size_t{1} << 20;
+  const size_t bw_bytes = quick ? 256 * kMiB : 1024 * kMiB;
+  const size_t set_bytes = quick ? 96 * kMiB : 256 * kMiB;
+  const int passes = quick ? 3 : 5;
+  printf("# lutra matmul_bench%s\n", quick ? " --quick (NOT cache-cold-sized; smoke test)" : "");
+  printf("target: %s, hardware threads: %u\n\n",
+         hwy::TargetName(hwy::DispatchedTarget()), std::thread::hardware_concurrency());
+  ThreadPool pool1(1), pool2(2);
+
+  // Bandwidth: the best stream count first, then (below) samples interleaved
+  // with each GEMV measurement, so that both see the same machine load.
+  std::vector<uint8_t> big(bw_bytes);
+  {
+    std::mt19937_64 rng(11);  // distinct pages: nothing can share or compress them
+    for (size_t i = 0; i + 8 <= big.size(); i += 8) {
+      const uint64_t v = rng();
+      memcpy(&big[i], &v, 8);
+    }
+  }
+  ReadBandwidth(big, pool1, 1, 1, 1);  // warm up
+  printf("## Machine limits (median)\n\n");
+  printf("| measure | value |\n|---|---|\n");
+  size_t best_streams = 1;
+  double best_bw = 0.0;
+  for (size_t streams : {size_t{1}, size_t{2}, size_t{4}, size_t{8}}) {
+    const double b1 = ReadBandwidth(big, pool1, 1, 2, streams);
+    printf("| read bandwidth, 1 thread, %zu stream(s) | %.2f GB/s |\n", streams, b1 / 1e9);
+    if (b1 > best_bw) {
+      best_bw = b1;
+      best_streams = streams;
+    }
+  }
+  const double bw1 = ReadBandwidth(big, pool1, 1, 3, best_streams);
+  const double bw2 = ReadBandwidth(big, pool2, 2, 3, best_streams);
+  printf("| **read bandwidth, 1 thread** (%zu streams, 3 passes over %zu MiB, median of 8 MiB "
+         "pieces) | **%.2f GB/s** |\n",
+         best_streams, bw_bytes / kMiB, bw1 / 1e9);
+  printf("| **read bandwidth, 2 threads** | **%.2f GB/s** |\n", bw2 / 1e9);
+  const double fma = PeakOps(HWY_DYNAMIC_DISPATCH(F32FmaLoop));
+  const double bf16 = PeakOps(HWY_DYNAMIC_DISPATCH(Bf16DotLoop));
+  const double i8 = PeakOps(HWY_DYNAMIC_DISPATCH(I8DotLoop));
+  printf("| f32 FMA peak, 1 core | %.1f GFLOP/s |\n", fma / 1e9);
+  printf("| bf16 dot peak (ReorderWidenMulAccumulate), 1 core | %.1f GFLOP/s |\n", bf16 / 1e9);
+  printf("| int8 dot peak (SumOfMulQuadAccumulate u8 x i8), 1 core | %.1f GOP/s |\n\n", i8 / 1e9);
+
+  // Random index bytes shared by every matrix set.
+  std::vector<uint8_t> random(set_bytes + 64 * kMiB);
+  {
+    std::mt19937_64 rng(7);
+    for (size_t i = 0; i + 8 <= random.size(); i += 8) {
+      const uint64_t v = rng();
+      memcpy(&random[i], &v, 8);
+    }
+  }
+
+  printf("## GEMV, cache-cold (rotating over >= %zu MiB of weights), int8 path\n\n",
+         set_bytes / kMiB);
+  printf("Each row: %d passes over the matrices; before each GEMV call, the same number of\n"
+         "bytes is summed from the bandwidth buffer with the same threads, so\n"
+         "ratio = median GEMV GB/s / median bandwidth of those interleaved pieces.\n\n", passes);
+  printf("| N x K | bits | threads | us/call | GB/s packed | bandwidth GB/s (same rounds) | ratio | Gweights/s |\n");
+  printf("|---|---|---|---|---|---|---|---|\n");
+  double gw4 = 0, gw2 = 0;
+  for (size_t N : {size_t{4096}, size_t{14336}}) {
+    if (only_rows != 0 && N != only_rows) continue;
+    for (int bits : {2, 3, 4, 8}) {
+      const MatrixSet set = MakeSet(random, N, 4096, bits, set_bytes);
+      for (size_t threads : {size_t{1}, size_t{2}}) {
+        ThreadPool* pool = threads == 1 ? nullptr : &pool2;
+        std::vector<double> bws, ts;
+        const PaletteShape& shp = set.mats[0].shape();
+        std::vector<float> x(shp.cols), y(shp.rows);
+        for (size_t c = 0; c < x.size(); ++c) x[c] = float(c % 7) - 3.0f;
+        PreparedInput scratch;
+        const size_t chunk = set.bytes_per_matrix / 4096 * 4096;
+        size_t off = 0;
+        // Per round: for every matrix, one bandwidth piece of the matrix's
+        // size, then one GEMV call on that matrix (both cache-cold).
+        for (int round = 0; round < passes; ++round) {
+          for (const PreparedPalette& w : set.mats) {
+            if (off + chunk > big.size()) off = 0;
+            const double tb = TimeChunk(big, off, chunk, threads == 1 ? pool1 : pool2,
+                                        threads, best_streams);
+            off += chunk;
+            bws.push_back(double(chunk) / tb);
+            const double t0 = Now();
+            Check(HWY_DYNAMIC_DISPATCH(RunGemv)(w, x.data(), Epilogue(), y.data(), pool, 0,
+                                                &scratch));
+            ts.push_back(Now() - t0);
+          }
+        }
+        const double t = Median(ts), bw = Median(bws);
+        const double gbs = set.bytes_per_matrix / t;
+        const double gw = double(N) * 4096 / t;
+        printf("| %zux4096 | %d | %zu | %.1f | %.2f | %.2f | %.0f%% | %.2f |\n", N, bits,
+               threads, t * 1e6, gbs / 1e9, bw / 1e9, 100.0 * gbs / bw, gw / 1e9);
+        fflush(stdout);
+        if (N == 4096 && threads == 1 && bits == 4) gw4 = gw;
+        if (N == 4096 && threads == 1 && bits == 2) gw2 = gw;
+      }
+    }
+  }
+  if (gemv_only) return 0;
+  // Compute ceiling: one matrix repeated (cache-resident), no DRAM limit.
+  printf("\nCache-hot ceiling (one 4096x1024 matrix, repeated; not a bandwidth figure):");
+  for (int bits : {2, 4, 8}) {
+    MatrixSet set = MakeSet(random, 4096, 1024, bits, 0);
+    set.mats.resize(1);
+    const double t = TimeGemv(set, nullptr, Epilogue(), 0, 200);
+    printf(" %d-bit %.1f GB/s (%.1f Gweights/s);", bits, set.bytes_per_matrix / t / 1e9,
+           4096.0 * 1024 / t / 1e9);
+  }
+  printf("\n");
+  printf("\n2-bit / 4-bit weights per second (4096x4096, 1 thread): %.2fx\n\n", gw2 / gw4);
+
+  {
+    const MatrixSet set = MakeSet(random, 4096, 4096, 4, set_bytes);
+    const double t32 = TimeGemv(set, nullptr, Epilogue(), 1, passes);
+    printf("Exact f32 path (MatmulPrecision::kF32), 4096x4096 4-bit, 1 thread: %.1f us/call "
+           "(%.2f GB/s)\n\n", t32 * 1e6, set.bytes_per_matrix / t32 / 1e9);
+
+    // LoRA rank 16 overhead.
+    const size_t rank = 16, K = 4096, N = 4096;
+    std::vector<hwy::float16_t> A(rank * K), B(N * rank);
+    std::mt19937 rng(3);
+    for (auto& a : A) a = hwy::F16FromF32(std::normal_distribution<float>(0, 0.05f)(rng));
+    for (auto& b : B) b = hwy::F16FromF32(std::normal_distribution<float>(0, 0.05f)(rng));
+    LoraDelta lora;
+    lora.a = A.data();
+    lora.b = B.data();
+    lora.rank = rank;
+    lora.type = WeightType::kF16;
+    lora.scale = 0.5f;
+    Epilogue ep;
+    ep.lora = &lora;
+    // Interleave plain and LoRA measurements so load changes affect both.
+    std::vector<double> plain, with;
+    for (int rep = 0; rep < 3; ++rep) {
+      plain.push_back(TimeGemv(set, nullptr, Epilogue(), 0, 1));
+      with.push_back(TimeGemv(set, nullptr, ep, 0, 1));
+    }
+    const double tp = Median(plain), tl = Median(with);
+    printf("## GEMV + fused rank-16 LoRA (f16 A, B), 4096x4096 4-bit, 1 thread\n\n");
+    printf("plain %.1f us, with LoRA %.1f us: overhead %.1f%%\n\n", tp * 1e6, tl * 1e6,
+           100.0 * (tl / tp - 1.0));
+
+    printf("## GEMM (prefill), 4096x4096 4-bit, int8 path, 1 thread\n\n");
+    printf("| M | ms/call | GFLOP/s (2MNK) | x f32 FMA peak | speedup over M GEMVs |\n");
+    printf("|---|---|---|---|---|\n");
+    for (size_t M : {size_t{16}, size_t{64}, size_t{512}}) {
+      const int reps = M == 512 ? (quick ? 2 : 5) : (quick ? 5 : 15);
+      const double t = TimeGemm(set, M, nullptr, reps);
+      const double flops = 2.0 * double(M) * N * K / t;
+      // M GEMV calls on the same (rotating) weights.
+      const double tv = TimeGemv(set, nullptr, Epilogue(), 0, 1) * double(M);
+      printf("| %zu | %.2f | %.1f | %.2f | %.1fx |\n", M, t * 1e3, flops / 1e9, flops / fma,
+             tv / t);
+      fflush(stdout);
+    }
+    printf("\nGEMM M=512, 2 threads: ");
+    const double t2 = TimeGemm(set, 512, &pool2, quick ? 2 : 3);
+    printf("%.1f GFLOP/s\n", 2.0 * 512 * N * K / t2 / 1e9);
+  }
+  return 0;
+}
+
+}  // namespace bench
+}  // namespace lutra
+
+int main(int argc, char** argv) { return lutra::bench::Main(argc, argv); }
+#endif  // HWY_ONCE
