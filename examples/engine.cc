@@ -179,55 +179,21 @@ StatusOr<const float*> Forward(const Model& model, RunState& s, const int* token
 }
 
 // ----------------------------------------------------------------------------
-// Sampling (llama2.c's xorshift RNG, so seeds reproduce its runs)
+// Sampling
 
-float Sampler::RandomFloat() {
-  rng_ ^= rng_ >> 12;
-  rng_ ^= rng_ << 25;
-  rng_ ^= rng_ >> 27;
-  return float((rng_ * 0x2545F4914F6CDD1Dull) >> 40) / 16777216.0f;
-}
-
-int Sampler::Sample(float* logits, size_t vocab) {
-  if (options_.temperature <= 0.0f) {
-    return int(std::max_element(logits, logits + vocab) - logits);
+int Sampler::Sample(const float* logits, size_t vocab) {
+  if (!ready_) {
+    SamplingConfig config;
+    config.temperature = options_.temperature > 0.0f ? options_.temperature : 0.0f;
+    config.top_p = options_.top_p > 0.0f && options_.top_p < 1.0f ? options_.top_p : 1.0f;
+    config.seed = options_.seed;
+    StatusOr<lutra::Sampler> s = lutra::Sampler::Create(vocab, config);
+    // Options are validated by the caller; an invalid config falls back to greedy.
+    if (!s.ok()) return int(ArgMax(logits, vocab));
+    sampler_ = std::move(*s);
+    ready_ = true;
   }
-  for (size_t i = 0; i < vocab; ++i) logits[i] /= options_.temperature;
-  dispatch::Softmax(logits, vocab);
-  const float coin = RandomFloat();
-  if (options_.top_p <= 0.0f || options_.top_p >= 1.0f) {
-    float cdf = 0.0f;
-    for (size_t i = 0; i < vocab; ++i) {
-      cdf += logits[i];
-      if (coin < cdf) return int(i);
-    }
-    return int(vocab - 1);
-  }
-  // Top-p: the smallest set of most likely tokens whose mass exceeds top_p.
-  // Tokens below (1 - top_p) / (vocab - 1) cannot be in it, so drop them early.
-  candidates_.clear();
-  const float cutoff = (1.0f - options_.top_p) / float(vocab - 1);
-  for (size_t i = 0; i < vocab; ++i) {
-    if (logits[i] >= cutoff) candidates_.emplace_back(logits[i], int(i));
-  }
-  std::sort(candidates_.begin(), candidates_.end(),
-            [](const auto& a, const auto& b) { return a.first > b.first; });
-  float mass = 0.0f;
-  size_t last = candidates_.size() - 1;
-  for (size_t i = 0; i < candidates_.size(); ++i) {
-    mass += candidates_[i].first;
-    if (mass > options_.top_p) {
-      last = i;
-      break;
-    }
-  }
-  const float r = coin * mass;
-  float cdf = 0.0f;
-  for (size_t i = 0; i <= last; ++i) {
-    cdf += candidates_[i].first;
-    if (r < cdf) return candidates_[i].second;
-  }
-  return candidates_[last].second;
+  return int(sampler_.Sample(logits));
 }
 
 // ----------------------------------------------------------------------------
@@ -252,8 +218,7 @@ Status Generate(const Model& model, RunState& state, const std::vector<int>& pro
     logits = *out;
     done += n;
   }
-  std::vector<float> scratch(logits, logits + vocab);
-  int token = sampler.Sample(scratch.data(), vocab);
+  int token = sampler.Sample(logits, vocab);
   size_t pos = prompt.size();
   st.prefill_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
 
@@ -266,9 +231,8 @@ Status Generate(const Model& model, RunState& state, const std::vector<int>& pro
     if (n > 0) {
       StatusOr<const float*> out = Forward(model, state, &token, 1, pos++);
       if (!out.ok()) return out.status();
-      scratch.assign(*out, *out + vocab);
       prev = token;
-      token = sampler.Sample(scratch.data(), vocab);
+      token = sampler.Sample(*out, vocab);
     }
     if (std::find(stop_tokens.begin(), stop_tokens.end(), token) != stop_tokens.end()) break;
     if (on_token) on_token(prev, token);

@@ -17,6 +17,7 @@
 #include "lutra/lora.h"
 #include "lutra/matmul.h"
 #include "lutra/palette.h"
+#include "lutra/sampling.h"
 #include "lutra/status.h"
 #include "lutra/thread_pool.h"
 #include "lutra/tokenizer.h"
@@ -182,17 +183,18 @@ struct SamplerOptions {
   uint64_t seed = 0;
 };
 
+// Next-token sampling through lutra/sampling.h (greedy at temperature 0,
+// else temperature + top-p with a seeded xorshift64* RNG).
 class Sampler {
  public:
-  explicit Sampler(const SamplerOptions& options) : options_(options), rng_(options.seed) {}
-  // Picks a token from `logits` (modified in place).
-  int Sample(float* logits, size_t vocab);
+  explicit Sampler(const SamplerOptions& options) : options_(options) {}
+  // Picks a token from `logits` (vocab floats, not modified).
+  int Sample(const float* logits, size_t vocab);
 
  private:
-  float RandomFloat();
   SamplerOptions options_;
-  uint64_t rng_;
-  std::vector<std::pair<float, int>> candidates_;
+  lutra::Sampler sampler_;  // created on the first call, when vocab is known
+  bool ready_ = false;
 };
 
 // ----------------------------------------------------------------------------
