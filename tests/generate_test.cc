@@ -4,9 +4,11 @@
 // palettized quality bounds, and rejection of bad model files.
 #include <math.h>
 #include <stdio.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 #include <map>
@@ -503,8 +505,25 @@ std::vector<char> ReadFile(const std::string& path) {
   return std::vector<char>(std::istreambuf_iterator<char>(f), {});
 }
 
+// Files the tests write go to the system temp directory and are removed when
+// the test program exits.
+struct TempFiles {
+  std::vector<std::string> paths;
+  ~TempFiles() {
+    for (const std::string& p : paths) std::remove(p.c_str());
+  }
+};
+std::string TempPath(const std::string& name) {
+  static TempFiles files;
+  const std::string path = (std::filesystem::temp_directory_path() /
+                            ("lutra_generate_test_" + std::to_string(getpid()) + "_" + name))
+                               .string();
+  files.paths.push_back(path);
+  return path;
+}
+
 std::string WriteTemp(const std::string& name, const std::vector<char>& bytes) {
-  const std::string path = "generate_test_" + name;
+  const std::string path = TempPath(name);
   std::ofstream f(path, std::ios::binary);
   f.write(bytes.data(), std::streamsize(bytes.size()));
   return path;
@@ -562,7 +581,7 @@ TEST_CASE("Recovery adapter lowers the KL of 4-bit stories260K; adapter files lo
   INFO("KL 4-bit " << base->mean_kl << " + recovery rank 8 " << recovered->mean_kl);
   CHECK(recovered->mean_kl < 0.9 * base->mean_kl);
   // Saved as a llama.cpp-layout adapter file and loaded back: same logits.
-  const std::string path = "generate_test_recovery.gguf";
+  const std::string path = TempPath("recovery.gguf");
   REQUIRE(SaveAdapter(path, **rec).ok());
   StatusOr<std::shared_ptr<const Adapter>> loaded = LoadLora(path, 1.0f, *q4);
   REQUIRE(loaded.ok());
@@ -599,7 +618,7 @@ TEST_CASE(".lutra files round-trip and map the weights in place", "[generate]") 
     REQUIRE(model.ok());
     StatusOr<Tokenizer> tok = ByteTokenizer(model->config.vocab_size);
     REQUIRE(tok.ok());
-    const std::string path = "generate_test_tiny" + std::to_string(bits) + ".lutra";
+    const std::string path = TempPath("tiny" + std::to_string(bits) + ".lutra");
     REQUIRE(SaveLutraModel(*model, &*tok, path).ok());
     StatusOr<Model> loaded = LoadModel(path, LoadOptions());
     INFO("bits " << bits << ": " << loaded.status().message());
@@ -623,7 +642,7 @@ TEST_CASE("stories260K as .lutra: same text, bad files rejected", "[generate][sh
   const Model& q8 = Stories(8);
   StatusOr<std::shared_ptr<const Tokenizer>> tok = LoadTokenizer(SharedPath("tok512.bin"), q8);
   REQUIRE(tok.ok());
-  const std::string path = "generate_test_stories8.lutra";
+  const std::string path = TempPath("stories8.lutra");
   REQUIRE(SaveLutraModel(q8, tok->get(), path).ok());
   StatusOr<Model> loaded = LoadModel(path, LoadOptions());
   REQUIRE(loaded.ok());
