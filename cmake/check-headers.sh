@@ -6,7 +6,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 HWY_PREFIX=${1:-}
-OUT=$ROOT/build/check-headers
+OUT=${OUT:-$ROOT/build/check-headers}
 mkdir -p "$OUT"
 TU=$OUT/all_headers.cc
 {
