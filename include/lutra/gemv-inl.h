@@ -258,18 +258,21 @@ HWY_INLINE float FinishRow(const PreparedInput& in, size_t m, size_t r, float v,
 }
 
 // Int8 path: dots[i] = sum_b xscale[b] * (sum over block b of q_w * q_x) for
-// kRows consecutive rows starting at r (each with its own group table).
+// the kRows rows row_idx[i] (each with its own group table groups[i]).
 // Rows are interleaved so that the i32 accumulation chains are independent
 // and every activation vector is loaded once for kRows rows. kRows is 1 or
 // 4; the accumulators are named variables, not arrays, because SVE vectors
 // are sizeless types that cannot form arrays.
-// When `prefetch` is set, the same byte offsets of the next kRows rows (the
-// next call's data) are prefetched one unit at a time: rows are read as
-// kRows interleaved streams, which hardware prefetchers follow poorly, and
-// prefetching exactly one block ahead hides the DRAM latency.
+// When `prefetch` is set, the same byte offsets of the rows following each
+// row (the next call's rows, see GemvRowsI8) are prefetched one unit at a
+// time, which hides the DRAM latency.
+// Callers track groups incrementally: a 64-bit division per row costs as
+// much as a tenth of a short row.
 template <int kBits, size_t kRows>
-HWY_INLINE void DotRowsI8(const PreparedPalette& w, const PreparedInput& in, size_t r,
-                          bool prefetch, float* HWY_RESTRICT dots) {
+HWY_INLINE void DotRowsI8(const PreparedPalette& w, const PreparedInput& in,
+                          const size_t* HWY_RESTRICT row_idx,
+                          const size_t* HWY_RESTRICT groups, bool prefetch,
+                          float* HWY_RESTRICT dots) {
   using D = DecodeTag<kBits>;
   const D d;
   const hn::Repartition<int8_t, D> di8;
@@ -280,7 +283,6 @@ HWY_INLINE void DotRowsI8(const PreparedPalette& w, const PreparedInput& in, siz
   const size_t L = hn::Lanes(d);
   const PaletteShape& shape = w.shape();
   const size_t row_bytes = shape.row_bytes();
-  const size_t G = shape.group_rows;
   const size_t unit_bytes = (kBits == 3 || kBits == 6) ? 48 : L;
   const size_t UP = in.unit_positions;
 
@@ -288,15 +290,18 @@ HWY_INLINE void DotRowsI8(const PreparedPalette& w, const PreparedInput& in, siz
   const uint8_t* rows[kRows];
   LutU8<kBits, D> lut[kRows];
   for (size_t i = 0; i < kRows; ++i) {
-    rows[i] = w.view().row(r + i);
-    lut[i].Init(d, w.table_u8((r + i) / G));
+    rows[i] = w.view().row(row_idx[i]);
+    lut[i].Init(d, w.table_u8(groups[i]));
   }
   VF accf0 = hn::Zero(df), accf1 = hn::Zero(df), accf2 = hn::Zero(df), accf3 = hn::Zero(df);
   const int8_t* HWY_RESTRICT xq = in.xq.data();
   const float* HWY_RESTRICT xscale = in.xscale.data();
   size_t u = 0;
   for (size_t b = 0; b < in.num_blocks; ++b) {
+    // Two i32 chains per row (even and odd sub-vectors): one chain of 4
+    // dependent dot products per unit would be latency-bound.
     VI acc0 = hn::Zero(di32), acc1 = hn::Zero(di32), acc2 = hn::Zero(di32), acc3 = hn::Zero(di32);
+    VI odd0 = hn::Zero(di32), odd1 = hn::Zero(di32), odd2 = hn::Zero(di32), odd3 = hn::Zero(di32);
     const size_t u_end = HWY_MIN(u + in.units_per_block, in.num_units);
     for (; u < u_end; ++u) {
       const size_t off = u * unit_bytes;
@@ -304,31 +309,32 @@ HWY_INLINE void DotRowsI8(const PreparedPalette& w, const PreparedInput& in, siz
       if (prefetch) {
         for (size_t i = 0; i < kRows; ++i) {
           for (size_t pb = 0; pb < unit_bytes; pb += 64) {
-            hwy::Prefetch(rows[i] + kRows * row_bytes + off + pb);
+            hwy::Prefetch(rows[i] + row_bytes + off + pb);
           }
         }
       }
-      // Accumulates row i's unit u into acc.
-      const auto row_unit = [&](size_t i, VI& acc) HWY_ATTR {
+      // Accumulates row i's unit u into its even and odd chains.
+      const auto row_unit = [&](size_t i, VI& even, VI& odd) HWY_ATTR {
         DecodeLookupUnit<kBits>(d, lut[i], rows[i] + off, row_bytes - off,
                                 [&](size_t s, hn::Vec<D> codes) HWY_ATTR {
+                                  VI& acc = (s & 1) ? odd : even;
                                   acc = hn::SumOfMulQuadAccumulate(
                                       di32, codes, hn::LoadU(di8, xu + s * L), acc);
                                 });
       };
-      row_unit(0, acc0);
+      row_unit(0, acc0, odd0);
       if constexpr (kRows == 4) {
-        row_unit(1, acc1);
-        row_unit(2, acc2);
-        row_unit(3, acc3);
+        row_unit(1, acc1, odd1);
+        row_unit(2, acc2, odd2);
+        row_unit(3, acc3, odd3);
       }
     }
     const VF sx = hn::Set(df, xscale[b]);
-    accf0 = hn::MulAdd(hn::ConvertTo(df, acc0), sx, accf0);
+    accf0 = hn::MulAdd(hn::ConvertTo(df, hn::Add(acc0, odd0)), sx, accf0);
     if constexpr (kRows == 4) {
-      accf1 = hn::MulAdd(hn::ConvertTo(df, acc1), sx, accf1);
-      accf2 = hn::MulAdd(hn::ConvertTo(df, acc2), sx, accf2);
-      accf3 = hn::MulAdd(hn::ConvertTo(df, acc3), sx, accf3);
+      accf1 = hn::MulAdd(hn::ConvertTo(df, hn::Add(acc1, odd1)), sx, accf1);
+      accf2 = hn::MulAdd(hn::ConvertTo(df, hn::Add(acc2, odd2)), sx, accf2);
+      accf3 = hn::MulAdd(hn::ConvertTo(df, hn::Add(acc3, odd3)), sx, accf3);
     }
   }
   dots[0] = hn::ReduceSum(df, accf0);
@@ -339,6 +345,27 @@ HWY_INLINE void DotRowsI8(const PreparedPalette& w, const PreparedInput& in, siz
   }
 }
 
+// A run of consecutive rows whose codebook group is tracked incrementally.
+struct RowStream {
+  size_t row, group, group_end;  // group of `row`; first row of the next group
+  HWY_INLINE void Init(size_t r, size_t G) {
+    row = r;
+    group = r / G;
+    group_end = (group + 1) * G;
+  }
+  HWY_INLINE void Next(size_t G) {
+    if (++row >= group_end) {
+      ++group;
+      group_end += G;
+    }
+  }
+};
+
+// Rows [r0, r1) are split into kRows = 4 equal runs that are walked in
+// lockstep: each step computes one row of every run. Each run is then one
+// sequential address stream (row r + 1 follows row r in memory), which the
+// hardware prefetchers follow, whereas 4 adjacent rows per step would give 4
+// short interleaved streams per page. The remainder rows go one at a time.
 template <int kBits>
 HWY_NOINLINE void GemvRowsI8(const PreparedPalette& w, const PreparedInput& in, size_t r0,
                              size_t r1, float* HWY_RESTRICT y) {
@@ -346,25 +373,36 @@ HWY_NOINLINE void GemvRowsI8(const PreparedPalette& w, const PreparedInput& in, 
   const float* residual = in.epilogue.residual;
   const float xsum = in.xsum[0];
   constexpr size_t kRows = 4;
+  const auto finish = [&](size_t r, size_t g, float dot) {
+    // Explicit fma: the same rounding whichever path computed dot (the
+    // compiler would contract a*b+c differently per inlined copy).
+    const float v = std::fma(w.step(g), dot, w.lo(g) * xsum);
+    // Read the residual before writing y: they may alias.
+    const float res = residual ? residual[r] : 0.0f;
+    y[r] = FinishRow(in, 0, r, v, res);
+  };
+  const size_t run = (r1 - r0) / kRows;
+  RowStream st[kRows];
+  for (size_t i = 0; i < kRows; ++i) st[i].Init(r0 + i * run, G);
+  size_t rows[kRows], groups[kRows];
   float dots[kRows];
-  size_t r = r0;
-  for (; r < r1; r += kRows) {
-    const size_t n = HWY_MIN(kRows, r1 - r);
-    if (n == kRows) {
-      // Prefetch only within this call's range: other threads own the rest.
-      DotRowsI8<kBits, kRows>(w, in, r, r + 2 * kRows <= r1, dots);
-    } else {
-      for (size_t i = 0; i < n; ++i) DotRowsI8<kBits, 1>(w, in, r + i, false, dots + i);
+  for (size_t j = 0; j < run; ++j) {
+    for (size_t i = 0; i < kRows; ++i) {
+      rows[i] = st[i].row;
+      groups[i] = st[i].group;
     }
-    for (size_t i = 0; i < n; ++i) {
-      const size_t g = (r + i) / G;
-      // Explicit fma: the same rounding whichever path computed dots[i]
-      // (the compiler would contract a*b+c differently per inlined copy).
-      const float v = std::fma(w.step(g), dots[i], w.lo(g) * xsum);
-      // Read the residual before writing y: they may alias.
-      const float res = residual ? residual[r + i] : 0.0f;
-      y[r + i] = FinishRow(in, 0, r + i, v, res);
+    // Prefetch only within this call's range: other threads own the rest.
+    DotRowsI8<kBits, kRows>(w, in, rows, groups, j + 1 < run, dots);
+    for (size_t i = 0; i < kRows; ++i) {
+      finish(rows[i], groups[i], dots[i]);
+      st[i].Next(G);
     }
+  }
+  RowStream tail;
+  tail.Init(r0 + kRows * run, G);
+  for (; tail.row < r1; tail.Next(G)) {
+    DotRowsI8<kBits, 1>(w, in, &tail.row, &tail.group, false, dots);
+    finish(tail.row, tail.group, dots[0]);
   }
 }
 

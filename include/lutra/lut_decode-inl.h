@@ -166,13 +166,6 @@ HWY_INLINE void DecodeUnit(D d, const uint8_t* HWY_RESTRICT p, size_t avail,
 #else
 #define LUTRA_LUT_SIZELESS 0
 #endif
-// vpermb (AVX-512 VBMI, 64 u8 lanes): b = 2 looks up whole bytes, no masks.
-#undef LUTRA_LUT_VPERMB
-#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3_DL
-#define LUTRA_LUT_VPERMB 1
-#else
-#define LUTRA_LUT_VPERMB 0
-#endif
 template <int kBits, class D>
 class LutU8 {
   static constexpr size_t kEntries = size_t{1} << kBits;
@@ -200,38 +193,27 @@ class LutU8 {
     for (size_t i = 0; i < num_; ++i) t_[i] = Table(d, table, i);
 #endif
     if constexpr (kBits == 2) {
+#if LUTRA_LUT_SIZELESS
       // Nibble tables: a 4-bit nibble holds two 2-bit fields; pair_[0] maps
       // it to the entry of its low field, pair_[1] to that of its high field.
       for (size_t i = 0; i < 16; ++i) {
         pair_[0][i] = table[i & 3];
         pair_[1][i] = table[i >> 2];
       }
-#if !LUTRA_LUT_SIZELESS
-      p_[0] = hn::LoadDup128(d, pair_[0]);
-      p_[1] = hn::LoadDup128(d, pair_[1]);
-#endif
-#if LUTRA_LUT_VPERMB
-      // 64-entry tables indexed by a whole byte's low 6 bits (vpermb ignores
-      // bits 6-7): entry i = table[(i >> 2s) & 3] gives field s directly.
-      const V iota = hn::Iota(d, 0);
+#else
+      // The same nibble tables built in registers: this runs once per row,
+      // and bytes stored one by one then reloaded as a vector would stall on
+      // store forwarding for longer than a short row takes to multiply.
+      const V nib = hn::And(hn::Iota(d, 0), hn::Set(d, 15));  // i % 16 per block
       const V three = hn::Set(d, 3);
       const V t16 = hn::LoadDup128(d, table);
       const hn::Repartition<uint16_t, D> d16;
-      b_[0] = hn::TableLookupBytes(t16, hn::And(iota, three));
-      b_[1] = hn::TableLookupBytes(
-          t16, hn::And(hn::BitCast(d, hn::ShiftRight<2>(hn::BitCast(d16, iota))), three));
-      b_[2] = hn::TableLookupBytes(
-          t16, hn::And(hn::BitCast(d, hn::ShiftRight<4>(hn::BitCast(d16, iota))), three));
+      p_[0] = hn::TableLookupBytes(t16, hn::And(nib, three));
+      p_[1] = hn::TableLookupBytes(
+          t16, hn::And(hn::BitCast(d, hn::ShiftRight<2>(hn::BitCast(d16, nib))), three));
 #endif
     }
   }
-#if LUTRA_LUT_VPERMB
-  // b = 2 on AVX-512 VBMI: codes of field s of every byte of `bytes`, where
-  // field s sits in bits [2s, 2s + 2) and any bits above bit 5 are ignored.
-  HWY_INLINE V LookupByteField(size_t s, V bytes) const {
-    return V{_mm512_permutexvar_epi8(bytes.raw, b_[s].raw)};
-  }
-#endif
   // b = 2 only: codes of field `which` (0 = low, 1 = high) of each 4-bit
   // nibble in `nibbles` (values < 16).
   HWY_INLINE V LookupPair(D d, size_t which, V nibbles) const {
@@ -281,13 +263,12 @@ class LutU8 {
     return t_[i];
   }
   V t_[kMaxTables];
-  V p_[2];  // b = 2: vectors of pair_
-#endif
-#if LUTRA_LUT_VPERMB
-  V b_[3];  // b = 2: 64-entry field tables for vpermb
+  V p_[2];  // b = 2: nibble tables
 #endif
   size_t num_ = 1;
-  HWY_ALIGN uint8_t pair_[2][16];
+#if LUTRA_LUT_SIZELESS
+  HWY_ALIGN uint8_t pair_[2][16];  // b = 2: nibble tables
+#endif
 };
 
 // Decodes unit `u` of a packed row straight to u8 codes of the group's table
@@ -301,16 +282,6 @@ HWY_INLINE void DecodeLookupUnit(D d, const LutU8<kBits, D>& lut, const uint8_t*
   if constexpr (kBits == 2) {
     const size_t L = hn::Lanes(d);
     const hn::Vec<D> v = avail >= L ? hn::LoadU(d, p) : hn::LoadN(d, p, avail);
-#if LUTRA_LUT_VPERMB
-    // Field 3 is bits 6-7: shift it down; the bits shifted in from the next
-    // byte land in bits 2-5, which table 0 (entry i = table[i & 3]) ignores.
-    const hn::Repartition<uint16_t, D> d16;
-    fn(0, lut.LookupByteField(0, v));
-    fn(1, lut.LookupByteField(1, v));
-    fn(2, lut.LookupByteField(2, v));
-    fn(3, lut.LookupByteField(0, hn::BitCast(d, hn::ShiftRight<6>(hn::BitCast(d16, v)))));
-    return;
-#endif
     const hn::Vec<D> lo = Field<0, 4>(d, v), hi = Field<4, 4>(d, v);
     fn(0, lut.LookupPair(d, 0, lo));
     fn(1, lut.LookupPair(d, 1, lo));
