@@ -98,7 +98,7 @@ float LoraOnly(const Adapter& adapter, size_t layer_index, const float* x, float
   for (Projection p : kAllProjections) {
     const LoraDelta* d = adapter.Find(layer_index, p);
     const size_t K = adapter.base().Cols(p), N = adapter.base().Rows(p);
-    const size_t es = WeightTypeBytes(d->type);
+    const size_t es = ElementBytes(d->type);
     for (size_t r = 0; r < d->rank; ++r) {
       ax[r] = TypedDot(d->type, static_cast<const uint8_t*>(d->a) + r * K * es, x, K);
     }

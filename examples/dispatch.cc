@@ -72,7 +72,7 @@ Status GemmT(const PreparedPalette& w, const float* x, size_t batch, const LoraD
 
 void LoraApplyT(const LoraDelta& lora, const float* x, size_t batch, size_t rows, size_t cols,
                 float* ax, float* y) {
-  const size_t elem = WeightTypeBytes(lora.type);
+  const size_t elem = ElementBytes(lora.type);
   const uint8_t* a = static_cast<const uint8_t*>(lora.a);
   const uint8_t* b = static_cast<const uint8_t*>(lora.b);
   for (size_t m = 0; m < batch; ++m) {

@@ -79,7 +79,7 @@ inline void StoreTyped(WeightType type, float v, uint8_t* p, float* exact) {
 
 inline LoraFactors RandomLora(Rng& rng, size_t N, size_t K, size_t rank, WeightType type) {
   LoraFactors f;
-  const size_t bytes = WeightTypeBytes(type);
+  const size_t bytes = ElementBytes(type);
   f.a.resize(rank * K * bytes);
   f.b.resize(N * rank * bytes);
   f.af.resize(rank * K);

@@ -149,9 +149,9 @@ TEST_CASE("PaletteShape sizes follow the formula") {
       }
     }
   }
-  CHECK(CodebookEntryBytes(CodebookType::kF16) == 2);
-  CHECK(CodebookEntryBytes(CodebookType::kBF16) == 2);
-  CHECK(CodebookEntryBytes(CodebookType::kF32) == 4);
+  CHECK(ElementBytes(CodebookType::kF16) == 2);
+  CHECK(ElementBytes(CodebookType::kBF16) == 2);
+  CHECK(ElementBytes(CodebookType::kF32) == 4);
 }
 
 TEST_CASE("PaletteShape rejects bad shapes with a clear message") {
@@ -375,7 +375,7 @@ TEST_CASE("Views over external memory and dequantization") {
             CHECK(v->weight(r, c) == expected[r * s.cols + c]);
           }
           CHECK(static_cast<const uint8_t*>(v->row_codebook(r)) ==
-                ext_cb.data() + 3 + (r / G) * s.num_entries() * CodebookEntryBytes(s.codebook));
+                ext_cb.data() + 3 + (r / G) * s.num_entries() * ElementBytes(s.codebook));
         }
       }
     }

@@ -268,7 +268,7 @@ HWY_NOINLINE void GemmRowsImpl(const PreparedPalette& w, const PreparedInput& in
   }
   std::vector<float> step(NR), lo(NR), bt;
   if (in.has_lora) bt.resize(in.lora.rank * NR);
-  const size_t bytes = WeightTypeBytes(in.lora.type);
+  const size_t bytes = ElementBytes(in.lora.type);
   for (size_t n = n0; n < n1; n += NR) {
     Panel p;
     p.n = n;

@@ -46,44 +46,44 @@ namespace lutra {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
+namespace detail {
+
+// sum_i a[i] * x[i] for 16-bit a (f16 or bf16), each widened exactly to f32.
+template <class DF, typename T>
+HWY_INLINE float HalfDot(DF df, const T* HWY_RESTRICT a, const float* HWY_RESTRICT x,
+                         size_t n) {
+  const hn::Rebind<T, DF> dh;
+  const size_t N = hn::Lanes(df);
+  hn::Vec<DF> sum0 = hn::Zero(df), sum1 = hn::Zero(df);
+  size_t i = 0;
+  for (; i + 2 * N <= n; i += 2 * N) {
+    sum0 = hn::MulAdd(hn::PromoteTo(df, hn::LoadU(dh, a + i)), hn::LoadU(df, x + i), sum0);
+    sum1 = hn::MulAdd(hn::PromoteTo(df, hn::LoadU(dh, a + i + N)), hn::LoadU(df, x + i + N),
+                      sum1);
+  }
+  for (; i < n; i += N) {
+    const size_t m = HWY_MIN(N, n - i);
+    sum0 = hn::MulAdd(hn::PromoteTo(df, hn::LoadN(dh, a + i, m)), hn::LoadN(df, x + i, m), sum0);
+  }
+  return hn::ReduceSum(df, hn::Add(sum0, sum1));
+}
+
+}  // namespace detail
+
 // Returns sum_i a[i] * x[i] (i < n) with a of `type` (f16, bf16 or f32,
 // unaligned), widened exactly to f32 and accumulated in f32. Used for A x
 // (n = K) and for rows of B (n = rank) in the LoRA epilogue.
 template <class DF>
 HWY_INLINE float TypedDot(DF df, WeightType type, const void* HWY_RESTRICT a,
                           const float* HWY_RESTRICT x, size_t n) {
-  if (type == WeightType::kF32) return Dot(df, static_cast<const float*>(a), x, n);
-  const size_t N = hn::Lanes(df);
-  hn::Vec<DF> sum0 = hn::Zero(df), sum1 = hn::Zero(df);
-  size_t i = 0;
-  if (type == WeightType::kF16) {
-    const hn::Rebind<hwy::float16_t, DF> dh;
-    const hwy::float16_t* pa = static_cast<const hwy::float16_t*>(a);
-    for (; i + 2 * N <= n; i += 2 * N) {
-      sum0 = hn::MulAdd(hn::PromoteTo(df, hn::LoadU(dh, pa + i)), hn::LoadU(df, x + i), sum0);
-      sum1 = hn::MulAdd(hn::PromoteTo(df, hn::LoadU(dh, pa + i + N)),
-                        hn::LoadU(df, x + i + N), sum1);
-    }
-    for (; i < n; i += N) {
-      const size_t m = HWY_MIN(N, n - i);
-      sum0 = hn::MulAdd(hn::PromoteTo(df, hn::LoadN(dh, pa + i, m)), hn::LoadN(df, x + i, m),
-                        sum0);
-    }
-  } else {
-    const hn::Rebind<hwy::bfloat16_t, DF> dh;
-    const hwy::bfloat16_t* pa = static_cast<const hwy::bfloat16_t*>(a);
-    for (; i + 2 * N <= n; i += 2 * N) {
-      sum0 = hn::MulAdd(hn::PromoteTo(df, hn::LoadU(dh, pa + i)), hn::LoadU(df, x + i), sum0);
-      sum1 = hn::MulAdd(hn::PromoteTo(df, hn::LoadU(dh, pa + i + N)),
-                        hn::LoadU(df, x + i + N), sum1);
-    }
-    for (; i < n; i += N) {
-      const size_t m = HWY_MIN(N, n - i);
-      sum0 = hn::MulAdd(hn::PromoteTo(df, hn::LoadN(dh, pa + i, m)), hn::LoadN(df, x + i, m),
-                        sum0);
-    }
+  switch (type) {
+    case WeightType::kF16:
+      return detail::HalfDot(df, static_cast<const hwy::float16_t*>(a), x, n);
+    case WeightType::kBF16:
+      return detail::HalfDot(df, static_cast<const hwy::bfloat16_t*>(a), x, n);
+    default:
+      return Dot(df, static_cast<const float*>(a), x, n);
   }
-  return hn::ReduceSum(df, hn::Add(sum0, sum1));
 }
 
 HWY_INLINE float TypedDot(WeightType type, const void* HWY_RESTRICT a,
@@ -216,7 +216,7 @@ HWY_INLINE Status PrepareInput(const PreparedPalette& w, const float* HWY_RESTRI
   }
   if (in->has_lora) {
     const size_t rank = in->lora.rank;
-    const size_t a_row_bytes = K * WeightTypeBytes(in->lora.type);
+    const size_t a_row_bytes = K * ElementBytes(in->lora.type);
     in->lora_ax.resize(M * rank);
     for (size_t m = 0; m < M; ++m) {
       for (size_t k = 0; k < rank; ++k) {
@@ -250,7 +250,7 @@ HWY_INLINE float FinishRow(const PreparedInput& in, size_t m, size_t r, float v,
   if (in.has_lora) {
     const size_t rank = in.lora.rank;
     const uint8_t* b = static_cast<const uint8_t*>(in.lora.b) +
-                       r * rank * WeightTypeBytes(in.lora.type);
+                       r * rank * ElementBytes(in.lora.type);
     v = std::fma(in.lora.scale,
                  TypedDot(in.lora.type, b, in.lora_ax.data() + m * rank, rank), v);
   }

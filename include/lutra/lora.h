@@ -261,7 +261,7 @@ class Adapter {
       return InvalidArgument("lora: %s: layer %zu %s is adapted twice", name.c_str(), layer,
                              ProjectionName(p));
     }
-    if (WeightTypeBytes(type) == 0 || WeightTypeBytes(src) == 0) {
+    if (ElementBytes(type) == 0 || ElementBytes(src) == 0) {
       return InvalidArgument("lora: %s: element type %d -> %d, need f16, bf16 or f32",
                              name.c_str(), static_cast<int>(src), static_cast<int>(type));
     }
@@ -292,7 +292,7 @@ class Adapter {
     f->projection_ = p;
     f->rows_ = N;
     f->cols_ = K;
-    const size_t esize = WeightTypeBytes(type);
+    const size_t esize = ElementBytes(type);
     const size_t a_bytes = LoraFactors::RoundUp(a_elems * esize);
     f->bytes_ = a_bytes + LoraFactors::RoundUp(b_elems * esize);
     void* mem = ::operator new(f->bytes_, std::align_val_t(LoraFactors::kAlign), std::nothrow);
@@ -386,7 +386,7 @@ class Adapter {
       return InvalidArgument("lora: %s: %s element %zu is not finite", name.c_str(), which, bad);
     }
     if (src_type == type) {  // exact copy of the bits (the common case: f16 files)
-      memcpy(dst, src, n * WeightTypeBytes(type));
+      memcpy(dst, src, n * ElementBytes(type));
       return Status::Ok();
     }
     for (size_t i = 0; i < n; ++i) {

@@ -316,7 +316,7 @@ inline StatusOr<std::vector<uint8_t>> SerializeAdapter(const Adapter& adapter) {
     const std::string stem = std::string("blk.") + std::to_string(f.layer()) + "." +
                              ProjectionGgufName(f.projection()) + ".weight";
     const GgmlType type = static_cast<GgmlType>(WeightTypeToGgml(f.type()));
-    const size_t es = WeightTypeBytes(f.type());
+    const size_t es = ElementBytes(f.type());
     // ggml order: ne[0] is the contiguous dimension.
     out.AddTensor(stem + ".lora_a", type, {f.cols(), f.rank()}, f.a(), f.a_elements() * es);
     out.AddTensor(stem + ".lora_b", type, {f.rank(), f.rows()}, f.b(), f.b_elements() * es);

@@ -36,19 +36,8 @@
 
 namespace lutra {
 
-// Element type of LoRA factors.
-enum class WeightType : uint8_t { kF16 = 0, kBF16 = 1, kF32 = 2 };
-
-inline size_t WeightTypeBytes(WeightType type) {
-  switch (type) {
-    case WeightType::kF16:
-    case WeightType::kBF16:
-      return 2;
-    case WeightType::kF32:
-      return 4;
-  }
-  return 0;
-}
+// Element type of LoRA factors (the codebook element type of palette.h).
+using WeightType = ElementType;
 
 // Largest LoRA rank the epilogue supports.
 inline constexpr size_t kMaxLoraRank = 64;
@@ -204,7 +193,7 @@ inline Status ValidateLora(const LoraDelta& lora) {
   if (lora.a == nullptr || lora.b == nullptr) {
     return InvalidArgument("lora: null %s factor", lora.a == nullptr ? "A" : "B");
   }
-  if (WeightTypeBytes(lora.type) == 0) {
+  if (ElementBytes(lora.type) == 0) {
     return InvalidArgument("lora: type %d is not f16 (0), bf16 (1) or f32 (2)",
                            static_cast<int>(lora.type));
   }

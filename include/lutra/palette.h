@@ -39,20 +39,25 @@
 
 namespace lutra {
 
-// Type of each codebook entry. Values are part of the file format.
-enum class CodebookType : uint8_t { kF16 = 0, kBF16 = 1, kF32 = 2 };
+// Element type of codebook entries and LoRA factors. Values are part of the
+// file formats.
+enum class ElementType : uint8_t { kF16 = 0, kBF16 = 1, kF32 = 2 };
 
-// Bytes of one codebook entry; 0 for a value outside the enum.
-inline size_t CodebookEntryBytes(CodebookType type) {
+// Bytes of one element; 0 for a value outside the enum.
+inline size_t ElementBytes(ElementType type) {
   switch (type) {
-    case CodebookType::kF16:
-    case CodebookType::kBF16:
+    case ElementType::kF16:
+    case ElementType::kBF16:
       return 2;
-    case CodebookType::kF32:
+    case ElementType::kF32:
       return 4;
   }
   return 0;
 }
+
+// Element type of codebook entries (and, as WeightType in matmul.h, of LoRA
+// factors): one enum, so one set of conversions serves both.
+using CodebookType = ElementType;
 
 inline const char* CodebookTypeName(CodebookType type) {
   switch (type) {
@@ -131,7 +136,7 @@ struct PaletteShape {
     if (group_rows == 0) {
       return InvalidArgument("palette: group_rows = 0, need group_rows >= 1");
     }
-    if (CodebookEntryBytes(codebook) == 0) {
+    if (ElementBytes(codebook) == 0) {
       return InvalidArgument("palette: codebook type %d is not f16 (0), bf16 (1) or f32 (2)",
                              static_cast<int>(codebook));
     }
@@ -159,7 +164,7 @@ struct PaletteShape {
   size_t num_entries() const { return size_t{1} << bits; }  // 2^bits
   size_t index_bytes() const { return rows * row_bytes(); }
   size_t codebook_bytes() const {
-    return num_groups() * num_entries() * CodebookEntryBytes(codebook);
+    return num_groups() * num_entries() * ElementBytes(codebook);
   }
   size_t total_bytes() const { return index_bytes() + codebook_bytes(); }
   // 8 * (index_bytes + codebook_bytes) / (N * K): padding and codebooks included.
@@ -389,7 +394,7 @@ struct PaletteView {
   // num_entries() entries of the codebook type.
   const void* row_codebook(size_t r) const {
     return static_cast<const uint8_t*>(codebooks) +
-           (r / shape.group_rows) * shape.num_entries() * CodebookEntryBytes(shape.codebook);
+           (r / shape.group_rows) * shape.num_entries() * ElementBytes(shape.codebook);
   }
 };
 
