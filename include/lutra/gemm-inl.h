@@ -93,7 +93,7 @@ HWY_NOINLINE void DecodePanelU8(const PreparedPalette& w, const PreparedInput& i
   const size_t L = hn::Lanes(d);
   const PaletteShape& shape = w.shape();
   const size_t row_bytes = shape.row_bytes();
-  const size_t unit_bytes = (kBits == 3 || kBits == 6) ? 48 : L;
+  const size_t unit_bytes = UnitBytes<kBits>(d);
   const size_t UP = in.unit_positions;
   HWY_ALIGN uint8_t buf[hn::MaxLanes(D())];
   for (size_t j = 0; j < NR; ++j) {
@@ -127,7 +127,7 @@ HWY_NOINLINE void DecodePanelF32(const PreparedPalette& w, const PreparedInput& 
   const size_t L = hn::Lanes(d);
   const PaletteShape& shape = w.shape();
   const size_t row_bytes = shape.row_bytes();
-  const size_t unit_bytes = (kBits == 3 || kBits == 6) ? 48 : L;
+  const size_t unit_bytes = UnitBytes<kBits>(d);
   const size_t UP = in.unit_positions, P = in.positions;
   HWY_ALIGN uint8_t buf[hn::MaxLanes(D())];
   for (size_t j = 0; j < NR; ++j) {

@@ -115,7 +115,8 @@ HWY_INLINE void SetGeometry(const PaletteShape& shape, PreparedInput* in) {
 }
 
 HWY_INLINE size_t DecodeLanes(int bits) {
-  return (bits == 3 || bits == 6) ? 16 : hn::Lanes(hn::ScalableTag<uint8_t>());
+  (void)bits;  // every width decodes full vectors
+  return hn::Lanes(hn::ScalableTag<uint8_t>());
 }
 
 // Gathers positions [p0, p0 + n) of token row x (K columns) into out, zero
@@ -283,7 +284,7 @@ HWY_INLINE void DotRowsI8(const PreparedPalette& w, const PreparedInput& in,
   const size_t L = hn::Lanes(d);
   const PaletteShape& shape = w.shape();
   const size_t row_bytes = shape.row_bytes();
-  const size_t unit_bytes = (kBits == 3 || kBits == 6) ? 48 : L;
+  const size_t unit_bytes = UnitBytes<kBits>(d);
   const size_t UP = in.unit_positions;
 
   static_assert(kRows == 1 || kRows == 4, "DotRowsI8 handles 1 or 4 rows");
@@ -421,7 +422,7 @@ HWY_INLINE float DotRowF32(const PreparedPalette& w, const PreparedInput& in, si
   const size_t NF = hn::Lanes(df);  // L / 4
   const PaletteShape& shape = w.shape();
   const size_t row_bytes = shape.row_bytes();
-  const size_t unit_bytes = (kBits == 3 || kBits == 6) ? 48 : L;
+  const size_t unit_bytes = UnitBytes<kBits>(d);
   const size_t UP = in.unit_positions;
   const size_t E = shape.num_entries();
   const float* HWY_RESTRICT table = w.table_f32(r / shape.group_rows);

@@ -13,9 +13,12 @@
 //   c0 + i * 128/w + 16 s + j; its positions are s * L + 16 i + j. The last
 //   unit of a row may be partial (loaded with LoadN: bytes past the row read
 //   as 0 = index 0, multiplied by activations that are 0 there).
-// - b = 3, 6 (two planes): a unit is one 48-byte block decoded with 128-bit
-//   vectors (L = 16); sub-vector s holds columns c0 + 16 s + j, so positions
-//   equal columns.
+// - b = 3, 6 (two planes): a unit is L/16 consecutive 48-byte blocks (3L
+//   bytes), regrouped by DeinterleaveBlocks3 into one vector per plane part
+//   whose 128-bit block i comes from block i. Sub-vector s holds, in 128-bit
+//   block i, lane j, column c0 + i * C + 16 s + j with C = 128 (b = 3) or 64
+//   (b = 6) columns per 48-byte block; its positions are s * L + 16 i + j.
+//   The last unit of a row may be partial (bytes past the row read as 0).
 // Per-target code: include after hwy/highway.h (see dot-inl.h).
 
 #if defined(LUTRA_LUT_DECODE_INL_H_) == defined(HWY_TARGET_TOGGLE)
@@ -36,12 +39,22 @@ namespace lutra {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
-// u8 descriptor of a decode unit for kBits: full vectors for one-plane widths,
-// 128-bit vectors for the two-plane widths 3 and 6 (whose 48-byte blocks do
-// not tile wider vectors).
+// u8 descriptor of a decode unit: full vectors for every width.
 template <int kBits>
-using DecodeTag = hwy::If<(kBits == 3 || kBits == 6), hn::Full128<uint8_t>,
-                          hn::ScalableTag<uint8_t>>;
+using DecodeTag = hn::ScalableTag<uint8_t>;
+
+// Packed bytes consumed per unit (L = lanes of d).
+template <int kBits, class D>
+HWY_INLINE size_t UnitBytes(D d) {
+  return (kBits == 3 || kBits == 6) ? 3 * hn::Lanes(d) : hn::Lanes(d);
+}
+
+// Columns covered by one 16-byte chunk (one-plane widths) or one 48-byte
+// block (b = 3, 6): the column stride between 128-bit blocks of a sub-vector.
+template <int kBits>
+constexpr size_t ColsPerChunk() {
+  return kBits == 3 ? 128 : kBits == 6 ? 64 : static_cast<size_t>(128 / kBits);
+}
 
 // Index vectors produced per unit.
 template <int kBits>
@@ -65,8 +78,10 @@ HWY_INLINE UnitGeometry UnitGeometryFor(const PaletteShape& shape) {
   g.sub_vectors = SubVectors<kBits>();
   g.unit_positions = g.lanes * g.sub_vectors;
   if (kBits == 3 || kBits == 6) {
-    g.unit_bytes = 48;
-    g.num_units = shape.padded_cols() / shape.block_cols();
+    const size_t blocks_per_unit = g.lanes / 16;
+    g.unit_bytes = 48 * blocks_per_unit;
+    const size_t blocks = shape.padded_cols() / shape.block_cols();
+    g.num_units = (blocks + blocks_per_unit - 1) / blocks_per_unit;
   } else {
     g.unit_bytes = g.lanes;
     g.num_units = (shape.row_bytes() + g.lanes - 1) / g.lanes;
@@ -79,8 +94,7 @@ HWY_INLINE UnitGeometry UnitGeometryFor(const PaletteShape& shape) {
 // May return a column >= padded K for the zero tail of the last unit.
 template <int kBits>
 HWY_INLINE size_t PositionColumn(const UnitGeometry& g, size_t pos) {
-  if (kBits == 3 || kBits == 6) return pos;
-  const size_t cols_per_chunk = 128 / kBits;
+  const size_t cols_per_chunk = ColsPerChunk<kBits>();
   const size_t u = pos / g.unit_positions;
   const size_t rem = pos % g.unit_positions;
   const size_t s = rem / g.lanes, block = (rem % g.lanes) / 16;
@@ -97,16 +111,70 @@ HWY_INLINE hn::Vec<D> Field(D d, hn::Vec<D> v) {
   return hn::And(hn::BitCast(d, hn::ShiftRight<kShift>(hn::BitCast(d16, v))), mask);
 }
 
+// Loads the unit of L/16 consecutive 48-byte blocks at p (bytes past `avail`
+// read as 0) and regroups its 16-byte parts: part k (0, 1, 2) of block i
+// goes to 128-bit block i of *out[k]. The 3L bytes are loaded as three full
+// vectors and permuted as u64 lanes with two-table lookups; the index
+// vectors do not depend on p, so callers' loops hoist them.
+template <class D>
+HWY_INLINE void DeinterleaveBlocks3(D d, const uint8_t* HWY_RESTRICT p, size_t avail,
+                                    hn::Vec<D>* HWY_RESTRICT a, hn::Vec<D>* HWY_RESTRICT b,
+                                    hn::Vec<D>* HWY_RESTRICT h) {
+  const size_t L = hn::Lanes(d);
+  hn::Vec<D> v0, v1, v2;
+  if (avail >= 3 * L) {
+    v0 = hn::LoadU(d, p);
+    v1 = hn::LoadU(d, p + L);
+    v2 = hn::LoadU(d, p + 2 * L);
+  } else {
+    v0 = hn::LoadN(d, p, HWY_MIN(avail, L));
+    v1 = avail > L ? hn::LoadN(d, p + L, HWY_MIN(avail - L, L)) : hn::Zero(d);
+    v2 = avail > 2 * L ? hn::LoadN(d, p + 2 * L, avail - 2 * L) : hn::Zero(d);
+  }
+  if (L == 16) {  // one block per unit: the loads are the parts
+    *a = v0;
+    *b = v1;
+    *h = v2;
+    return;
+  }
+  const hn::Repartition<uint64_t, D> d64;
+  using V64 = hn::Vec<decltype(d64)>;
+  const size_t N = hn::Lanes(d64);
+  const V64 w0 = hn::BitCast(d64, v0), w1 = hn::BitCast(d64, v1), w2 = hn::BitCast(d64, v2);
+  // Output u64 lane k of part `part` is lane 6 (k / 2) + 2 part + (k % 2) of
+  // the concatenation w0 | w1 | w2 (3N lanes): from (w0, w1) when below 2N,
+  // else from (w1, w2) at that position minus N.
+  const V64 k = hn::Iota(d64, 0);
+  const V64 pair = hn::ShiftRight<1>(k);  // 6 * pair = 4 * pair + 2 * pair
+  const V64 base = hn::Add(hn::Add(hn::ShiftLeft<2>(pair), hn::ShiftLeft<1>(pair)),
+                           hn::And(k, hn::Set(d64, 1)));
+  const V64 vN = hn::Set(d64, N);
+  const auto part = [&](uint64_t which) HWY_ATTR {
+    const V64 pos = hn::Add(base, hn::Set(d64, 2 * which));
+    const auto low = hn::Lt(pos, hn::Add(vN, vN));
+    // Positions below N are not used from (w1, w2); clamp them into range.
+    const V64 pos_hi = hn::IfThenElseZero(hn::Ge(pos, vN), hn::Sub(pos, vN));
+    const V64 lo =
+        hn::TwoTablesLookupLanes(d64, w0, w1, hn::IndicesFromVec(d64, hn::IfThenElseZero(low, pos)));
+    const V64 hi = hn::TwoTablesLookupLanes(d64, w1, w2, hn::IndicesFromVec(d64, pos_hi));
+    return hn::BitCast(d, hn::IfThenElse(low, lo, hi));
+  };
+  *a = part(0);
+  *b = part(1);
+  *h = part(2);
+}
+
 // Decodes unit `u` of a packed row: calls fn(s, idx) for s < SubVectors<kBits>
 // in order, idx = u8 codebook indices of positions s * L .. s * L + L - 1 of
-// the unit. `avail` = bytes of the row from the unit's start (one-plane
-// widths load min(avail, L) bytes, so nothing past the row is read).
+// the unit. `avail` = bytes of the row from the unit's start (a unit loads
+// at most min(avail, UnitBytes) bytes, so nothing past the row is read).
 template <int kBits, class D, class Fn>
 HWY_INLINE void DecodeUnit(D d, const uint8_t* HWY_RESTRICT p, size_t avail,
                            const Fn& fn) {
   using V = hn::Vec<D>;
   if constexpr (kBits == 3) {
-    const V a = hn::LoadU(d, p), b = hn::LoadU(d, p + 16), h = hn::LoadU(d, p + 32);
+    V a, b, h;
+    DeinterleaveBlocks3(d, p, avail, &a, &b, &h);
     // index = low 2 bits (chunk a for columns 0..63, b for 64..127) | high << 2.
     fn(0, hn::Or(Field<0, 2>(d, a), hn::ShiftLeft<2>(Field<0, 1>(d, h))));
     fn(1, hn::Or(Field<2, 2>(d, a), hn::ShiftLeft<2>(Field<1, 1>(d, h))));
@@ -116,14 +184,13 @@ HWY_INLINE void DecodeUnit(D d, const uint8_t* HWY_RESTRICT p, size_t avail,
     fn(5, hn::Or(Field<2, 2>(d, b), hn::ShiftLeft<2>(Field<5, 1>(d, h))));
     fn(6, hn::Or(Field<4, 2>(d, b), hn::ShiftLeft<2>(Field<6, 1>(d, h))));
     fn(7, hn::Or(Field<6, 2>(d, b), hn::ShiftLeft<2>(Field<7, 1>(d, h))));
-    (void)avail;
   } else if constexpr (kBits == 6) {
-    const V a = hn::LoadU(d, p), b = hn::LoadU(d, p + 16), h = hn::LoadU(d, p + 32);
+    V a, b, h;
+    DeinterleaveBlocks3(d, p, avail, &a, &b, &h);
     fn(0, hn::Or(Field<0, 4>(d, a), hn::ShiftLeft<4>(Field<0, 2>(d, h))));
     fn(1, hn::Or(Field<4, 4>(d, a), hn::ShiftLeft<4>(Field<2, 2>(d, h))));
     fn(2, hn::Or(Field<0, 4>(d, b), hn::ShiftLeft<4>(Field<4, 2>(d, h))));
     fn(3, hn::Or(Field<4, 4>(d, b), hn::ShiftLeft<4>(Field<6, 2>(d, h))));
-    (void)avail;
   } else {
     const size_t L = hn::Lanes(d);
     const V v = avail >= L ? hn::LoadU(d, p) : hn::LoadN(d, p, avail);
