@@ -2,7 +2,7 @@
 // limits, all in one run (so the ratios are measured under the same load):
 // - read bandwidth: a STREAM-like sum over a >= 1 GiB buffer, 1 and 2 threads;
 // - f32 FMA, bf16 dot and int8 dot peaks of one core (register-resident);
-// - GEMV at 4096x4096 and 14336x4096 for bits 2/3/4/8, 1 and 2 threads,
+// - GEMV at 4096x4096 and 14336x4096 for bits 2/3/4/6/8, 1 and 2 threads,
 //   cache-cold (each call uses the next of enough matrices to cover
 //   >= 256 MiB, so weights come from DRAM): us per call, GB/s of packed bytes
 //   and the ratio to the measured bandwidth;
@@ -50,13 +50,6 @@ inline double Median(std::vector<double> v) {
   const size_t n = v.size();
   return n == 0 ? 0.0 : (n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]));
 }
-
-// Results of the peak micro-benchmarks (operations per second, 1 core).
-struct Peaks {
-  double f32_fma_flops = 0;  // 2 per FMA lane
-  double bf16_dot_flops = 0; // 2 per bf16 product
-  double i8_dot_ops = 0;     // 2 per u8 x i8 product
-};
 
 // One set of matrices covering >= min_bytes of packed weights, all views over
 // one shared random buffer (any byte is a valid index for every width when K
@@ -386,7 +379,7 @@ int Main(int argc, char** argv) {
   double gw4 = 0, gw2 = 0;
   for (size_t N : {size_t{4096}, size_t{14336}}) {
     if (only_rows != 0 && N != only_rows) continue;
-    for (int bits : {2, 3, 4, 8}) {
+    for (int bits : {2, 3, 4, 6, 8}) {
       const MatrixSet set = MakeSet(random, N, 4096, bits, set_bytes);
       for (size_t threads : {size_t{1}, size_t{2}}) {
         ThreadPool* pool = threads == 1 ? nullptr : &pool2;

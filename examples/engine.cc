@@ -182,7 +182,7 @@ StatusOr<const float*> Forward(const Model& model, RunState& s, const int* token
 // Sampling
 
 int Sampler::Sample(const float* logits, size_t vocab) {
-  if (!ready_) {
+  if (sampler_.vocab_size() == 0) {  // not created yet
     SamplingConfig config;
     config.temperature = options_.temperature > 0.0f ? options_.temperature : 0.0f;
     config.top_p = options_.top_p > 0.0f && options_.top_p < 1.0f ? options_.top_p : 1.0f;
@@ -191,7 +191,6 @@ int Sampler::Sample(const float* logits, size_t vocab) {
     // Options are validated by the caller; an invalid config falls back to greedy.
     if (!s.ok()) return int(ArgMax(logits, vocab));
     sampler_ = std::move(*s);
-    ready_ = true;
   }
   return int(sampler_.Sample(logits));
 }

@@ -194,7 +194,6 @@ class Sampler {
  private:
   SamplerOptions options_;
   lutra::Sampler sampler_;  // created on the first call, when vocab is known
-  bool ready_ = false;
 };
 
 // ----------------------------------------------------------------------------

@@ -377,7 +377,7 @@ int main(int argc, char** argv) {
       o.synthetic.empty() ? engine::LoadModel(o.model, load, o.threads)
                           : engine::MakeSyntheticModel(o.synthetic, load, o.seed);
   if (!model.ok()) return Fail(model.status());
-  if (keep_f32 && model->Matrices()[0]->palettized()) {
+  if (keep_f32 && model->weights.embedding.palettized()) {
     return Fail(lutra::InvalidArgument("--eval and --recover-rank need an f32 source model "
                                        "(.bin, .gguf or --synthetic), not a palettized .lutra"));
   }

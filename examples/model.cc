@@ -25,6 +25,16 @@ namespace engine {
 // ----------------------------------------------------------------------------
 // Model statistics
 
+namespace {
+
+// A tied output head shares the embedding's storage.
+bool IsTied(const Model& m) {
+  return m.weights.output.f32 == m.weights.embedding.f32 &&
+         m.weights.output.palette.indices == m.weights.embedding.palette.indices;
+}
+
+}  // namespace
+
 std::vector<const Linear*> Model::Matrices() const {
   std::vector<const Linear*> out;
   out.push_back(&weights.embedding);
@@ -33,9 +43,7 @@ std::vector<const Linear*> Model::Matrices() const {
       out.push_back(w);
     }
   }
-  const bool tied = weights.output.f32 == weights.embedding.f32 &&
-                    weights.output.palette.indices == weights.embedding.palette.indices;
-  if (!tied) out.push_back(&weights.output);
+  if (!IsTied(*this)) out.push_back(&weights.output);
   return out;
 }
 
@@ -569,11 +577,6 @@ void NameTensors(Model& m, bool tied, std::vector<NamedLinear>* mats,
   if (!tied) mats->push_back({"output", &w.output});
 }
 
-bool IsTied(const Model& m) {
-  return m.weights.output.f32 == m.weights.embedding.f32 &&
-         m.weights.output.palette.indices == m.weights.embedding.palette.indices;
-}
-
 // SentencePiece writes spaces as U+2581 in GGUF vocabularies.
 std::string SpaceToMarker(const std::string& piece) {
   std::string out;
@@ -653,9 +656,7 @@ Status SaveLutraModel(const Model& model, const Tokenizer* tokenizer, const std:
       g.AddArray("lutra.palette." + n.name, GgufValueType::kU64, meta, 5);
       g.AddTensorView(n.name + ".indices", GgmlType::kI8, {sh.index_bytes()}, w.palette.indices,
                       sh.index_bytes());
-      const GgmlType cb = sh.codebook == CodebookType::kF16    ? GgmlType::kF16
-                          : sh.codebook == CodebookType::kBF16 ? GgmlType::kBF16
-                                                               : GgmlType::kF32;
+      const GgmlType cb = GgmlType(lora_file_detail::WeightTypeToGgml(sh.codebook));
       g.AddTensorView(n.name + ".codebooks", cb, {sh.num_groups() * sh.num_entries()},
                       w.palette.codebooks, sh.codebook_bytes());
     } else {
@@ -766,9 +767,7 @@ StatusOr<Model> LoadLutraModel(GgufFile file, const LoadOptions& o) {
     if (!idx.ok()) return fail(idx.status());
     StatusOr<const GgufTensorInfo*> cbt = g.GetTensor(name + ".codebooks");
     if (!cbt.ok()) return fail(cbt.status());
-    const uint32_t want_cb = sh.codebook == CodebookType::kF16    ? uint32_t(GgmlType::kF16)
-                             : sh.codebook == CodebookType::kBF16 ? uint32_t(GgmlType::kBF16)
-                                                                  : uint32_t(GgmlType::kF32);
+    const uint32_t want_cb = lora_file_detail::WeightTypeToGgml(sh.codebook);
     if ((*idx)->type != uint32_t(GgmlType::kI8) || (*cbt)->type != want_cb) {
       return fail(DataLoss("%s: tensor types %s/%s, expected i8 indices and %s codebooks",
                            name.c_str(), (*idx)->type_name(), (*cbt)->type_name(),

@@ -54,8 +54,8 @@ const std::vector<double>& DenseWeights(const Linear& w, DenseCache& cache,
         for (size_t c = 0; c < w.cols; ++c) {
           double ba = 0.0;
           for (size_t k = 0; k < lora->rank; ++k) {
-            ba += double(LoadLoraElement(lora->b, lora->type, r * lora->rank + k)) *
-                  double(LoadLoraElement(lora->a, lora->type, k * w.cols + c));
+            ba += double(LoadElement(lora->b, lora->type, r * lora->rank + k)) *
+                  double(LoadElement(lora->a, lora->type, k * w.cols + c));
           }
           dense[r * w.cols + c] += double(lora->scale) * ba;
         }

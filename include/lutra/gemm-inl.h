@@ -88,7 +88,7 @@ struct Panel {
 template <int kBits>
 HWY_NOINLINE void DecodePanelU8(const PreparedPalette& w, const PreparedInput& in, size_t n,
                                 size_t nr, size_t NR, uint8_t* HWY_RESTRICT tile) {
-  using D = DecodeTag<kBits>;
+  using D = DecodeTag;
   const D d;
   const size_t L = hn::Lanes(d);
   const PaletteShape& shape = w.shape();
@@ -122,7 +122,7 @@ HWY_NOINLINE void DecodePanelU8(const PreparedPalette& w, const PreparedInput& i
 template <int kBits>
 HWY_NOINLINE void DecodePanelF32(const PreparedPalette& w, const PreparedInput& in, size_t n,
                                  size_t nr, size_t NR, float* HWY_RESTRICT rows) {
-  using D = DecodeTag<kBits>;
+  using D = DecodeTag;
   const D d;
   const size_t L = hn::Lanes(d);
   const PaletteShape& shape = w.shape();
@@ -268,45 +268,15 @@ HWY_NOINLINE void GemmRowsImpl(const PreparedPalette& w, const PreparedInput& in
   }
   std::vector<float> step(NR), lo(NR), bt;
   if (in.has_lora) bt.resize(in.lora.rank * NR);
-  const size_t bytes = ElementBytes(in.lora.type);
+  const float* residual = in.epilogue.residual;
+  const size_t rstride = in.epilogue.residual_stride ? in.epilogue.residual_stride : ldy;
   for (size_t n = n0; n < n1; n += NR) {
     Panel p;
     p.n = n;
     p.nr = HWY_MIN(NR, n1 - n);
-    for (size_t j = 0; j < NR; ++j) {
-      step[j] = j < p.nr ? w.step((n + j) / G) : 0.0f;
-      lo[j] = j < p.nr ? w.lo((n + j) / G) : 0.0f;
-    }
-    p.step = step.data();
-    p.lo = lo.data();
-    if (in.has_lora) {
-      // B^T for this panel in f32: rank x NR, zero past nr.
-      const size_t rank = in.lora.rank;
-      const uint8_t* B = static_cast<const uint8_t*>(in.lora.b);
-      for (size_t j = 0; j < NR; ++j) {
-        for (size_t k = 0; k < rank; ++k) {
-          float v = 0.0f;
-          if (j < p.nr) {
-            const uint8_t* e = B + ((n + j) * rank + k) * bytes;
-            if (in.lora.type == WeightType::kF32) {
-              memcpy(&v, e, 4);
-            } else {
-              uint16_t b16;
-              memcpy(&b16, e, 2);
-              v = in.lora.type == WeightType::kF16
-                      ? hwy::F32FromF16(hwy::float16_t::FromBits(b16))
-                      : hwy::F32FromBF16(hwy::bfloat16_t::FromBits(b16));
-            }
-          }
-          bt[k * NR + j] = v;
-        }
-      }
-      p.bt = bt.data();
-    }
     if (f32) {
+      // Exact rows; FinishRow applies bias, residual and LoRA per output.
       DecodePanelF32<kBits>(w, in, n, p.nr, NR, rows.get());
-      const float* residual = in.epilogue.residual;
-      const size_t rstride = in.epilogue.residual_stride ? in.epilogue.residual_stride : ldy;
       for (size_t m = 0; m < M; ++m) {
         const float* x = in.xf.data() + m * P;
         for (size_t j = 0; j < p.nr; ++j) {
@@ -316,6 +286,24 @@ HWY_NOINLINE void GemmRowsImpl(const PreparedPalette& w, const PreparedInput& in
         }
       }
       continue;
+    }
+    for (size_t j = 0; j < NR; ++j) {
+      const size_t g = (n + j) / G;
+      step[j] = j < p.nr ? w.step(g) : 0.0f;
+      lo[j] = j < p.nr ? w.lo(g) : 0.0f;
+    }
+    p.step = step.data();
+    p.lo = lo.data();
+    if (in.has_lora) {
+      // B^T for this panel in f32: rank x NR, zero past nr.
+      const size_t rank = in.lora.rank;
+      for (size_t j = 0; j < NR; ++j) {
+        for (size_t k = 0; k < rank; ++k) {
+          bt[k * NR + j] = j < p.nr ? LoadElement(in.lora.b, in.lora.type, (n + j) * rank + k)
+                                    : 0.0f;
+        }
+      }
+      p.bt = bt.data();
     }
     DecodePanelU8<kBits>(w, in, n, p.nr, NR, tile.get());
     p.tile = tile.get();

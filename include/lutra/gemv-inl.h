@@ -114,11 +114,6 @@ HWY_INLINE void SetGeometry(const PaletteShape& shape, PreparedInput* in) {
   }
 }
 
-HWY_INLINE size_t DecodeLanes(int bits) {
-  (void)bits;  // every width decodes full vectors
-  return hn::Lanes(hn::ScalableTag<uint8_t>());
-}
-
 // Gathers positions [p0, p0 + n) of token row x (K columns) into out, zero
 // for columns >= K. n and p0 are multiples of 16.
 HWY_INLINE void GatherPositions(const PreparedInput& in, const float* HWY_RESTRICT x,
@@ -264,8 +259,8 @@ HWY_INLINE float FinishRow(const PreparedInput& in, size_t m, size_t r, float v,
 // and every activation vector is loaded once for kRows rows. kRows is 1 or
 // 4; the accumulators are named variables, not arrays, because SVE vectors
 // are sizeless types that cannot form arrays.
-// When `prefetch` is set, the same byte offsets of the rows following each
-// row (the next call's rows, see GemvRowsI8) are prefetched one unit at a
+// When `prefetch` is set, the same byte offsets of the row following each
+// row (the rows of GemvRowsI8's next step) are prefetched one unit at a
 // time, which hides the DRAM latency.
 // Callers track groups incrementally: a 64-bit division per row costs as
 // much as a tenth of a short row.
@@ -274,7 +269,7 @@ HWY_INLINE void DotRowsI8(const PreparedPalette& w, const PreparedInput& in,
                           const size_t* HWY_RESTRICT row_idx,
                           const size_t* HWY_RESTRICT groups, bool prefetch,
                           float* HWY_RESTRICT dots) {
-  using D = DecodeTag<kBits>;
+  using D = DecodeTag;
   const D d;
   const hn::Repartition<int8_t, D> di8;
   const hn::Repartition<int32_t, D> di32;
@@ -412,7 +407,7 @@ HWY_NOINLINE void GemvRowsI8(const PreparedPalette& w, const PreparedInput& in, 
 template <int kBits>
 HWY_INLINE float DotRowF32(const PreparedPalette& w, const PreparedInput& in, size_t r,
                            const float* HWY_RESTRICT xf) {
-  using D = DecodeTag<kBits>;
+  using D = DecodeTag;
   const D d;
   const hn::Repartition<float, D> df;
   const hn::RebindToSigned<decltype(df)> di32;
@@ -466,9 +461,9 @@ HWY_INLINE Status CheckInput(const PreparedPalette& w, const PreparedInput& in,
   if (in.weights != &w || in.bits != w.shape().bits || in.cols != w.shape().cols) {
     return InvalidArgument("%s: input was prepared for another matrix", caller);
   }
-  if (in.lanes != DecodeLanes(in.bits)) {
+  if (in.lanes != hn::Lanes(DecodeTag())) {
     return InvalidArgument("%s: input was prepared by another SIMD target (%zu lanes, need %zu)",
-                           caller, in.lanes, DecodeLanes(in.bits));
+                           caller, in.lanes, hn::Lanes(DecodeTag()));
   }
   return Status::Ok();
 }

@@ -152,26 +152,6 @@ inline const char* WeightTypeName(WeightType t) {
   return "invalid";
 }
 
-// Element i of a factor stored as `type`, as f32. Unaligned-safe (memcpy).
-inline float LoadLoraElement(const void* data, WeightType type, size_t i) {
-  const uint8_t* p = static_cast<const uint8_t*>(data);
-  uint16_t bits;
-  switch (type) {
-    case WeightType::kF16:
-      memcpy(&bits, p + 2 * i, 2);
-      return hwy::F32FromF16(hwy::float16_t::FromBits(bits));
-    case WeightType::kBF16:
-      memcpy(&bits, p + 2 * i, 2);
-      return hwy::F32FromBF16(hwy::bfloat16_t::FromBits(bits));
-    case WeightType::kF32: {
-      float f;
-      memcpy(&f, p + 4 * i, 4);
-      return f;
-    }
-  }
-  return 0.0f;
-}
-
 // One adapted matrix: the factors (owned, 64-byte aligned, one allocation)
 // and the LoraDelta view of them that the GEMV/GEMM epilogue takes.
 class LoraFactors {
@@ -195,8 +175,8 @@ class LoraFactors {
   // Heap bytes held (both factors, with alignment padding).
   size_t bytes() const { return bytes_; }
   // Element (i, j) of A or B as f32 (reference/test access).
-  float A(size_t i, size_t j) const { return LoadLoraElement(a(), type(), i * cols_ + j); }
-  float B(size_t i, size_t j) const { return LoadLoraElement(b(), type(), i * rank() + j); }
+  float A(size_t i, size_t j) const { return LoadElement(a(), type(), i * cols_ + j); }
+  float B(size_t i, size_t j) const { return LoadElement(b(), type(), i * rank() + j); }
 
  private:
   friend class Adapter;
@@ -390,7 +370,7 @@ class Adapter {
       return Status::Ok();
     }
     for (size_t i = 0; i < n; ++i) {
-      const float v = LoadLoraElement(src, src_type, i);
+      const float v = LoadElement(src, src_type, i);
       switch (type) {
         case WeightType::kF16: {
           const float r = RoundToCodebookType(v, CodebookType::kF16);  // saturates

@@ -252,8 +252,8 @@ inline StatusOr<Adapter> ParseAdapter(const GgufReader& gguf, const BaseShapes& 
     } else {
       // Mixed types: widen both (exactly) to f32, then store as one type.
       std::vector<float> fa(r * K), fb(N * r);
-      for (size_t j = 0; j < fa.size(); ++j) fa[j] = LoadLoraElement(a.data, ta, j);
-      for (size_t j = 0; j < fb.size(); ++j) fb[j] = LoadLoraElement(b.data, tb, j);
+      for (size_t j = 0; j < fa.size(); ++j) fa[j] = LoadElement(a.data, ta, j);
+      for (size_t j = 0; j < fb.size(); ++j) fb[j] = LoadElement(b.data, tb, j);
       s = adapter.AddFactors(pair.layer, pair.p, r, fa.data(), fa.size(), fb.data(), fb.size(),
                              WeightType::kF32, options.f32_storage, scale, stem);
     }

@@ -40,7 +40,6 @@ namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
 // u8 descriptor of a decode unit: full vectors for every width.
-template <int kBits>
 using DecodeTag = hn::ScalableTag<uint8_t>;
 
 // Packed bytes consumed per unit (L = lanes of d).
@@ -74,7 +73,7 @@ struct UnitGeometry {
 template <int kBits>
 HWY_INLINE UnitGeometry UnitGeometryFor(const PaletteShape& shape) {
   UnitGeometry g;
-  g.lanes = hn::Lanes(DecodeTag<kBits>());
+  g.lanes = hn::Lanes(DecodeTag());
   g.sub_vectors = SubVectors<kBits>();
   g.unit_positions = g.lanes * g.sub_vectors;
   if (kBits == 3 || kBits == 6) {
@@ -273,7 +272,7 @@ class LutU8 {
       // store forwarding for longer than a short row takes to multiply.
       const V nib = hn::And(hn::Iota(d, 0), hn::Set(d, 15));  // i % 16 per block
       const V three = hn::Set(d, 3);
-      const V t16 = hn::LoadDup128(d, table);
+      const V t16 = t_[0];  // the table, broadcast to every block
       const hn::Repartition<uint16_t, D> d16;
       p_[0] = hn::TableLookupBytes(t16, hn::And(nib, three));
       p_[1] = hn::TableLookupBytes(

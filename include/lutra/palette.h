@@ -296,22 +296,23 @@ inline void UnpackRow(const PaletteShape& shape, const uint8_t* HWY_RESTRICT pac
   }
 }
 
-// Reads codebook entry i (flat index g * 2^b + e) of the given type as f32.
-// `codebooks` needs no alignment (memcpy), so it may point into an mmap.
-inline float LoadCodebookEntry(const void* codebooks, CodebookType type, size_t i) {
-  const uint8_t* p = static_cast<const uint8_t*>(codebooks);
+// Reads element i of an array of `type` as f32: codebook entry i (flat index
+// g * 2^b + e), a LoRA factor element, ... `data` needs no alignment
+// (memcpy), so it may point into an mmap.
+inline float LoadElement(const void* data, ElementType type, size_t i) {
+  const uint8_t* p = static_cast<const uint8_t*>(data);
   switch (type) {
-    case CodebookType::kF16: {
+    case ElementType::kF16: {
       uint16_t bits16;
       memcpy(&bits16, p + 2 * i, 2);
       return hwy::F32FromF16(hwy::float16_t::FromBits(bits16));
     }
-    case CodebookType::kBF16: {
+    case ElementType::kBF16: {
       uint16_t bits16;
       memcpy(&bits16, p + 2 * i, 2);
       return hwy::F32FromBF16(hwy::bfloat16_t::FromBits(bits16));
     }
-    case CodebookType::kF32: {
+    case ElementType::kF32: {
       float f;
       memcpy(&f, p + 4 * i, 4);
       return f;
@@ -384,7 +385,7 @@ struct PaletteView {
   uint32_t index(size_t r, size_t c) const { return UnpackIndex(shape, row(r), c); }
   // Codebook entry e (< 2^b) of group `group` (< num_groups) as f32.
   float entry(size_t group, size_t e) const {
-    return LoadCodebookEntry(codebooks, shape.codebook, group * shape.num_entries() + e);
+    return LoadElement(codebooks, shape.codebook, group * shape.num_entries() + e);
   }
   // Dequantized weight (r, c) = entry(r / G, index(r, c)).
   float weight(size_t r, size_t c) const {
