@@ -253,6 +253,91 @@ HWY_INLINE float FinishRow(const PreparedInput& in, size_t m, size_t r, float v,
   return v;
 }
 
+// i32 accumulation chains per row in the int8 GEMV. b <= 2 decodes are
+// compute-bound (one shuffle and one dot product per 64 weights, plus field
+// masks), so they keep one chain per row: fewer instructions and registers
+// (with two, GCC spills the activations on AVX-512), and since the chain
+// restarts every block (one unit per block at b = 2) its latency overlaps
+// across blocks. Wider codes are bandwidth-bound; there two chains per row
+// (even and odd sub-vectors) measured faster cache-cold: fewer dependent dot
+// products wait on each late load, so the core keeps issuing loads.
+template <int kBits>
+constexpr int ChainsI8() {
+  return kBits <= 2 ? 1 : 2;
+}
+
+// Accumulates one decode unit of a row (at p, `avail` bytes of the row from
+// there) times activations xu into the row's chains: sub-vector s goes to
+// `odd` when there are two chains and s is odd, else to `even`.
+template <int kBits, class D, class VI>
+HWY_INLINE void RowUnitI8(D d, const LutU8<kBits, D>& lut, const uint8_t* HWY_RESTRICT p,
+                          size_t avail, const int8_t* HWY_RESTRICT xu, VI& even, VI& odd) {
+  const hn::Repartition<int8_t, D> di8;
+  const hn::Repartition<int32_t, D> di32;
+  const size_t L = hn::Lanes(d);
+  DecodeLookupUnit<kBits>(d, lut, p, avail, [&](size_t s, hn::Vec<D> codes) HWY_ATTR {
+    VI& acc = (ChainsI8<kBits>() == 2 && (s & 1)) ? odd : even;
+    acc = hn::SumOfMulQuadAccumulate(di32, codes, hn::LoadU(di8, xu + s * L), acc);
+  });
+}
+
+// What BlockI8 reads: kRows rows with their tables, and the activations.
+template <int kBits, size_t kRows, class D>
+struct BlockArgsI8 {
+  const uint8_t* const* rows;
+  const LutU8<kBits, D>* lut;
+  const int8_t* xq;
+  size_t row_bytes, units_per_block;
+  bool prefetch;
+};
+
+// Accumulates quantization block b of kRows rows into accf0..3:
+// accf_i += xscale * (sum over the block's units of q_w * q_x). kFull: every
+// unit of the block lies wholly inside the row, so the decode's bounds check
+// folds away. This is the hot loop, written as a function of plain values
+// and references (not a lambda capturing the accumulators, which GCC kept
+// copying between registers): 2-bit rows have one unit per block, so the
+// per-block work is a large share of theirs.
+template <bool kFull, int kBits, size_t kRows, class D, class VF>
+HWY_INLINE void BlockI8(D d, const BlockArgsI8<kBits, kRows, D>& a, size_t b, size_t num_units,
+                        float xscale, VF& accf0, VF& accf1, VF& accf2, VF& accf3) {
+  const hn::Repartition<int32_t, D> di32;
+  const hn::Repartition<float, D> df;
+  using VI = hn::Vec<decltype(di32)>;
+  const size_t unit_bytes = UnitBytes<kBits>(d);
+  const size_t UP = hn::Lanes(d) * SubVectors<kBits>();
+  // Chains per row: ChainsI8 (odd* stay zero with one chain).
+  VI acc0 = hn::Zero(di32), acc1 = hn::Zero(di32), acc2 = hn::Zero(di32), acc3 = hn::Zero(di32);
+  VI odd0 = hn::Zero(di32), odd1 = hn::Zero(di32), odd2 = hn::Zero(di32), odd3 = hn::Zero(di32);
+  const size_t u0 = b * a.units_per_block;
+  const size_t u_end = kFull ? u0 + a.units_per_block : HWY_MIN(u0 + a.units_per_block, num_units);
+  for (size_t u = u0; u < u_end; ++u) {
+    const size_t off = u * unit_bytes;
+    const int8_t* HWY_RESTRICT xu = a.xq + u * UP;
+    const size_t avail = kFull ? unit_bytes : a.row_bytes - off;
+    if (a.prefetch) {
+      for (size_t i = 0; i < kRows; ++i) {
+        for (size_t pb = 0; pb < unit_bytes; pb += 64) {
+          hwy::Prefetch(a.rows[i] + a.row_bytes + off + pb);
+        }
+      }
+    }
+    RowUnitI8<kBits>(d, a.lut[0], a.rows[0] + off, avail, xu, acc0, odd0);
+    if constexpr (kRows == 4) {
+      RowUnitI8<kBits>(d, a.lut[1], a.rows[1] + off, avail, xu, acc1, odd1);
+      RowUnitI8<kBits>(d, a.lut[2], a.rows[2] + off, avail, xu, acc2, odd2);
+      RowUnitI8<kBits>(d, a.lut[3], a.rows[3] + off, avail, xu, acc3, odd3);
+    }
+  }
+  const VF sx = hn::Set(df, xscale);
+  accf0 = hn::MulAdd(hn::ConvertTo(df, hn::Add(acc0, odd0)), sx, accf0);
+  if constexpr (kRows == 4) {
+    accf1 = hn::MulAdd(hn::ConvertTo(df, hn::Add(acc1, odd1)), sx, accf1);
+    accf2 = hn::MulAdd(hn::ConvertTo(df, hn::Add(acc2, odd2)), sx, accf2);
+    accf3 = hn::MulAdd(hn::ConvertTo(df, hn::Add(acc3, odd3)), sx, accf3);
+  }
+}
+
 // Int8 path: dots[i] = sum_b xscale[b] * (sum over block b of q_w * q_x) for
 // the kRows rows row_idx[i] (each with its own group table groups[i]).
 // Rows are interleaved so that the i32 accumulation chains are independent
@@ -271,16 +356,10 @@ HWY_INLINE void DotRowsI8(const PreparedPalette& w, const PreparedInput& in,
                           float* HWY_RESTRICT dots) {
   using D = DecodeTag;
   const D d;
-  const hn::Repartition<int8_t, D> di8;
-  const hn::Repartition<int32_t, D> di32;
   const hn::Repartition<float, D> df;
-  using VI = hn::Vec<decltype(di32)>;
   using VF = hn::Vec<decltype(df)>;
-  const size_t L = hn::Lanes(d);
-  const PaletteShape& shape = w.shape();
-  const size_t row_bytes = shape.row_bytes();
+  const size_t row_bytes = w.shape().row_bytes();
   const size_t unit_bytes = UnitBytes<kBits>(d);
-  const size_t UP = in.unit_positions;
 
   static_assert(kRows == 1 || kRows == 4, "DotRowsI8 handles 1 or 4 rows");
   const uint8_t* rows[kRows];
@@ -292,46 +371,18 @@ HWY_INLINE void DotRowsI8(const PreparedPalette& w, const PreparedInput& in,
   VF accf0 = hn::Zero(df), accf1 = hn::Zero(df), accf2 = hn::Zero(df), accf3 = hn::Zero(df);
   const int8_t* HWY_RESTRICT xq = in.xq.data();
   const float* HWY_RESTRICT xscale = in.xscale.data();
-  size_t u = 0;
-  for (size_t b = 0; b < in.num_blocks; ++b) {
-    // Two i32 chains per row (even and odd sub-vectors): one chain of 4
-    // dependent dot products per unit would be latency-bound.
-    VI acc0 = hn::Zero(di32), acc1 = hn::Zero(di32), acc2 = hn::Zero(di32), acc3 = hn::Zero(di32);
-    VI odd0 = hn::Zero(di32), odd1 = hn::Zero(di32), odd2 = hn::Zero(di32), odd3 = hn::Zero(di32);
-    const size_t u_end = HWY_MIN(u + in.units_per_block, in.num_units);
-    for (; u < u_end; ++u) {
-      const size_t off = u * unit_bytes;
-      const int8_t* HWY_RESTRICT xu = xq + u * UP;
-      if (prefetch) {
-        for (size_t i = 0; i < kRows; ++i) {
-          for (size_t pb = 0; pb < unit_bytes; pb += 64) {
-            hwy::Prefetch(rows[i] + row_bytes + off + pb);
-          }
-        }
-      }
-      // Accumulates row i's unit u into its even and odd chains.
-      const auto row_unit = [&](size_t i, VI& even, VI& odd) HWY_ATTR {
-        DecodeLookupUnit<kBits>(d, lut[i], rows[i] + off, row_bytes - off,
-                                [&](size_t s, hn::Vec<D> codes) HWY_ATTR {
-                                  VI& acc = (s & 1) ? odd : even;
-                                  acc = hn::SumOfMulQuadAccumulate(
-                                      di32, codes, hn::LoadU(di8, xu + s * L), acc);
-                                });
-      };
-      row_unit(0, acc0, odd0);
-      if constexpr (kRows == 4) {
-        row_unit(1, acc1, odd1);
-        row_unit(2, acc2, odd2);
-        row_unit(3, acc3, odd3);
-      }
-    }
-    const VF sx = hn::Set(df, xscale[b]);
-    accf0 = hn::MulAdd(hn::ConvertTo(df, hn::Add(acc0, odd0)), sx, accf0);
-    if constexpr (kRows == 4) {
-      accf1 = hn::MulAdd(hn::ConvertTo(df, hn::Add(acc1, odd1)), sx, accf1);
-      accf2 = hn::MulAdd(hn::ConvertTo(df, hn::Add(acc2, odd2)), sx, accf2);
-      accf3 = hn::MulAdd(hn::ConvertTo(df, hn::Add(acc3, odd3)), sx, accf3);
-    }
+  const size_t num_units = in.num_units, units_per_block = in.units_per_block;
+  const size_t num_blocks = in.num_blocks;
+  // Blocks made of full units only (all but possibly the last) decode
+  // without bounds checks; the remaining block's last unit may be partial.
+  const size_t full_blocks = (row_bytes / unit_bytes) / units_per_block;
+  const BlockArgsI8<kBits, kRows, D> args{rows, lut, xq, row_bytes, units_per_block, prefetch};
+  size_t b = 0;
+  for (; b < full_blocks; ++b) {
+    BlockI8<true>(d, args, b, num_units, xscale[b], accf0, accf1, accf2, accf3);
+  }
+  for (; b < num_blocks; ++b) {
+    BlockI8<false>(d, args, b, num_units, xscale[b], accf0, accf1, accf2, accf3);
   }
   dots[0] = hn::ReduceSum(df, accf0);
   if constexpr (kRows == 4) {
