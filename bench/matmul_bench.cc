@@ -302,6 +302,71 @@ double TimeGemm(const MatrixSet& set, size_t M, ThreadPool* pool, int reps) {
   return Median(times);
 }
 
+
+// 2-bit against 4-bit: the memory bandwidth of this (shared) machine moves
+// by 20 % between the GEMV table's rows, so the weights-per-second ratio is
+// measured with the two widths' calls interleaved in the same rounds. The
+// 4-bit set reads its own random bytes, so no call finds the other set's
+// bytes in cache. Runs last: it leaves the page state of the machine changed
+// (on this VM a later single-stream measurement ran 2x slower after it).
+void CompareTwoAndFourBits(const std::vector<uint8_t>& random, size_t set_bytes, int passes,
+                           size_t only_rows, ThreadPool& pool2) {
+  const size_t kMiB = size_t{1} << 20;
+  printf("\n## 2-bit vs 4-bit GEMV, calls interleaved (cache-cold, int8 path)\n\n");
+  printf("Each round alternates one 2-bit and one 4-bit call (order swapped every round),\n"
+         "%d rounds over >= %zu MiB per width; medians.\n\n", passes, set_bytes / kMiB);
+  printf("| N x K | threads | 2-bit us/call | 4-bit us/call | 2-bit Gweights/s | "
+         "4-bit Gweights/s | 2-bit / 4-bit weights/s |\n");
+  printf("|---|---|---|---|---|---|---|\n");
+  {
+    std::vector<uint8_t> random_b(random.size());
+    {
+      std::mt19937_64 rng(13);
+      for (size_t i = 0; i + 8 <= random_b.size(); i += 8) {
+        const uint64_t v = rng();
+        memcpy(&random_b[i], &v, 8);
+      }
+    }
+    for (size_t N : {size_t{4096}, size_t{14336}}) {
+      if (only_rows != 0 && N != only_rows) continue;
+      const MatrixSet set2 = MakeSet(random, N, 4096, 2, set_bytes);
+      const MatrixSet set4 = MakeSet(random_b, N, 4096, 4, set_bytes);
+      std::vector<float> x(4096), y(N);
+      for (size_t c = 0; c < x.size(); ++c) x[c] = float(c % 7) - 3.0f;
+      PreparedInput scratch;
+      for (size_t threads : {size_t{1}, size_t{2}}) {
+        ThreadPool* pool = threads == 1 ? nullptr : &pool2;
+        std::vector<double> t2s, t4s;
+        const auto time = [&](const PreparedPalette& w) {
+          const double t0 = Now();
+          Check(HWY_DYNAMIC_DISPATCH(RunGemv)(w, x.data(), Epilogue(), y.data(), pool, 0,
+                                              &scratch));
+          return Now() - t0;
+        };
+        const size_t calls = std::max(set2.mats.size(), set4.mats.size());
+        for (int round = 0; round < passes; ++round) {
+          for (size_t i = 0; i < calls; ++i) {
+            const PreparedPalette& w2 = set2.mats[i % set2.mats.size()];
+            const PreparedPalette& w4 = set4.mats[i % set4.mats.size()];
+            if (round & 1) {
+              t4s.push_back(time(w4));
+              t2s.push_back(time(w2));
+            } else {
+              t2s.push_back(time(w2));
+              t4s.push_back(time(w4));
+            }
+          }
+        }
+        const double t2 = Median(t2s), t4 = Median(t4s);
+        const double weights = double(N) * 4096;
+        printf("| %zux4096 | %zu | %.1f | %.1f | %.2f | %.2f | **%.2fx** |\n", N, threads,
+               t2 * 1e6, t4 * 1e6, weights / t2 / 1e9, weights / t4 / 1e9, t4 / t2);
+        fflush(stdout);
+      }
+    }
+  }
+}
+
 int Main(int argc, char** argv) {
   bool quick = false, gemv_only = false;
   size_t only_rows = 0;
@@ -416,65 +481,10 @@ int Main(int argc, char** argv) {
     }
   }
 
-  // 2-bit against 4-bit: the memory bandwidth of this (shared) machine moves
-  // by 20 % between the table's rows, so the weights-per-second ratio is
-  // measured with the two widths' calls interleaved in the same rounds. The
-  // 4-bit set reads its own random bytes, so no call finds the other set's
-  // bytes in cache.
-  printf("\n## 2-bit vs 4-bit GEMV, calls interleaved (cache-cold, int8 path)\n\n");
-  printf("Each round alternates one 2-bit and one 4-bit call (order swapped every round),\n"
-         "%d rounds over >= %zu MiB per width; medians.\n\n", passes, set_bytes / kMiB);
-  printf("| N x K | threads | 2-bit us/call | 4-bit us/call | 2-bit Gweights/s | "
-         "4-bit Gweights/s | 2-bit / 4-bit weights/s |\n");
-  printf("|---|---|---|---|---|---|---|\n");
-  {
-    std::vector<uint8_t> random_b(random.size());
-    {
-      std::mt19937_64 rng(13);
-      for (size_t i = 0; i + 8 <= random_b.size(); i += 8) {
-        const uint64_t v = rng();
-        memcpy(&random_b[i], &v, 8);
-      }
-    }
-    for (size_t N : {size_t{4096}, size_t{14336}}) {
-      if (only_rows != 0 && N != only_rows) continue;
-      const MatrixSet set2 = MakeSet(random, N, 4096, 2, set_bytes);
-      const MatrixSet set4 = MakeSet(random_b, N, 4096, 4, set_bytes);
-      std::vector<float> x(4096), y(N);
-      for (size_t c = 0; c < x.size(); ++c) x[c] = float(c % 7) - 3.0f;
-      PreparedInput scratch;
-      for (size_t threads : {size_t{1}, size_t{2}}) {
-        ThreadPool* pool = threads == 1 ? nullptr : &pool2;
-        std::vector<double> t2s, t4s;
-        const auto time = [&](const PreparedPalette& w) {
-          const double t0 = Now();
-          Check(HWY_DYNAMIC_DISPATCH(RunGemv)(w, x.data(), Epilogue(), y.data(), pool, 0,
-                                              &scratch));
-          return Now() - t0;
-        };
-        const size_t calls = std::max(set2.mats.size(), set4.mats.size());
-        for (int round = 0; round < passes; ++round) {
-          for (size_t i = 0; i < calls; ++i) {
-            const PreparedPalette& w2 = set2.mats[i % set2.mats.size()];
-            const PreparedPalette& w4 = set4.mats[i % set4.mats.size()];
-            if (round & 1) {
-              t4s.push_back(time(w4));
-              t2s.push_back(time(w2));
-            } else {
-              t2s.push_back(time(w2));
-              t4s.push_back(time(w4));
-            }
-          }
-        }
-        const double t2 = Median(t2s), t4 = Median(t4s);
-        const double weights = double(N) * 4096;
-        printf("| %zux4096 | %zu | %.1f | %.1f | %.2f | %.2f | **%.2fx** |\n", N, threads,
-               t2 * 1e6, t4 * 1e6, weights / t2 / 1e9, weights / t4 / 1e9, t4 / t2);
-        fflush(stdout);
-      }
-    }
+  if (gemv_only) {
+    CompareTwoAndFourBits(random, set_bytes, passes, only_rows, pool2);
+    return 0;
   }
-  if (gemv_only) return 0;
   // Compute ceiling: one matrix repeated (cache-resident), no DRAM limit.
   printf("\nCache-hot ceiling (one 4096x1024 matrix, repeated; not a bandwidth figure):");
   for (int bits : {2, 4, 8}) {
@@ -507,11 +517,33 @@ int Main(int argc, char** argv) {
     lora.scale = 0.5f;
     Epilogue ep;
     ep.lora = &lora;
-    // Interleave plain and LoRA measurements so load changes affect both.
+    // Plain and LoRA calls alternate (order swapped every pass) so that load
+    // changes affect both; the LoRA call uses the matrix half a set away, so
+    // neither finds the other's weights in cache.
     std::vector<double> plain, with;
-    for (int rep = 0; rep < 3; ++rep) {
-      plain.push_back(TimeGemv(set, nullptr, Epilogue(), 0, 1));
-      with.push_back(TimeGemv(set, nullptr, ep, 0, 1));
+    {
+      std::vector<float> x(K), y(N);
+      for (size_t c = 0; c < K; ++c) x[c] = float(c % 7) - 3.0f;
+      PreparedInput scratch_plain, scratch_lora;
+      const size_t n = set.mats.size();
+      const auto time = [&](const PreparedPalette& w, const Epilogue& e, PreparedInput* sc) {
+        const double t0 = Now();
+        Check(HWY_DYNAMIC_DISPATCH(RunGemv)(w, x.data(), e, y.data(), nullptr, 0, sc));
+        return Now() - t0;
+      };
+      for (int pass = 0; pass < passes; ++pass) {
+        for (size_t i = 0; i < n; ++i) {
+          const PreparedPalette& wp = set.mats[i];
+          const PreparedPalette& wl = set.mats[(i + n / 2) % n];
+          if (pass & 1) {
+            with.push_back(time(wl, ep, &scratch_lora));
+            plain.push_back(time(wp, Epilogue(), &scratch_plain));
+          } else {
+            plain.push_back(time(wp, Epilogue(), &scratch_plain));
+            with.push_back(time(wl, ep, &scratch_lora));
+          }
+        }
+      }
     }
     const double tp = Median(plain), tl = Median(with);
     printf("## GEMV + fused rank-16 LoRA (f16 A, B), 4096x4096 4-bit, 1 thread\n\n");
@@ -535,6 +567,7 @@ int Main(int argc, char** argv) {
     const double t2 = TimeGemm(set, 512, &pool2, quick ? 2 : 3);
     printf("%.1f GFLOP/s\n", 2.0 * 512 * N * K / t2 / 1e9);
   }
+  CompareTwoAndFourBits(random, set_bytes, passes, only_rows, pool2);
   return 0;
 }
 

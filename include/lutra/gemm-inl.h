@@ -141,11 +141,13 @@ HWY_NOINLINE void DecodePanelF32(const PreparedPalette& w, const PreparedInput& 
     const uint8_t* row = w.view().row(r);
     for (size_t u = 0; u < in.num_units; ++u) {
       const size_t off = u * unit_bytes;
-      DecodeUnit<kBits>(d, row + off, row_bytes - off, [&](size_t s, hn::Vec<D> idx) HWY_ATTR {
-        hn::Store(idx, d, buf);
-        float* o = out + u * UP + s * L;
-        for (size_t k = 0; k < L; ++k) o[k] = table[buf[k]];
-      });
+      // kOnce = false, as in the GEMV f32 path (see LoadedOnce).
+      DecodeUnit<kBits, false>(
+          d, row + off, row_bytes - off, [&](size_t s, hn::Vec<D> idx) HWY_ATTR {
+            hn::Store(idx, d, buf);
+            float* o = out + u * UP + s * L;
+            for (size_t k = 0; k < L; ++k) o[k] = table[buf[k]];
+          });
     }
   }
 }
