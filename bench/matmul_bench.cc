@@ -266,6 +266,27 @@ MatrixSet MakeSet(const std::vector<uint8_t>& random, size_t N, size_t K, int bi
   return set;
 }
 
+// n bytes of a 64-bit Mersenne Twister with `seed`: distinct pages, so
+// nothing can share or compress them.
+std::vector<uint8_t> RandomBytes(size_t n, uint64_t seed) {
+  std::vector<uint8_t> bytes(n);
+  std::mt19937_64 rng(seed);
+  for (size_t i = 0; i + 8 <= n; i += 8) {
+    const uint64_t v = rng();
+    memcpy(&bytes[i], &v, 8);
+  }
+  return bytes;
+}
+
+// Seconds for one GEMV call y = W x (+ ep).
+double TimeGemvCall(const PreparedPalette& w, const std::vector<float>& x, const Epilogue& ep,
+                    std::vector<float>& y, ThreadPool* pool, int precision,
+                    PreparedInput* scratch) {
+  const double t0 = Now();
+  Check(HWY_DYNAMIC_DISPATCH(RunGemv)(w, x.data(), ep, y.data(), pool, precision, scratch));
+  return Now() - t0;
+}
+
 // Median seconds per GEMV call, rotating through the set.
 double TimeGemv(const MatrixSet& set, ThreadPool* pool, const Epilogue& ep, int precision,
                 int passes) {
@@ -277,10 +298,7 @@ double TimeGemv(const MatrixSet& set, ThreadPool* pool, const Epilogue& ep, int 
   std::vector<double> times;
   for (int pass = 0; pass < passes; ++pass) {
     for (const PreparedPalette& w : set.mats) {
-      const double t0 = Now();
-      Check(HWY_DYNAMIC_DISPATCH(RunGemv)(w, x.data(), ep, y.data(), pool, precision,
-                                          &scratch));
-      times.push_back(Now() - t0);
+      times.push_back(TimeGemvCall(w, x, ep, y, pool, precision, &scratch));
     }
   }
   return Median(times);
@@ -319,14 +337,7 @@ void CompareTwoAndFourBits(const std::vector<uint8_t>& random, size_t set_bytes,
          "4-bit Gweights/s | 2-bit / 4-bit weights/s |\n");
   printf("|---|---|---|---|---|---|---|\n");
   {
-    std::vector<uint8_t> random_b(random.size());
-    {
-      std::mt19937_64 rng(13);
-      for (size_t i = 0; i + 8 <= random_b.size(); i += 8) {
-        const uint64_t v = rng();
-        memcpy(&random_b[i], &v, 8);
-      }
-    }
+    const std::vector<uint8_t> random_b = RandomBytes(random.size(), 13);
     for (size_t N : {size_t{4096}, size_t{14336}}) {
       if (only_rows != 0 && N != only_rows) continue;
       const MatrixSet set2 = MakeSet(random, N, 4096, 2, set_bytes);
@@ -338,10 +349,7 @@ void CompareTwoAndFourBits(const std::vector<uint8_t>& random, size_t set_bytes,
         ThreadPool* pool = threads == 1 ? nullptr : &pool2;
         std::vector<double> t2s, t4s;
         const auto time = [&](const PreparedPalette& w) {
-          const double t0 = Now();
-          Check(HWY_DYNAMIC_DISPATCH(RunGemv)(w, x.data(), Epilogue(), y.data(), pool, 0,
-                                              &scratch));
-          return Now() - t0;
+          return TimeGemvCall(w, x, Epilogue(), y, pool, 0, &scratch);
         };
         const size_t calls = std::max(set2.mats.size(), set4.mats.size());
         for (int round = 0; round < passes; ++round) {
@@ -387,14 +395,7 @@ int Main(int argc, char** argv) {
 
   // Bandwidth: the best stream count first, then (below) samples interleaved
   // with each GEMV measurement, so that both see the same machine load.
-  std::vector<uint8_t> big(bw_bytes);
-  {
-    std::mt19937_64 rng(11);  // distinct pages: nothing can share or compress them
-    for (size_t i = 0; i + 8 <= big.size(); i += 8) {
-      const uint64_t v = rng();
-      memcpy(&big[i], &v, 8);
-    }
-  }
+  const std::vector<uint8_t> big = RandomBytes(bw_bytes, 11);
   ReadBandwidth(big, pool1, 1, 1, 1, 0);  // warm up
   printf("## Machine limits (median)\n\n");
   printf("| measure | value |\n|---|---|\n");
@@ -427,14 +428,7 @@ int Main(int argc, char** argv) {
   printf("| int8 dot peak (SumOfMulQuadAccumulate u8 x i8), 1 core | %.1f GOP/s |\n\n", i8 / 1e9);
 
   // Random index bytes shared by every matrix set.
-  std::vector<uint8_t> random(set_bytes + 64 * kMiB);
-  {
-    std::mt19937_64 rng(7);
-    for (size_t i = 0; i + 8 <= random.size(); i += 8) {
-      const uint64_t v = rng();
-      memcpy(&random[i], &v, 8);
-    }
-  }
+  const std::vector<uint8_t> random = RandomBytes(set_bytes + 64 * kMiB, 7);
 
   printf("## GEMV, cache-cold (rotating over >= %zu MiB of weights), int8 path\n\n",
          set_bytes / kMiB);
@@ -465,10 +459,7 @@ int Main(int argc, char** argv) {
                                         threads, best_streams, best_prefetch);
             off += chunk;
             bws.push_back(double(chunk) / tb);
-            const double t0 = Now();
-            Check(HWY_DYNAMIC_DISPATCH(RunGemv)(w, x.data(), Epilogue(), y.data(), pool, 0,
-                                                &scratch));
-            ts.push_back(Now() - t0);
+            ts.push_back(TimeGemvCall(w, x, Epilogue(), y, pool, 0, &scratch));
           }
         }
         const double t = Median(ts), bw = Median(bws);
@@ -527,9 +518,7 @@ int Main(int argc, char** argv) {
       PreparedInput scratch_plain, scratch_lora;
       const size_t n = set.mats.size();
       const auto time = [&](const PreparedPalette& w, const Epilogue& e, PreparedInput* sc) {
-        const double t0 = Now();
-        Check(HWY_DYNAMIC_DISPATCH(RunGemv)(w, x.data(), e, y.data(), nullptr, 0, sc));
-        return Now() - t0;
+        return TimeGemvCall(w, x, e, y, nullptr, 0, sc);
       };
       for (int pass = 0; pass < passes; ++pass) {
         for (size_t i = 0; i < n; ++i) {

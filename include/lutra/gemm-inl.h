@@ -141,8 +141,7 @@ HWY_NOINLINE void DecodePanelF32(const PreparedPalette& w, const PreparedInput& 
     const uint8_t* row = w.view().row(r);
     for (size_t u = 0; u < in.num_units; ++u) {
       const size_t off = u * unit_bytes;
-      // kOnce = false, as in the GEMV f32 path (see LoadedOnce).
-      DecodeUnit<kBits, false>(
+      DecodeUnit<kBits>(
           d, row + off, row_bytes - off, [&](size_t s, hn::Vec<D> idx) HWY_ATTR {
             hn::Store(idx, d, buf);
             float* o = out + u * UP + s * L;

@@ -479,8 +479,7 @@ HWY_INLINE float DotRowF32(const PreparedPalette& w, const PreparedInput& in, si
   for (size_t u = 0; u < in.num_units; ++u) {
     const size_t off = u * unit_bytes;
     const float* HWY_RESTRICT xu = xf + u * UP;
-    // kOnce = false: see LoadedOnce.
-    DecodeUnit<kBits, false>(d, row + off, row_bytes - off, [&](size_t s, hn::Vec<D> idx) HWY_ATTR {
+    DecodeUnit<kBits>(d, row + off, row_bytes - off, [&](size_t s, hn::Vec<D> idx) HWY_ATTR {
       hn::Store(idx, d, idx_buf);
       // Quarter q of the index vector times the matching activations.
       const auto quarter = [&](size_t q, VF& acc) HWY_ATTR {

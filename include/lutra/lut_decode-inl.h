@@ -100,20 +100,20 @@ HWY_INLINE size_t PositionColumn(const UnitGeometry& g, size_t pos) {
   return u * (g.lanes / 16) * cols_per_chunk + block * cols_per_chunk + 16 * s;
 }
 
-// Returns v, kept in a register when kOnce. The decode uses each loaded
-// vector several times (once per field or table part), and compilers fold
-// the load into every use as a memory operand. In the int8 GEMV, whose 4
-// software-prefetched row streams come from DRAM, those repeated accesses to
-// lines still arriving cost a third of the cache-cold 4-bit speed on
-// AVX3_ZEN4 (matmul_bench). The exact f32 path reads one row at a time
-// without software prefetch and is twice as fast cache-cold with the folded
-// loads, so it passes kOnce = false. An empty asm statement that "modifies"
-// v forces one load; other compilers and architectures get v unchanged.
-template <bool kOnce, class V>
+// Returns v, kept in a register. The decode uses each loaded vector several
+// times (once per field or table part), and compilers fold the load into
+// every use as a memory operand. In the int8 GEMV, whose 4 software-
+// prefetched row streams come from DRAM, those repeated accesses to lines
+// still arriving cost a third of the cache-cold 4-bit speed on AVX3_ZEN4 (an
+// A/B of the two forms of this header in a scratch harness; matmul_bench's
+// 4-bit figure rose with it, docs/gemv.md). An empty asm statement that
+// "modifies" v forces one load; other compilers and architectures get v
+// unchanged.
+template <class V>
 HWY_INLINE V LoadedOnce(V v) {
 #if HWY_ARCH_X86 && (HWY_COMPILER_GCC || HWY_COMPILER_CLANG) && \
     HWY_TARGET != HWY_EMU128 && HWY_TARGET != HWY_SCALAR
-  if constexpr (kOnce) asm("" : "+v"(v.raw));
+  asm("" : "+v"(v.raw));
 #endif
   return v;
 }
@@ -133,16 +133,16 @@ HWY_INLINE hn::Vec<D> Field(D d, hn::Vec<D> v) {
 // goes to 128-bit block i of *out[k]. The 3L bytes are loaded as three full
 // vectors and permuted as u64 lanes with two-table lookups; the index
 // vectors do not depend on p, so callers' loops hoist them.
-template <bool kOnce, class D>
+template <class D>
 HWY_INLINE void DeinterleaveBlocks3(D d, const uint8_t* HWY_RESTRICT p, size_t avail,
                                     hn::Vec<D>* HWY_RESTRICT a, hn::Vec<D>* HWY_RESTRICT b,
                                     hn::Vec<D>* HWY_RESTRICT h) {
   const size_t L = hn::Lanes(d);
   hn::Vec<D> v0, v1, v2;
   if (avail >= 3 * L) {
-    v0 = LoadedOnce<kOnce>(hn::LoadU(d, p));
-    v1 = LoadedOnce<kOnce>(hn::LoadU(d, p + L));
-    v2 = LoadedOnce<kOnce>(hn::LoadU(d, p + 2 * L));
+    v0 = LoadedOnce(hn::LoadU(d, p));
+    v1 = LoadedOnce(hn::LoadU(d, p + L));
+    v2 = LoadedOnce(hn::LoadU(d, p + 2 * L));
   } else {
     v0 = hn::LoadN(d, p, HWY_MIN(avail, L));
     v1 = avail > L ? hn::LoadN(d, p + L, HWY_MIN(avail - L, L)) : hn::Zero(d);
@@ -185,13 +185,13 @@ HWY_INLINE void DeinterleaveBlocks3(D d, const uint8_t* HWY_RESTRICT p, size_t a
 // in order, idx = u8 codebook indices of positions s * L .. s * L + L - 1 of
 // the unit. `avail` = bytes of the row from the unit's start (a unit loads
 // at most min(avail, UnitBytes) bytes, so nothing past the row is read).
-template <int kBits, bool kOnce = true, class D, class Fn>
+template <int kBits, class D, class Fn>
 HWY_INLINE void DecodeUnit(D d, const uint8_t* HWY_RESTRICT p, size_t avail,
                            const Fn& fn) {
   using V = hn::Vec<D>;
   if constexpr (kBits == 3) {
     V a, b, h;
-    DeinterleaveBlocks3<kOnce>(d, p, avail, &a, &b, &h);
+    DeinterleaveBlocks3(d, p, avail, &a, &b, &h);
     // index = low 2 bits (chunk a for columns 0..63, b for 64..127) | high << 2.
     fn(0, hn::Or(Field<0, 2>(d, a), hn::ShiftLeft<2>(Field<0, 1>(d, h))));
     fn(1, hn::Or(Field<2, 2>(d, a), hn::ShiftLeft<2>(Field<1, 1>(d, h))));
@@ -203,14 +203,14 @@ HWY_INLINE void DecodeUnit(D d, const uint8_t* HWY_RESTRICT p, size_t avail,
     fn(7, hn::Or(Field<6, 2>(d, b), hn::ShiftLeft<2>(Field<7, 1>(d, h))));
   } else if constexpr (kBits == 6) {
     V a, b, h;
-    DeinterleaveBlocks3<kOnce>(d, p, avail, &a, &b, &h);
+    DeinterleaveBlocks3(d, p, avail, &a, &b, &h);
     fn(0, hn::Or(Field<0, 4>(d, a), hn::ShiftLeft<4>(Field<0, 2>(d, h))));
     fn(1, hn::Or(Field<4, 4>(d, a), hn::ShiftLeft<4>(Field<2, 2>(d, h))));
     fn(2, hn::Or(Field<0, 4>(d, b), hn::ShiftLeft<4>(Field<4, 2>(d, h))));
     fn(3, hn::Or(Field<4, 4>(d, b), hn::ShiftLeft<4>(Field<6, 2>(d, h))));
   } else {
     const size_t L = hn::Lanes(d);
-    const V v = LoadedOnce<kOnce>(avail >= L ? hn::LoadU(d, p) : hn::LoadN(d, p, avail));
+    const V v = LoadedOnce(avail >= L ? hn::LoadU(d, p) : hn::LoadN(d, p, avail));
     if constexpr (kBits == 8) {
       fn(0, v);
     } else if constexpr (kBits == 4) {
@@ -365,7 +365,7 @@ HWY_INLINE void DecodeLookupUnit(D d, const LutU8<kBits, D>& lut, const uint8_t*
                                  size_t avail, const Fn& fn) {
   if constexpr (kBits == 2) {
     const size_t L = hn::Lanes(d);
-    const hn::Vec<D> v = LoadedOnce<true>(avail >= L ? hn::LoadU(d, p) : hn::LoadN(d, p, avail));
+    const hn::Vec<D> v = LoadedOnce(avail >= L ? hn::LoadU(d, p) : hn::LoadN(d, p, avail));
     const hn::Vec<D> lo = Field<0, 4>(d, v), hi = Field<4, 4>(d, v);
     fn(0, lut.LookupPair(d, 0, lo));
     fn(1, lut.LookupPair(d, 1, lo));
