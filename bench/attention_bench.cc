@@ -31,9 +31,9 @@
 #define HWY_TARGET_INCLUDE "bench/attention_bench.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
-#include "lutra/attention-inl.h"
-#include "lutra/kv_cache-inl.h"
-#include "lutra/kv_cache.h"
+#include "lutra/kernels/attention-inl.h"
+#include "lutra/kernels/kv_cache-inl.h"
+#include "lutra/kernels/kv_cache.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace lutra {

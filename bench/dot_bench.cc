@@ -5,7 +5,7 @@
 #include <benchmark/benchmark.h>
 
 #include "hwy/highway.h"
-#include "lutra/dot-inl.h"
+#include "lutra/kernels/dot-inl.h"
 
 static void BM_Dot(benchmark::State& state) {
   const size_t n = static_cast<size_t>(state.range(0));

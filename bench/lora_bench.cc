@@ -48,13 +48,13 @@
 #define HWY_TARGET_INCLUDE "bench/lora_bench.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
-#include "lutra/dot-inl.h"
-#include "lutra/gemv-inl.h"
-#include "lutra/lora.h"
-#include "lutra/lora_file.h"
-#include "lutra/lora_manager.h"
-#include "lutra/matmul.h"
-#include "lutra/thread_pool.h"
+#include "lutra/base/thread_pool.h"
+#include "lutra/format/lora.h"
+#include "lutra/format/lora_file.h"
+#include "lutra/kernels/dot-inl.h"
+#include "lutra/kernels/gemv-inl.h"
+#include "lutra/kernels/matmul.h"
+#include "lutra/runtime/lora_manager.h"
 
 #ifndef LUTRA_LORA_BENCH_ONCE_
 #define LUTRA_LORA_BENCH_ONCE_
@@ -120,10 +120,10 @@ float SumBuffer(const float* p, size_t n) { return Dot(p, p, n); }
 HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
-#include "lutra/llama_model.h"
-#include "lutra/mixed_bits.h"
-#include "lutra/palettize.h"
-#include "lutra/recovery.h"
+#include "lutra/format/llama_model.h"
+#include "lutra/quantize/mixed_bits.h"
+#include "lutra/quantize/palettize.h"
+#include "lutra/quantize/recovery.h"
 
 namespace lutra {
 HWY_EXPORT(RunLayer);

@@ -31,11 +31,11 @@
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
 #include "hwy/targets.h"
-#include "lutra/gemm-inl.h"
-#include "lutra/gemv-inl.h"
-#include "lutra/matmul.h"
-#include "lutra/palette.h"
-#include "lutra/thread_pool.h"
+#include "lutra/base/thread_pool.h"
+#include "lutra/format/palette.h"
+#include "lutra/kernels/gemm-inl.h"
+#include "lutra/kernels/gemv-inl.h"
+#include "lutra/kernels/matmul.h"
 
 #ifndef LUTRA_MATMUL_BENCH_SHARED_
 #define LUTRA_MATMUL_BENCH_SHARED_
@@ -242,7 +242,7 @@ MatrixSet MakeSet(const std::vector<uint8_t>& random, size_t N, size_t K, int bi
   shape.cols = K;
   shape.bits = bits;
   shape.group_rows = 16;
-  shape.codebook = CodebookType::kF16;
+  shape.codebook = ElementType::kF16;
   const size_t ib = shape.index_bytes();
   set.bytes_per_matrix = shape.total_bytes();
   const size_t count = std::max<size_t>(2, (min_bytes + ib - 1) / ib);
@@ -504,7 +504,7 @@ int Main(int argc, char** argv) {
     lora.a = A.data();
     lora.b = B.data();
     lora.rank = rank;
-    lora.type = WeightType::kF16;
+    lora.type = ElementType::kF16;
     lora.scale = 0.5f;
     Epilogue ep;
     ep.lora = &lora;

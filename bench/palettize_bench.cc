@@ -23,7 +23,7 @@
 #include <string>
 #include <vector>
 
-#include "lutra/palettize.h"
+#include "lutra/quantize/palettize.h"
 
 namespace {
 

@@ -8,12 +8,12 @@
 #define HWY_TARGET_INCLUDE "examples/dispatch.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
-#include "lutra/attention-inl.h"
-#include "lutra/dot-inl.h"
-#include "lutra/gemm-inl.h"
-#include "lutra/gemv-inl.h"
-#include "lutra/kv_cache-inl.h"
-#include "lutra/ops-inl.h"
+#include "lutra/kernels/attention-inl.h"
+#include "lutra/kernels/dot-inl.h"
+#include "lutra/kernels/gemm-inl.h"
+#include "lutra/kernels/gemv-inl.h"
+#include "lutra/kernels/kv_cache-inl.h"
+#include "lutra/kernels/ops-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace lutra {

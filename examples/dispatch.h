@@ -13,16 +13,16 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "lutra/kv_cache.h"
-#include "lutra/matmul.h"
-#include "lutra/palette.h"
-#include "lutra/status.h"
-#include "lutra/thread_pool.h"
+#include "lutra/base/status.h"
+#include "lutra/base/thread_pool.h"
+#include "lutra/format/palette.h"
+#include "lutra/kernels/kv_cache.h"
+#include "lutra/kernels/matmul.h"
 
 namespace lutra {
 namespace dispatch {
 
-// sum_i a[i] * b[i], see lutra/dot-inl.h.
+// sum_i a[i] * b[i], see lutra/kernels/dot-inl.h.
 float Dot(const float* a, const float* b, size_t num);
 
 // y[r] = sum_c w[r * cols + c] * x[c] for r < rows: the f32 reference
@@ -36,18 +36,18 @@ void MatMulF32(const float* w, size_t rows, size_t cols, const float* x, size_t 
                float* y, ThreadPool* pool);
 
 // y (rows) = W x [+ lora] for a palettized W: the decode GEMV
-// (lutra/gemv-inl.h). scratch is reused between calls (one per caller).
+// (lutra/kernels/gemv-inl.h). scratch is reused between calls (one per caller).
 Status Gemv(const PreparedPalette& w, const float* x, const LoraDelta* lora,
             MatmulPrecision precision, float* y, ThreadPool* pool, PreparedInput* scratch);
 
 // Y (batch x rows) = X (batch x cols) W^T [+ lora]: the prefill GEMM
-// (lutra/gemm-inl.h).
+// (lutra/kernels/gemm-inl.h).
 Status Gemm(const PreparedPalette& w, const float* x, size_t batch, const LoraDelta* lora,
             MatmulPrecision precision, float* y, ThreadPool* pool, PreparedInput* scratch);
 
 // Y (batch x rows) += lora.scale * B (A X) for f32 weights, whose matvec has
 // no fused epilogue: A is rank x cols, B rows x rank (f32/f16/bf16), ax is
-// scratch of lora.rank floats. lutra/gemv-inl.h TypedDot.
+// scratch of lora.rank floats. lutra/kernels/gemv-inl.h TypedDot.
 void LoraApply(const LoraDelta& lora, const float* x, size_t batch, size_t rows, size_t cols,
                float* ax, float* y);
 
@@ -55,31 +55,31 @@ void LoraApply(const LoraDelta& lora, const float* x, size_t batch, size_t rows,
 void DequantizeRow(const PaletteView& w, size_t r, float* out);
 
 // out[i] = x[i] * weight[i] / sqrt(mean(x^2) + eps). out may alias x.
-// lutra/ops-inl.h RMSNorm.
+// lutra/kernels/ops-inl.h RMSNorm.
 void RMSNorm(const float* x, const float* weight, size_t num, float eps, float* out);
 
 // Rotates x (num_tokens x num_heads x head_dim, in place) for positions
-// first_pos.., pairs (2i, 2i+1) (llama2.c / GGUF "llama"). lutra/ops-inl.h RoPE.
+// first_pos.., pairs (2i, 2i+1) (llama2.c / GGUF "llama"). lutra/kernels/ops-inl.h RoPE.
 Status RoPE(float* x, size_t num_tokens, size_t num_heads, size_t head_dim, size_t first_pos,
             float theta);
 
-// out[i] = silu(gate[i]) * up[i]; out may alias gate. lutra/ops-inl.h SwiGLU.
+// out[i] = silu(gate[i]) * up[i]; out may alias gate. lutra/kernels/ops-inl.h SwiGLU.
 void SwiGLU(const float* gate, const float* up, size_t num, float* out);
 
-// x[i] += y[i]: residual connection. lutra/ops-inl.h AddInPlace.
+// x[i] += y[i]: residual connection. lutra/kernels/ops-inl.h AddInPlace.
 void AddTo(float* x, const float* y, size_t num);
 
-// In-place softmax over num values. lutra/ops-inl.h Softmax.
+// In-place softmax over num values. lutra/kernels/ops-inl.h Softmax.
 void Softmax(float* x, size_t num);
 
 // Appends K/V rows (num_tokens x kv_heads x head_dim f32 each) at positions
-// pos.. of `layer`; pos must be cache.end(layer). lutra/kv_cache-inl.h.
+// pos.. of `layer`; pos must be cache.end(layer). lutra/kernels/kv_cache-inl.h.
 Status AppendKV(KVCache& cache, size_t layer, size_t pos, size_t num_tokens, const float* k,
                 const float* v);
 
 // Causal GQA attention of num_tokens queries (num_tokens x num_heads x
 // head_dim) at positions pos.. over the cache; out has q's shape.
-// lutra/attention-inl.h Attention.
+// lutra/kernels/attention-inl.h Attention.
 Status Attention(const KVCache& cache, size_t layer, size_t pos, size_t num_tokens,
                  const float* q, size_t num_heads, float* out);
 

@@ -13,14 +13,14 @@
 #include <string>
 #include <vector>
 
-#include "lutra/kv_cache.h"
-#include "lutra/lora.h"
-#include "lutra/matmul.h"
-#include "lutra/palette.h"
-#include "lutra/sampling.h"
-#include "lutra/status.h"
-#include "lutra/thread_pool.h"
-#include "lutra/tokenizer.h"
+#include "lutra/base/status.h"
+#include "lutra/base/thread_pool.h"
+#include "lutra/format/lora.h"
+#include "lutra/format/palette.h"
+#include "lutra/format/tokenizer.h"
+#include "lutra/kernels/kv_cache.h"
+#include "lutra/kernels/matmul.h"
+#include "lutra/runtime/sampling.h"
 
 namespace lutra {
 namespace engine {
@@ -103,7 +103,7 @@ struct LoadOptions {
   int bits = 0;              // 0: f32 weights; else palettize at b bits
   double mixed_bits = 0.0;   // > 0: mixed 2/4/.. bits per tensor with this budget
   size_t group = 16;         // rows sharing one codebook
-  CodebookType codebook = CodebookType::kF16;
+  ElementType codebook = ElementType::kF16;
   bool progress = false;     // progress bar on stderr
   int seq_len = 0;           // > 0: override the context length (KV capacity)
 };
@@ -183,7 +183,7 @@ struct SamplerOptions {
   uint64_t seed = 0;
 };
 
-// Next-token sampling through lutra/sampling.h (greedy at temperature 0,
+// Next-token sampling through lutra/runtime/sampling.h (greedy at temperature 0,
 // else temperature + top-p with a seeded xorshift64* RNG).
 class Sampler {
  public:
@@ -235,18 +235,18 @@ StatusOr<EvalResult> Evaluate(const Model& reference, const Model& test,
                               const Adapter* test_adapter = nullptr);
 
 // ----------------------------------------------------------------------------
-// LoRA adapters (lutra/lora.h)
+// LoRA adapters (lutra/format/lora.h)
 
 // The shapes an adapter for `model` must have.
 BaseShapes AdapterShapes(const Config& config);
 
-// Loads a LoRA adapter file (GGUF, llama.cpp layout; lutra/lora_file.h) for
+// Loads a LoRA adapter file (GGUF, llama.cpp layout; lutra/format/lora_file.h) for
 // `model`, its scales multiplied by `scale`.
 StatusOr<std::shared_ptr<const Adapter>> LoadLora(const std::string& path, float scale,
                                                   const Model& model);
 
 // Rank-r accuracy-recovery adapter of a palettized model: the truncated SVD
-// of each projection's quantization residual W - W_hat (lutra/recovery.h).
+// of each projection's quantization residual W - W_hat (lutra/quantize/recovery.h).
 StatusOr<std::shared_ptr<const Adapter>> BuildRecoveryAdapter(const Model& f32_model,
                                                               const Model& palettized,
                                                               size_t rank, size_t threads);

@@ -14,7 +14,7 @@
 
 #include "examples/dispatch.h"
 #include "examples/engine.h"
-#include "lutra/tokenizer.h"
+#include "lutra/format/tokenizer.h"
 
 namespace {
 
@@ -94,7 +94,7 @@ void PrintUsage(FILE* out) {
           "  --eval              run the evaluation instead of generating\n"
           "  --eval-text TEXT    text to evaluate on\n"
           "  --eval-tokens N     tokens to evaluate (default 256)\n"
-          "LoRA adapters (lutra/lora_file.h: llama.cpp GGUF adapter layout):\n"
+          "LoRA adapters (lutra/format/lora_file.h: llama.cpp GGUF adapter layout):\n"
           "  --lora FILE[:SCALE] load an adapter (repeatable); the first one is active\n"
           "  --recover-rank R    build a rank-R accuracy-recovery adapter for the\n"
           "                      palettized weights (needs --bits/--mixed; named\n"

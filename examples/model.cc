@@ -10,14 +10,14 @@
 #include <vector>
 
 #include "examples/engine.h"
-#include "lutra/gguf.h"
-#include "lutra/gguf_writer.h"
-#include "lutra/llama_model.h"
-#include "lutra/lora_file.h"
-#include "lutra/mapped_file.h"
-#include "lutra/mixed_bits.h"
-#include "lutra/palettize.h"
-#include "lutra/recovery.h"
+#include "lutra/format/gguf.h"
+#include "lutra/format/gguf_writer.h"
+#include "lutra/format/llama_model.h"
+#include "lutra/format/lora_file.h"
+#include "lutra/format/mapped_file.h"
+#include "lutra/quantize/mixed_bits.h"
+#include "lutra/quantize/palettize.h"
+#include "lutra/quantize/recovery.h"
 
 namespace lutra {
 namespace engine {
@@ -283,7 +283,7 @@ StatusOr<Model> MakeSyntheticModel(const std::string& shape, const LoadOptions& 
 namespace {
 
 // Index width of each matrix (in Model::Matrices() order): uniform, or for a
-// --mixed budget the allocator's choice (lutra/mixed_bits.h) that minimizes
+// --mixed budget the allocator's choice (lutra/quantize/mixed_bits.h) that minimizes
 // the total squared weight error within the bits-per-weight budget.
 StatusOr<std::vector<int>> PlanBits(const Model& src, const LoadOptions& o, size_t threads) {
   const std::vector<const Linear*> mats = src.Matrices();
@@ -413,7 +413,7 @@ StatusOr<Model> LoadLutraModel(GgufFile file, const LoadOptions& options);
 
 namespace {
 
-// Wraps the reader's f32 views (lutra/llama_model.h) as an engine Model that
+// Wraps the reader's f32 views (lutra/format/llama_model.h) as an engine Model that
 // keeps the reader's storage (mapped file, converted tensors) alive.
 StatusOr<Model> FromF32Weights(ModelWeightsF32 src) {
   const ModelConfig& mc = src.config;
@@ -521,8 +521,8 @@ StatusOr<Tokenizer> ByteTokenizer(int vocab_size) {
 // ----------------------------------------------------------------------------
 // .lutra model files
 //
-// A .lutra file is a GGUF v3 container (lutra/gguf.h reads and validates it,
-// lutra/gguf_writer.h writes it), general.alignment 64, so every tensor's
+// A .lutra file is a GGUF v3 container (lutra/format/gguf.h reads and validates it,
+// lutra/format/gguf_writer.h writes it), general.alignment 64, so every tensor's
 // data starts 64-byte aligned in the mapped file and is used in place:
 //   metadata  general.architecture = "lutra", lutra.format_version = 1,
 //             lutra.{dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim,
@@ -756,7 +756,7 @@ StatusOr<Model> LoadLutraModel(GgufFile file, const LoadOptions& o) {
     sh.group_rows = size_t((*v)[3]);
     const int64_t cb = (*v)[4];
     if (cb < 0 || cb > 2) return fail(DataLoss("%s: codebook type %lld", name.c_str(), (long long)cb));
-    sh.codebook = CodebookType(cb);
+    sh.codebook = ElementType(cb);
     if (sh.rows != w.rows || sh.cols != w.cols) {
       return fail(DataLoss("%s is %zu x %zu, the config implies %zu x %zu", name.c_str(),
                            sh.rows, sh.cols, w.rows, w.cols));

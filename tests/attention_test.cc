@@ -14,9 +14,9 @@
 #define HWY_TARGET_INCLUDE "tests/attention_test.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
-#include "lutra/attention-inl.h"
-#include "lutra/kv_cache-inl.h"
-#include "lutra/kv_cache.h"
+#include "lutra/kernels/attention-inl.h"
+#include "lutra/kernels/kv_cache-inl.h"
+#include "lutra/kernels/kv_cache.h"
 #include "tests/test_util.h"
 
 #ifndef LUTRA_TESTS_ATTENTION_TEST_ONCE_

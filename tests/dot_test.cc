@@ -7,7 +7,7 @@
 #define HWY_TARGET_INCLUDE "tests/dot_test.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
-#include "lutra/dot-inl.h"
+#include "lutra/kernels/dot-inl.h"
 #include "tests/test_util.h"
 
 HWY_BEFORE_NAMESPACE();

@@ -12,8 +12,8 @@
 #define HWY_TARGET_INCLUDE "tests/gemm_test.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
-#include "lutra/gemm-inl.h"
-#include "lutra/gemv-inl.h"
+#include "lutra/kernels/gemm-inl.h"
+#include "lutra/kernels/gemv-inl.h"
 #include "tests/matmul_test_util.h"
 #include "tests/test_util.h"
 
@@ -25,7 +25,7 @@ namespace {
 struct Case {
   size_t N, K, G;
   int bits;
-  CodebookType type;
+  ElementType type;
   MatmulPrecision precision;
   size_t M;
   int epilogue;  // 0 none, 1 bias, 2 residual (aliasing Y), 3 LoRA, 4 all
@@ -57,7 +57,7 @@ void RunCase(test::Rng& rng, const Case& c) {
   }
   if (c.epilogue == 3 || c.epilogue == 4) {
     lora = test::RandomLora(rng, N, K, 1 + rng.Below(64),
-                            static_cast<WeightType>(rng.Below(3)));
+                            static_cast<ElementType>(rng.Below(3)));
     ep.lora = &lora.delta;
   }
   MatmulOptions opt;
@@ -102,11 +102,11 @@ void RunCase(test::Rng& rng, const Case& c) {
 void TestGemmAllFormats() {
   test::Rng rng(77);
   const int all_bits[] = {1, 2, 3, 4, 6, 8};
-  const CodebookType types[] = {CodebookType::kF16, CodebookType::kBF16, CodebookType::kF32};
+  const ElementType types[] = {ElementType::kF16, ElementType::kBF16, ElementType::kF32};
   const size_t Ms[] = {1, 2, 3, 5, 7, 13, 33};
   size_t variant = 0;
   for (int bits : all_bits) {
-    for (CodebookType type : types) {
+    for (ElementType type : types) {
       for (MatmulPrecision precision : {MatmulPrecision::kInt8, MatmulPrecision::kF32}) {
         ++variant;
         Case c;
@@ -129,7 +129,7 @@ void TestGemmAllFormats() {
 void TestGemmAllM() {
   test::Rng rng(78);
   for (size_t M = 1; M <= 33; ++M) {
-    Case c{45, 130, 16, M % 2 ? 4 : 2, CodebookType::kF16, MatmulPrecision::kInt8, M,
+    Case c{45, 130, 16, M % 2 ? 4 : 2, ElementType::kF16, MatmulPrecision::kInt8, M,
            static_cast<int>(M % 5)};
     RunCase(rng, c);
   }
@@ -139,7 +139,7 @@ void TestGemmAllM() {
 void TestGemmMatchesGemv() {
   test::Rng rng(79);
   const size_t N = 50, K = 200, M = 9;
-  PaletteMatrix mat = test::RandomPalette(rng, N, K, 4, 16, CodebookType::kF16);
+  PaletteMatrix mat = test::RandomPalette(rng, N, K, 4, 16, ElementType::kF16);
   StatusOr<PreparedPalette> pw = PreparedPalette::Make(mat.view());
   REQUIRE(pw.ok());
   std::vector<float> X(M * K);
@@ -158,7 +158,7 @@ void TestGemmMatchesGemv() {
 void TestGemmErrors() {
   test::Rng rng(80);
   const size_t N = 8, K = 40, M = 3;
-  PaletteMatrix mat = test::RandomPalette(rng, N, K, 4, 4, CodebookType::kF16);
+  PaletteMatrix mat = test::RandomPalette(rng, N, K, 4, 4, ElementType::kF16);
   StatusOr<PreparedPalette> pw = PreparedPalette::Make(mat.view());
   REQUIRE(pw.ok());
   std::vector<float> X(M * K, 1.0f), Y(M * N);

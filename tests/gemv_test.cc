@@ -11,7 +11,7 @@
 #define HWY_TARGET_INCLUDE "tests/gemv_test.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
-#include "lutra/gemv-inl.h"
+#include "lutra/kernels/gemv-inl.h"
 #include "tests/matmul_test_util.h"
 #include "tests/test_util.h"
 
@@ -58,13 +58,13 @@ void TestGemvAllFormats() {
   const Shape shapes[] = {{1, 1, 16}, {5, 17, 1}, {37, 100, 16}, {33, 300, 5},
                           {20, 1031, 20}, {6, 4099, 4}};
   const int all_bits[] = {1, 2, 3, 4, 6, 8};
-  const CodebookType types[] = {CodebookType::kF16, CodebookType::kBF16, CodebookType::kF32};
-  const WeightType lora_types[] = {WeightType::kF16, WeightType::kBF16, WeightType::kF32};
+  const ElementType types[] = {ElementType::kF16, ElementType::kBF16, ElementType::kF32};
+  const ElementType lora_types[] = {ElementType::kF16, ElementType::kBF16, ElementType::kF32};
   const size_t lora_ranks[] = {1, 16, 64};
   size_t variant = 0;
   for (const Shape& s : shapes) {
     for (int bits : all_bits) {
-      for (CodebookType type : types) {
+      for (ElementType type : types) {
         PaletteMatrix mat = test::RandomPalette(rng, s.N, s.K, bits, s.G, type);
         const PaletteView v = mat.view();
         StatusOr<PreparedPalette> pw = PreparedPalette::Make(v);
@@ -128,7 +128,7 @@ void TestGemvAccuracyAndDetection() {
   test::Rng rng(9);
   const size_t N = 64, K = 512;
   for (int bits : {2, 4, 8}) {
-    PaletteMatrix mat = test::RandomPalette(rng, N, K, bits, 16, CodebookType::kF16);
+    PaletteMatrix mat = test::RandomPalette(rng, N, K, bits, 16, ElementType::kF16);
     const PaletteView v = mat.view();
     StatusOr<PreparedPalette> pw = PreparedPalette::Make(v);
     REQUIRE(pw.ok());
@@ -166,7 +166,7 @@ void TestGemvAccuracyAndDetection() {
 void TestGemvThreadPool() {
   test::Rng rng(5);
   const size_t N = 77, K = 333;
-  PaletteMatrix mat = test::RandomPalette(rng, N, K, 4, 16, CodebookType::kF16);
+  PaletteMatrix mat = test::RandomPalette(rng, N, K, 4, 16, ElementType::kF16);
   StatusOr<PreparedPalette> pw = PreparedPalette::Make(mat.view());
   REQUIRE(pw.ok());
   const std::vector<float> x = test::RandomActivations(rng, K);
@@ -183,7 +183,7 @@ void TestGemvThreadPool() {
 void TestGemvErrors() {
   test::Rng rng(3);
   const size_t N = 8, K = 40;
-  PaletteMatrix mat = test::RandomPalette(rng, N, K, 4, 4, CodebookType::kF16);
+  PaletteMatrix mat = test::RandomPalette(rng, N, K, 4, 4, ElementType::kF16);
   StatusOr<PreparedPalette> pw = PreparedPalette::Make(mat.view());
   REQUIRE(pw.ok());
   const PreparedPalette& w = pw.value();
@@ -206,7 +206,7 @@ void TestGemvErrors() {
   CHECK(!GemvRows(w, in, 0, N, nullptr).ok());
   CHECK(GemvRows(w, in, 2, 2, nullptr).ok());  // empty range writes nothing
   // An input prepared for another matrix is rejected.
-  PaletteMatrix other = test::RandomPalette(rng, N, K, 4, 4, CodebookType::kF16);
+  PaletteMatrix other = test::RandomPalette(rng, N, K, 4, 4, ElementType::kF16);
   StatusOr<PreparedPalette> pw2 = PreparedPalette::Make(other.view());
   REQUIRE(pw2.ok());
   CHECK(!GemvRows(pw2.value(), in, 0, N, y.data()).ok());

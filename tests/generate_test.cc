@@ -22,7 +22,7 @@
 #include <utility>
 
 #include "examples/engine.h"
-#include "lutra/lora_file.h"
+#include "lutra/format/lora_file.h"
 #include "tests/test_util.h"
 
 namespace lutra {
@@ -240,8 +240,8 @@ std::shared_ptr<const Adapter> RandomAdapter(const Model& m, uint64_t seed) {
     for (Projection p : kAllProjections) {
       const std::vector<float> A = rng.GaussianVector(rank * shapes.Cols(p), 0.05f);
       const std::vector<float> B = rng.GaussianVector(shapes.Rows(p) * rank, 0.05f);
-      REQUIRE(a->AddFactors(l, p, rank, A.data(), A.size(), B.data(), B.size(), WeightType::kF32,
-                            WeightType::kF16, 0.5f)
+      REQUIRE(a->AddFactors(l, p, rank, A.data(), A.size(), B.data(), B.size(), ElementType::kF32,
+                            ElementType::kF16, 0.5f)
                   .ok());
     }
   }

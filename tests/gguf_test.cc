@@ -3,7 +3,7 @@
 // magic/version, huge counts and lengths, bad types, dims overflow, offsets
 // out of range, misalignment, duplicates, random byte flips) with messages
 // that name the problem. No SIMD here, so no per-target loop.
-#include "lutra/gguf.h"
+#include "lutra/format/gguf.h"
 
 #include <algorithm>
 #include <cmath>
@@ -14,8 +14,8 @@
 #include <catch2/catch_test_macros.hpp>
 
 #include "hwy/base.h"  // reference F32FromF16 / F32FromBF16
-#include "lutra/gguf_writer.h"
-#include "lutra/mapped_file.h"
+#include "lutra/format/gguf_writer.h"
+#include "lutra/format/mapped_file.h"
 #include "tests/test_util.h"
 
 namespace lutra {

@@ -13,8 +13,8 @@
 #define HWY_TARGET_INCLUDE "tests/kv_cache_test.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
-#include "lutra/kv_cache-inl.h"
-#include "lutra/kv_cache.h"
+#include "lutra/kernels/kv_cache-inl.h"
+#include "lutra/kernels/kv_cache.h"
 #include "tests/test_util.h"
 
 HWY_BEFORE_NAMESPACE();

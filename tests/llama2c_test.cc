@@ -10,7 +10,7 @@
 // - Every tensor of a synthetic checkpoint lands where llama2.c puts it
 //   (shared and unshared classifier), and corrupt/mismatched files of both
 //   formats are rejected with messages naming the problem.
-#include "lutra/llama_model.h"
+#include "lutra/format/llama_model.h"
 
 #include <cmath>
 #include <cstring>
@@ -19,8 +19,8 @@
 
 #include <catch2/catch_test_macros.hpp>
 
-#include "lutra/gguf_writer.h"
-#include "lutra/tokenizer.h"
+#include "lutra/format/gguf_writer.h"
+#include "lutra/format/tokenizer.h"
 #include "tests/test_util.h"
 
 namespace lutra {

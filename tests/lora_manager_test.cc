@@ -1,8 +1,8 @@
-// Tests of the adapter manager (include/lutra/lora_manager.h): loading on
+// Tests of the adapter manager (include/lutra/runtime/lora_manager.h): loading on
 // first use, LRU eviction under the memory budget, lifetime of evicted
 // adapters that are still held, errors, and concurrent use from several
 // threads with different adapters.
-#include "lutra/lora_manager.h"
+#include "lutra/runtime/lora_manager.h"
 
 #include <atomic>
 #include <memory>
@@ -12,7 +12,7 @@
 
 #include <catch2/catch_test_macros.hpp>
 
-#include "lutra/lora.h"
+#include "lutra/format/lora.h"
 #include "tests/test_util.h"
 
 namespace lutra {

@@ -17,12 +17,12 @@
 #define HWY_TARGET_INCLUDE "tests/lora_test.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
-#include "lutra/gemm-inl.h"
-#include "lutra/gemv-inl.h"
-#include "lutra/lora.h"
-#include "lutra/lora_file.h"
-#include "lutra/lora_manager.h"
-#include "lutra/recovery.h"
+#include "lutra/format/lora.h"
+#include "lutra/format/lora_file.h"
+#include "lutra/kernels/gemm-inl.h"
+#include "lutra/kernels/gemv-inl.h"
+#include "lutra/quantize/recovery.h"
+#include "lutra/runtime/lora_manager.h"
 #include "tests/test_util.h"
 
 #ifndef LUTRA_LORA_TEST_ONCE_
@@ -51,7 +51,7 @@ inline PaletteMatrix RandomPalette(size_t rows, size_t cols, int bits, test::Rng
 
 // An adapter with random factors on every projection of every layer.
 inline Adapter RandomAdapter(const std::string& name, const BaseShapes& base, size_t rank,
-                             WeightType type, float scale, test::Rng& rng) {
+                             ElementType type, float scale, test::Rng& rng) {
   Adapter a = Adapter::Create(name, base).value();
   for (size_t l = 0; l < base.num_layers; ++l) {
     for (Projection p : kAllProjections) {
@@ -137,7 +137,7 @@ void TestFusedGemvEpilogue() {
   using namespace lora_test;
   test::Rng rng(11);
   const BaseShapes base = OddBase();
-  for (WeightType type : {WeightType::kF16, WeightType::kBF16}) {
+  for (ElementType type : {ElementType::kF16, ElementType::kBF16}) {
     for (size_t rank : {1, 5, 16}) {
       const Adapter adapter = RandomAdapter("a", base, rank, type, 0.75f, rng);
       for (Projection p : kAllProjections) {
@@ -187,8 +187,8 @@ void TestFusedGemmEpilogue() {
   using namespace lora_test;
   test::Rng rng(13);
   const BaseShapes base = OddBase();
-  for (WeightType type : {WeightType::kF16, WeightType::kBF16}) {
-    const size_t rank = type == WeightType::kF16 ? 16 : 7;
+  for (ElementType type : {ElementType::kF16, ElementType::kBF16}) {
+    const size_t rank = type == ElementType::kF16 ? 16 : 7;
     const Adapter adapter = RandomAdapter("g", base, rank, type, -1.25f, rng);
     for (Projection p : kAllProjections) {
       for (size_t M : {1, 3, 8}) {
@@ -234,8 +234,8 @@ void TestSwitchAdapters() {
   using namespace lora_test;
   test::Rng rng(12);
   const BaseShapes base = OddBase();
-  auto a1 = std::make_shared<const Adapter>(RandomAdapter("one", base, 16, WeightType::kF16, 1.0f, rng));
-  auto a2 = std::make_shared<const Adapter>(RandomAdapter("two", base, 8, WeightType::kBF16, 2.0f, rng));
+  auto a1 = std::make_shared<const Adapter>(RandomAdapter("one", base, 16, ElementType::kF16, 1.0f, rng));
+  auto a2 = std::make_shared<const Adapter>(RandomAdapter("two", base, 8, ElementType::kBF16, 2.0f, rng));
   AdapterManager manager(a1->bytes() + a2->bytes());
   REQUIRE(manager.Register("one", [a1] { return StatusOr<AdapterManager::AdapterPtr>(a1); }).ok());
   REQUIRE(manager.Register("two", [a2] { return StatusOr<AdapterManager::AdapterPtr>(a2); }).ok());
@@ -299,12 +299,12 @@ TEST_CASE("Adapter validates targets and shapes") {
         std::string::npos);
   CHECK(a.AddF32(2, Projection::kK, 4, fa.data(), fb.data(), 1.0f).message().find("layer 2") !=
         std::string::npos);
-  CHECK(!a.AddFactors(1, Projection::kK, 0, fa.data(), 0, fb.data(), 0, WeightType::kF32,
-                      WeightType::kF16, 1.0f).ok());
+  CHECK(!a.AddFactors(1, Projection::kK, 0, fa.data(), 0, fb.data(), 0, ElementType::kF32,
+                      ElementType::kF16, 1.0f).ok());
   CHECK(!a.AddFactors(1, Projection::kK, kMaxLoraRank + 1, fa.data(), 0, fb.data(), 0,
-                      WeightType::kF32, WeightType::kF16, 1.0f).ok());
+                      ElementType::kF32, ElementType::kF16, 1.0f).ok());
   const Status wrong = a.AddFactors(1, Projection::kK, 4, fa.data(), 4 * 66, fb.data(), 35 * 4,
-                                    WeightType::kF32, WeightType::kF16, 1.0f, "my.tensor");
+                                    ElementType::kF32, ElementType::kF16, 1.0f, "my.tensor");
   CHECK(wrong.message().find("my.tensor") != std::string::npos);
   CHECK(wrong.message().find("4 x 67") != std::string::npos);
   fa[7] = INFINITY;
@@ -384,11 +384,11 @@ TEST_CASE("Adapter file round trip keeps bits, scales, names") {
   Adapter a = Adapter::Create("my-task", base).value();
   a.set_kind("task");
   // Mixed ranks, types and scales on a subset of layers.
-  const struct { size_t layer; Projection p; size_t rank; WeightType type; float scale; } spec[] = {
-      {0, Projection::kQ, 16, WeightType::kF16, 1.0f},
-      {0, Projection::kW2, 8, WeightType::kBF16, 0.5f},
-      {3, Projection::kV, 16, WeightType::kF16, 2.0f},
-      {4, Projection::kW3, 1, WeightType::kF32, 1.0f}};
+  const struct { size_t layer; Projection p; size_t rank; ElementType type; float scale; } spec[] = {
+      {0, Projection::kQ, 16, ElementType::kF16, 1.0f},
+      {0, Projection::kW2, 8, ElementType::kBF16, 0.5f},
+      {3, Projection::kV, 16, ElementType::kF16, 2.0f},
+      {4, Projection::kW3, 1, ElementType::kF32, 1.0f}};
   for (const auto& s : spec) {
     const auto fa = rng.GaussianVector(s.rank * base.Cols(s.p), 0.1f);
     const auto fb = rng.GaussianVector(base.Rows(s.p) * s.rank, 0.1f);
@@ -410,9 +410,9 @@ TEST_CASE("Adapter file round trip keeps bits, scales, names") {
     CHECK(fb->rank() == s.rank);
     CHECK(fb->scale() == s.scale);
     // f32 factors in the file are stored as f16 by default on load.
-    const WeightType want = s.type == WeightType::kF32 ? WeightType::kF16 : s.type;
+    const ElementType want = s.type == ElementType::kF32 ? ElementType::kF16 : s.type;
     CHECK(fb->type() == want);
-    if (s.type != WeightType::kF32) {
+    if (s.type != ElementType::kF32) {
       CHECK(memcmp(fa->a(), fb->a(), fa->a_elements() * 2) == 0);
       CHECK(memcmp(fa->b(), fb->b(), fa->b_elements() * 2) == 0);
     }
@@ -433,12 +433,12 @@ TEST_CASE("Adapter file round trip keeps bits, scales, names") {
   LoadAdapterOptions opt;
   opt.scale = 0.5f;
   opt.name = "renamed";
-  opt.f32_storage = WeightType::kF32;
+  opt.f32_storage = ElementType::kF32;
   auto scaled = LoadAdapter(path, base, opt);
   REQUIRE(scaled.ok());
   CHECK((*scaled)->name() == "renamed");
   CHECK((*scaled)->FindFactors(3, Projection::kV)->scale() == 1.0f);
-  CHECK((*scaled)->FindFactors(4, Projection::kW3)->type() == WeightType::kF32);
+  CHECK((*scaled)->FindFactors(4, Projection::kW3)->type() == ElementType::kF32);
   // A different base model is rejected, naming the tensor.
   const auto other = LoadAdapter(path, BaseShapes::Llama(5, 64, 176, 64, 32));
   REQUIRE(!other.ok());
@@ -465,7 +465,7 @@ TEST_CASE("llama.cpp GGUF LoRA adapters load with alpha / rank scaling") {
                                 {"adapter.type", "lora"}},
                                {{"adapter.lora.alpha", 8.0f}}, tensors);
   LoadAdapterOptions opt;
-  opt.f32_storage = WeightType::kF32;  // keep f32: exact comparison below
+  opt.f32_storage = ElementType::kF32;  // keep f32: exact comparison below
   auto a = ParseAdapterBytes(bytes.data(), bytes.size(), base, opt, "llama.gguf");
   REQUIRE(a.ok());
   CHECK(a->num_targets() == 2);
@@ -483,7 +483,7 @@ TEST_CASE("llama.cpp GGUF LoRA adapters load with alpha / rank scaling") {
   auto b = ParseAdapterBytes(no_alpha.data(), no_alpha.size(), base);
   REQUIRE(b.ok());
   CHECK(b->FindFactors(2, Projection::kQ)->scale() == 1.0f);
-  CHECK(b->FindFactors(2, Projection::kQ)->type() == WeightType::kF16);
+  CHECK(b->FindFactors(2, Projection::kQ)->type() == ElementType::kF16);
 }
 
 TEST_CASE("Bad adapter files are rejected with the tensor named") {

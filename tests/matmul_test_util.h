@@ -13,8 +13,8 @@
 #include <vector>
 
 #include "hwy/base.h"
-#include "lutra/matmul.h"
-#include "lutra/palette.h"
+#include "lutra/format/palette.h"
+#include "lutra/kernels/matmul.h"
 #include "tests/test_util.h"
 
 namespace lutra {
@@ -23,7 +23,7 @@ namespace test {
 // Random palettized matrix: heavy-tailed codebooks (group 1, if any, is
 // constant to cover step = 0) and uniform random indices.
 inline PaletteMatrix RandomPalette(Rng& rng, size_t N, size_t K, int bits, size_t G,
-                                   CodebookType type) {
+                                   ElementType type) {
   PaletteShape shape;
   shape.rows = N;
   shape.cols = K;
@@ -62,12 +62,12 @@ struct LoraFactors {
   LoraDelta delta;
 };
 
-inline void StoreTyped(WeightType type, float v, uint8_t* p, float* exact) {
-  if (type == WeightType::kF16) {
+inline void StoreTyped(ElementType type, float v, uint8_t* p, float* exact) {
+  if (type == ElementType::kF16) {
     const hwy::float16_t h = hwy::F16FromF32(v);
     memcpy(p, &h, 2);
     *exact = hwy::F32FromF16(h);
-  } else if (type == WeightType::kBF16) {
+  } else if (type == ElementType::kBF16) {
     const hwy::bfloat16_t h = hwy::BF16FromF32(v);
     memcpy(p, &h, 2);
     *exact = hwy::F32FromBF16(h);
@@ -77,7 +77,7 @@ inline void StoreTyped(WeightType type, float v, uint8_t* p, float* exact) {
   }
 }
 
-inline LoraFactors RandomLora(Rng& rng, size_t N, size_t K, size_t rank, WeightType type) {
+inline LoraFactors RandomLora(Rng& rng, size_t N, size_t K, size_t rank, ElementType type) {
   LoraFactors f;
   const size_t bytes = ElementBytes(type);
   f.a.resize(rank * K * bytes);

@@ -2,7 +2,7 @@
 // brute force and uniform assignments, sampling estimates, bad input.
 //
 // Scalar C++ (no per-target code), so these tests run once.
-#include "lutra/mixed_bits.h"
+#include "lutra/quantize/mixed_bits.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -16,8 +16,8 @@
 
 #include <catch2/catch_test_macros.hpp>
 
-#include "lutra/palette.h"
-#include "lutra/palettize.h"
+#include "lutra/format/palette.h"
+#include "lutra/quantize/palettize.h"
 #include "tests/test_util.h"
 
 namespace lutra {

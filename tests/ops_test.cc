@@ -11,7 +11,7 @@
 #define HWY_TARGET_INCLUDE "tests/ops_test.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
-#include "lutra/ops-inl.h"
+#include "lutra/kernels/ops-inl.h"
 #include "tests/test_util.h"
 
 HWY_BEFORE_NAMESPACE();

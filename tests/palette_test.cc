@@ -4,7 +4,7 @@
 // palette.h is plain scalar C++ (no per-target code), so these tests run once;
 // the SIMD kernels that decode this layout test themselves per target against
 // DequantizeRow.
-#include "lutra/palette.h"
+#include "lutra/format/palette.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -130,7 +130,7 @@ TEST_CASE("PaletteShape sizes follow the formula") {
             sh.cols = K;
             sh.bits = b;
             sh.group_rows = G;
-            sh.codebook = static_cast<CodebookType>(t);
+            sh.codebook = static_cast<ElementType>(t);
             REQUIRE(sh.Validate().ok());
             const size_t KB = b == 8 ? 16 : b == 4 ? 32 : (b == 2 || b == 6) ? 64 : 128;
             const size_t Kp = (K + KB - 1) / KB * KB;
@@ -149,9 +149,9 @@ TEST_CASE("PaletteShape sizes follow the formula") {
       }
     }
   }
-  CHECK(ElementBytes(CodebookType::kF16) == 2);
-  CHECK(ElementBytes(CodebookType::kBF16) == 2);
-  CHECK(ElementBytes(CodebookType::kF32) == 4);
+  CHECK(ElementBytes(ElementType::kF16) == 2);
+  CHECK(ElementBytes(ElementType::kBF16) == 2);
+  CHECK(ElementBytes(ElementType::kF32) == 4);
 }
 
 TEST_CASE("PaletteShape rejects bad shapes with a clear message") {
@@ -174,9 +174,9 @@ TEST_CASE("PaletteShape rejects bad shapes with a clear message") {
   s.group_rows = 0;
   CHECK(Contains(s.Validate().message(), "group_rows = 0"));
   s.group_rows = 16;
-  s.codebook = static_cast<CodebookType>(7);
+  s.codebook = static_cast<ElementType>(7);
   CHECK(Contains(s.Validate().message(), "codebook type 7"));
-  s.codebook = CodebookType::kF16;
+  s.codebook = ElementType::kF16;
   s.rows = size_t{1} << 41;
   CHECK(Contains(s.Validate().message(), "too large"));
   s.rows = size_t{1} << 30;
@@ -293,7 +293,7 @@ TEST_CASE("Packing known bytes") {
 
 TEST_CASE("Codebook entries round to the codebook type") {
   for (int t = 0; t < 3; ++t) {
-    const auto type = static_cast<CodebookType>(t);
+    const auto type = static_cast<ElementType>(t);
     PaletteShape s;
     s.rows = 5;
     s.cols = 7;
@@ -306,19 +306,19 @@ TEST_CASE("Codebook entries round to the codebook type") {
     m->set_entry(2, 3, v);
     const float got = m->view().entry(2, 3);
     CHECK(got == RoundToCodebookType(v, type));
-    if (type == CodebookType::kF32) {
+    if (type == ElementType::kF32) {
       CHECK(got == v);
     } else {
       CHECK(got != v);  // 0.1 is not representable in 16 bits
-      CHECK(std::abs(got - v) <= v * (type == CodebookType::kF16 ? 1e-3f : 4e-3f));
+      CHECK(std::abs(got - v) <= v * (type == ElementType::kF16 ? 1e-3f : 4e-3f));
     }
     // Other entries are untouched (zero).
     CHECK(m->view().entry(2, 2) == 0.0f);
     CHECK(m->view().entry(1, 3) == 0.0f);
   }
-  CHECK(RoundToCodebookType(1e6f, CodebookType::kF16) == 65504.0f);
-  CHECK(RoundToCodebookType(-1e6f, CodebookType::kF16) == -65504.0f);
-  CHECK(RoundToCodebookType(1e6f, CodebookType::kBF16) == 999424.0f);
+  CHECK(RoundToCodebookType(1e6f, ElementType::kF16) == 65504.0f);
+  CHECK(RoundToCodebookType(-1e6f, ElementType::kF16) == -65504.0f);
+  CHECK(RoundToCodebookType(1e6f, ElementType::kBF16) == 999424.0f);
 }
 
 // Fills a random matrix through the owning API and checks views, dequantize
@@ -333,7 +333,7 @@ TEST_CASE("Views over external memory and dequantization") {
         s.cols = 77;
         s.bits = b;
         s.group_rows = G;
-        s.codebook = static_cast<CodebookType>(rng.Below(3));
+        s.codebook = static_cast<ElementType>(rng.Below(3));
         INFO("b=" << b << " N=" << N << " G=" << G);
         auto mo = PaletteMatrix::Allocate(s);
         REQUIRE(mo.ok());

@@ -2,7 +2,7 @@
 // importance weights, determinism, threads and input validation.
 //
 // The palettizer is scalar C++ (no per-target code), so these tests run once.
-#include "lutra/palettize.h"
+#include "lutra/quantize/palettize.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -18,7 +18,7 @@
 
 #include <catch2/catch_test_macros.hpp>
 
-#include "lutra/palette.h"
+#include "lutra/format/palette.h"
 #include "tests/test_util.h"
 
 namespace lutra {
@@ -37,7 +37,7 @@ std::vector<float> DequantizeAll(const PaletteMatrix& m) {
 }
 
 PalettizeOptions Opts(int bits, size_t group_rows = 16,
-                      CodebookType cb = CodebookType::kF16) {
+                      ElementType cb = ElementType::kF16) {
   PalettizeOptions o;
   o.bits = bits;
   o.group_rows = group_rows;
@@ -53,7 +53,7 @@ TEST_CASE("Palettize recovers planted clusters") {
   for (int b : {1, 2, 3, 4, 6}) {
     const size_t k = size_t{1} << b;
     const size_t N = 40, K = 129, G = 16;  // last group has 8 rows
-    for (CodebookType cb : {CodebookType::kF32, CodebookType::kF16}) {
+    for (ElementType cb : {ElementType::kF32, ElementType::kF16}) {
       INFO("b=" << b << " codebook=" << CodebookTypeName(cb));
       std::vector<float> w(N * K);
       std::vector<uint32_t> label(N * K);
@@ -127,7 +127,7 @@ TEST_CASE("Palettize is exact with at most 2^b distinct values per group") {
         const size_t d = g == 0 ? 1 : g == 1 ? k : 1 + rng.Below(k);
         std::vector<float> vals(d);
         for (float& x : vals) {
-          x = RoundToCodebookType(rng.HeavyTailed(), CodebookType::kF16);
+          x = RoundToCodebookType(rng.HeavyTailed(), ElementType::kF16);
         }
         if (g == 2) vals[0] = -0.0f;  // -0 and +0 are the same value
         for (size_t r = g * G; r < std::min(N, (g + 1) * G); ++r) {
@@ -192,7 +192,7 @@ TEST_CASE("Palettize is globally optimal on small groups") {
       std::vector<float> w(K);
       for (float& x : w) x = rng.HeavyTailed();
       PalettizeStats st;
-      PalettizeOptions o = Opts(b, 1, CodebookType::kF32);
+      PalettizeOptions o = Opts(b, 1, ElementType::kF32);
       auto m = Palettize(w.data(), 1, K, o, &st);
       REQUIRE(m.ok());
       const double opt = BruteForceOptimum(std::vector<double>(w.begin(), w.end()), k);
@@ -257,7 +257,7 @@ TEST_CASE("Palettize error bounds per width") {
 TEST_CASE("Palettize assigns each weight its nearest stored entry") {
   test::Rng rng(15);
   for (int b : kAllBits) {
-    for (CodebookType cb : {CodebookType::kF16, CodebookType::kBF16, CodebookType::kF32}) {
+    for (ElementType cb : {ElementType::kF16, ElementType::kBF16, ElementType::kF32}) {
       const size_t N = 20, K = 97;
       std::vector<float> w(N * K);
       for (float& x : w) x = rng.HeavyTailed(0.05f);
@@ -297,7 +297,7 @@ TEST_CASE("Palettize uses every entry with heavy ties, for every init") {
   for (PalettizeInit init : {PalettizeInit::kOptimal, PalettizeInit::kQuantile,
                              PalettizeInit::kKMeansPlusPlus, PalettizeInit::kCompanded}) {
     for (int b : {2, 3, 4, 6}) {
-      PalettizeOptions o = Opts(b, 16, CodebookType::kF32);
+      PalettizeOptions o = Opts(b, 16, ElementType::kF32);
       o.init = init;
       PalettizeStats st;
       auto m = Palettize(w.data(), N, K, o, &st);
@@ -422,7 +422,7 @@ TEST_CASE("Palettize rejects bad input with a clear message") {
   CHECK(Contains(msg(bad, N, K, Opts(4)), "weight (2, 3) is infinite"));
   bad[2 * K + 3] = 1e6f;
   CHECK(Contains(msg(bad, N, K, Opts(4)), "exceeds the f16 codebook range"));
-  CHECK(Palettize(bad.data(), N, K, Opts(4, 16, CodebookType::kBF16)).ok());
+  CHECK(Palettize(bad.data(), N, K, Opts(4, 16, ElementType::kBF16)).ok());
   CHECK(Contains(msg(w, 0, K, Opts(4)), "palettize: palette: shape 0 x 8"));
   CHECK(Contains(msg(w, N, 0, Opts(4)), "need rows >= 1 and cols >= 1"));
   CHECK(Contains(msg(w, N, K, Opts(5)), "bits = 5"));

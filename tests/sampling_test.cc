@@ -2,7 +2,7 @@
 // reference distribution, checked by a chi-square bound on the observed
 // frequencies with fixed seeds. Sampling is scalar (same result on every
 // SIMD target by construction), so this test runs once.
-#include "lutra/sampling.h"
+#include "lutra/runtime/sampling.h"
 
 #include <stddef.h>
 #include <stdint.h>

@@ -1,8 +1,8 @@
-// Tests of the truncated SVD (include/lutra/svd.h): exact Jacobi SVD against
+// Tests of the truncated SVD (include/lutra/quantize/svd.h): exact Jacobi SVD against
 // planted spectra, randomized SVD recovering planted low-rank matrices,
 // Eckart-Young optimality as the rank grows, determinism and bad input.
 // Plain scalar code: no per-target dispatch needed.
-#include "lutra/svd.h"
+#include "lutra/quantize/svd.h"
 
 #include <cmath>
 #include <cstring>

@@ -7,7 +7,7 @@
 
 #include <catch2/catch_test_macros.hpp>
 
-#include "lutra/thread_pool.h"
+#include "lutra/base/thread_pool.h"
 
 namespace lutra {
 namespace {

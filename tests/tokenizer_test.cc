@@ -3,7 +3,7 @@
 // the README), decoding round-trips arbitrary bytes, the merge rule matches a
 // naive reimplementation of llama2.c's loop, and corrupt files are rejected
 // with clear messages.
-#include "lutra/tokenizer.h"
+#include "lutra/format/tokenizer.h"
 
 #include <cstring>
 #include <string>
@@ -11,9 +11,9 @@
 
 #include <catch2/catch_test_macros.hpp>
 
-#include "lutra/gguf.h"
-#include "lutra/gguf_writer.h"
-#include "lutra/mapped_file.h"
+#include "lutra/format/gguf.h"
+#include "lutra/format/gguf_writer.h"
+#include "lutra/format/mapped_file.h"
 #include "tests/test_util.h"
 
 namespace lutra {

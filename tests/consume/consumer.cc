@@ -6,8 +6,8 @@
 #include <vector>
 
 #include "hwy/highway.h"
-#include "lutra/gemv-inl.h"
-#include "lutra/palettize.h"
+#include "lutra/kernels/gemv-inl.h"
+#include "lutra/quantize/palettize.h"
 
 namespace hn = lutra::HWY_NAMESPACE;
 

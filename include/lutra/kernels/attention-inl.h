@@ -50,9 +50,9 @@ struct AttentionOptions {
 
 #include "hwy/cache_control.h"
 #include "hwy/highway.h"
-#include "lutra/kv_cache.h"
-#include "lutra/ops-inl.h"
-#include "lutra/status.h"
+#include "lutra/base/status.h"
+#include "lutra/kernels/kv_cache.h"
+#include "lutra/kernels/ops-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace lutra {

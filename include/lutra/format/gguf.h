@@ -35,8 +35,8 @@
 #include <utility>
 #include <vector>
 
-#include "lutra/mapped_file.h"
-#include "lutra/status.h"
+#include "lutra/base/status.h"
+#include "lutra/format/mapped_file.h"
 
 namespace lutra {
 

@@ -48,7 +48,7 @@ constexpr size_t kRopeMaxHeadDim = 1024;
 #include <cmath>
 
 #include "hwy/highway.h"
-#include "lutra/status.h"
+#include "lutra/base/status.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace lutra {

@@ -36,9 +36,9 @@
 #include <utility>
 #include <vector>
 
-#include "lutra/palette.h"
-#include "lutra/palettize.h"
-#include "lutra/status.h"
+#include "lutra/base/status.h"
+#include "lutra/format/palette.h"
+#include "lutra/quantize/palettize.h"
 
 namespace lutra {
 
@@ -63,7 +63,7 @@ struct MixedBitsOptions {
   double target_bits = 3.5;               // average bits per weight, codebooks included
   std::vector<int> allowed_bits = {2, 4};  // subset of {1, 2, 3, 4, 6, 8}
   size_t group_rows = 16;
-  CodebookType codebook = CodebookType::kF16;
+  ElementType codebook = ElementType::kF16;
   int max_iters = 30;                     // Lloyd iterations (PalettizeOptions)
   PalettizeInit init = PalettizeInit::kOptimal;
   size_t threads = 1;                     // palettizer threads

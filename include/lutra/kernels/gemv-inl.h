@@ -16,7 +16,7 @@
 //               const Epilogue& ep, float* y, size_t y_size,
 //               ThreadPool* pool = nullptr, const MatmulOptions& opt = {},
 //               PreparedInput* scratch = nullptr);
-//   float TypedDot(WeightType type, const void* a, const float* x, size_t n);
+//   float TypedDot(ElementType type, const void* a, const float* x, size_t n);
 
 #if defined(LUTRA_GEMV_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef LUTRA_GEMV_INL_H_
@@ -34,12 +34,12 @@
 
 #include "hwy/cache_control.h"
 #include "hwy/highway.h"
-#include "lutra/dot-inl.h"
-#include "lutra/lut_decode-inl.h"
-#include "lutra/matmul.h"
-#include "lutra/palette.h"
-#include "lutra/status.h"
-#include "lutra/thread_pool.h"
+#include "lutra/base/status.h"
+#include "lutra/base/thread_pool.h"
+#include "lutra/format/palette.h"
+#include "lutra/kernels/dot-inl.h"
+#include "lutra/kernels/lut_decode-inl.h"
+#include "lutra/kernels/matmul.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace lutra {
@@ -74,19 +74,19 @@ HWY_INLINE float HalfDot(DF df, const T* HWY_RESTRICT a, const float* HWY_RESTRI
 // unaligned), widened exactly to f32 and accumulated in f32. Used for A x
 // (n = K) and for rows of B (n = rank) in the LoRA epilogue.
 template <class DF>
-HWY_INLINE float TypedDot(DF df, WeightType type, const void* HWY_RESTRICT a,
+HWY_INLINE float TypedDot(DF df, ElementType type, const void* HWY_RESTRICT a,
                           const float* HWY_RESTRICT x, size_t n) {
   switch (type) {
-    case WeightType::kF16:
+    case ElementType::kF16:
       return detail::HalfDot(df, static_cast<const hwy::float16_t*>(a), x, n);
-    case WeightType::kBF16:
+    case ElementType::kBF16:
       return detail::HalfDot(df, static_cast<const hwy::bfloat16_t*>(a), x, n);
     default:
       return Dot(df, static_cast<const float*>(a), x, n);
   }
 }
 
-HWY_INLINE float TypedDot(WeightType type, const void* HWY_RESTRICT a,
+HWY_INLINE float TypedDot(ElementType type, const void* HWY_RESTRICT a,
                           const float* HWY_RESTRICT x, size_t n) {
   return TypedDot(hn::ScalableTag<float>(), type, a, x, n);
 }

@@ -36,9 +36,9 @@
 #include <utility>
 #include <vector>
 
-#include "lutra/lora.h"
-#include "lutra/lora_file.h"
-#include "lutra/status.h"
+#include "lutra/base/status.h"
+#include "lutra/format/lora.h"
+#include "lutra/format/lora_file.h"
 
 namespace lutra {
 

@@ -38,7 +38,7 @@
 #define LUTRA_HAVE_MMAP 0
 #endif
 
-#include "lutra/status.h"
+#include "lutra/base/status.h"
 
 namespace lutra {
 

@@ -24,8 +24,8 @@
 #include <vector>
 
 #include "hwy/base.h"  // F16FromF32, BF16FromF32
-#include "lutra/gguf.h"
-#include "lutra/status.h"
+#include "lutra/base/status.h"
+#include "lutra/format/gguf.h"
 
 namespace lutra {
 

@@ -10,7 +10,7 @@
 // base is shared by every adapter and by requests without one, so switching
 // adapters is swapping one pointer (see lora_manager.h), and W stays exactly
 // as the palettizer wrote it. The GEMV/GEMM kernels apply the delta in their
-// epilogue (matmul.h's LoraDelta, which Adapter::Find returns).
+// epilogue (LoraDelta below, which Adapter::Find returns).
 //
 // Targets: the attention projections q, k, v, o and the FFN w1 (gate),
 // w2 (down), w3 (up) of any subset of layers. An adapter is validated
@@ -25,6 +25,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <cmath>
 #include <memory>
 #include <new>
 #include <string>
@@ -32,15 +33,45 @@
 #include <vector>
 
 #include "hwy/base.h"
-#include "lutra/palette.h"  // f16/bf16 rounding
-#include "lutra/status.h"
 
-#include "lutra/matmul.h"   // LoraDelta, WeightType, kMaxLoraRank: the epilogue's view
+#include "lutra/base/status.h"
+#include "lutra/format/palette.h"  // ElementType, f16/bf16 rounding
 
 namespace lutra {
 
+// Largest LoRA rank the epilogue supports.
+inline constexpr size_t kMaxLoraRank = 64;
+
+// Low-rank delta added to the output: y += scale * B * (A * x).
+// A is rank x K row-major, B is N x rank row-major, both of `type`. A * x is
+// computed once per call (in Prepare*Input), B's rows while each output row
+// is still in registers.
+struct LoraDelta {
+  const void* a = nullptr;
+  const void* b = nullptr;
+  size_t rank = 0;  // 1..kMaxLoraRank
+  ElementType type = ElementType::kF32;
+  float scale = 1.0f;
+};
+
+// Validates a LoRA delta against a K-column, N-row weight.
+inline Status ValidateLora(const LoraDelta& lora) {
+  if (lora.rank == 0 || lora.rank > kMaxLoraRank) {
+    return InvalidArgument("lora: rank = %zu, need 1..%zu", lora.rank, kMaxLoraRank);
+  }
+  if (lora.a == nullptr || lora.b == nullptr) {
+    return InvalidArgument("lora: null %s factor", lora.a == nullptr ? "A" : "B");
+  }
+  if (ElementBytes(lora.type) == 0) {
+    return InvalidArgument("lora: type %d is not f16 (0), bf16 (1) or f32 (2)",
+                           static_cast<int>(lora.type));
+  }
+  if (!std::isfinite(lora.scale)) return InvalidArgument("lora: scale is not finite");
+  return Status::Ok();
+}
+
 // Builds the epilogue's view of factors a (rank x K) and b (N x rank).
-inline LoraDelta MakeLoraDelta(const void* a, const void* b, size_t rank, WeightType type,
+inline LoraDelta MakeLoraDelta(const void* a, const void* b, size_t rank, ElementType type,
                                float scale) {
   LoraDelta d{};
   d.a = a;
@@ -140,13 +171,13 @@ struct BaseShapes {
   }
 };
 
-inline const char* WeightTypeName(WeightType t) {
+inline const char* WeightTypeName(ElementType t) {
   switch (t) {
-    case WeightType::kF16:
+    case ElementType::kF16:
       return "f16";
-    case WeightType::kBF16:
+    case ElementType::kBF16:
       return "bf16";
-    case WeightType::kF32:
+    case ElementType::kF32:
       return "f32";
   }
   return "invalid";
@@ -163,7 +194,7 @@ class LoraFactors {
   size_t rows() const { return rows_; }  // N
   size_t cols() const { return cols_; }  // K
   size_t rank() const { return delta_.rank; }
-  WeightType type() const { return delta_.type; }
+  ElementType type() const { return delta_.type; }
   float scale() const { return delta_.scale; }
   // What the kernels take: a, b, rank, type, scale.
   const LoraDelta& delta() const { return delta_; }
@@ -224,7 +255,7 @@ class Adapter {
   // target, rank 0 or > kMaxLoraRank, a_elems / b_elems not rank*K /
   // N*rank, non-finite elements or scale.
   Status AddFactors(size_t layer, Projection p, size_t rank, const void* a, size_t a_elems,
-                    const void* b, size_t b_elems, WeightType src, WeightType type,
+                    const void* b, size_t b_elems, ElementType src, ElementType type,
                     float scale, const std::string& what = std::string()) {
     const std::string name =
         what.empty() ? "layer " + std::to_string(layer) + " " + ProjectionName(p) : what;
@@ -295,13 +326,13 @@ class Adapter {
 
   // Convenience: f32 factors (a: rank x K, b: N x rank), stored as `type`.
   Status AddF32(size_t layer, Projection p, size_t rank, const float* a, const float* b,
-                float scale, WeightType type = WeightType::kF16) {
+                float scale, ElementType type = ElementType::kF16) {
     if (table_.empty()) return InvalidArgument("lora: adapter was not created for a base model");
     if (static_cast<size_t>(p) >= kNumProjections) {
       return InvalidArgument("lora: projection %d is not a target", static_cast<int>(p));
     }
     return AddFactors(layer, p, rank, a, rank * base_.Cols(p), b, base_.Rows(p) * rank,
-                      WeightType::kF32, type, scale);
+                      ElementType::kF32, type, scale);
   }
 
   // The epilogue's delta for (layer, p), or nullptr when this adapter leaves
@@ -340,9 +371,9 @@ class Adapter {
  private:
   // Index of the first non-finite element of n `type` elements, or n. Works
   // on the bits (exponent all ones = Inf or NaN), so it is a fast scan.
-  static size_t FirstNonFinite(const void* src, size_t n, WeightType type) {
+  static size_t FirstNonFinite(const void* src, size_t n, ElementType type) {
     const uint8_t* p = static_cast<const uint8_t*>(src);
-    if (type == WeightType::kF32) {
+    if (type == ElementType::kF32) {
       for (size_t i = 0; i < n; ++i) {
         uint32_t bits;
         memcpy(&bits, p + 4 * i, 4);
@@ -350,7 +381,7 @@ class Adapter {
       }
       return n;
     }
-    const uint16_t exp = type == WeightType::kF16 ? 0x7C00u : 0x7F80u;
+    const uint16_t exp = type == ElementType::kF16 ? 0x7C00u : 0x7F80u;
     for (size_t i = 0; i < n; ++i) {
       uint16_t bits;
       memcpy(&bits, p + 2 * i, 2);
@@ -359,7 +390,7 @@ class Adapter {
     return n;
   }
 
-  static Status Convert(const void* src, size_t n, WeightType src_type, WeightType type,
+  static Status Convert(const void* src, size_t n, ElementType src_type, ElementType type,
                         uint8_t* dst, const std::string& name, const char* which) {
     const size_t bad = FirstNonFinite(src, n, src_type);
     if (bad != n) {
@@ -372,18 +403,18 @@ class Adapter {
     for (size_t i = 0; i < n; ++i) {
       const float v = LoadElement(src, src_type, i);
       switch (type) {
-        case WeightType::kF16: {
-          const float r = RoundToCodebookType(v, CodebookType::kF16);  // saturates
+        case ElementType::kF16: {
+          const float r = RoundToCodebookType(v, ElementType::kF16);  // saturates
           const uint16_t bits = hwy::BitCastScalar<uint16_t>(hwy::F16FromF32(r));
           memcpy(dst + 2 * i, &bits, 2);
           break;
         }
-        case WeightType::kBF16: {
+        case ElementType::kBF16: {
           const uint16_t bits = hwy::BitCastScalar<uint16_t>(hwy::BF16FromF32(v));
           memcpy(dst + 2 * i, &bits, 2);
           break;
         }
-        case WeightType::kF32:
+        case ElementType::kF32:
           memcpy(dst + 4 * i, &v, 4);
           break;
       }

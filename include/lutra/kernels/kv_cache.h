@@ -32,7 +32,7 @@
 #include <vector>
 
 #include "hwy/aligned_allocator.h"
-#include "lutra/status.h"
+#include "lutra/base/status.h"
 
 namespace lutra {
 

@@ -32,7 +32,7 @@
 #include <stdint.h>
 
 #include "hwy/highway.h"
-#include "lutra/palette.h"
+#include "lutra/format/palette.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace lutra {

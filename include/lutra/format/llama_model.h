@@ -40,10 +40,10 @@
 #include <utility>
 #include <vector>
 
-#include "lutra/gguf.h"
-#include "lutra/mapped_file.h"
-#include "lutra/status.h"
-#include "lutra/tokenizer.h"
+#include "lutra/base/status.h"
+#include "lutra/format/gguf.h"
+#include "lutra/format/mapped_file.h"
+#include "lutra/format/tokenizer.h"
 
 namespace lutra {
 

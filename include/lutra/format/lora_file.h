@@ -41,11 +41,11 @@
 #include <utility>
 #include <vector>
 
-#include "lutra/gguf.h"
-#include "lutra/gguf_writer.h"
-#include "lutra/lora.h"
-#include "lutra/mapped_file.h"
-#include "lutra/status.h"
+#include "lutra/base/status.h"
+#include "lutra/format/gguf.h"
+#include "lutra/format/gguf_writer.h"
+#include "lutra/format/lora.h"
+#include "lutra/format/mapped_file.h"
 
 namespace lutra {
 
@@ -54,23 +54,23 @@ struct LoadAdapterOptions {
   std::string name;         // empty: general.name, else the file name
   // Storage of factors given as F32 in the file (f16 halves the memory and
   // is what the epilogue is fastest with). F16/BF16 tensors keep their type.
-  WeightType f32_storage = WeightType::kF16;
+  ElementType f32_storage = ElementType::kF16;
 };
 
 namespace lora_file_detail {
 
 inline constexpr uint32_t kGgmlF32 = 0, kGgmlF16 = 1, kGgmlBF16 = 30;
 
-inline bool GgmlToWeightType(uint32_t ggml, WeightType* t) {
+inline bool GgmlToWeightType(uint32_t ggml, ElementType* t) {
   switch (ggml) {
-    case kGgmlF32: *t = WeightType::kF32; return true;
-    case kGgmlF16: *t = WeightType::kF16; return true;
-    case kGgmlBF16: *t = WeightType::kBF16; return true;
+    case kGgmlF32: *t = ElementType::kF32; return true;
+    case kGgmlF16: *t = ElementType::kF16; return true;
+    case kGgmlBF16: *t = ElementType::kBF16; return true;
   }
   return false;
 }
-inline uint32_t WeightTypeToGgml(WeightType t) {
-  return t == WeightType::kF32 ? kGgmlF32 : t == WeightType::kF16 ? kGgmlF16 : kGgmlBF16;
+inline uint32_t WeightTypeToGgml(ElementType t) {
+  return t == ElementType::kF32 ? kGgmlF32 : t == ElementType::kF16 ? kGgmlF16 : kGgmlBF16;
 }
 
 // Splits "blk.<L>.<stem>.weight.lora_<x>" into L, stem and x ('a' or 'b').
@@ -183,7 +183,7 @@ inline StatusOr<Adapter> ParseAdapter(const GgufReader& gguf, const BaseShapes& 
       return InvalidArgument("%s: tensor '%s' is for layer %zu, the base model has %zu layers",
                              src, tname.c_str(), layer, base.num_layers);
     }
-    WeightType wt;
+    ElementType wt;
     if (!GgmlToWeightType(t.type, &wt)) {
       return Unimplemented("%s: tensor '%s' has type %s, LoRA factors must be f32, f16 or bf16",
                            src, tname.c_str(), t.type_name());
@@ -241,12 +241,12 @@ inline StatusOr<Adapter> ParseAdapter(const GgufReader& gguf, const BaseShapes& 
     const size_t r = static_cast<size_t>(rank);
     float scale = scales.empty() ? (*alpha != 0.0f ? *alpha / float(r) : 1.0f) : scales[i];
     scale *= options.scale;
-    WeightType ta = WeightType::kF32, tb = WeightType::kF32;
+    ElementType ta = ElementType::kF32, tb = ElementType::kF32;
     GgmlToWeightType(a.type, &ta);
     GgmlToWeightType(b.type, &tb);
     Status s;
     if (ta == tb) {
-      const WeightType store = ta == WeightType::kF32 ? options.f32_storage : ta;
+      const ElementType store = ta == ElementType::kF32 ? options.f32_storage : ta;
       s = adapter.AddFactors(pair.layer, pair.p, r, a.data, r * K, b.data, N * r, ta, store,
                              scale, stem);
     } else {
@@ -255,7 +255,7 @@ inline StatusOr<Adapter> ParseAdapter(const GgufReader& gguf, const BaseShapes& 
       for (size_t j = 0; j < fa.size(); ++j) fa[j] = LoadElement(a.data, ta, j);
       for (size_t j = 0; j < fb.size(); ++j) fb[j] = LoadElement(b.data, tb, j);
       s = adapter.AddFactors(pair.layer, pair.p, r, fa.data(), fa.size(), fb.data(), fb.size(),
-                             WeightType::kF32, options.f32_storage, scale, stem);
+                             ElementType::kF32, options.f32_storage, scale, stem);
     }
     if (!s.ok()) return s.WithContext(source);
   }

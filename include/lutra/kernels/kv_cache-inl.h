@@ -18,8 +18,8 @@
 #include <string.h>
 
 #include "hwy/highway.h"
-#include "lutra/kv_cache.h"
-#include "lutra/status.h"
+#include "lutra/base/status.h"
+#include "lutra/kernels/kv_cache.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace lutra {

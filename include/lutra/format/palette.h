@@ -35,7 +35,7 @@
 #include <utility>
 
 #include "hwy/base.h"
-#include "lutra/status.h"
+#include "lutra/base/status.h"
 
 namespace lutra {
 
@@ -55,17 +55,13 @@ inline size_t ElementBytes(ElementType type) {
   return 0;
 }
 
-// Element type of codebook entries (and, as WeightType in matmul.h, of LoRA
-// factors): one enum, so one set of conversions serves both.
-using CodebookType = ElementType;
-
-inline const char* CodebookTypeName(CodebookType type) {
+inline const char* CodebookTypeName(ElementType type) {
   switch (type) {
-    case CodebookType::kF16:
+    case ElementType::kF16:
       return "f16";
-    case CodebookType::kBF16:
+    case ElementType::kBF16:
       return "bf16";
-    case CodebookType::kF32:
+    case ElementType::kF32:
       return "f32";
   }
   return "invalid";
@@ -74,16 +70,16 @@ inline const char* CodebookTypeName(CodebookType type) {
 // Rounds v to the nearest value representable in `type` (round to nearest
 // even) and returns it as f32. f16 saturates at +-65504 instead of becoming
 // infinite, so a stored codebook never holds Inf; NaN stays NaN.
-inline float RoundToCodebookType(float v, CodebookType type) {
+inline float RoundToCodebookType(float v, ElementType type) {
   switch (type) {
-    case CodebookType::kF16: {
+    case ElementType::kF16: {
       if (v > 65504.0f) v = 65504.0f;
       if (v < -65504.0f) v = -65504.0f;
       return hwy::F32FromF16(hwy::F16FromF32(v));
     }
-    case CodebookType::kBF16:
+    case ElementType::kBF16:
       return hwy::F32FromBF16(hwy::BF16FromF32(v));
-    case CodebookType::kF32:
+    case ElementType::kF32:
       return v;
   }
   return v;
@@ -120,7 +116,7 @@ struct PaletteShape {
   size_t cols = 0;        // K, inputs
   int bits = 4;           // b, index width in {1,2,3,4,6,8}
   size_t group_rows = 16; // G, rows sharing one codebook (1..N; G > N is ok)
-  CodebookType codebook = CodebookType::kF16;
+  ElementType codebook = ElementType::kF16;
 
   // OK if bits is in {1,2,3,4,6,8}, rows, cols, group_rows >= 1, codebook is
   // a known type and total_bytes() fits in size_t (with headroom).
@@ -323,21 +319,21 @@ inline float LoadElement(const void* data, ElementType type, size_t i) {
 
 // Writes codebook entry i, rounded to the codebook type (see
 // RoundToCodebookType).
-inline void StoreCodebookEntry(void* codebooks, CodebookType type, size_t i, float v) {
+inline void StoreCodebookEntry(void* codebooks, ElementType type, size_t i, float v) {
   uint8_t* p = static_cast<uint8_t*>(codebooks);
   switch (type) {
-    case CodebookType::kF16: {
+    case ElementType::kF16: {
       const float r = RoundToCodebookType(v, type);
       const uint16_t bits16 = hwy::BitCastScalar<uint16_t>(hwy::F16FromF32(r));
       memcpy(p + 2 * i, &bits16, 2);
       return;
     }
-    case CodebookType::kBF16: {
+    case ElementType::kBF16: {
       const uint16_t bits16 = hwy::BitCastScalar<uint16_t>(hwy::BF16FromF32(v));
       memcpy(p + 2 * i, &bits16, 2);
       return;
     }
-    case CodebookType::kF32:
+    case ElementType::kF32:
       memcpy(p + 4 * i, &v, 4);
       return;
   }

@@ -31,28 +31,11 @@
 #include <utility>
 #include <vector>
 
-#include "lutra/palette.h"
-#include "lutra/status.h"
+#include "lutra/base/status.h"
+#include "lutra/format/lora.h"  // LoraDelta: the epilogue's LoRA view
+#include "lutra/format/palette.h"
 
 namespace lutra {
-
-// Element type of LoRA factors (the codebook element type of palette.h).
-using WeightType = ElementType;
-
-// Largest LoRA rank the epilogue supports.
-inline constexpr size_t kMaxLoraRank = 64;
-
-// Low-rank delta added to the output: y += scale * B * (A * x).
-// A is rank x K row-major, B is N x rank row-major, both of `type`. A * x is
-// computed once per call (in Prepare*Input), B's rows while each output row
-// is still in registers.
-struct LoraDelta {
-  const void* a = nullptr;
-  const void* b = nullptr;
-  size_t rank = 0;  // 1..kMaxLoraRank
-  WeightType type = WeightType::kF32;
-  float scale = 1.0f;
-};
 
 // Fused epilogue, applied in this order to each output element:
 //   y = W x  [+ bias[n]]  [+ residual]  [+ lora->scale * B (A x)]
@@ -184,22 +167,6 @@ struct PreparedInput {
   PreparedInput(PreparedInput&&) = default;
   PreparedInput& operator=(PreparedInput&&) = default;
 };
-
-// Validates a LoRA delta against a K-column, N-row weight.
-inline Status ValidateLora(const LoraDelta& lora) {
-  if (lora.rank == 0 || lora.rank > kMaxLoraRank) {
-    return InvalidArgument("lora: rank = %zu, need 1..%zu", lora.rank, kMaxLoraRank);
-  }
-  if (lora.a == nullptr || lora.b == nullptr) {
-    return InvalidArgument("lora: null %s factor", lora.a == nullptr ? "A" : "B");
-  }
-  if (ElementBytes(lora.type) == 0) {
-    return InvalidArgument("lora: type %d is not f16 (0), bf16 (1) or f32 (2)",
-                           static_cast<int>(lora.type));
-  }
-  if (!std::isfinite(lora.scale)) return InvalidArgument("lora: scale is not finite");
-  return Status::Ok();
-}
 
 }  // namespace lutra
 

@@ -15,7 +15,7 @@
 #include <cmath>
 #include <vector>
 
-#include "lutra/status.h"
+#include "lutra/base/status.h"
 
 namespace lutra {
 

@@ -31,9 +31,9 @@
 #include <utility>
 #include <vector>
 
-#include "lutra/gguf.h"
-#include "lutra/mapped_file.h"
-#include "lutra/status.h"
+#include "lutra/base/status.h"
+#include "lutra/format/gguf.h"
+#include "lutra/format/mapped_file.h"
 
 namespace lutra {
 

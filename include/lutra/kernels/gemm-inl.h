@@ -42,12 +42,12 @@
 
 #include "hwy/aligned_allocator.h"
 #include "hwy/highway.h"
-#include "lutra/dot-inl.h"
-#include "lutra/gemv-inl.h"
-#include "lutra/lut_decode-inl.h"
-#include "lutra/matmul.h"
-#include "lutra/status.h"
-#include "lutra/thread_pool.h"
+#include "lutra/base/status.h"
+#include "lutra/base/thread_pool.h"
+#include "lutra/kernels/dot-inl.h"
+#include "lutra/kernels/gemv-inl.h"
+#include "lutra/kernels/lut_decode-inl.h"
+#include "lutra/kernels/matmul.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace lutra {

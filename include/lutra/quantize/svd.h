@@ -24,7 +24,7 @@
 #include <numeric>
 #include <vector>
 
-#include "lutra/status.h"
+#include "lutra/base/status.h"
 
 namespace lutra {
 

@@ -65,8 +65,8 @@
 #include <thread>
 #include <vector>
 
-#include "lutra/palette.h"
-#include "lutra/status.h"
+#include "lutra/base/status.h"
+#include "lutra/format/palette.h"
 
 namespace lutra {
 
@@ -80,7 +80,7 @@ enum class PalettizeInit : uint8_t {
 struct PalettizeOptions {
   int bits = 4;                 // index width b in {1, 2, 3, 4, 6, 8}
   size_t group_rows = 16;       // G rows share one codebook (G >= N: one group)
-  CodebookType codebook = CodebookType::kF16;
+  ElementType codebook = ElementType::kF16;
   uint64_t seed = 0;            // only used by kKMeansPlusPlus
   int max_iters = 30;           // Lloyd iterations per group (0 = init only)
   size_t threads = 1;           // worker threads; 0 = hardware concurrency
@@ -544,7 +544,7 @@ inline Status ValidatePalettizeInput(const float* w, size_t rows, size_t cols,
       opt.init != PalettizeInit::kKMeansPlusPlus && opt.init != PalettizeInit::kCompanded) {
     return InvalidArgument("palettize: unknown init method %d", static_cast<int>(opt.init));
   }
-  const float limit = opt.codebook == CodebookType::kF16 ? 65504.0f
+  const float limit = opt.codebook == ElementType::kF16 ? 65504.0f
                                                          : std::numeric_limits<float>::max();
   for (size_t r = 0; r < rows; ++r) {
     const float* row = w + r * cols;
@@ -556,7 +556,7 @@ inline Status ValidatePalettizeInput(const float* w, size_t rows, size_t cols,
       if (std::abs(row[c]) > limit) {
         return InvalidArgument(
             "palettize: weight (%zu, %zu) = %g exceeds the f16 codebook range (65504); "
-            "use CodebookType::kBF16 or kF32",
+            "use ElementType::kBF16 or kF32",
             r, c, double(row[c]));
       }
     }

@@ -34,11 +34,11 @@
 #include <utility>
 #include <vector>
 
-#include "lutra/lora.h"
-#include "lutra/palette.h"
-#include "lutra/palettize.h"
-#include "lutra/status.h"
-#include "lutra/svd.h"
+#include "lutra/base/status.h"
+#include "lutra/format/lora.h"
+#include "lutra/format/palette.h"
+#include "lutra/quantize/palettize.h"
+#include "lutra/quantize/svd.h"
 
 namespace lutra {
 
@@ -47,7 +47,7 @@ struct RecoveryOptions {
   int power_iterations = 2;          // randomized SVD sharpening (svd.h)
   size_t oversample = 8;             // randomized SVD extra sketch columns
   uint64_t seed = 0x5EEDu;           // sketch seed: the adapter is deterministic
-  WeightType type = WeightType::kF16;  // storage of A and B
+  ElementType type = ElementType::kF16;  // storage of A and B
   size_t threads = 1;                // matrices processed in parallel (0 = all cores)
   // Alternating rounds (BuildRecoveryAdapterAlternating only): 0 = palettize
   // W once, then SVD of the residual; t > 0 re-palettizes W - BA t times.
@@ -133,13 +133,13 @@ struct Factors {
   std::vector<float> b;  // N x rank
 };
 
-inline float RoundToWeightType(float v, WeightType type) {
+inline float RoundToWeightType(float v, ElementType type) {
   switch (type) {
-    case WeightType::kF16:
-      return RoundToCodebookType(v, CodebookType::kF16);
-    case WeightType::kBF16:
-      return RoundToCodebookType(v, CodebookType::kBF16);
-    case WeightType::kF32:
+    case ElementType::kF16:
+      return RoundToCodebookType(v, ElementType::kF16);
+    case ElementType::kBF16:
+      return RoundToCodebookType(v, ElementType::kBF16);
+    case ElementType::kF32:
       return v;
   }
   return v;
@@ -242,7 +242,7 @@ inline Status AddAll(const BaseShapes& base, const std::vector<RecoveryTarget>& 
     LUTRA_RETURN_IF_ERROR(adapter->AddFactors(t.layer, t.projection, factors[i].rank,
                                               factors[i].a.data(), factors[i].rank * K,
                                               factors[i].b.data(), N * factors[i].rank,
-                                              WeightType::kF32, opt.type, 1.0f));
+                                              ElementType::kF32, opt.type, 1.0f));
   }
   return Status::Ok();
 }
