@@ -6,8 +6,8 @@
 #include <vector>
 
 #include "hwy/highway.h"
-#include "lutra/kernels/gemv-inl.h"
-#include "lutra/quantize/palettize.h"
+#include "lutra/kernels/gemv-inl.h"  // per-target: after hwy/highway.h
+#include "lutra/lutra.h"             // every plain type: Palettize, PreparedPalette, ...
 
 namespace hn = lutra::HWY_NAMESPACE;
 
