@@ -22,6 +22,7 @@
 #include "lutra/format/tokenizer.h"
 
 // quantize/: palettizer, bit allocation, recovery adapters.
+#include "lutra/quantize/kmeans_1d.h"
 #include "lutra/quantize/mixed_bits.h"
 #include "lutra/quantize/palettize.h"
 #include "lutra/quantize/recovery.h"
