@@ -42,7 +42,6 @@ enum class ElementType : uint8_t {
   kBF16 = 1,  // bfloat16: the top half of an f32
   kF32 = 2,
   kI8 = 3,    // int8 with a caller-kept scale
-  kInt8 = kI8,  // lutra-rename-13: transitional, removed by the rename sed
 };
 
 // Bytes of one element; 0 for a value outside the enum.

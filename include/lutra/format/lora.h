@@ -168,8 +168,6 @@ struct BaseShapes {
     return true;
   }
 };
-// lutra-rename-13: transitional names (issue 13), deleted by the rename sed.
-inline const char* WeightTypeName(ElementType t) { return ElementTypeName(t); }  // lutra-rename-13
 
 // One adapted matrix: the factors (owned, 64-byte aligned, one allocation)
 // and the LoraDelta view of them that the GEMV/GEMM epilogue takes.

@@ -58,9 +58,6 @@ struct LoadAdapterOptions {
 };
 
 namespace lora_file_detail {
-// lutra-rename-13: transitional names (issue 13), deleted by the rename sed.
-inline bool GgmlToWeightType(uint32_t g, ElementType* t) { return GgmlToElementType(g, t); }  // lutra-rename-13
-inline uint32_t WeightTypeToGgml(ElementType t) { return ElementTypeToGgml(t); }  // lutra-rename-13
 
 // Splits "blk.<L>.<stem>.weight.lora_<x>" into L, stem and x ('a' or 'b').
 inline bool ParseLoraName(const std::string& name, size_t* layer, std::string* stem,

@@ -39,9 +39,6 @@
 #include "lutra/base/status.h"
 
 namespace lutra {
-// lutra-rename-13: transitional names (issue 13), deleted by the rename sed.
-inline const char* CodebookTypeName(ElementType t) { return ElementTypeName(t); }  // lutra-rename-13
-inline float RoundToCodebookType(float v, ElementType t) { return RoundToElementType(v, t); }  // lutra-rename-13
 
 // True for the index widths the format supports: 1, 2, 3, 4, 6, 8.
 inline bool IsValidPaletteBits(int bits) {

@@ -36,10 +36,6 @@
 #include "lutra/base/status.h"
 
 namespace lutra {
-// lutra-rename-13: transitional names (issue 13), deleted by the rename sed.
-using KVType = ElementType;  // lutra-rename-13
-inline const char* KVTypeName(ElementType t) { return ElementTypeName(t); }  // lutra-rename-13
-inline size_t KVTypeBytes(ElementType t) { return ElementBytes(t); }  // lutra-rename-13
 
 struct KVCacheConfig {
   size_t num_layers = 1;
