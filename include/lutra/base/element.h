@@ -18,8 +18,8 @@
 //    [-128, 127]; a scale, where there is one, is the caller's (the KV cache
 //    keeps one per row).
 //
-// Plain header: no Highway targets (hwy/base.h only, for the f16/bf16
-// rounding it shares with the vector path).
+// Plain header: no Highway targets (hwy/base.h only: Highway's scalar f16/bf16
+// rounding, which the vector DemoteTo matches bit for bit).
 #ifndef LUTRA_BASE_ELEMENT_H_
 #define LUTRA_BASE_ELEMENT_H_
 
