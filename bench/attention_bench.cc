@@ -131,14 +131,14 @@ struct Result {
   double us_cold, us_hot, gbs_cold, gbs_hot;
 };
 
-Result BenchDecode(KVType type, size_t ctx, int reps) {
+Result BenchDecode(ElementType type, size_t ctx, int reps) {
   const size_t kv_heads = 8, heads = 24, hd = 128;
   KVCacheConfig cfg;
   cfg.num_kv_heads = kv_heads;
   cfg.head_dim = hd;
   cfg.capacity = ctx;
   cfg.type = type;
-  const size_t per_layer = ctx * 2 * kv_heads * hd * KVTypeBytes(type);
+  const size_t per_layer = ctx * 2 * kv_heads * hd * ElementBytes(type);
   // >= 512 MiB in total, at least 4 layers.
   cfg.num_layers = std::max<size_t>(4, ((size_t{512} << 20) + per_layer - 1) / per_layer);
   StatusOr<KVCache> c = KVCache::Create(cfg);
@@ -213,25 +213,25 @@ int main(int argc, char** argv) {
          getenv("LUTRA_BENCH_WALL") ? "wall" : "thread CPU");
   const double bw = MeasureReadBandwidth(size_t{1} << 30, quick ? 5 : 9);
   printf("read bandwidth (1 GiB sum, 1 thread, median): %.2f GB/s\n", bw);
-  const KVType types[] = {KVType::kF32, KVType::kF16, KVType::kBF16, KVType::kInt8};
+  const ElementType types[] = {ElementType::kF32, ElementType::kF16, ElementType::kBF16, ElementType::kI8};
   const size_t contexts[] = {512, 2048, 8192};
   std::string table =
       "| KV | context | KV bytes/token | cold us/token | cold GB/s | cold / read BW | "
       "hot us/token | hot GB/s |\n|---|---|---|---|---|---|---|---|\n";
-  for (KVType type : types) {
+  for (ElementType type : types) {
     for (size_t ctx : contexts) {
       const Result r = BenchDecode(type, ctx, reps);
-      const double mb = double(ctx) * 2 * 8 * (128 * KVTypeBytes(type) +
-                                               (type == KVType::kInt8 ? 4 : 0)) /
+      const double mb = double(ctx) * 2 * 8 * (128 * ElementBytes(type) +
+                                               (type == ElementType::kI8 ? 4 : 0)) /
                         (1 << 20);
       printf("%-5s ctx %5zu: cold %8.1f us %6.2f GB/s (%.2f of read BW) | hot %8.1f us "
              "%6.2f GB/s\n",
-             KVTypeName(type), ctx, r.us_cold, r.gbs_cold, r.gbs_cold / bw, r.us_hot,
+             ElementTypeName(type), ctx, r.us_cold, r.gbs_cold, r.gbs_cold / bw, r.us_hot,
              r.gbs_hot);
       fflush(stdout);
       char line[256];
       snprintf(line, sizeof(line), "| %s | %zu | %.2f MiB | %.1f | %.2f | %.2f | %.1f | %.2f |\n",
-               KVTypeName(type), ctx, mb, r.us_cold, r.gbs_cold, r.gbs_cold / bw,
+               ElementTypeName(type), ctx, mb, r.us_cold, r.gbs_cold, r.gbs_cold / bw,
                r.us_hot, r.gbs_hot);
       table += line;
     }

@@ -31,7 +31,7 @@ Status Config::Validate() const {
   return Status();
 }
 
-StatusOr<RunState> MakeRunState(const Config& c, size_t max_batch, KVType kv_type) {
+StatusOr<RunState> MakeRunState(const Config& c, size_t max_batch, ElementType kv_type) {
   LUTRA_RETURN_IF_ERROR(c.Validate());
   if (max_batch == 0) return InvalidArgument("run state: max_batch must be >= 1");
   RunState s;

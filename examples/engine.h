@@ -164,7 +164,7 @@ struct RunState {
 };
 
 StatusOr<RunState> MakeRunState(const Config& config, size_t max_batch,
-                                KVType kv_type = KVType::kF32);
+                                ElementType kv_type = ElementType::kF32);
 
 // Runs `num` tokens at positions pos..pos+num-1 through the model, appending
 // their keys/values to the cache. num <= state.max_batch; num > 1 is prefill

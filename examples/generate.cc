@@ -33,7 +33,7 @@ struct Options {
   uint64_t seed = 0;        // 0: from the clock
   size_t threads = 1;
   engine::LoadOptions load;
-  lutra::KVType kv_type = lutra::KVType::kF32;
+  lutra::ElementType kv_type = lutra::ElementType::kF32;
   lutra::MatmulPrecision precision = lutra::MatmulPrecision::kInt8;
   std::string save;         // write a .lutra file and exit
   bool eval = false;
@@ -175,13 +175,13 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
     } else if (flag == "--kv-type") {
       const std::string v = value;
       if (v == "f32") {
-        o->kv_type = lutra::KVType::kF32;
+        o->kv_type = lutra::ElementType::kF32;
       } else if (v == "f16") {
-        o->kv_type = lutra::KVType::kF16;
+        o->kv_type = lutra::ElementType::kF16;
       } else if (v == "bf16") {
-        o->kv_type = lutra::KVType::kBF16;
+        o->kv_type = lutra::ElementType::kBF16;
       } else if (v == "int8") {
-        o->kv_type = lutra::KVType::kInt8;
+        o->kv_type = lutra::ElementType::kI8;
       } else {
         return bad("f32, f16, bf16 or int8");
       }

@@ -656,7 +656,7 @@ Status SaveLutraModel(const Model& model, const Tokenizer* tokenizer, const std:
       g.AddArray("lutra.palette." + n.name, GgufValueType::kU64, meta, 5);
       g.AddTensorView(n.name + ".indices", GgmlType::kI8, {sh.index_bytes()}, w.palette.indices,
                       sh.index_bytes());
-      const GgmlType cb = GgmlType(lora_file_detail::WeightTypeToGgml(sh.codebook));
+      const GgmlType cb = GgmlType(ElementTypeToGgml(sh.codebook));
       g.AddTensorView(n.name + ".codebooks", cb, {sh.num_groups() * sh.num_entries()},
                       w.palette.codebooks, sh.codebook_bytes());
     } else {
@@ -767,11 +767,11 @@ StatusOr<Model> LoadLutraModel(GgufFile file, const LoadOptions& o) {
     if (!idx.ok()) return fail(idx.status());
     StatusOr<const GgufTensorInfo*> cbt = g.GetTensor(name + ".codebooks");
     if (!cbt.ok()) return fail(cbt.status());
-    const uint32_t want_cb = lora_file_detail::WeightTypeToGgml(sh.codebook);
+    const uint32_t want_cb = ElementTypeToGgml(sh.codebook);
     if ((*idx)->type != uint32_t(GgmlType::kI8) || (*cbt)->type != want_cb) {
       return fail(DataLoss("%s: tensor types %s/%s, expected i8 indices and %s codebooks",
                            name.c_str(), (*idx)->type_name(), (*cbt)->type_name(),
-                           CodebookTypeName(sh.codebook)));
+                           ElementTypeName(sh.codebook)));
     }
     StatusOr<PaletteView> view = PaletteView::Make(sh, (*idx)->data, size_t((*idx)->n_bytes),
                                                    (*cbt)->data, size_t((*cbt)->n_bytes));

@@ -64,12 +64,12 @@ void AttentionRef(const float* q, size_t head_dim, size_t lo, size_t hi,
 
 // Per-element relative error of one stored value of each type (int8 is
 // bounded per row instead, see below).
-inline double TypeRelError(KVType type) {
+inline double TypeRelError(ElementType type) {
   switch (type) {
-    case KVType::kF32: return 0.0;
-    case KVType::kF16: return 1.0 / 2048;  // 2^-11: round to nearest, 10 bits
-    case KVType::kBF16: return 1.0 / 256;  // 2^-8: round to nearest, 7 bits
-    case KVType::kInt8: return 0.0;
+    case ElementType::kF32: return 0.0;
+    case ElementType::kF16: return 1.0 / 2048;  // 2^-11: round to nearest, 10 bits
+    case ElementType::kBF16: return 1.0 / 256;  // 2^-8: round to nearest, 7 bits
+    case ElementType::kI8: return 0.0;
   }
   return 0.0;
 }
@@ -87,11 +87,11 @@ using test::History;
 
 struct Shape {
   size_t kv_heads, group, head_dim, capacity;
-  KVType type;
+  ElementType type;
 };
 
 std::string Describe(const Shape& s, size_t pos, size_t window) {
-  return std::string(KVTypeName(s.type)) + " kv_heads=" + std::to_string(s.kv_heads) +
+  return std::string(ElementTypeName(s.type)) + " kv_heads=" + std::to_string(s.kv_heads) +
          " g=" + std::to_string(s.group) + " head_dim=" + std::to_string(s.head_dim) +
          " C=" + std::to_string(s.capacity) + " pos=" + std::to_string(pos) +
          " window=" + std::to_string(window);
@@ -151,7 +151,7 @@ Worst MeasureOutputs(const KVCache& cache, const History& hist, const Shape& sh,
       }
       double max_v = 0.0, max_qk = 0.0, max_dv = 0.0, max_ds = 0.0;
       const double rel = test::TypeRelError(sh.type);
-      const bool int8 = sh.type == KVType::kInt8;
+      const bool int8 = sh.type == ElementType::kI8;
       for (size_t pp = lo; pp <= p; ++pp) {
         const float* kd = kdec.data() + (pp - lo) * hd;
         const float* ko = hist.K(pp, kvh);
@@ -226,16 +226,16 @@ Worst CheckOutputs(const KVCache& cache, const History& hist, const Shape& sh,
 // at every position of interest, with and without a window.
 void TestDecode() {
   test::Rng rng(42);
-  const KVType types[] = {KVType::kF32, KVType::kF16, KVType::kBF16, KVType::kInt8};
+  const ElementType types[] = {ElementType::kF32, ElementType::kF16, ElementType::kBF16, ElementType::kI8};
   const size_t groups[] = {1, 2, 3, 4, 8};
   const size_t dims[] = {32, 64, 80, 128, 18};
-  for (KVType type : types) {
+  for (ElementType type : types) {
     double signal = 0.0, noise = 0.0;
     for (size_t g : groups) {
       for (size_t hd : dims) {
         // The odd head_dim (vector tails) once, with f32 rows: tails of the
         // other types use the same LoadN paths; keeps the ASan run short.
-        if (hd == 18 && type != KVType::kF32) continue;
+        if (hd == 18 && type != ElementType::kF32) continue;
         // Capacity 45 > block (32): blocks split at the wrap point too.
         const Shape sh{2, g, hd, 45, type};
         const size_t nh = sh.kv_heads * g;
@@ -284,13 +284,13 @@ void TestDecode() {
     if (std::string(test::CurrentTargetName()) == "AVX3_ZEN4" ||
         std::string(test::CurrentTargetName()) == "AVX2") {
       std::printf("[attention] %s KV: output SNR %.1f dB vs f32 K/V (%s)\n",
-                  KVTypeName(type), snr, test::CurrentTargetName());
+                  ElementTypeName(type), snr, test::CurrentTargetName());
     }
-    const double min_snr = type == KVType::kF32    ? 120.0
-                           : type == KVType::kF16  ? 60.0
-                           : type == KVType::kBF16 ? 40.0
+    const double min_snr = type == ElementType::kF32    ? 120.0
+                           : type == ElementType::kF16  ? 60.0
+                           : type == ElementType::kBF16 ? 40.0
                                                    : 35.0;
-    INFO(KVTypeName(type) << " SNR " << snr << " dB on " << test::CurrentTargetName());
+    INFO(ElementTypeName(type) << " SNR " << snr << " dB on " << test::CurrentTargetName());
     CHECK(snr >= min_snr);
   }
 }
@@ -299,10 +299,10 @@ void TestDecode() {
 // with a window), and chunks that the ring cannot serve are rejected.
 void TestPrefill() {
   test::Rng rng(7);
-  for (KVType type : {KVType::kF32, KVType::kF16, KVType::kInt8}) {
+  for (ElementType type : {ElementType::kF32, ElementType::kF16, ElementType::kI8}) {
     for (size_t g : {size_t{1}, size_t{3}, size_t{8}}) {
       for (size_t hd : {size_t{64}, size_t{80}}) {
-        if (hd == 64 && type != KVType::kF32) continue;  // test time
+        if (hd == 64 && type != ElementType::kF32) continue;  // test time
         for (size_t window : {size_t{0}, size_t{9}}) {
           const size_t cap = 70, kvh = 2, nh = kvh * g;
           KVCacheConfig cfg;
@@ -379,7 +379,7 @@ void TestTruncate() {
   cfg.num_kv_heads = 2;
   cfg.head_dim = 32;
   cfg.capacity = 50;
-  cfg.type = KVType::kF16;
+  cfg.type = ElementType::kF16;
   StatusOr<KVCache> a = KVCache::Create(cfg), b = KVCache::Create(cfg);
   REQUIRE((a.ok() && b.ok()));
   const size_t nh = 4, hd = 32, kvh = 2;
@@ -403,7 +403,7 @@ void TestTruncate() {
 // loose) int8 bound; the typical int8 error is checked by SNR in TestDecode.
 void TestDetectsError() {
   test::Rng rng(99);
-  for (KVType type : {KVType::kF32, KVType::kInt8}) {
+  for (ElementType type : {ElementType::kF32, ElementType::kI8}) {
     const Shape sh{1, 2, 64, 16, type};
     KVCacheConfig cfg;
     cfg.head_dim = 64;
@@ -420,7 +420,7 @@ void TestDetectsError() {
     CHECK(ok.vs_orig <= 1.0);
     double max_v = 0.0;
     for (float x : hist.v) max_v = std::max(max_v, double(std::abs(x)));
-    out[5] += float((type == KVType::kF32 ? 1e-2 : 0.5) * max_v);
+    out[5] += float((type == ElementType::kF32 ? 1e-2 : 0.5) * max_v);
     const Worst bad = MeasureOutputs(*c, hist, sh, 9, 1, 0, q.data(), out.data());
     CHECK(bad.vs_cache > 1.0);
     CHECK(bad.vs_orig > 1.0);

@@ -71,7 +71,7 @@ void RunCase(test::Rng& rng, const Case& c) {
   const std::string what = "gemm M=" + std::to_string(M) + " N=" + std::to_string(N) +
                            " K=" + std::to_string(K) + " G=" + std::to_string(c.G) +
                            " bits=" + std::to_string(c.bits) + " codebook=" +
-                           CodebookTypeName(c.type) + " precision=" +
+                           ElementTypeName(c.type) + " precision=" +
                            MatmulPrecisionName(c.precision) + " epilogue=" +
                            std::to_string(c.epilogue) + " split=" + std::to_string(a);
   INFO(what);

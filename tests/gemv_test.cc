@@ -102,7 +102,7 @@ void TestGemvAllFormats() {
           const std::string what = "gemv N=" + std::to_string(s.N) + " K=" +
                                    std::to_string(s.K) + " G=" + std::to_string(s.G) +
                                    " bits=" + std::to_string(bits) + " codebook=" +
-                                   CodebookTypeName(type) + " precision=" +
+                                   ElementTypeName(type) + " precision=" +
                                    MatmulPrecisionName(precision) + " epilogue=" +
                                    std::to_string(epi);
           INFO(what);

@@ -23,7 +23,7 @@ namespace HWY_NAMESPACE {
 namespace {
 
 KVCacheConfig Config(size_t layers, size_t kv_heads, size_t head_dim, size_t cap,
-                     KVType type, bool ring = true) {
+                     ElementType type, bool ring = true) {
   KVCacheConfig c;
   c.num_layers = layers;
   c.num_kv_heads = kv_heads;
@@ -39,8 +39,8 @@ KVCacheConfig Config(size_t layers, size_t kv_heads, size_t head_dim, size_t cap
 // the documented scale.
 void TestConversions() {
   test::Rng rng(21);
-  const KVType types[] = {KVType::kF32, KVType::kF16, KVType::kBF16, KVType::kInt8};
-  for (KVType type : types) {
+  const ElementType types[] = {ElementType::kF32, ElementType::kF16, ElementType::kBF16, ElementType::kI8};
+  for (ElementType type : types) {
     for (size_t hd : test::SweepSizes(300)) {
       const size_t kvh = 3, T = 5;
       StatusOr<KVCache> c = KVCache::Create(Config(2, kvh, hd, 4, type));
@@ -64,9 +64,9 @@ void TestConversions() {
           for (int kv = 0; kv < 2; ++kv) {
             const float* src = (kv == 0 ? k : v).data() + (p * kvh + h) * hd;
             c->DecodeRow(1, kv, h, p, row.data());
-            INFO(KVTypeName(type) << " hd=" << hd << " pos=" << p << " head=" << h
+            INFO(ElementTypeName(type) << " hd=" << hd << " pos=" << p << " head=" << h
                                   << " kv=" << kv << " on " << test::CurrentTargetName());
-            if (type == KVType::kInt8) {
+            if (type == ElementType::kI8) {
               float mx = 0.0f;
               for (size_t i = 0; i < hd; ++i) mx = std::max(mx, std::abs(src[i]));
               const float scale = (kv == 0 ? c->KScales(1, h) : c->VScales(1, h))[c->Slot(p)];
@@ -81,9 +81,9 @@ void TestConversions() {
               size_t bad = 0;
               for (size_t i = 0; i < hd; ++i) {
                 float expected = src[i];
-                if (type == KVType::kF16) {
+                if (type == ElementType::kF16) {
                   expected = hwy::F32FromF16(hwy::F16FromF32(src[i]));
-                } else if (type == KVType::kBF16) {
+                } else if (type == ElementType::kBF16) {
                   expected = hwy::F32FromBF16(hwy::BF16FromF32(src[i]));
                 }
                 bad += !(row[i] == expected);
@@ -99,7 +99,7 @@ void TestConversions() {
 
 void TestBookkeeping() {
   const size_t hd = 8, kvh = 2, cap = 6;
-  for (KVType type : {KVType::kF32, KVType::kInt8}) {
+  for (ElementType type : {ElementType::kF32, ElementType::kI8}) {
     StatusOr<KVCache> c = KVCache::Create(Config(3, kvh, hd, cap, type));
     REQUIRE(c.ok());
     std::vector<float> kv(30 * kvh * hd, 1.0f);  // up to 30 positions per append
@@ -142,7 +142,7 @@ void TestBookkeeping() {
     CHECK(AppendKV(*c, 0, 0, 0, nullptr, nullptr).ok());  // nothing to append
   }
   // Fixed capacity: appending past it is an error, the cache unchanged.
-  StatusOr<KVCache> f = KVCache::Create(Config(1, kvh, hd, cap, KVType::kF16, false));
+  StatusOr<KVCache> f = KVCache::Create(Config(1, kvh, hd, cap, ElementType::kF16, false));
   REQUIRE(f.ok());
   std::vector<float> kv(10 * kvh * hd, 1.0f);
   REQUIRE(AppendKV(*f, 0, 0, 5, kv.data(), kv.data()).ok());
@@ -158,17 +158,17 @@ void TestBookkeeping() {
 
 void TestMemoryAndConfig() {
   // f16: layers x K,V x kv heads x capacity x head_dim x 2 bytes, no padding.
-  StatusOr<KVCache> c = KVCache::Create(Config(2, 8, 128, 512, KVType::kF16));
+  StatusOr<KVCache> c = KVCache::Create(Config(2, 8, 128, 512, ElementType::kF16));
   REQUIRE(c.ok());
   CHECK(c->MemoryBytes() == size_t{2} * 2 * 8 * 512 * 128 * 2);
   CHECK(c->BytesPerPosition() == size_t{2} * 8 * 128 * 2);
-  StatusOr<KVCache> q = KVCache::Create(Config(2, 8, 128, 512, KVType::kInt8));
+  StatusOr<KVCache> q = KVCache::Create(Config(2, 8, 128, 512, ElementType::kI8));
   REQUIRE(q.ok());
   // int8 rows plus one f32 scale per (layer, K|V, head, slot).
   CHECK(q->MemoryBytes() == size_t{2} * 2 * 8 * 512 * 128 + size_t{2} * 2 * 8 * 512 * 4);
   CHECK(q->BytesPerPosition() == size_t{2} * 8 * (128 + 4));
   // Rows of every head start 64-byte aligned, even for odd sizes.
-  StatusOr<KVCache> odd = KVCache::Create(Config(2, 3, 7, 5, KVType::kBF16));
+  StatusOr<KVCache> odd = KVCache::Create(Config(2, 3, 7, 5, ElementType::kBF16));
   REQUIRE(odd.ok());
   for (size_t l = 0; l < 2; ++l) {
     for (size_t h = 0; h < 3; ++h) {
@@ -178,19 +178,19 @@ void TestMemoryAndConfig() {
   }
   CHECK(odd->KScales(0, 0) == nullptr);
   // Invalid configurations.
-  CHECK(KVCache::Create(Config(0, 1, 8, 8, KVType::kF32)).status().code() ==
+  CHECK(KVCache::Create(Config(0, 1, 8, 8, ElementType::kF32)).status().code() ==
         StatusCode::kInvalidArgument);
-  CHECK(KVCache::Create(Config(1, 1, 0, 8, KVType::kF32)).status().code() ==
+  CHECK(KVCache::Create(Config(1, 1, 0, 8, ElementType::kF32)).status().code() ==
         StatusCode::kInvalidArgument);
-  CHECK(KVCache::Create(Config(1, 1, 8, 0, KVType::kF32)).status().code() ==
+  CHECK(KVCache::Create(Config(1, 1, 8, 0, ElementType::kF32)).status().code() ==
         StatusCode::kInvalidArgument);
-  CHECK(KVCache::Create(Config(1, 1, 8, 8, static_cast<KVType>(9))).status().code() ==
+  CHECK(KVCache::Create(Config(1, 1, 8, 8, static_cast<ElementType>(9))).status().code() ==
         StatusCode::kInvalidArgument);
-  CHECK(KVCache::Create(Config(1000, 1000, 1000, 1000000, KVType::kF32))
+  CHECK(KVCache::Create(Config(1000, 1000, 1000, 1000000, ElementType::kF32))
             .status()
             .code() == StatusCode::kResourceExhausted);
-  CHECK(std::string(KVTypeName(KVType::kInt8)) == "int8");
-  CHECK(KVTypeBytes(KVType::kBF16) == 2);
+  CHECK(std::string(ElementTypeName(ElementType::kI8)) == "int8");
+  CHECK(ElementBytes(ElementType::kBF16) == 2);
 }
 
 }  // namespace

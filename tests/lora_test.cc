@@ -149,7 +149,7 @@ void TestFusedGemvEpilogue() {
         REQUIRE(f != nullptr);
         REQUIRE(adapter.Find(1, p) == &f->delta());
         const size_t N = base.Rows(p);
-        INFO("projection " << ProjectionName(p) << " type " << WeightTypeName(type)
+        INFO("projection " << ProjectionName(p) << " type " << ElementTypeName(type)
                            << " rank " << rank << " bits " << bits);
         Epilogue ep;
         ep.lora = adapter.Find(1, p);
@@ -197,7 +197,7 @@ void TestFusedGemmEpilogue() {
         const PreparedPalette pw = PreparedPalette::Make(w.view()).value();
         const std::vector<float> X = rng.GaussianVector(M * ldx);
         const LoraFactors* f = adapter.FindFactors(0, p);
-        INFO("gemm projection " << ProjectionName(p) << " type " << WeightTypeName(type)
+        INFO("gemm projection " << ProjectionName(p) << " type " << ElementTypeName(type)
                                 << " M " << M);
         Epilogue ep;
         ep.lora = adapter.Find(0, p);

@@ -305,7 +305,7 @@ TEST_CASE("Codebook entries round to the codebook type") {
     const float v = 0.1f;
     m->set_entry(2, 3, v);
     const float got = m->view().entry(2, 3);
-    CHECK(got == RoundToCodebookType(v, type));
+    CHECK(got == RoundToElementType(v, type));
     if (type == ElementType::kF32) {
       CHECK(got == v);
     } else {
@@ -316,9 +316,9 @@ TEST_CASE("Codebook entries round to the codebook type") {
     CHECK(m->view().entry(2, 2) == 0.0f);
     CHECK(m->view().entry(1, 3) == 0.0f);
   }
-  CHECK(RoundToCodebookType(1e6f, ElementType::kF16) == 65504.0f);
-  CHECK(RoundToCodebookType(-1e6f, ElementType::kF16) == -65504.0f);
-  CHECK(RoundToCodebookType(1e6f, ElementType::kBF16) == 999424.0f);
+  CHECK(RoundToElementType(1e6f, ElementType::kF16) == 65504.0f);
+  CHECK(RoundToElementType(-1e6f, ElementType::kF16) == -65504.0f);
+  CHECK(RoundToElementType(1e6f, ElementType::kBF16) == 999424.0f);
 }
 
 // Fills a random matrix through the owning API and checks views, dequantize

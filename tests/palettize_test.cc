@@ -54,7 +54,7 @@ TEST_CASE("Palettize recovers planted clusters") {
     const size_t k = size_t{1} << b;
     const size_t N = 40, K = 129, G = 16;  // last group has 8 rows
     for (ElementType cb : {ElementType::kF32, ElementType::kF16}) {
-      INFO("b=" << b << " codebook=" << CodebookTypeName(cb));
+      INFO("b=" << b << " codebook=" << ElementTypeName(cb));
       std::vector<float> w(N * K);
       std::vector<uint32_t> label(N * K);
       const size_t groups = (N + G - 1) / G;
@@ -104,7 +104,7 @@ TEST_CASE("Palettize recovers planted clusters") {
         for (uint32_t l = 0; l < k; ++l) {
           const double mean = sum[l] / double(cnt[l]);
           const double entry = v.entry(g, to_index[l]);
-          CHECK(entry == RoundToCodebookType(static_cast<float>(mean), cb));
+          CHECK(entry == RoundToElementType(static_cast<float>(mean), cb));
         }
       }
       CHECK(st.degenerate_groups == 0);
@@ -127,7 +127,7 @@ TEST_CASE("Palettize is exact with at most 2^b distinct values per group") {
         const size_t d = g == 0 ? 1 : g == 1 ? k : 1 + rng.Below(k);
         std::vector<float> vals(d);
         for (float& x : vals) {
-          x = RoundToCodebookType(rng.HeavyTailed(), ElementType::kF16);
+          x = RoundToElementType(rng.HeavyTailed(), ElementType::kF16);
         }
         if (g == 2) vals[0] = -0.0f;  // -0 and +0 are the same value
         for (size_t r = g * G; r < std::min(N, (g + 1) * G); ++r) {
@@ -274,7 +274,7 @@ TEST_CASE("Palettize assigns each weight its nearest stored entry") {
           }
         }
       }
-      INFO("b=" << b << " codebook " << CodebookTypeName(cb));
+      INFO("b=" << b << " codebook " << ElementTypeName(cb));
       CHECK(bad == 0);
       // Codebooks are sorted ascending.
       for (size_t g = 0; g < v.shape.num_groups(); ++g) {

@@ -35,6 +35,7 @@
 #include <utility>
 #include <vector>
 
+#include "lutra/base/element.h"
 #include "lutra/base/status.h"
 #include "lutra/format/mapped_file.h"
 
@@ -167,6 +168,33 @@ inline const char* GgmlTypeName(uint32_t type) {
   return info ? info->name : "unknown";
 }
 
+// The ggml type id (as GGUF stores it) of an ElementType: f32, f16, bf16, i8.
+inline uint32_t ElementTypeToGgml(ElementType t) {
+  switch (t) {
+    case ElementType::kF16:
+      return static_cast<uint32_t>(GgmlType::kF16);
+    case ElementType::kBF16:
+      return static_cast<uint32_t>(GgmlType::kBF16);
+    case ElementType::kI8:
+      return static_cast<uint32_t>(GgmlType::kI8);
+    case ElementType::kF32:
+      break;
+  }
+  return static_cast<uint32_t>(GgmlType::kF32);
+}
+
+// The ElementType of ggml type `ggml` into *t; false for the types that are
+// not one (quantized blocks, f64, wider integers, unknown ids).
+inline bool GgmlToElementType(uint32_t ggml, ElementType* t) {
+  switch (static_cast<GgmlType>(ggml)) {
+    case GgmlType::kF32: *t = ElementType::kF32; return true;
+    case GgmlType::kF16: *t = ElementType::kF16; return true;
+    case GgmlType::kBF16: *t = ElementType::kBF16; return true;
+    case GgmlType::kI8: *t = ElementType::kI8; return true;
+    default: return false;
+  }
+}
+
 namespace gguf_internal {
 
 // Quoted-safe excerpt of file text for messages: at most 80 bytes,
@@ -196,36 +224,7 @@ inline uint16_t LoadU16(const uint8_t* p) {
 
 }  // namespace gguf_internal
 
-// IEEE binary16 bits -> f32, exact for every input (subnormals, inf, NaN
-// payloads). Branch-free bit arithmetic instead of hwy::F32FromF16, whose
-// portable path costs ~14 ns per value without F16C: this one is ~1 ns and
-// auto-vectorizes, which matters when a multi-GB f16 model is converted on
-// load. Exponent and mantissa move to f32 positions and a multiply by 2^112
-// rebiases the exponent (15 -> 127), which also normalizes f16 subnormals
-// exactly; all-ones exponents (inf/NaN) are patched separately.
-inline float F32FromF16Bits(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t em = h & 0x7FFFu;
-  float magnitude;
-  const uint32_t shifted = em << 13;
-  std::memcpy(&magnitude, &shifted, 4);
-  magnitude *= 5.192296858534828e33f;  // 2^112
-  uint32_t bits;
-  std::memcpy(&bits, &magnitude, 4);
-  if (em >= 0x7C00u) bits = shifted | 0x7F800000u;  // inf, NaN (payload kept)
-  bits |= sign;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
-
-// bfloat16 bits -> f32 (exact: bf16 is the top half of an f32).
-inline float F32FromBF16Bits(uint16_t b) {
-  const uint32_t bits = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &bits, 4);
-  return f;
-}
+// f16/bf16 -> f32 (F32FromF16Bits, F32FromBF16Bits) are in base/element.h.
 
 // ---------------------------------------------------------------------------
 // Metadata

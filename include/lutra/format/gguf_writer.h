@@ -23,7 +23,7 @@
 #include <string>
 #include <vector>
 
-#include "hwy/base.h"  // F16FromF32, BF16FromF32
+#include "lutra/base/element.h"
 #include "lutra/base/status.h"
 #include "lutra/format/gguf.h"
 
@@ -46,17 +46,18 @@ struct GgufLayout {
 };
 
 // ---------------------------------------------------------------------------
-// Encoders from f32 (round to nearest). n must be a multiple of the block size.
+// Encoders from f32 (round to nearest even). n must be a multiple of the
+// block size. f16 is IEEE (element.h): beyond +-65504 becomes +-Inf.
 
 inline void EncodeF16(const float* x, size_t n, uint8_t* out) {
   for (size_t i = 0; i < n; ++i) {
-    const uint16_t bits = hwy::BitCastScalar<uint16_t>(hwy::F16FromF32(x[i]));
+    const uint16_t bits = F16BitsFromF32(x[i]);
     std::memcpy(out + 2 * i, &bits, 2);
   }
 }
 inline void EncodeBF16(const float* x, size_t n, uint8_t* out) {
   for (size_t i = 0; i < n; ++i) {
-    const uint16_t bits = hwy::BitCastScalar<uint16_t>(hwy::BF16FromF32(x[i]));
+    const uint16_t bits = BF16BitsFromF32(x[i]);
     std::memcpy(out + 2 * i, &bits, 2);
   }
 }

@@ -32,10 +32,8 @@
 #include <utility>
 #include <vector>
 
-#include "hwy/base.h"
-
+#include "lutra/base/element.h"
 #include "lutra/base/status.h"
-#include "lutra/format/palette.h"  // ElementType, f16/bf16 rounding
 
 namespace lutra {
 
@@ -62,9 +60,9 @@ inline Status ValidateLora(const LoraDelta& lora) {
   if (lora.a == nullptr || lora.b == nullptr) {
     return InvalidArgument("lora: null %s factor", lora.a == nullptr ? "A" : "B");
   }
-  if (ElementBytes(lora.type) == 0) {
-    return InvalidArgument("lora: type %d is not f16 (0), bf16 (1) or f32 (2)",
-                           static_cast<int>(lora.type));
+  if (!IsFloatElement(lora.type)) {
+    return InvalidArgument("lora: type %d (%s) is not f16 (0), bf16 (1) or f32 (2)",
+                           static_cast<int>(lora.type), ElementTypeName(lora.type));
   }
   if (!std::isfinite(lora.scale)) return InvalidArgument("lora: scale is not finite");
   return Status::Ok();
@@ -171,18 +169,6 @@ struct BaseShapes {
   }
 };
 
-inline const char* WeightTypeName(ElementType t) {
-  switch (t) {
-    case ElementType::kF16:
-      return "f16";
-    case ElementType::kBF16:
-      return "bf16";
-    case ElementType::kF32:
-      return "f32";
-  }
-  return "invalid";
-}
-
 // One adapted matrix: the factors (owned, 64-byte aligned, one allocation)
 // and the LoraDelta view of them that the GEMV/GEMM epilogue takes.
 class LoraFactors {
@@ -272,9 +258,10 @@ class Adapter {
       return InvalidArgument("lora: %s: layer %zu %s is adapted twice", name.c_str(), layer,
                              ProjectionName(p));
     }
-    if (ElementBytes(type) == 0 || ElementBytes(src) == 0) {
-      return InvalidArgument("lora: %s: element type %d -> %d, need f16, bf16 or f32",
-                             name.c_str(), static_cast<int>(src), static_cast<int>(type));
+    if (!IsFloatElement(type) || !IsFloatElement(src)) {
+      return InvalidArgument("lora: %s: element type %s -> %s (%d -> %d), need f16, bf16 or f32",
+                             name.c_str(), ElementTypeName(src), ElementTypeName(type),
+                             static_cast<int>(src), static_cast<int>(type));
     }
     const size_t N = base_.Rows(p), K = base_.Cols(p);
     if (rank == 0 || rank > kMaxLoraRank) {
@@ -400,25 +387,8 @@ class Adapter {
       memcpy(dst, src, n * ElementBytes(type));
       return Status::Ok();
     }
-    for (size_t i = 0; i < n; ++i) {
-      const float v = LoadElement(src, src_type, i);
-      switch (type) {
-        case ElementType::kF16: {
-          const float r = RoundToCodebookType(v, ElementType::kF16);  // saturates
-          const uint16_t bits = hwy::BitCastScalar<uint16_t>(hwy::F16FromF32(r));
-          memcpy(dst + 2 * i, &bits, 2);
-          break;
-        }
-        case ElementType::kBF16: {
-          const uint16_t bits = hwy::BitCastScalar<uint16_t>(hwy::BF16FromF32(v));
-          memcpy(dst + 2 * i, &bits, 2);
-          break;
-        }
-        case ElementType::kF32:
-          memcpy(dst + 4 * i, &v, 4);
-          break;
-      }
-    }
+    // Storage rounding (element.h): nearest even, f16 saturating.
+    for (size_t i = 0; i < n; ++i) StoreElement(dst, type, i, LoadElement(src, src_type, i));
     return Status::Ok();
   }
 

@@ -59,20 +59,6 @@ struct LoadAdapterOptions {
 
 namespace lora_file_detail {
 
-inline constexpr uint32_t kGgmlF32 = 0, kGgmlF16 = 1, kGgmlBF16 = 30;
-
-inline bool GgmlToWeightType(uint32_t ggml, ElementType* t) {
-  switch (ggml) {
-    case kGgmlF32: *t = ElementType::kF32; return true;
-    case kGgmlF16: *t = ElementType::kF16; return true;
-    case kGgmlBF16: *t = ElementType::kBF16; return true;
-  }
-  return false;
-}
-inline uint32_t WeightTypeToGgml(ElementType t) {
-  return t == ElementType::kF32 ? kGgmlF32 : t == ElementType::kF16 ? kGgmlF16 : kGgmlBF16;
-}
-
 // Splits "blk.<L>.<stem>.weight.lora_<x>" into L, stem and x ('a' or 'b').
 inline bool ParseLoraName(const std::string& name, size_t* layer, std::string* stem,
                           char* which) {
@@ -184,7 +170,7 @@ inline StatusOr<Adapter> ParseAdapter(const GgufReader& gguf, const BaseShapes& 
                              src, tname.c_str(), layer, base.num_layers);
     }
     ElementType wt;
-    if (!GgmlToWeightType(t.type, &wt)) {
+    if (!GgmlToElementType(t.type, &wt) || !IsFloatElement(wt)) {
       return Unimplemented("%s: tensor '%s' has type %s, LoRA factors must be f32, f16 or bf16",
                            src, tname.c_str(), t.type_name());
     }
@@ -242,8 +228,8 @@ inline StatusOr<Adapter> ParseAdapter(const GgufReader& gguf, const BaseShapes& 
     float scale = scales.empty() ? (*alpha != 0.0f ? *alpha / float(r) : 1.0f) : scales[i];
     scale *= options.scale;
     ElementType ta = ElementType::kF32, tb = ElementType::kF32;
-    GgmlToWeightType(a.type, &ta);
-    GgmlToWeightType(b.type, &tb);
+    GgmlToElementType(a.type, &ta);
+    GgmlToElementType(b.type, &tb);
     Status s;
     if (ta == tb) {
       const ElementType store = ta == ElementType::kF32 ? options.f32_storage : ta;
@@ -315,7 +301,7 @@ inline StatusOr<std::vector<uint8_t>> SerializeAdapter(const Adapter& adapter) {
     const LoraFactors& f = adapter.target(i);
     const std::string stem = std::string("blk.") + std::to_string(f.layer()) + "." +
                              ProjectionGgufName(f.projection()) + ".weight";
-    const GgmlType type = static_cast<GgmlType>(WeightTypeToGgml(f.type()));
+    const GgmlType type = static_cast<GgmlType>(ElementTypeToGgml(f.type()));
     const size_t es = ElementBytes(f.type());
     // ggml order: ne[0] is the contiguous dimension.
     out.AddTensor(stem + ".lora_a", type, {f.cols(), f.rank()}, f.a(), f.a_elements() * es);

@@ -35,55 +35,10 @@
 #include <utility>
 
 #include "hwy/base.h"
+#include "lutra/base/element.h"
 #include "lutra/base/status.h"
 
 namespace lutra {
-
-// Element type of codebook entries and LoRA factors. Values are part of the
-// file formats.
-enum class ElementType : uint8_t { kF16 = 0, kBF16 = 1, kF32 = 2 };
-
-// Bytes of one element; 0 for a value outside the enum.
-inline size_t ElementBytes(ElementType type) {
-  switch (type) {
-    case ElementType::kF16:
-    case ElementType::kBF16:
-      return 2;
-    case ElementType::kF32:
-      return 4;
-  }
-  return 0;
-}
-
-inline const char* CodebookTypeName(ElementType type) {
-  switch (type) {
-    case ElementType::kF16:
-      return "f16";
-    case ElementType::kBF16:
-      return "bf16";
-    case ElementType::kF32:
-      return "f32";
-  }
-  return "invalid";
-}
-
-// Rounds v to the nearest value representable in `type` (round to nearest
-// even) and returns it as f32. f16 saturates at +-65504 instead of becoming
-// infinite, so a stored codebook never holds Inf; NaN stays NaN.
-inline float RoundToCodebookType(float v, ElementType type) {
-  switch (type) {
-    case ElementType::kF16: {
-      if (v > 65504.0f) v = 65504.0f;
-      if (v < -65504.0f) v = -65504.0f;
-      return hwy::F32FromF16(hwy::F16FromF32(v));
-    }
-    case ElementType::kBF16:
-      return hwy::F32FromBF16(hwy::BF16FromF32(v));
-    case ElementType::kF32:
-      return v;
-  }
-  return v;
-}
 
 // True for the index widths the format supports: 1, 2, 3, 4, 6, 8.
 inline bool IsValidPaletteBits(int bits) {
@@ -132,9 +87,9 @@ struct PaletteShape {
     if (group_rows == 0) {
       return InvalidArgument("palette: group_rows = 0, need group_rows >= 1");
     }
-    if (ElementBytes(codebook) == 0) {
-      return InvalidArgument("palette: codebook type %d is not f16 (0), bf16 (1) or f32 (2)",
-                             static_cast<int>(codebook));
+    if (!IsFloatElement(codebook)) {
+      return InvalidArgument("palette: codebook type %d (%s) is not f16 (0), bf16 (1) or f32 (2)",
+                             static_cast<int>(codebook), ElementTypeName(codebook));
     }
     // Keep every size computation far from overflow: 2^40 rows or columns is
     // beyond any model, and the product limit keeps total_bytes < 2^62.
@@ -292,53 +247,6 @@ inline void UnpackRow(const PaletteShape& shape, const uint8_t* HWY_RESTRICT pac
   }
 }
 
-// Reads element i of an array of `type` as f32: codebook entry i (flat index
-// g * 2^b + e), a LoRA factor element, ... `data` needs no alignment
-// (memcpy), so it may point into an mmap.
-inline float LoadElement(const void* data, ElementType type, size_t i) {
-  const uint8_t* p = static_cast<const uint8_t*>(data);
-  switch (type) {
-    case ElementType::kF16: {
-      uint16_t bits16;
-      memcpy(&bits16, p + 2 * i, 2);
-      return hwy::F32FromF16(hwy::float16_t::FromBits(bits16));
-    }
-    case ElementType::kBF16: {
-      uint16_t bits16;
-      memcpy(&bits16, p + 2 * i, 2);
-      return hwy::F32FromBF16(hwy::bfloat16_t::FromBits(bits16));
-    }
-    case ElementType::kF32: {
-      float f;
-      memcpy(&f, p + 4 * i, 4);
-      return f;
-    }
-  }
-  return 0.0f;
-}
-
-// Writes codebook entry i, rounded to the codebook type (see
-// RoundToCodebookType).
-inline void StoreCodebookEntry(void* codebooks, ElementType type, size_t i, float v) {
-  uint8_t* p = static_cast<uint8_t*>(codebooks);
-  switch (type) {
-    case ElementType::kF16: {
-      const float r = RoundToCodebookType(v, type);
-      const uint16_t bits16 = hwy::BitCastScalar<uint16_t>(hwy::F16FromF32(r));
-      memcpy(p + 2 * i, &bits16, 2);
-      return;
-    }
-    case ElementType::kBF16: {
-      const uint16_t bits16 = hwy::BitCastScalar<uint16_t>(hwy::BF16FromF32(v));
-      memcpy(p + 2 * i, &bits16, 2);
-      return;
-    }
-    case ElementType::kF32:
-      memcpy(p + 4 * i, &v, 4);
-      return;
-  }
-}
-
 // Non-owning, read-only view of a palettized matrix: over a PaletteMatrix or
 // over external memory such as an mmapped file (no copy, no alignment needed).
 // Cheap to copy; the memory must outlive the view.
@@ -366,7 +274,7 @@ struct PaletteView {
       return InvalidArgument(
           "palette view: codebook buffer has %zu bytes, %zu groups x %zu %s entries need %zu",
           codebook_bytes, shape.num_groups(), shape.num_entries(),
-          CodebookTypeName(shape.codebook), shape.codebook_bytes());
+          ElementTypeName(shape.codebook), shape.codebook_bytes());
     }
     PaletteView v;
     v.shape = shape;
@@ -445,10 +353,10 @@ class PaletteMatrix {
   void set_index(size_t r, size_t c, uint32_t idx) {
     PackIndex(shape_, mutable_row(r), c, idx);
   }
-  // Stores v rounded to the codebook type (group < num_groups, e < 2^bits).
+  // Stores v rounded to the codebook type (RoundToElementType: f16 saturates;
+  // group < num_groups, e < 2^bits).
   void set_entry(size_t group, size_t e, float v) {
-    StoreCodebookEntry(mutable_codebooks(), shape_.codebook,
-                       group * shape_.num_entries() + e, v);
+    StoreElement(mutable_codebooks(), shape_.codebook, group * shape_.num_entries() + e, v);
   }
 
  private:

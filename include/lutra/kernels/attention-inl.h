@@ -50,6 +50,7 @@ struct AttentionOptions {
 
 #include "hwy/cache_control.h"
 #include "hwy/highway.h"
+#include "lutra/base/element-inl.h"
 #include "lutra/base/status.h"
 #include "lutra/kernels/kv_cache.h"
 #include "lutra/kernels/ops-inl.h"
@@ -72,44 +73,6 @@ constexpr size_t kAttnRowsPerPass = 4;
 // the keys. Bounds the on-stack row state.
 constexpr size_t kAttnMaxTileRows = 64;
 
-// Loads lanes [i, i + Lanes) (or the first n with LoadRowN) of a cached row
-// as f32. int8 rows are returned unscaled (the caller applies the scale).
-template <class DF>
-HWY_INLINE hn::Vec<DF> LoadRow(DF df, const float* p) {
-  return hn::LoadU(df, p);
-}
-template <class DF>
-HWY_INLINE hn::Vec<DF> LoadRow(DF df, const hwy::float16_t* p) {
-  return hn::PromoteTo(df, hn::LoadU(hn::Rebind<hwy::float16_t, DF>(), p));
-}
-template <class DF>
-HWY_INLINE hn::Vec<DF> LoadRow(DF df, const hwy::bfloat16_t* p) {
-  return hn::PromoteTo(df, hn::LoadU(hn::Rebind<hwy::bfloat16_t, DF>(), p));
-}
-template <class DF>
-HWY_INLINE hn::Vec<DF> LoadRow(DF df, const int8_t* p) {
-  const hn::RebindToSigned<DF> di;
-  return hn::ConvertTo(df, hn::PromoteTo(di, hn::LoadU(hn::Rebind<int8_t, DF>(), p)));
-}
-template <class DF>
-HWY_INLINE hn::Vec<DF> LoadRowN(DF df, const float* p, size_t n) {
-  return hn::LoadN(df, p, n);
-}
-template <class DF>
-HWY_INLINE hn::Vec<DF> LoadRowN(DF df, const hwy::float16_t* p, size_t n) {
-  return hn::PromoteTo(df, hn::LoadN(hn::Rebind<hwy::float16_t, DF>(), p, n));
-}
-template <class DF>
-HWY_INLINE hn::Vec<DF> LoadRowN(DF df, const hwy::bfloat16_t* p, size_t n) {
-  return hn::PromoteTo(df, hn::LoadN(hn::Rebind<hwy::bfloat16_t, DF>(), p, n));
-}
-template <class DF>
-HWY_INLINE hn::Vec<DF> LoadRowN(DF df, const int8_t* p, size_t n) {
-  const hn::RebindToSigned<DF> di;
-  return hn::ConvertTo(
-      df, hn::PromoteTo(di, hn::LoadN(hn::Rebind<int8_t, DF>(), p, n)));
-}
-
 // State of one query row (one query head of one token).
 struct AttnRow {
   const float* q;  // head_dim
@@ -120,7 +83,8 @@ struct AttnRow {
 };
 
 // scores[r * kAttnBlock + t] = q_r . k_t for t < nb, r < kNR (raw dots).
-// krows: nb rows of head_dim elements.
+// krows: nb rows of head_dim elements of T, the cache's element type (float,
+// float16_t, bfloat16_t or int8_t; element-inl.h loads them as f32).
 template <size_t kNR, class DF, typename T>
 HWY_INLINE void BlockScores(DF df, const AttnRow* rows, const T* HWY_RESTRICT krows,
                             size_t head_dim, size_t nb,
@@ -136,7 +100,7 @@ HWY_INLINE void BlockScores(DF df, const AttnRow* rows, const T* HWY_RESTRICT kr
     V s0 = hn::Zero(df), s1 = hn::Zero(df), s2 = hn::Zero(df), s3 = hn::Zero(df);
     size_t i = 0;
     for (; i + N <= head_dim; i += N) {
-      const V k = LoadRow(df, kr + i);
+      const V k = LoadAsF32(df, kr + i);  // int8: unscaled
       s0 = hn::MulAdd(hn::LoadU(df, q0 + i), k, s0);
       if (kNR > 1) s1 = hn::MulAdd(hn::LoadU(df, q1 + i), k, s1);
       if (kNR > 2) s2 = hn::MulAdd(hn::LoadU(df, q2 + i), k, s2);
@@ -144,7 +108,7 @@ HWY_INLINE void BlockScores(DF df, const AttnRow* rows, const T* HWY_RESTRICT kr
     }
     if (i < head_dim) {
       const size_t n = head_dim - i;
-      const V k = LoadRowN(df, kr + i, n);  // zero past the end
+      const V k = LoadNAsF32(df, kr + i, n);  // zero past the end
       s0 = hn::MulAdd(hn::LoadN(df, q0 + i, n), k, s0);
       if (kNR > 1) s1 = hn::MulAdd(hn::LoadN(df, q1 + i, n), k, s1);
       if (kNR > 2) s2 = hn::MulAdd(hn::LoadN(df, q2 + i, n), k, s2);
@@ -182,7 +146,7 @@ HWY_INLINE void BlockAccumulateV(DF df, AttnRow* rows, const T* HWY_RESTRICT vro
     V a3 = kNR > 3 ? hn::Mul(hn::LoadN(df, o3 + i, n), c3) : a0;
     for (size_t t = 0; t < nb; ++t) {
       const T* vr = vrows + t * head_dim + i;
-      const V v = full ? LoadRow(df, vr) : LoadRowN(df, vr, n);
+      const V v = full ? LoadAsF32(df, vr) : LoadNAsF32(df, vr, n);
       a0 = hn::MulAdd(hn::Set(df, w[t]), v, a0);
       if (kNR > 1) a1 = hn::MulAdd(hn::Set(df, w[kAttnBlock + t]), v, a1);
       if (kNR > 2) a2 = hn::MulAdd(hn::Set(df, w[2 * kAttnBlock + t]), v, a2);
@@ -424,19 +388,19 @@ HWY_INLINE Status Attention(DF df, const KVCache& cache, size_t layer, size_t po
                           ? options.scale
                           : 1.0f / std::sqrt(static_cast<float>(cache.head_dim()));
   switch (cache.type()) {
-    case KVType::kF32:
+    case ElementType::kF32:
       detail::AttentionT<float>(df, cache, layer, pos, num_tokens, q, num_heads,
                                 out, window, scale);
       break;
-    case KVType::kF16:
+    case ElementType::kF16:
       detail::AttentionT<hwy::float16_t>(df, cache, layer, pos, num_tokens, q,
                                          num_heads, out, window, scale);
       break;
-    case KVType::kBF16:
+    case ElementType::kBF16:
       detail::AttentionT<hwy::bfloat16_t>(df, cache, layer, pos, num_tokens, q,
                                           num_heads, out, window, scale);
       break;
-    case KVType::kInt8:
+    case ElementType::kI8:
       detail::AttentionT<int8_t>(df, cache, layer, pos, num_tokens, q,
                                  num_heads, out, window, scale);
       break;

@@ -1,6 +1,7 @@
 // Writing K and V rows into a KVCache (kv_cache.h), converting f32 to the
-// cache's storage type with SIMD: f16, bf16 (round to nearest even), or int8
-// with one symmetric scale per (position, kv head).
+// cache's storage type with SIMD (element-inl.h): f16, bf16 (round to
+// nearest even; f16 overflow becomes +-inf, as a scalar cast), or int8 with
+// one symmetric scale per (position, kv head) (QuantizeRowI8).
 //
 // Per-target code: include after hwy/highway.h (and, for dynamic dispatch,
 // from a .cc that includes hwy/foreach_target.h).
@@ -18,6 +19,7 @@
 #include <string.h>
 
 #include "hwy/highway.h"
+#include "lutra/base/element-inl.h"
 #include "lutra/base/status.h"
 #include "lutra/kernels/kv_cache.h"
 
@@ -28,74 +30,24 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 namespace detail {
 
-// Converts one row of n floats to f16 or bf16 (DemoteTo rounds to nearest
-// even; values beyond the f16 range become +-inf, as a scalar cast would).
-template <class DF, typename T>
-HWY_INLINE void StoreRowHalf(DF df, const float* HWY_RESTRICT src, size_t n,
-                             T* HWY_RESTRICT dst) {
-  const hn::Rebind<T, DF> dh;
-  const size_t N = hn::Lanes(df);
-  size_t i = 0;
-  for (; i + N <= n; i += N) {
-    hn::StoreU(hn::DemoteTo(dh, hn::LoadU(df, src + i)), dh, dst + i);
-  }
-  if (i < n) {
-    hn::StoreN(hn::DemoteTo(dh, hn::LoadN(df, src + i, n - i)), dh, dst + i,
-               n - i);
-  }
-}
-
-// Quantizes one row of n floats to int8: scale = max|x| / 127 and
-// q = round(x / scale), so |x - q * scale| <= scale / 2 = max|x| / 254.
-// Symmetric (no zero point) because K and V rows are centred near zero and
-// the dequantized dot product stays one FMA per element. An all-zero row
-// stores scale 0 and zeros. Returns the scale.
-template <class DF>
-HWY_INLINE float StoreRowInt8(DF df, const float* HWY_RESTRICT src, size_t n,
-                              int8_t* HWY_RESTRICT dst) {
-  using V = hn::Vec<DF>;
-  const hn::Rebind<int8_t, DF> d8;
-  const size_t N = hn::Lanes(df);
-  V vmax = hn::Zero(df);
-  for (size_t i = 0; i < n; i += N) {
-    vmax = hn::Max(vmax, hn::Abs(hn::LoadN(df, src + i, HWY_MIN(N, n - i))));
-  }
-  const float max_abs = hn::ReduceMax(df, vmax);
-  if (!(max_abs > 0.0f)) {  // zero row (or NaN input: store zeros, scale 0)
-    memset(dst, 0, n);
-    return 0.0f;
-  }
-  const V inv = hn::Set(df, 127.0f / max_abs);
-  for (size_t i = 0; i < n; i += N) {
-    const size_t m = HWY_MIN(N, n - i);
-    // |x * inv| <= 127 up to rounding; DemoteTo saturates, so no overflow.
-    const auto q = hn::NearestInt(hn::Mul(hn::LoadN(df, src + i, m), inv));
-    hn::StoreN(hn::DemoteTo(d8, q), d8, dst + i, m);
-  }
-  return max_abs / 127.0f;
-}
-
 // Writes one row (head_dim floats) into row `slot` of a head's storage.
 template <class DF>
-HWY_INLINE void StoreKVRow(DF df, KVType type, const float* HWY_RESTRICT src,
+HWY_INLINE void StoreKVRow(DF df, ElementType type, const float* HWY_RESTRICT src,
                            size_t head_dim, uint8_t* head_rows, float* scales,
                            size_t slot) {
+  const size_t i = slot * head_dim;  // the row's first element
   switch (type) {
-    case KVType::kF32:
-      memcpy(head_rows + slot * head_dim * sizeof(float), src,
-             head_dim * sizeof(float));
+    case ElementType::kF32:
+      StoreRowFromF32(df, src, head_dim, reinterpret_cast<float*>(head_rows) + i);
       break;
-    case KVType::kF16:
-      StoreRowHalf(df, src, head_dim,
-                   reinterpret_cast<hwy::float16_t*>(head_rows) + slot * head_dim);
+    case ElementType::kF16:
+      StoreRowFromF32(df, src, head_dim, reinterpret_cast<hwy::float16_t*>(head_rows) + i);
       break;
-    case KVType::kBF16:
-      StoreRowHalf(df, src, head_dim,
-                   reinterpret_cast<hwy::bfloat16_t*>(head_rows) + slot * head_dim);
+    case ElementType::kBF16:
+      StoreRowFromF32(df, src, head_dim, reinterpret_cast<hwy::bfloat16_t*>(head_rows) + i);
       break;
-    case KVType::kInt8:
-      scales[slot] = StoreRowInt8(
-          df, src, head_dim, reinterpret_cast<int8_t*>(head_rows) + slot * head_dim);
+    case ElementType::kI8:
+      scales[slot] = QuantizeRowI8(df, src, head_dim, reinterpret_cast<int8_t*>(head_rows) + i);
       break;
   }
 }

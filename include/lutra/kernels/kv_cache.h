@@ -32,46 +32,21 @@
 #include <vector>
 
 #include "hwy/aligned_allocator.h"
+#include "lutra/base/element.h"
 #include "lutra/base/status.h"
 
 namespace lutra {
-
-// Element type of the cached K and V rows.
-enum class KVType : uint8_t {
-  kF32 = 0,
-  kF16 = 1,   // IEEE binary16
-  kBF16 = 2,  // bfloat16
-  kInt8 = 3,  // symmetric: x ~= q * scale, scale = max|x| / 127 per
-              // (position, kv head), separately for K and V
-};
-
-inline const char* KVTypeName(KVType type) {
-  switch (type) {
-    case KVType::kF32: return "f32";
-    case KVType::kF16: return "f16";
-    case KVType::kBF16: return "bf16";
-    case KVType::kInt8: return "int8";
-  }
-  return "?";
-}
-
-// Bytes of one cached element (scales of int8 not included).
-inline size_t KVTypeBytes(KVType type) {
-  switch (type) {
-    case KVType::kF32: return 4;
-    case KVType::kF16:
-    case KVType::kBF16: return 2;
-    case KVType::kInt8: return 1;
-  }
-  return 0;
-}
 
 struct KVCacheConfig {
   size_t num_layers = 1;
   size_t num_kv_heads = 1;
   size_t head_dim = 0;
   size_t capacity = 0;  // positions kept per layer (C)
-  KVType type = KVType::kF32;
+  // Element type of the cached K and V rows: f32, f16, bf16 (round to
+  // nearest even, f16 overflow becomes +-inf) or int8, symmetric:
+  // x ~= q * scale, scale = max|x| / 127 per (position, kv head), separately
+  // for K and V (element.h, element-inl.h).
+  ElementType type = ElementType::kF32;
   // true: ring buffer, appending past capacity overwrites the oldest
   // position. false: appending past capacity is an OutOfRange error.
   bool ring = true;
@@ -83,8 +58,8 @@ struct KVCacheConfig {
           "capacity = %zu; all must be >= 1",
           num_layers, num_kv_heads, head_dim, capacity);
     }
-    if (static_cast<uint8_t>(type) > static_cast<uint8_t>(KVType::kInt8)) {
-      return InvalidArgument("KVCacheConfig: unknown KVType %d", int(type));
+    if (ElementBytes(type) == 0) {
+      return InvalidArgument("KVCacheConfig: unknown element type %d", int(type));
     }
     // Guard the size computation against overflow (2^40 bytes is far beyond
     // any device).
@@ -110,10 +85,10 @@ class KVCache {
     // Round each head's run of rows to 64 bytes so every head starts on a
     // cache line (and a vector boundary of every target).
     c.head_bytes_ = RoundUp64(config.capacity * config.head_dim *
-                              KVTypeBytes(config.type));
+                              ElementBytes(config.type));
     c.rows_bytes_ = config.num_layers * 2 * config.num_kv_heads * c.head_bytes_;
     const size_t scale_bytes =
-        config.type == KVType::kInt8
+        config.type == ElementType::kI8
             ? RoundUp64(config.num_layers * 2 * config.num_kv_heads *
                         config.capacity * sizeof(float))
             : 0;
@@ -132,7 +107,7 @@ class KVCache {
   size_t num_kv_heads() const { return config_.num_kv_heads; }
   size_t head_dim() const { return config_.head_dim; }
   size_t capacity() const { return config_.capacity; }
-  KVType type() const { return config_.type; }
+  ElementType type() const { return config_.type; }
   bool ring() const { return config_.ring; }
 
   // Positions [start(layer), end(layer)) are held. end is the next position
@@ -146,8 +121,8 @@ class KVCache {
   // position (all kv heads, K and V, scales included).
   size_t BytesPerPosition() const {
     return 2 * config_.num_kv_heads *
-           (config_.head_dim * KVTypeBytes(config_.type) +
-            (config_.type == KVType::kInt8 ? sizeof(float) : 0));
+           (config_.head_dim * ElementBytes(config_.type) +
+            (config_.type == ElementType::kI8 ? sizeof(float) : 0));
   }
 
   size_t Slot(size_t pos) const { return pos % config_.capacity; }
@@ -186,31 +161,10 @@ class KVCache {
     const size_t hd = config_.head_dim;
     const size_t slot = Slot(pos);
     const uint8_t* rows = kv == 0 ? K(layer, kv_head) : V(layer, kv_head);
-    switch (config_.type) {
-      case KVType::kF32: {
-        const float* r = reinterpret_cast<const float*>(rows) + slot * hd;
-        for (size_t i = 0; i < hd; ++i) out[i] = r[i];
-        break;
-      }
-      case KVType::kF16: {
-        const hwy::float16_t* r =
-            reinterpret_cast<const hwy::float16_t*>(rows) + slot * hd;
-        for (size_t i = 0; i < hd; ++i) out[i] = hwy::F32FromF16(r[i]);
-        break;
-      }
-      case KVType::kBF16: {
-        const hwy::bfloat16_t* r =
-            reinterpret_cast<const hwy::bfloat16_t*>(rows) + slot * hd;
-        for (size_t i = 0; i < hd; ++i) out[i] = hwy::F32FromBF16(r[i]);
-        break;
-      }
-      case KVType::kInt8: {
-        const int8_t* r = reinterpret_cast<const int8_t*>(rows) + slot * hd;
-        const float scale =
-            (kv == 0 ? KScales(layer, kv_head) : VScales(layer, kv_head))[slot];
-        for (size_t i = 0; i < hd; ++i) out[i] = float(r[i]) * scale;
-        break;
-      }
+    for (size_t i = 0; i < hd; ++i) out[i] = LoadElement(rows, config_.type, slot * hd + i);
+    if (config_.type == ElementType::kI8) {
+      const float scale = (kv == 0 ? KScales(layer, kv_head) : VScales(layer, kv_head))[slot];
+      for (size_t i = 0; i < hd; ++i) out[i] *= scale;
     }
   }
 
@@ -286,7 +240,7 @@ class KVCache {
     return (layer * 2 + kv) * config_.num_kv_heads + kv_head;
   }
   float* Scales(size_t layer, size_t kv, size_t kv_head) {
-    if (config_.type != KVType::kInt8) return nullptr;
+    if (config_.type != ElementType::kI8) return nullptr;
     float* base = reinterpret_cast<float*>(data_.get() + rows_bytes_);
     return base + HeadIndex(layer, kv, kv_head) * config_.capacity;
   }

@@ -133,18 +133,6 @@ struct Factors {
   std::vector<float> b;  // N x rank
 };
 
-inline float RoundToWeightType(float v, ElementType type) {
-  switch (type) {
-    case ElementType::kF16:
-      return RoundToCodebookType(v, ElementType::kF16);
-    case ElementType::kBF16:
-      return RoundToCodebookType(v, ElementType::kBF16);
-    case ElementType::kF32:
-      return v;
-  }
-  return v;
-}
-
 // SVD_r(residual) split as B = U S^1/2, A = S^1/2 Vt.
 inline StatusOr<Factors> FitResidual(const std::vector<float>& residual, size_t N, size_t K,
                                      const RecoveryOptions& opt, uint64_t seed) {
@@ -162,10 +150,10 @@ inline StatusOr<Factors> FitResidual(const std::vector<float>& residual, size_t 
   for (size_t r = 0; r < f.rank; ++r) {
     const float root = std::sqrt(svd->s[r]);
     for (size_t k = 0; k < K; ++k) {
-      f.a[r * K + k] = RoundToWeightType(root * svd->vt[r * K + k], opt.type);
+      f.a[r * K + k] = RoundToElementType(root * svd->vt[r * K + k], opt.type);
     }
     for (size_t n = 0; n < N; ++n) {
-      f.b[n * f.rank + r] = RoundToWeightType(svd->u[n * f.rank + r] * root, opt.type);
+      f.b[n * f.rank + r] = RoundToElementType(svd->u[n * f.rank + r] * root, opt.type);
     }
   }
   return f;
