@@ -7,11 +7,13 @@
 #ifndef LUTRA_LUTRA_H_
 #define LUTRA_LUTRA_H_
 
-// base/: Status, the thread pool.
+// base/: Status, element types, the thread pool.
+#include "lutra/base/element.h"
 #include "lutra/base/status.h"
 #include "lutra/base/thread_pool.h"
 
 // format/: weight layouts and files.
+#include "lutra/format/ggml_types.h"
 #include "lutra/format/gguf.h"
 #include "lutra/format/gguf_writer.h"
 #include "lutra/format/llama_model.h"
