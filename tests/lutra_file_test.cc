@@ -220,7 +220,8 @@ void CheckMatrix(const LutraMatrix& got, const LutraMatrix& want,
   const PaletteShape& s = want.palette.shape;
   CHECK(g.bits == s.bits);
   CHECK(g.codebook == s.codebook);
-  CHECK(g.group_rows == std::min(s.group_rows, s.rows));  // one group either way
+  // One group either way: beyond 2^20 the writer stores rows.
+  CHECK(g.group_rows == (s.group_rows > (size_t{1} << 20) ? s.rows : s.group_rows));
   REQUIRE(g.index_bytes() == s.index_bytes());
   REQUIRE(g.codebook_bytes() == s.codebook_bytes());
   CHECK(Inside(got.palette.indices, g.index_bytes(), file));
@@ -305,8 +306,9 @@ TEST_CASE(".lutra round trip: f32, every bit width, group sizes, codebook types"
       {{{6}, 20, kBF16, true}, nullptr},
       {{{8}, 3, kF32, true}, &plain},
       // Mixed widths and f32 matrices in one file; group_rows above every
-      // matrix's rows (stored as rows: the same single group).
+      // matrix's rows (one group; stored as is up to 2^20, else as rows).
       {{{4, 0, 2, 3, 6, 8, 1}, 1000, kF16, false}, &spaced},
+      {{{2, 0}, size_t{1} << 21, kBF16, true}, nullptr},
   };
   uint64_t seed = 1;
   for (const Case& c : cases) {
@@ -447,13 +449,28 @@ TEST_CASE("Hostile .lutra files are rejected with a message naming the problem",
     ExpectRejected(Patched(f, b.Element(q, 2), uint64_t{5}), "bits = 5");
     ExpectRejected(Patched(f, b.Element(q, 2), (uint64_t{1} << 32) + 4), "bits = 4294967300");
     ExpectRejected(Patched(f, b.Element(q, 3), uint64_t{0}), "group_rows = 0");
-    ExpectRejected(Patched(f, b.Element(q, 3), uint64_t{41}), "group_rows = 41, need 1");
+    ExpectRejected(Patched(f, b.Element(q, 3), (uint64_t{1} << 20) + 1),
+                   "group_rows = 1048577, need 1 <= group_rows <= max(rows 40, 2^20)");
     ExpectRejected(Patched(f, b.Element(q, 3), kU64Max), "group_rows");
     ExpectRejected(Patched(f, b.Element(q, 3), kU64Max >> 1), "group_rows");
+    // Above rows means one group: the 3 groups of data no longer fit it.
+    ExpectRejected(Patched(f, b.Element(q, 3), uint64_t{41}), "codebook buffer");
     ExpectRejected(Patched(f, b.Element(q, 4), uint64_t{3}), "codebook type 3");
     // Another group size or width than the data has: the sizes disagree.
     ExpectRejected(Patched(f, b.Element(q, 3), uint64_t{1}), "codebook buffer");
     ExpectRejected(Patched(f, b.Element(q, 2), uint64_t{8}), "index buffer");
+    // A single-group matrix may state any group_rows up to 2^20 (files that
+    // lutra-generate --group wrote before the writer stored rows).
+    Recipe whole;
+    whole.group_rows = 300;  // >= every matrix's rows: one group each
+    const TestModel single = MakeModel(whole, 14);
+    const Built bs = Build(single.weights, nullptr);
+    const std::string e = "lutra.palette.blk.1.attn_k";
+    StatusOr<LutraFile> legacy = Read(Patched(bs.bytes, bs.Element(e, 3), uint64_t{1} << 20));
+    INFO(legacy.status().message());
+    REQUIRE(legacy.ok());
+    CHECK(legacy->weights.layers[1].wk.palette.shape.group_rows == size_t{1} << 20);
+    CHECK(legacy->weights.layers[1].wk.palette.shape.num_groups() == 1);
   }
   SECTION("tensors") {
     // Missing: rename blk.1.ffn_down.indices (last letter) and output_norm.

@@ -29,8 +29,9 @@
 // every count, offset and size against the file size), the format version,
 // each hyper-parameter <= 2^24 and the config invariants (ValidateConfig),
 // n_layers against the number of tensors present, and per matrix the shape
-// the config implies, bits in {1, 2, 3, 4, 6, 8}, 1 <= group_rows <= rows, a
-// known codebook type, tensor types and byte sizes exactly as the palette
+// the config implies, bits in {1, 2, 3, 4, 6, 8}, 1 <= group_rows <=
+// max(rows, 2^20) (above rows: one group, as palette.h allows), a known
+// codebook type, tensor types and byte sizes exactly as the palette
 // shape implies, f32 data 4-byte aligned; a vocabulary must have vocab_size
 // tokens. A bad file gives a Status naming the key or tensor, never a crash.
 //
@@ -132,6 +133,11 @@ namespace lutra_file_detail {
 // Largest hyper-parameter a file may state: far beyond any model, and small
 // enough that products of two stay far from overflow.
 inline constexpr uint32_t kMaxHyperParameter = uint32_t{1} << 24;
+
+// Largest group_rows above a matrix's rows a file may state. One group
+// either way; 2^20 is lutra-generate's --group limit, so every file it wrote
+// still loads, while a hostile value near 2^64 is refused.
+inline constexpr uint64_t kMaxGroupRows = uint64_t{1} << 20;
 
 // Tensors a layer has at least: two norms and seven matrices of one (f32) or
 // two (palettized) tensors each.
@@ -240,9 +246,9 @@ inline StatusOr<PaletteShape> ReadPaletteShape(const GgufReader& g, const std::s
     return DataLoss("%s: bits = %lld, need one of 1, 2, 3, 4, 6, 8", name.c_str(),
                     (long long)bits);
   }
-  if (group < 1 || uint64_t(group) > rows) {
-    return DataLoss("%s: group_rows = %lld, need 1 <= group_rows <= rows (%zu)", name.c_str(),
-                    (long long)group, rows);
+  if (group < 1 || uint64_t(group) > std::max<uint64_t>(rows, kMaxGroupRows)) {
+    return DataLoss("%s: group_rows = %lld, need 1 <= group_rows <= max(rows %zu, 2^20)",
+                    name.c_str(), (long long)group, rows);
   }
   if (cb < 0 || cb > 2) {
     return DataLoss("%s: codebook type %lld, need 0 (f16), 1 (bf16) or 2 (f32)", name.c_str(),
@@ -295,7 +301,8 @@ inline bool IsLutraFile(const GgufReader& g) {
 // adjacent pairs of whole heads; layers.size() != n_layers; a matrix whose
 // shape is not the one the config implies, or with null data; a null norm;
 // a tokenizer with another vocabulary size. A palette whose group_rows
-// exceeds its rows is stored with group_rows = rows (the same single group).
+// exceeds both its rows and 2^20 is stored with group_rows = rows (the same
+// single group), so every file written reads back.
 inline Status AddLutraFile(const LutraWeights& weights, const Tokenizer* tokenizer,
                            GgufWriter* writer) {
   using namespace lutra_file_detail;
@@ -354,7 +361,7 @@ inline Status AddLutraFile(const LutraWeights& weights, const Tokenizer* tokeniz
     const LutraMatrix& m = *s.matrix;
     if (m.palettized()) {
       PaletteShape sh = m.palette.shape;
-      sh.group_rows = std::min(sh.group_rows, sh.rows);
+      if (sh.group_rows > std::max<uint64_t>(sh.rows, kMaxGroupRows)) sh.group_rows = sh.rows;
       const uint64_t meta[5] = {sh.rows, sh.cols, uint64_t(sh.bits), sh.group_rows,
                                 uint64_t(sh.codebook)};
       g.AddArray("lutra.palette." + s.name, GgufValueType::kU64, meta, 5);
