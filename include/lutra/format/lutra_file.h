@@ -179,6 +179,7 @@ inline void Slots(LutraWeights& w, std::vector<MatrixSlot>* mats, std::vector<No
   if (!c.tied_embedding) mats->push_back({"output", vocab, dim, &w.output});
 }
 
+// The u32 hyper-parameters in the order written: key and ModelConfig field.
 struct HyperParameter {
   const char* key;
   int ModelConfig::*field;
