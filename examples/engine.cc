@@ -13,26 +13,17 @@
 namespace lutra {
 namespace engine {
 
-Status Config::Validate() const {
-  if (dim <= 0 || hidden_dim <= 0 || n_layers <= 0 || n_heads <= 0 || n_kv_heads <= 0 ||
-      head_dim <= 0 || vocab_size <= 0 || seq_len <= 0) {
-    return InvalidArgument(
-        "model config: dim %d hidden_dim %d n_layers %d n_heads %d n_kv_heads %d head_dim %d "
-        "vocab %d seq_len %d, all must be >= 1",
-        dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim, vocab_size, seq_len);
-  }
-  if (n_heads % n_kv_heads != 0) {
-    return InvalidArgument("model config: n_heads %d is not a multiple of n_kv_heads %d",
-                           n_heads, n_kv_heads);
-  }
-  if (head_dim % 2 != 0) {
-    return InvalidArgument("model config: head_dim %d must be even for RoPE", head_dim);
+Status CheckSupported(const ModelConfig& c) {
+  LUTRA_RETURN_IF_ERROR(ValidateConfig(c));
+  if (c.rope_dim != c.head_dim || c.rope_layout != RopeLayout::kAdjacentPairs) {
+    return Unimplemented("model: partial or half-split RoPE (rope_dim %d, head_dim %d)",
+                         c.rope_dim, c.head_dim);
   }
   return Status();
 }
 
-StatusOr<RunState> MakeRunState(const Config& c, size_t max_batch, ElementType kv_type) {
-  LUTRA_RETURN_IF_ERROR(c.Validate());
+StatusOr<RunState> MakeRunState(const ModelConfig& c, size_t max_batch, ElementType kv_type) {
+  LUTRA_RETURN_IF_ERROR(CheckSupported(c));
   if (max_batch == 0) return InvalidArgument("run state: max_batch must be >= 1");
   RunState s;
   s.max_batch = max_batch;
@@ -102,7 +93,7 @@ void Embed(const Linear& embedding, const int* tokens, size_t num, float* x) {
 // each query to its causal window. Once the ring buffer has wrapped, a
 // token's own append would overwrite what an earlier token of the same batch
 // still reads, so such batches go one token at a time.
-Status Attend(const Config& c, RunState& s, size_t layer, size_t num, size_t pos) {
+Status Attend(const ModelConfig& c, RunState& s, size_t layer, size_t num, size_t pos) {
   const size_t q_dim = c.q_dim(), kv_dim = c.kv_dim();
   const size_t step = pos + num <= size_t(c.seq_len) ? num : 1;
   for (size_t i = 0; i < num; i += step) {
@@ -118,7 +109,7 @@ Status Attend(const Config& c, RunState& s, size_t layer, size_t num, size_t pos
 
 StatusOr<const float*> Forward(const Model& model, RunState& s, const int* tokens,
                                size_t num, size_t pos, bool all_logits) {
-  const Config& c = model.config;
+  const ModelConfig& c = model.config;
   const Weights& w = model.weights;
   if (num == 0 || num > s.max_batch) {
     return InvalidArgument("forward: %zu tokens, need 1..%zu", num, s.max_batch);
@@ -179,23 +170,6 @@ StatusOr<const float*> Forward(const Model& model, RunState& s, const int* token
 }
 
 // ----------------------------------------------------------------------------
-// Sampling
-
-int Sampler::Sample(const float* logits, size_t vocab) {
-  if (sampler_.vocab_size() == 0) {  // not created yet
-    SamplingConfig config;
-    config.temperature = options_.temperature > 0.0f ? options_.temperature : 0.0f;
-    config.top_p = options_.top_p > 0.0f && options_.top_p < 1.0f ? options_.top_p : 1.0f;
-    config.seed = options_.seed;
-    StatusOr<lutra::Sampler> s = lutra::Sampler::Create(vocab, config);
-    // Options are validated by the caller; an invalid config falls back to greedy.
-    if (!s.ok()) return int(ArgMax(logits, vocab));
-    sampler_ = std::move(*s);
-  }
-  return int(sampler_.Sample(logits));
-}
-
-// ----------------------------------------------------------------------------
 // Generation
 
 Status Generate(const Model& model, RunState& state, const std::vector<int>& prompt,
@@ -204,6 +178,10 @@ Status Generate(const Model& model, RunState& state, const std::vector<int>& pro
   using Clock = std::chrono::steady_clock;
   if (prompt.empty()) return InvalidArgument("generate: empty prompt (need at least BOS)");
   const size_t vocab = model.config.vocab_size;
+  if (sampler.vocab_size() != vocab) {
+    return InvalidArgument("generate: the sampler is made for %zu tokens, the model has %zu",
+                           sampler.vocab_size(), vocab);
+  }
   GenerateStats st;
   st.prompt_tokens = prompt.size();
   const auto t0 = Clock::now();
@@ -217,7 +195,7 @@ Status Generate(const Model& model, RunState& state, const std::vector<int>& pro
     logits = *out;
     done += n;
   }
-  int token = sampler.Sample(logits, vocab);
+  int token = int(sampler.Sample(logits));
   size_t pos = prompt.size();
   st.prefill_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
 
@@ -231,7 +209,7 @@ Status Generate(const Model& model, RunState& state, const std::vector<int>& pro
       StatusOr<const float*> out = Forward(model, state, &token, 1, pos++);
       if (!out.ok()) return out.status();
       prev = token;
-      token = sampler.Sample(*out, vocab);
+      token = int(sampler.Sample(*out));
     }
     if (std::find(stop_tokens.begin(), stop_tokens.end(), token) != stop_tokens.end()) break;
     if (on_token) on_token(prev, token);
@@ -263,8 +241,8 @@ StatusOr<EvalResult> Evaluate(const Model& reference, const Model& test,
                               const std::vector<int>& tokens, size_t max_batch,
                               ThreadPool* pool, MatmulPrecision precision,
                               const Adapter* test_adapter) {
-  const Config& c = reference.config;
-  const Config& t = test.config;
+  const ModelConfig& c = reference.config;
+  const ModelConfig& t = test.config;
   if (c.dim != t.dim || c.n_layers != t.n_layers || c.vocab_size != t.vocab_size ||
       c.hidden_dim != t.hidden_dim || c.n_heads != t.n_heads || c.n_kv_heads != t.n_kv_heads) {
     return InvalidArgument("evaluate: the two models have different shapes");

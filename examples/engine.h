@@ -15,7 +15,9 @@
 
 #include "lutra/base/status.h"
 #include "lutra/base/thread_pool.h"
+#include "lutra/format/llama_model.h"
 #include "lutra/format/lora.h"
+#include "lutra/format/lutra_file.h"
 #include "lutra/format/palette.h"
 #include "lutra/format/tokenizer.h"
 #include "lutra/kernels/kv_cache.h"
@@ -27,38 +29,19 @@ namespace engine {
 
 // ----------------------------------------------------------------------------
 // Model description
+//
+// The hyper-parameters are lutra::ModelConfig (lutra/format/llama_model.h);
+// the engine runs the configs CheckSupported accepts.
 
-struct Config {
-  int dim = 0;         // residual stream width
-  int hidden_dim = 0;  // FFN width
-  int n_layers = 0;
-  int n_heads = 0;     // query heads
-  int n_kv_heads = 0;  // key/value heads (GQA: n_heads is a multiple)
-  int head_dim = 0;    // usually dim / n_heads
-  int vocab_size = 0;
-  int seq_len = 0;     // maximum context (KV cache capacity)
-  float rope_theta = 10000.0f;
-  float norm_eps = 1e-5f;
+// ValidateConfig's invariants, plus what Forward implements: RoPE over
+// adjacent pairs of whole heads (rope_dim == head_dim).
+Status CheckSupported(const ModelConfig& config);
 
-  int q_dim() const { return n_heads * head_dim; }
-  int kv_dim() const { return n_kv_heads * head_dim; }
-  Status Validate() const;
-};
-
-// One projection y = W x, W rows x cols (rows = outputs), either f32 or
-// palettized (docs/format.md). Points into storage owned by Model (loaded
-// floats, palettized copies, or a mapped .lutra file).
-struct Linear {
-  size_t rows = 0, cols = 0;
-  const float* f32 = nullptr;  // row-major rows x cols, or null when palettized
-  PaletteView palette;         // valid when f32 == nullptr
+// One projection y = W x (lutra/format/lutra_file.h: f32 or palettized, see
+// docs/format.md) with the kernels' tables. Points into storage owned by
+// Model (loaded floats, palettized copies, or a mapped .lutra file).
+struct Linear : LutraMatrix {
   const PreparedPalette* prepared = nullptr;  // the GEMV/GEMM tables of `palette`
-
-  bool palettized() const { return f32 == nullptr; }
-  // Bytes of weight storage (indices + codebooks, or floats).
-  size_t bytes() const {
-    return palettized() ? palette.shape.total_bytes() : rows * cols * sizeof(float);
-  }
 };
 
 struct LayerWeights {
@@ -77,7 +60,7 @@ struct Weights {
 
 // Weights plus the memory they live in. Movable, not copyable.
 struct Model {
-  Config config;
+  ModelConfig config;
   Weights weights;
   // The vocabulary carried by the model file (GGUF, .lutra); may be null.
   std::shared_ptr<const Tokenizer> tokenizer;
@@ -108,10 +91,11 @@ struct LoadOptions {
   int seq_len = 0;           // > 0: override the context length (KV capacity)
 };
 
-// Loads a llama2.c checkpoint (.bin), GGUF v3 Llama model or .lutra file
-// (detected by content, not name) and palettizes it when options ask for it.
-// threads: for palettizing.
-StatusOr<Model> LoadModel(const std::string& path, const LoadOptions& options,
+// Opens a llama2.c checkpoint (.bin), GGUF v3 Llama model (both through
+// lutra/format/llama_model.h) or .lutra file (lutra/format/lutra_file.h,
+// mapped, weights used in place), detected by content, not name, and
+// palettizes it when options ask for it. threads: for palettizing.
+StatusOr<Model> OpenModel(const std::string& path, const LoadOptions& options,
                           size_t threads = 1);
 
 // The tokenizer for `model`: a llama2.c tokenizer.bin at `path` when given,
@@ -128,8 +112,8 @@ StatusOr<Model> PalettizeModel(const Model& f32_model, const LoadOptions& option
                                size_t threads = 1);
 
 // Writes `model` (f32 or palettized) and `tokenizer` (may be null) as a
-// .lutra file (a GGUF container, see model.cc and docs/generate.md) that
-// LoadModel maps without copying the weights.
+// .lutra file (lutra/format/lutra_file.h, docs/format.md) that OpenModel
+// maps without copying the weights.
 Status SaveLutraModel(const Model& model, const Tokenizer* tokenizer, const std::string& path);
 
 // Random weights at a named Llama-like shape ("tiny", "1b", "afm"), f32 or
@@ -163,7 +147,7 @@ struct RunState {
   std::vector<float> lora_ax;  // f32 weights' LoRA scratch (rank floats)
 };
 
-StatusOr<RunState> MakeRunState(const Config& config, size_t max_batch,
+StatusOr<RunState> MakeRunState(const ModelConfig& config, size_t max_batch,
                                 ElementType kv_type = ElementType::kF32);
 
 // Runs `num` tokens at positions pos..pos+num-1 through the model, appending
@@ -173,28 +157,6 @@ StatusOr<RunState> MakeRunState(const Config& config, size_t max_batch,
 // `num` tokens (num x vocab, row-major) when `all_logits`.
 StatusOr<const float*> Forward(const Model& model, RunState& state, const int* tokens,
                                size_t num, size_t pos, bool all_logits = false);
-
-// ----------------------------------------------------------------------------
-// Sampling
-
-struct SamplerOptions {
-  float temperature = 0.0f;  // 0: greedy
-  float top_p = 0.9f;        // nucleus; >= 1 disables
-  uint64_t seed = 0;
-};
-
-// Next-token sampling through lutra/runtime/sampling.h (greedy at temperature 0,
-// else temperature + top-p with a seeded xorshift64* RNG).
-class Sampler {
- public:
-  explicit Sampler(const SamplerOptions& options) : options_(options) {}
-  // Picks a token from `logits` (vocab floats, not modified).
-  int Sample(const float* logits, size_t vocab);
-
- private:
-  SamplerOptions options_;
-  lutra::Sampler sampler_;  // created on the first call, when vocab is known
-};
 
 // ----------------------------------------------------------------------------
 // Generation
@@ -209,6 +171,7 @@ struct GenerateStats {
 // Feeds `prompt` (token ids, starting with BOS) and samples until `steps`
 // positions in total (prompt included, like llama2.c) or one of `stop_tokens`. Calls
 // on_token(prev, token) for each generated token as soon as it is sampled.
+// `sampler` (lutra/runtime/sampling.h) must be made for the model's vocab_size.
 Status Generate(const Model& model, RunState& state, const std::vector<int>& prompt,
                 size_t steps, Sampler& sampler, const std::vector<int>& stop_tokens,
                 const std::function<void(int prev, int token)>& on_token,
@@ -225,7 +188,7 @@ struct EvalResult {
   double perplexity_test = 0.0;
 };
 
-// Teacher-forces `tokens` through both models (same Config) and compares the
+// Teacher-forces `tokens` through both models (same ModelConfig) and compares the
 // next-token distributions at every position but the last. test_adapter
 // (may be null) runs on `test`, e.g. a recovery adapter.
 StatusOr<EvalResult> Evaluate(const Model& reference, const Model& test,
@@ -238,7 +201,7 @@ StatusOr<EvalResult> Evaluate(const Model& reference, const Model& test,
 // LoRA adapters (lutra/format/lora.h)
 
 // The shapes an adapter for `model` must have.
-BaseShapes AdapterShapes(const Config& config);
+BaseShapes AdapterShapes(const ModelConfig& config);
 
 // Loads a LoRA adapter file (GGUF, llama.cpp layout; lutra/format/lora_file.h) for
 // `model`, its scales multiplied by `scale`.

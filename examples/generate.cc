@@ -15,6 +15,8 @@
 #include "examples/dispatch.h"
 #include "examples/engine.h"
 #include "lutra/format/tokenizer.h"
+#include "lutra/runtime/lora_manager.h"
+#include "lutra/runtime/sampling.h"
 
 namespace {
 
@@ -43,23 +45,6 @@ struct Options {
   std::vector<std::string> loras;  // FILE[:SCALE]
   std::string prompts_file;        // lines "[ADAPTER<TAB>]PROMPT"
   size_t recover_rank = 0;         // > 0: build a recovery adapter
-};
-
-// LoRA adapters by name; `active` is the one --prompt runs with.
-struct Adapters {
-  std::vector<std::shared_ptr<const lutra::Adapter>> all;
-  const lutra::Adapter* active = nullptr;
-  const lutra::Adapter* Find(const std::string& name) const {
-    for (const auto& a : all) {
-      if (a->name() == name) return a.get();
-    }
-    return nullptr;
-  }
-  size_t bytes() const {
-    size_t n = 0;
-    for (const auto& a : all) n += a->bytes();
-    return n;
-  }
 };
 
 void PrintUsage(FILE* out) {
@@ -251,6 +236,16 @@ void PrintPiece(std::string_view piece) {
   fflush(stdout);
 }
 
+// The sampler for --temp/--topp/--seed at `temperature` (0: greedy). --topp 0
+// or 1 turns the nucleus off, as in llama2.c.
+StatusOr<lutra::Sampler> MakeSampler(const Options& o, float temperature, size_t vocab) {
+  lutra::SamplingConfig config;
+  config.temperature = temperature;
+  config.top_p = o.top_p > 0.0f && o.top_p < 1.0f ? o.top_p : 1.0f;
+  config.seed = o.seed;
+  return lutra::Sampler::Create(vocab, config);
+}
+
 int RunGenerate(const Options& o, const engine::Model& model, const lutra::Tokenizer& tok,
                 lutra::ThreadPool* pool, const std::string& prompt_text,
                 const lutra::Adapter* adapter, size_t adapter_bytes) {
@@ -273,16 +268,13 @@ int RunGenerate(const Options& o, const engine::Model& model, const lutra::Token
     if (piece.ok()) PrintPiece(*piece);
     prev = t;
   }
-  engine::SamplerOptions so;
-  so.temperature = o.temperature;
-  so.top_p = o.top_p;
-  so.seed = o.seed;
-  engine::Sampler sampler(so);
+  StatusOr<lutra::Sampler> sampler = MakeSampler(o, o.temperature, model.config.vocab_size);
+  if (!sampler.ok()) return Fail(sampler.status());
   std::vector<int> stop = {tok.bos_id()};
   if (tok.eos_id() >= 0) stop.push_back(tok.eos_id());
   engine::GenerateStats st;
   Status status = engine::Generate(
-      model, *state, *prompt, o.steps, sampler, stop,
+      model, *state, *prompt, o.steps, *sampler, stop,
       [&](int prev_token, int token) {
         StatusOr<std::string_view> piece = tok.Decode(prev_token, token);
         if (piece.ok()) PrintPiece(*piece);
@@ -319,15 +311,13 @@ int RunEval(const Options& o, const engine::Model& reference, const engine::Mode
     StatusOr<engine::RunState> state = engine::MakeRunState(reference.config, o.batch);
     if (!state.ok()) return Fail(state.status());
     state->pool = pool;
-    engine::SamplerOptions so;
-    so.temperature = o.temperature > 0.0f ? o.temperature : 1.0f;
-    so.top_p = o.top_p;
-    so.seed = o.seed;
-    engine::Sampler sampler(so);
+    StatusOr<lutra::Sampler> sampler = MakeSampler(
+        o, o.temperature > 0.0f ? o.temperature : 1.0f, reference.config.vocab_size);
+    if (!sampler.ok()) return Fail(sampler.status());
     StatusOr<std::vector<int>> prompt = tok.Encode(o.prompt, /*add_bos=*/true);
     if (!prompt.ok()) return Fail(prompt.status());
     tokens = *prompt;
-    Status s = engine::Generate(reference, *state, *prompt, max_tokens - 1, sampler, {},
+    Status s = engine::Generate(reference, *state, *prompt, max_tokens - 1, *sampler, {},
                                 [&](int, int token) { tokens.push_back(token); }, nullptr);
     if (!s.ok()) return Fail(s);
   }
@@ -374,7 +364,7 @@ int main(int argc, char** argv) {
   engine::LoadOptions load = o.load;
   if (keep_f32) load.bits = 0, load.mixed_bits = 0.0;
   StatusOr<engine::Model> model =
-      o.synthetic.empty() ? engine::LoadModel(o.model, load, o.threads)
+      o.synthetic.empty() ? engine::OpenModel(o.model, load, o.threads)
                           : engine::MakeSyntheticModel(o.synthetic, load, o.seed);
   if (!model.ok()) return Fail(model.status());
   if (keep_f32 && model->weights.embedding.palettized()) {
@@ -398,8 +388,16 @@ int main(int argc, char** argv) {
     return 0;
   }
 
-  // Adapters: --lora files, then the recovery adapter.
-  Adapters adapters;
+  // Adapters by name: --lora files, then the recovery adapter, all resident
+  // (no budget); the first is the one --prompt runs with.
+  lutra::AdapterManager adapters(SIZE_MAX);
+  std::shared_ptr<const lutra::Adapter> active;
+  auto add_adapter = [&](std::shared_ptr<const lutra::Adapter> a) -> Status {
+    LUTRA_RETURN_IF_ERROR(adapters.Register(
+        a->name(), [a]() -> StatusOr<lutra::AdapterManager::AdapterPtr> { return a; }));
+    if (!active) active = a;
+    return adapters.Get(a->name()).status();
+  };
   for (const std::string& spec : o.loras) {
     std::string path = spec;
     double scale = 1.0;
@@ -410,22 +408,23 @@ int main(int argc, char** argv) {
     StatusOr<std::shared_ptr<const lutra::Adapter>> a =
         engine::LoadLora(path, float(scale), *model);
     if (!a.ok()) return Fail(a.status());
-    adapters.all.push_back(*a);
+    Status added = add_adapter(*a);
+    if (!added.ok()) return Fail(added);
   }
   if (o.recover_rank > 0) {
     StatusOr<std::shared_ptr<const lutra::Adapter>> a =
         engine::BuildRecoveryAdapter(*f32, *model, o.recover_rank, o.threads);
     if (!a.ok()) return Fail(a.status());
-    adapters.all.push_back(*a);
+    Status added = add_adapter(*a);
+    if (!added.ok()) return Fail(added);
   }
-  if (!adapters.all.empty()) adapters.active = adapters.all.front().get();
   if (!o.eval) f32.reset();  // only the palettized weights stay in memory
 
   lutra::ThreadPool pool(o.threads);
-  if (o.eval) return RunEval(o, *f32, *model, **tokenizer, &pool, adapters.active);
+  if (o.eval) return RunEval(o, *f32, *model, **tokenizer, &pool, active.get());
   if (o.prompts_file.empty()) {
-    return RunGenerate(o, *model, **tokenizer, &pool, o.prompt, adapters.active,
-                       adapters.bytes());
+    return RunGenerate(o, *model, **tokenizer, &pool, o.prompt, active.get(),
+                       adapters.resident_bytes());
   }
   // Batch mode: one generation per line, each with its own adapter.
   FILE* f = fopen(o.prompts_file.c_str(), "r");
@@ -438,19 +437,24 @@ int main(int argc, char** argv) {
     std::string text = line;
     while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
     if (text.empty()) continue;
-    const lutra::Adapter* adapter = adapters.active;
+    std::shared_ptr<const lutra::Adapter> adapter = active;
     const size_t tab = text.find('\t');
     if (tab != std::string::npos) {
       const std::string name = text.substr(0, tab);
       text = text.substr(tab + 1);
-      adapter = name == "-" ? nullptr : adapters.Find(name);
-      if (adapter == nullptr && name != "-") {
-        rc = Fail(lutra::NotFound("--prompts-file: no adapter named '%s'", name.c_str()));
-        break;
+      adapter = nullptr;
+      if (name != "-") {
+        StatusOr<std::shared_ptr<const lutra::Adapter>> a = adapters.Get(name);
+        if (!a.ok()) {
+          rc = Fail(lutra::NotFound("--prompts-file: no adapter named '%s'", name.c_str()));
+          break;
+        }
+        adapter = *a;
       }
     }
     fprintf(stderr, "[adapter: %s]\n", adapter ? adapter->name().c_str() : "none");
-    rc = RunGenerate(o, *model, **tokenizer, &pool, text, adapter, adapters.bytes());
+    rc = RunGenerate(o, *model, **tokenizer, &pool, text, adapter.get(),
+                     adapters.resident_bytes());
   }
   fclose(f);
   return rc;

@@ -1,5 +1,6 @@
-// Building a Model: synthetic weights, loading model files, palettizing, and
-// saving/mapping .lutra files. See engine.h.
+// Building a Model: synthetic weights, palettizing, and the engine's view of
+// the model files the library reads and writes (lutra/format/llama_model.h,
+// lutra/format/lutra_file.h). See engine.h.
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
@@ -11,9 +12,9 @@
 
 #include "examples/engine.h"
 #include "lutra/format/gguf.h"
-#include "lutra/format/gguf_writer.h"
 #include "lutra/format/llama_model.h"
 #include "lutra/format/lora_file.h"
+#include "lutra/format/lutra_file.h"
 #include "lutra/format/mapped_file.h"
 #include "lutra/quantize/mixed_bits.h"
 #include "lutra/quantize/palettize.h"
@@ -108,8 +109,8 @@ struct FastRng {
   float Symmetric() { return float(int32_t(Next() >> 32)) * (1.0f / 2147483648.0f); }
 };
 
-StatusOr<Config> SyntheticConfig(const std::string& shape) {
-  Config c;
+StatusOr<ModelConfig> SyntheticConfig(const std::string& shape) {
+  ModelConfig c;
   if (shape == "tiny") {
     c.dim = 128, c.hidden_dim = 384, c.n_layers = 4, c.n_heads = 4, c.n_kv_heads = 2;
     c.head_dim = 32, c.vocab_size = 512, c.seq_len = 256;
@@ -123,7 +124,7 @@ StatusOr<Config> SyntheticConfig(const std::string& shape) {
     // "afm:L" / "1b:L": the same per-layer shape with L layers (benchmarks).
     const size_t colon = shape.find(':');
     if (colon != std::string::npos) {
-      StatusOr<Config> base = SyntheticConfig(shape.substr(0, colon));
+      StatusOr<ModelConfig> base = SyntheticConfig(shape.substr(0, colon));
       const int layers = atoi(shape.c_str() + colon + 1);
       if (base.ok() && layers >= 1 && layers <= 1000) {
         base->n_layers = layers;
@@ -134,6 +135,8 @@ StatusOr<Config> SyntheticConfig(const std::string& shape) {
         "synthetic shape '%s': expected tiny, 1b, afm, or <shape>:<layers> (e.g. afm:4)",
         shape.c_str());
   }
+  c.rope_dim = c.head_dim;
+  c.tied_embedding = true;
   return c;
 }
 
@@ -183,13 +186,13 @@ static StatusOr<Linear> RandomPalette(Model& m, size_t rows, size_t cols, int bi
 
 StatusOr<Model> MakeSyntheticModel(const std::string& shape, const LoadOptions& o,
                                    uint64_t seed) {
-  StatusOr<Config> config = SyntheticConfig(shape);
+  StatusOr<ModelConfig> config = SyntheticConfig(shape);
   if (!config.ok()) return config.status();
   Model m;
   m.config = *config;
   if (o.seq_len > 0) m.config.seq_len = o.seq_len;
-  const Config& c = m.config;
-  LUTRA_RETURN_IF_ERROR(c.Validate());
+  const ModelConfig& c = m.config;
+  LUTRA_RETURN_IF_ERROR(CheckSupported(c));
   FastRng rng(seed);
   // Norm weights near 1, like trained models.
   const size_t num_norms = 2 * size_t(c.n_layers) + 1;
@@ -343,7 +346,7 @@ StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t th
   Model m;
   m.config = src.config;
   m.tokenizer = src.tokenizer;
-  const Config& c = m.config;
+  const ModelConfig& c = m.config;
   // Norm weights are tiny and stay f32: copy them so `m` stands alone.
   m.f32_storage.emplace_back((2 * size_t(c.n_layers) + 1) * c.dim);
   float* norms = m.f32_storage.back().data();
@@ -407,66 +410,92 @@ StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t th
 }
 
 // ----------------------------------------------------------------------------
-// Loading model files
-
-StatusOr<Model> LoadLutraModel(GgufFile file, const LoadOptions& options);
+// Model files
 
 namespace {
 
-// Wraps the reader's f32 views (lutra/format/llama_model.h) as an engine Model that
-// keeps the reader's storage (mapped file, converted tensors) alive.
-StatusOr<Model> FromF32Weights(ModelWeightsF32 src) {
-  const ModelConfig& mc = src.config;
-  if (mc.rope_dim != mc.head_dim || mc.rope_layout != RopeLayout::kAdjacentPairs) {
-    return Unimplemented("model: partial or half-split RoPE (rope_dim %d, head_dim %d)",
-                         mc.rope_dim, mc.head_dim);
-  }
+Linear ToLinear(const LutraMatrix& m) {
+  Linear w;
+  static_cast<LutraMatrix&>(w) = m;
+  return w;
+}
+
+// A Model over the views in `w`; `storage` keeps what they point into alive
+// (a mapped .lutra file, the f32 loader's mapping and converted tensors).
+StatusOr<Model> FromWeights(const LutraWeights& w, std::shared_ptr<void> storage) {
   Model m;
-  Config& c = m.config;
-  c.dim = mc.dim, c.hidden_dim = mc.hidden_dim, c.n_layers = mc.n_layers;
-  c.n_heads = mc.n_heads, c.n_kv_heads = mc.n_kv_heads, c.head_dim = mc.head_dim;
-  c.vocab_size = mc.vocab_size, c.seq_len = mc.seq_len;
-  c.rope_theta = mc.rope_theta, c.norm_eps = mc.norm_eps;
-  LUTRA_RETURN_IF_ERROR(c.Validate());
-  auto linear = [](const float* p, size_t rows, size_t cols) {
-    Linear w;
-    w.rows = rows, w.cols = cols, w.f32 = p;
-    return w;
-  };
-  m.weights.embedding = linear(src.token_embedding, c.vocab_size, c.dim);
-  m.weights.output = linear(src.classifier, c.vocab_size, c.dim);
-  m.weights.final_norm = src.final_norm;
-  m.weights.layers.resize(c.n_layers);
-  for (int l = 0; l < c.n_layers; ++l) {
-    const LayerWeightsF32& s = src.layers[l];
+  m.config = w.config;
+  LUTRA_RETURN_IF_ERROR(CheckSupported(m.config));
+  m.weights.embedding = ToLinear(w.token_embedding);
+  m.weights.layers.resize(w.layers.size());
+  for (size_t l = 0; l < w.layers.size(); ++l) {
+    const LutraLayerWeights& s = w.layers[l];
     LayerWeights& d = m.weights.layers[l];
     d.attn_norm = s.attn_norm, d.ffn_norm = s.ffn_norm;
-    d.wq = linear(s.wq, c.q_dim(), c.dim);
-    d.wk = linear(s.wk, c.kv_dim(), c.dim);
-    d.wv = linear(s.wv, c.kv_dim(), c.dim);
-    d.wo = linear(s.wo, c.dim, c.q_dim());
-    d.w1 = linear(s.w1, c.hidden_dim, c.dim);
-    d.w2 = linear(s.w2, c.dim, c.hidden_dim);
-    d.w3 = linear(s.w3, c.hidden_dim, c.dim);
+    d.wq = ToLinear(s.wq), d.wk = ToLinear(s.wk), d.wv = ToLinear(s.wv), d.wo = ToLinear(s.wo);
+    d.w1 = ToLinear(s.w1), d.w2 = ToLinear(s.w2), d.w3 = ToLinear(s.w3);
   }
-  m.keep_alive = std::make_shared<ModelWeightsF32>(std::move(src));
+  m.weights.final_norm = w.final_norm;
+  // A tied head is the embedding's Linear, so IsTied and Prepare see one matrix.
+  m.weights.output = w.config.tied_embedding ? m.weights.embedding : ToLinear(w.output);
+  m.keep_alive = std::move(storage);
   return m;
 }
 
-bool IsGguf(const MappedFile& f) { return f.size() >= 4 && memcmp(f.data(), "GGUF", 4) == 0; }
+// The views of `m` as a .lutra file stores them.
+LutraWeights ToLutraWeights(const Model& m) {
+  LutraWeights w;
+  w.config = m.config;
+  w.config.tied_embedding = IsTied(m);
+  w.token_embedding = m.weights.embedding;
+  w.layers.resize(m.weights.layers.size());
+  for (size_t l = 0; l < w.layers.size(); ++l) {
+    const LayerWeights& s = m.weights.layers[l];
+    LutraLayerWeights& d = w.layers[l];
+    d.attn_norm = s.attn_norm, d.ffn_norm = s.ffn_norm;
+    d.wq = s.wq, d.wk = s.wk, d.wv = s.wv, d.wo = s.wo;
+    d.w1 = s.w1, d.w2 = s.w2, d.w3 = s.w3;
+  }
+  w.final_norm = m.weights.final_norm;
+  w.output = m.weights.output;
+  return w;
+}
+
+// A mapped .lutra file as a Model (palettized at load only if it is f32).
+StatusOr<Model> FromLutraFile(LutraFile file, const LoadOptions& o) {
+  const std::string path = file.gguf.file().path();
+  std::shared_ptr<const Tokenizer> tokenizer;
+  if (file.tokenizer) tokenizer = std::make_shared<const Tokenizer>(std::move(*file.tokenizer));
+  // The views stay valid when the file moves into the shared storage.
+  const LutraWeights weights = file.weights;
+  StatusOr<Model> m = FromWeights(weights, std::make_shared<LutraFile>(std::move(file)));
+  if (!m.ok()) return m.status().WithContext(path);
+  m->tokenizer = tokenizer;
+  if (o.seq_len > 0) m->config.seq_len = o.seq_len;
+  LUTRA_RETURN_IF_ERROR(m->Prepare());
+  if (o.bits != 0 || o.mixed_bits != 0.0) {
+    if (m->weights.embedding.palettized()) {
+      return InvalidArgument("%s is already palettized: drop --bits/--mixed", path.c_str());
+    }
+    return PalettizeModel(*m, o, 1);
+  }
+  return m;
+}
 
 }  // namespace
 
-StatusOr<Model> LoadModel(const std::string& path, const LoadOptions& o, size_t threads) {
+StatusOr<Model> OpenModel(const std::string& path, const LoadOptions& o, size_t threads) {
   StatusOr<MappedFile> file = MappedFile::Open(path);
   if (!file.ok()) return file.status();
   StatusOr<ModelWeightsF32> weights = Status();
   std::shared_ptr<const Tokenizer> tokenizer;
-  if (IsGguf(*file)) {
+  if (file->size() >= 4 && memcmp(file->data(), "GGUF", 4) == 0) {
     StatusOr<GgufFile> gguf = GgufFile::FromMapped(std::move(*file));
     if (!gguf.ok()) return gguf.status();
-    if (gguf->reader().Find("lutra.format_version") != nullptr) {
-      return LoadLutraModel(std::move(*gguf), o);
+    if (IsLutraFile(gguf->reader())) {
+      StatusOr<LutraFile> lutra = ReadLutraFile(std::move(*gguf));
+      if (!lutra.ok()) return lutra.status();
+      return FromLutraFile(std::move(*lutra), o);
     }
     // The vocabulary travels in the metadata; a file without one can still
     // run with --tokenizer.
@@ -480,12 +509,18 @@ StatusOr<Model> LoadModel(const std::string& path, const LoadOptions& o, size_t 
     weights = LoadLlama2cModel(std::move(*file));
   }
   if (!weights.ok()) return weights.status();
-  StatusOr<Model> model = FromF32Weights(std::move(*weights));
+  const LutraWeights views = LutraWeightsFromF32(*weights);
+  StatusOr<Model> model =
+      FromWeights(views, std::make_shared<ModelWeightsF32>(std::move(*weights)));
   if (!model.ok()) return model.status().WithContext(path);
   model->tokenizer = tokenizer;
   if (o.seq_len > 0) model->config.seq_len = o.seq_len;
   if (o.bits == 0 && o.mixed_bits == 0.0) return model;
   return PalettizeModel(*model, o, threads);
+}
+
+Status SaveLutraModel(const Model& model, const Tokenizer* tokenizer, const std::string& path) {
+  return WriteLutraFile(ToLutraWeights(model), tokenizer, path);
 }
 
 StatusOr<std::shared_ptr<const Tokenizer>> LoadTokenizer(const std::string& path,
@@ -519,299 +554,9 @@ StatusOr<Tokenizer> ByteTokenizer(int vocab_size) {
 }
 
 // ----------------------------------------------------------------------------
-// .lutra model files
-//
-// A .lutra file is a GGUF v3 container (lutra/format/gguf.h reads and validates it,
-// lutra/format/gguf_writer.h writes it), general.alignment 64, so every tensor's
-// data starts 64-byte aligned in the mapped file and is used in place:
-//   metadata  general.architecture = "lutra", lutra.format_version = 1,
-//             lutra.{dim, hidden_dim, n_layers, n_heads, n_kv_heads, head_dim,
-//             vocab_size, seq_len} (u32), lutra.rope_theta, lutra.norm_eps (f32),
-//             lutra.tied_embedding (bool), the vocabulary as GGUF tokenizer.ggml.*
-//             keys, and per palettized matrix NAME
-//             lutra.palette.NAME = [rows, cols, bits, group_rows, codebook type]
-//             (u64 array; codebook type 0 f16, 1 bf16, 2 f32).
-//   tensors   NAME.indices: the packed indices as raw bytes (I8, index_bytes);
-//             NAME.codebooks: F16/BF16/F32, num_groups * 2^bits entries;
-//             or NAME.weight F32 [cols, rows] for an f32 matrix;
-//             norms blk.N.attn_norm.weight, blk.N.ffn_norm.weight,
-//             output_norm.weight (F32).
-//   NAME      token_embd, blk.N.{attn_q, attn_k, attn_v, attn_output, ffn_gate,
-//             ffn_down, ffn_up}, and output when not tied to token_embd
-//             (the tied head is the one palettized embedding, stored once).
-
-namespace {
-
-constexpr uint32_t kLutraFormatVersion = 1;
-
-struct NamedLinear {
-  std::string name;
-  Linear* w;
-};
-struct NamedNorm {
-  std::string name;
-  const float** w;
-};
-
-// Matrices and norms of `m` with their .lutra names; the head only if untied.
-void NameTensors(Model& m, bool tied, std::vector<NamedLinear>* mats,
-                 std::vector<NamedNorm>* norms) {
-  Weights& w = m.weights;
-  mats->push_back({"token_embd", &w.embedding});
-  for (size_t l = 0; l < w.layers.size(); ++l) {
-    LayerWeights& lw = w.layers[l];
-    const std::string p = "blk." + std::to_string(l) + ".";
-    for (const NamedLinear& n : std::vector<NamedLinear>{{p + "attn_q", &lw.wq},
-                                                         {p + "attn_k", &lw.wk},
-                                                         {p + "attn_v", &lw.wv},
-                                                         {p + "attn_output", &lw.wo},
-                                                         {p + "ffn_gate", &lw.w1},
-                                                         {p + "ffn_down", &lw.w2},
-                                                         {p + "ffn_up", &lw.w3}}) {
-      mats->push_back(n);
-    }
-    norms->push_back({p + "attn_norm.weight", &lw.attn_norm});
-    norms->push_back({p + "ffn_norm.weight", &lw.ffn_norm});
-  }
-  norms->push_back({"output_norm.weight", &w.final_norm});
-  if (!tied) mats->push_back({"output", &w.output});
-}
-
-// SentencePiece writes spaces as U+2581 in GGUF vocabularies.
-std::string SpaceToMarker(const std::string& piece) {
-  std::string out;
-  for (char ch : piece) {
-    if (ch == ' ') {
-      out += "\xE2\x96\x81";
-    } else {
-      out += ch;
-    }
-  }
-  return out;
-}
-
-void AddTokenizer(const Tokenizer& tok, GgufWriter& g) {
-  std::vector<std::string> pieces;
-  std::vector<float> scores;
-  std::vector<int32_t> types;
-  for (int i = 0; i < tok.vocab_size(); ++i) {
-    pieces.push_back(SpaceToMarker(tok.piece(i)));
-    scores.push_back(tok.score(i));
-    types.push_back(int32_t(tok.type(i)));
-  }
-  // The tokenizer keeps no getter for its dummy-prefix flag: a lone "x"
-  // decodes with a leading space exactly when Encode adds the prefix.
-  StatusOr<std::vector<int>> x = tok.Encode("x", /*add_bos=*/false);
-  StatusOr<std::string> text = x.ok() ? tok.DecodeAll(*x) : StatusOr<std::string>(x.status());
-  const bool space_prefix = text.ok() && !text->empty() && (*text)[0] == ' ';
-  g.AddString("tokenizer.ggml.model", "llama");
-  g.AddStringArray("tokenizer.ggml.tokens", pieces);
-  g.AddF32Array("tokenizer.ggml.scores", scores);
-  g.AddI32Array("tokenizer.ggml.token_type", types);
-  g.AddU32("tokenizer.ggml.bos_token_id", uint32_t(tok.bos_id()));
-  g.AddU32("tokenizer.ggml.eos_token_id", uint32_t(tok.eos_id()));
-  g.AddU32("tokenizer.ggml.unknown_token_id", uint32_t(tok.unk_id()));
-  g.AddBool("tokenizer.ggml.add_space_prefix", space_prefix);
-}
-
-}  // namespace
-
-Status SaveLutraModel(const Model& model, const Tokenizer* tokenizer, const std::string& path) {
-  const Config& c = model.config;
-  LUTRA_RETURN_IF_ERROR(c.Validate());
-  GgufWriter g(3);
-  g.AddString("general.architecture", "lutra");
-  g.AddU32("general.alignment", 64);
-  g.AddU32("lutra.format_version", kLutraFormatVersion);
-  const struct {
-    const char* key;
-    int value;
-  } ints[] = {{"lutra.dim", c.dim},
-              {"lutra.hidden_dim", c.hidden_dim},
-              {"lutra.n_layers", c.n_layers},
-              {"lutra.n_heads", c.n_heads},
-              {"lutra.n_kv_heads", c.n_kv_heads},
-              {"lutra.head_dim", c.head_dim},
-              {"lutra.vocab_size", c.vocab_size},
-              {"lutra.seq_len", c.seq_len}};
-  for (const auto& kv : ints) g.AddU32(kv.key, uint32_t(kv.value));
-  g.AddF32("lutra.rope_theta", c.rope_theta);
-  g.AddF32("lutra.norm_eps", c.norm_eps);
-  const bool tied = IsTied(model);
-  g.AddBool("lutra.tied_embedding", tied);
-  if (tokenizer != nullptr) AddTokenizer(*tokenizer, g);
-
-  // The writer keeps pointers (AddTensorView): the weights are streamed to
-  // the file without another copy.
-  Model& m = const_cast<Model&>(model);  // NameTensors hands out mutable slots; only read here
-  std::vector<NamedLinear> mats;
-  std::vector<NamedNorm> norms;
-  NameTensors(m, tied, &mats, &norms);
-  for (const NamedLinear& n : mats) {
-    const Linear& w = *n.w;
-    if (w.palettized()) {
-      const PaletteShape& sh = w.palette.shape;
-      const uint64_t meta[5] = {sh.rows, sh.cols, uint64_t(sh.bits), sh.group_rows,
-                                uint64_t(sh.codebook)};
-      g.AddArray("lutra.palette." + n.name, GgufValueType::kU64, meta, 5);
-      g.AddTensorView(n.name + ".indices", GgmlType::kI8, {sh.index_bytes()}, w.palette.indices,
-                      sh.index_bytes());
-      const GgmlType cb = GgmlType(ElementTypeToGgml(sh.codebook));
-      g.AddTensorView(n.name + ".codebooks", cb, {sh.num_groups() * sh.num_entries()},
-                      w.palette.codebooks, sh.codebook_bytes());
-    } else {
-      g.AddTensorView(n.name + ".weight", GgmlType::kF32, {w.cols, w.rows}, w.f32,
-                      w.rows * w.cols * sizeof(float));
-    }
-  }
-  for (const NamedNorm& n : norms) {
-    g.AddTensorView(n.name, GgmlType::kF32, {uint64_t(c.dim)}, *n.w, c.dim * sizeof(float));
-  }
-  return g.WriteFile(path);
-}
-
-StatusOr<Model> LoadLutraModel(GgufFile file, const LoadOptions& o) {
-  auto gguf = std::make_shared<GgufFile>(std::move(file));
-  const GgufReader& g = gguf->reader();
-  const std::string& path = gguf->file().path();
-  auto fail = [&](const Status& s) { return s.WithContext(path + ": lutra"); };
-  StatusOr<uint32_t> version = g.GetU32("lutra.format_version");
-  if (!version.ok()) return fail(version.status());
-  if (*version != kLutraFormatVersion) {
-    return fail(Unimplemented("format version %u, this build reads %u", *version,
-                              kLutraFormatVersion));
-  }
-  Model m;
-  Config& c = m.config;
-  const struct {
-    const char* key;
-    int* out;
-  } ints[] = {{"lutra.dim", &c.dim},           {"lutra.hidden_dim", &c.hidden_dim},
-              {"lutra.n_layers", &c.n_layers}, {"lutra.n_heads", &c.n_heads},
-              {"lutra.n_kv_heads", &c.n_kv_heads}, {"lutra.head_dim", &c.head_dim},
-              {"lutra.vocab_size", &c.vocab_size}, {"lutra.seq_len", &c.seq_len}};
-  for (const auto& kv : ints) {
-    StatusOr<uint32_t> v = g.GetU32(kv.key);
-    if (!v.ok()) return fail(v.status());
-    if (*v > (1u << 24)) return fail(DataLoss("%s = %u is implausibly large", kv.key, *v));
-    *kv.out = int(*v);
-  }
-  StatusOr<float> theta = g.GetF32("lutra.rope_theta");
-  StatusOr<float> eps = g.GetF32("lutra.norm_eps");
-  StatusOr<bool> tied = g.GetBool("lutra.tied_embedding");
-  if (!theta.ok() || !eps.ok() || !tied.ok()) {
-    return fail(!theta.ok() ? theta.status() : !eps.ok() ? eps.status() : tied.status());
-  }
-  c.rope_theta = *theta, c.norm_eps = *eps;
-  Status valid = c.Validate();
-  if (!valid.ok()) return fail(DataLoss("%s", valid.message().c_str()));
-  if (!(c.rope_theta > 0.0f) || !(c.norm_eps > 0.0f && c.norm_eps < 1.0f)) {
-    return fail(DataLoss("rope_theta %g / norm_eps %g out of range", double(c.rope_theta),
-                         double(c.norm_eps)));
-  }
-  m.weights.layers.resize(c.n_layers);
-
-  // Shapes every matrix must have, in NameTensors order.
-  std::vector<NamedLinear> mats;
-  std::vector<NamedNorm> norms;
-  NameTensors(m, *tied, &mats, &norms);
-  std::vector<std::pair<size_t, size_t>> shapes = {{size_t(c.vocab_size), size_t(c.dim)}};
-  for (int l = 0; l < c.n_layers; ++l) {
-    for (auto rc : std::vector<std::pair<int, int>>{{c.q_dim(), c.dim},
-                                                    {c.kv_dim(), c.dim},
-                                                    {c.kv_dim(), c.dim},
-                                                    {c.dim, c.q_dim()},
-                                                    {c.hidden_dim, c.dim},
-                                                    {c.dim, c.hidden_dim},
-                                                    {c.hidden_dim, c.dim}}) {
-      shapes.emplace_back(rc.first, rc.second);
-    }
-  }
-  if (!*tied) shapes.emplace_back(size_t(c.vocab_size), size_t(c.dim));
-
-  for (size_t i = 0; i < mats.size(); ++i) {
-    const std::string& name = mats[i].name;
-    Linear& w = *mats[i].w;
-    w.rows = shapes[i].first, w.cols = shapes[i].second;
-    const GgufValue* meta = g.Find("lutra.palette." + name);
-    if (meta == nullptr) {  // an f32 matrix
-      StatusOr<const GgufTensorInfo*> t = g.GetTensor(name + ".weight");
-      if (!t.ok()) return fail(t.status());
-      const GgufTensorInfo& ti = **t;
-      if (ti.type != uint32_t(GgmlType::kF32) || ti.n_dims != 2 || ti.ne[0] != w.cols ||
-          ti.ne[1] != w.rows || reinterpret_cast<uintptr_t>(ti.data) % 4 != 0) {
-        return fail(DataLoss("tensor %s.weight is %s %s, expected aligned f32 [%zu, %zu]",
-                             name.c_str(), ti.type_name(), ti.ShapeString().c_str(), w.cols,
-                             w.rows));
-      }
-      w.f32 = reinterpret_cast<const float*>(ti.data);
-      continue;
-    }
-    StatusOr<std::vector<int64_t>> v = g.GetIntArray("lutra.palette." + name);
-    if (!v.ok()) return fail(v.status());
-    if (v->size() != 5) return fail(DataLoss("lutra.palette.%s has %zu values, expected 5",
-                                             name.c_str(), v->size()));
-    PaletteShape sh;
-    sh.rows = size_t((*v)[0]), sh.cols = size_t((*v)[1]), sh.bits = int((*v)[2]);
-    sh.group_rows = size_t((*v)[3]);
-    const int64_t cb = (*v)[4];
-    if (cb < 0 || cb > 2) return fail(DataLoss("%s: codebook type %lld", name.c_str(), (long long)cb));
-    sh.codebook = ElementType(cb);
-    if (sh.rows != w.rows || sh.cols != w.cols) {
-      return fail(DataLoss("%s is %zu x %zu, the config implies %zu x %zu", name.c_str(),
-                           sh.rows, sh.cols, w.rows, w.cols));
-    }
-    Status shape_ok = sh.Validate();
-    if (!shape_ok.ok()) return fail(DataLoss("%s: %s", name.c_str(), shape_ok.message().c_str()));
-    StatusOr<const GgufTensorInfo*> idx = g.GetTensor(name + ".indices");
-    if (!idx.ok()) return fail(idx.status());
-    StatusOr<const GgufTensorInfo*> cbt = g.GetTensor(name + ".codebooks");
-    if (!cbt.ok()) return fail(cbt.status());
-    const uint32_t want_cb = ElementTypeToGgml(sh.codebook);
-    if ((*idx)->type != uint32_t(GgmlType::kI8) || (*cbt)->type != want_cb) {
-      return fail(DataLoss("%s: tensor types %s/%s, expected i8 indices and %s codebooks",
-                           name.c_str(), (*idx)->type_name(), (*cbt)->type_name(),
-                           ElementTypeName(sh.codebook)));
-    }
-    StatusOr<PaletteView> view = PaletteView::Make(sh, (*idx)->data, size_t((*idx)->n_bytes),
-                                                   (*cbt)->data, size_t((*cbt)->n_bytes));
-    if (!view.ok()) return fail(view.status().WithContext(name));
-    w.f32 = nullptr;
-    w.palette = *view;
-  }
-  if (*tied) m.weights.output = m.weights.embedding;
-  for (const NamedNorm& n : norms) {
-    StatusOr<const GgufTensorInfo*> t = g.GetTensor(n.name);
-    if (!t.ok()) return fail(t.status());
-    const GgufTensorInfo& ti = **t;
-    if (ti.type != uint32_t(GgmlType::kF32) || ti.n_elements != uint64_t(c.dim) ||
-        reinterpret_cast<uintptr_t>(ti.data) % 4 != 0) {
-      return fail(DataLoss("tensor %s is %s %s, expected aligned f32 [%d]", n.name.c_str(),
-                           ti.type_name(), ti.ShapeString().c_str(), c.dim));
-    }
-    *n.w = reinterpret_cast<const float*>(ti.data);
-  }
-  if (g.Find("tokenizer.ggml.tokens") != nullptr) {
-    StatusOr<Tokenizer> t = Tokenizer::FromGguf(g);
-    if (!t.ok()) return fail(t.status());
-    m.tokenizer = std::make_shared<const Tokenizer>(std::move(*t));
-  }
-  m.keep_alive = gguf;
-  if (o.seq_len > 0) m.config.seq_len = o.seq_len;
-  LUTRA_RETURN_IF_ERROR(m.Prepare());
-  if (o.bits != 0 || o.mixed_bits != 0.0) {
-    if (m.weights.embedding.palettized()) {
-      return InvalidArgument("%s is already palettized: drop --bits/--mixed", path.c_str());
-    }
-    return PalettizeModel(m, o, 1);
-  }
-  return m;
-}
-
-// ----------------------------------------------------------------------------
 // LoRA adapters
 
-BaseShapes AdapterShapes(const Config& c) {
+BaseShapes AdapterShapes(const ModelConfig& c) {
   return BaseShapes::Llama(c.n_layers, c.dim, c.hidden_dim, c.q_dim(), c.kv_dim());
 }
 

@@ -101,7 +101,7 @@ void RefRoPE(std::vector<double>& v, int heads, int head_dim, size_t pos, double
 // the last seq_len positions (the ring buffer's sliding window).
 std::vector<std::vector<double>> RefForward(const Model& m, const std::vector<int>& tokens,
                                            const Adapter* adapter = nullptr) {
-  const Config& c = m.config;
+  const ModelConfig& c = m.config;
   const int hd = c.head_dim, group = c.n_heads / c.n_kv_heads;
   std::vector<std::vector<std::vector<double>>> keys(c.n_layers), values(c.n_layers);
   std::vector<std::vector<double>> logits;
@@ -344,7 +344,7 @@ std::string GreedyText(const Model& m, const Tokenizer& tok, const std::string& 
   StatusOr<std::string> text = tok.DecodeAll(*tokens);
   REQUIRE(text.ok());
   std::string out = *text;
-  Sampler sampler(SamplerOptions{});
+  Sampler sampler = Sampler::Create(m.config.vocab_size, SamplingConfig{0.0f}).value();
   Status s = Generate(m, *state, *tokens, steps, sampler, {tok.bos_id(), tok.eos_id()},
                       [&](int prev, int token) {
                         StatusOr<std::string_view> piece = tok.Decode(prev, token);
@@ -358,7 +358,7 @@ std::string GreedyText(const Model& m, const Tokenizer& tok, const std::string& 
 
 TEST_CASE("stories260K.bin greedy text matches llama2.c on every target", "[generate][shared]") {
   LUTRA_REQUIRE_SHARED_MODELS();
-  StatusOr<Model> model = LoadModel(SharedPath("stories260K.bin"), LoadOptions());
+  StatusOr<Model> model = OpenModel(SharedPath("stories260K.bin"), LoadOptions());
   REQUIRE(model.ok());
   StatusOr<std::shared_ptr<const Tokenizer>> tok = LoadTokenizer(SharedPath("tok512.bin"), *model);
   REQUIRE(tok.ok());
@@ -374,9 +374,9 @@ TEST_CASE("stories260K.bin greedy text matches llama2.c on every target", "[gene
 
 TEST_CASE("stories260K.gguf gives the logits of stories260K.bin", "[generate][shared]") {
   LUTRA_REQUIRE_SHARED_MODELS();
-  StatusOr<Model> bin = LoadModel(SharedPath("stories260K.bin"), LoadOptions());
+  StatusOr<Model> bin = OpenModel(SharedPath("stories260K.bin"), LoadOptions());
   REQUIRE(bin.ok());
-  StatusOr<Model> gguf = LoadModel(SharedPath("stories260K.gguf"), LoadOptions());
+  StatusOr<Model> gguf = OpenModel(SharedPath("stories260K.gguf"), LoadOptions());
   REQUIRE(gguf.ok());
   REQUIRE(gguf->tokenizer);  // the vocabulary comes from the GGUF metadata
   StatusOr<std::vector<int>> prompt = gguf->tokenizer->Encode("Zoo", true);
@@ -400,7 +400,7 @@ const Model& Stories(int bits) {
   static std::map<int, std::unique_ptr<Model>> cache;
   std::unique_ptr<Model>& m = cache[bits];
   if (!m) {
-    StatusOr<Model> f32 = LoadModel(SharedPath("stories260K.bin"), LoadOptions());
+    StatusOr<Model> f32 = OpenModel(SharedPath("stories260K.bin"), LoadOptions());
     REQUIRE(f32.ok());
     if (bits == 0) {
       m = std::make_unique<Model>(std::move(*f32));
@@ -530,7 +530,7 @@ std::string WriteTemp(const std::string& name, const std::vector<char>& bytes) {
 }
 
 void ExpectLoadError(const std::string& path, const char* fragment) {
-  StatusOr<Model> m = LoadModel(path, LoadOptions());
+  StatusOr<Model> m = OpenModel(path, LoadOptions());
   INFO(path << ": " << m.status().message());
   REQUIRE(!m.ok());
   CHECK(m.status().message().find(fragment) != std::string::npos);
@@ -553,7 +553,7 @@ TEST_CASE("Corrupt, truncated and mismatched files are rejected", "[generate][sh
   ExpectLoadError(WriteTemp("trunc2.gguf", std::vector<char>(gguf.begin(), gguf.end() - 100)),
                   "exceeds");
   // A tokenizer for another vocabulary size, and a model file as tokenizer.
-  StatusOr<Model> model = LoadModel(SharedPath("stories260K.bin"), LoadOptions());
+  StatusOr<Model> model = OpenModel(SharedPath("stories260K.bin"), LoadOptions());
   REQUIRE(model.ok());
   const std::vector<char> tok = ReadFile(SharedPath("tok512.bin"));
   const std::string short_tok = WriteTemp("tok.bin", std::vector<char>(tok.begin(), tok.end() - 40));
@@ -620,7 +620,7 @@ TEST_CASE(".lutra files round-trip and map the weights in place", "[generate]") 
     REQUIRE(tok.ok());
     const std::string path = TempPath("tiny" + std::to_string(bits) + ".lutra");
     REQUIRE(SaveLutraModel(*model, &*tok, path).ok());
-    StatusOr<Model> loaded = LoadModel(path, LoadOptions());
+    StatusOr<Model> loaded = OpenModel(path, LoadOptions());
     INFO("bits " << bits << ": " << loaded.status().message());
     REQUIRE(loaded.ok());
     CHECK(loaded->palettes.empty());        // no copies: views into the mapping
@@ -633,7 +633,7 @@ TEST_CASE(".lutra files round-trip and map the weights in place", "[generate]") 
     REQUIRE((a.ok() && b.ok()));
     CHECK(*a == *b);
     // Palettizing an already palettized file is refused, not silently redone.
-    if (bits != 0) CHECK(!LoadModel(path, Bits(4)).ok());
+    if (bits != 0) CHECK(!OpenModel(path, Bits(4)).ok());
   }
 }
 
@@ -644,7 +644,7 @@ TEST_CASE("stories260K as .lutra: same text, bad files rejected", "[generate][sh
   REQUIRE(tok.ok());
   const std::string path = TempPath("stories8.lutra");
   REQUIRE(SaveLutraModel(q8, tok->get(), path).ok());
-  StatusOr<Model> loaded = LoadModel(path, LoadOptions());
+  StatusOr<Model> loaded = OpenModel(path, LoadOptions());
   REQUIRE(loaded.ok());
   REQUIRE(loaded->tokenizer);  // the vocabulary travels inside the file
   CHECK(GreedyText(*loaded, *loaded->tokenizer, "Zoo", 60) == kZooText);

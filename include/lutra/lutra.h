@@ -19,6 +19,7 @@
 #include "lutra/format/llama_model.h"
 #include "lutra/format/lora.h"
 #include "lutra/format/lora_file.h"
+#include "lutra/format/lutra_file.h"
 #include "lutra/format/mapped_file.h"
 #include "lutra/format/palette.h"
 #include "lutra/format/tokenizer.h"
