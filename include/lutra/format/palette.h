@@ -105,9 +105,9 @@ struct PaletteFormat {
   static constexpr size_t kBlockCols = 8 * kBlockBytes / kBits;  // 16 .. 128
   // The high plane's chunk follows the low plane's chunks within a block.
   static constexpr size_t kHighOffset = kBlockCols * kLowBits / 8;
-  // Runs of 16 consecutive columns per block: one per field of a low-plane
-  // byte and low chunk. A SIMD decode of one 16-byte lane per block yields one
-  // index vector per run (kernels/lut_decode-inl.h "sub-vectors").
+  // Runs of 16 consecutive columns per block (fields per low-plane byte x
+  // low chunks per block). A SIMD decode of one block per 128-bit lane yields
+  // one index vector per run (kernels/lut_decode-inl.h "sub-vectors").
   static constexpr size_t kRunsPerBlock = kBlockCols / 16;
 };
 
