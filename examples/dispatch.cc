@@ -10,9 +10,11 @@
 #include "hwy/highway.h"
 #include "lutra/kernels/attention-inl.h"
 #include "lutra/kernels/dot-inl.h"
+#include "lutra/kernels/epilogue-inl.h"
 #include "lutra/kernels/gemm-inl.h"
 #include "lutra/kernels/gemv-inl.h"
 #include "lutra/kernels/kv_cache-inl.h"
+#include "lutra/kernels/matmul_input-inl.h"
 #include "lutra/kernels/ops-inl.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -70,17 +72,19 @@ Status GemmT(const PreparedPalette& w, const float* x, size_t batch, const LoraD
   return Gemm(w, x, batch, w.shape().cols, ep, y, w.shape().rows, pool, opt, scratch);
 }
 
+// The kernels' epilogue (LoraAx, then FinishRows in place over y), so that
+// f32 weights round their LoRA term exactly like palettized ones.
 void LoraApplyT(const LoraDelta& lora, const float* x, size_t batch, size_t rows, size_t cols,
                 float* ax, float* y) {
-  const size_t elem = ElementBytes(lora.type);
-  const uint8_t* a = static_cast<const uint8_t*>(lora.a);
-  const uint8_t* b = static_cast<const uint8_t*>(lora.b);
+  EpilogueArgs e;
+  e.lora = &lora;
+  e.lora_ax = ax;
+  const hn::ScalableTag<float> df;
   for (size_t m = 0; m < batch; ++m) {
-    for (size_t k = 0; k < lora.rank; ++k) {
-      ax[k] = lora.scale * TypedDot(lora.type, a + k * cols * elem, x + m * cols, cols);
-    }
-    for (size_t r = 0; r < rows; ++r) {
-      y[m * rows + r] += TypedDot(lora.type, b + r * lora.rank * elem, ax, lora.rank);
+    LoraAx(lora, x + m * cols, 1, cols, cols, ax);
+    float* y_row = y + m * rows;
+    for (size_t n0 = 0; n0 < rows; n0 += kEpilogueChunk) {
+      FinishRows(df, e, 0, n0, HWY_MIN(kEpilogueChunk, rows - n0), y_row + n0, y_row);
     }
   }
 }

@@ -47,7 +47,8 @@ Status Gemm(const PreparedPalette& w, const float* x, size_t batch, const LoraDe
 
 // Y (batch x rows) += lora.scale * B (A X) for f32 weights, whose matvec has
 // no fused epilogue: A is rank x cols, B rows x rank (f32/f16/bf16), ax is
-// scratch of lora.rank floats. lutra/kernels/gemv-inl.h TypedDot.
+// scratch of lora.rank floats. The palettized kernels' epilogue
+// (lutra/kernels/epilogue-inl.h), so it rounds as they do.
 void LoraApply(const LoraDelta& lora, const float* x, size_t batch, size_t rows, size_t cols,
                float* ax, float* y);
 

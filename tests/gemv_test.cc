@@ -1,8 +1,10 @@
 // GEMV over palettized weights vs. a scalar reference (dequantize, multiply
 // in double), on every target: every bit width x codebook type x precision x
 // epilogue, odd shapes, and row ranges that split groups and 4-row blocks.
+// Also the shared epilogue applier (epilogue-inl.h) alone, and WithBits.
 #include <stddef.h>
 
+#include <array>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -11,6 +13,7 @@
 #define HWY_TARGET_INCLUDE "tests/gemv_test.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
+#include "lutra/kernels/epilogue-inl.h"
 #include "lutra/kernels/gemv-inl.h"
 #include "tests/matmul_test_util.h"
 #include "tests/test_util.h"
@@ -214,6 +217,105 @@ void TestGemvErrors() {
   CHECK(!PreparedPalette::Make(PaletteView()).ok());
 }
 
+// The epilogue applier alone vs. a scalar reference in double: both ways of
+// getting the LoRA dots (LoraRowDots via FinishRows, LoraPanel), every LoRA
+// type and several ranks, odd counts and offsets (vector tails), token m > 0
+// with a residual stride, residual aliasing the output, raw in place, and
+// outputs outside the range left untouched.
+void TestEpilogueApplier() {
+  test::Rng rng(11);
+  const hn::ScalableTag<float> df;
+  const size_t NR = 2 * hn::Lanes(df);
+  const size_t M = 2, N = 103, stride = N + 3;
+  const ElementType types[] = {ElementType::kF16, ElementType::kBF16, ElementType::kF32};
+  size_t variant = 0;
+  for (ElementType type : types) {
+    for (size_t rank : {size_t{1}, size_t{5}, size_t{16}, size_t{64}}) {
+      for (int terms = 0; terms < 8; ++terms) {  // bit 0 bias, 1 residual, 2 LoRA
+        for (int mode = 0; mode < 3; ++mode) {  // 0 FinishRows, 1 in place, 2 LoraPanel
+          ++variant;
+          const bool use_bias = terms & 1, use_res = terms & 2, use_lora = terms & 4;
+          const size_t m = variant % M;
+          const size_t n0 = rng.Below(N), n = 1 + rng.Below(N - n0);  // [n0, n0 + n)
+          const std::vector<float> bias = rng.GaussianVector(N);
+          const std::vector<float> raw = rng.GaussianVector(N);
+          const std::vector<float> ax = rng.GaussianVector(rank);
+          const test::LoraFactors lora = test::RandomLora(rng, N, 1, rank, type);
+          std::vector<float> Y = rng.GaussianVector(M * stride);  // also the residual
+          const std::vector<float> before = Y;
+          EpilogueArgs e;
+          if (use_bias) e.bias = bias.data();
+          if (use_res) {
+            e.residual = Y.data();  // aliases the output
+            e.residual_stride = stride;
+          }
+          std::vector<float> ax_all(M * rank, 0.0f);
+          std::copy(ax.begin(), ax.end(), ax_all.begin() + m * rank);
+          if (use_lora) {
+            e.lora = &lora.delta;
+            e.lora_ax = ax_all.data();
+          }
+          float* y_row = Y.data() + m * stride;
+          // In place: the raw values start out in the output itself (the
+          // residual is then those raw values, as LoraApplyT never has one).
+          if (mode == 1) std::copy(raw.begin() + n0, raw.begin() + n0 + n, y_row + n0);
+          for (size_t j = 0; j < n;) {
+            if (mode == 2) {
+              const size_t nr = HWY_MIN(NR, n - j);
+              LoraPanel panel;
+              std::vector<float> dots(NR);
+              panel.Init(lora.delta, n0 + j, nr, NR);
+              panel.Dots(df, ax.data(), dots.data());
+              ApplyEpilogue(df, e, m, n0 + j, nr, raw.data() + n0 + j, dots.data(), y_row);
+              j += nr;
+            } else {
+              const size_t c = HWY_MIN(kEpilogueChunk, n - j);
+              const float* r = mode == 1 ? y_row + n0 + j : raw.data() + n0 + j;
+              FinishRows(df, e, m, n0 + j, c, r, y_row);
+              j += c;
+            }
+          }
+          std::vector<double> expected(n), tol(n);
+          for (size_t j = 0; j < n; ++j) {
+            const size_t col = n0 + j;
+            const double v = raw[col];
+            double sum = v, mag = std::abs(v);
+            if (use_bias) {
+              sum += bias[col];
+              mag += std::abs(bias[col]);
+            }
+            if (use_res) {
+              const double r = mode == 1 ? raw[col] : before[m * stride + col];
+              sum += r;
+              mag += std::abs(r);
+            }
+            if (use_lora) {
+              for (size_t k = 0; k < rank; ++k) {
+                const double t = double(lora.delta.scale) * lora.bf[col * rank + k] * ax[k];
+                sum += t;
+                mag += std::abs(t);
+              }
+            }
+            expected[j] = sum;
+            tol[j] = test::RoundingTol(0, rank, mag);
+          }
+          const std::string what = "epilogue type=" + std::string(ElementTypeName(type)) +
+                                   " rank=" + std::to_string(rank) + " terms=" +
+                                   std::to_string(terms) + " mode=" + std::to_string(mode) +
+                                   " m=" + std::to_string(m) + " n0=" + std::to_string(n0) +
+                                   " n=" + std::to_string(n);
+          INFO(what);
+          test::ExpectClose(y_row + n0, expected.data(), tol.data(), n, what);
+          // Nothing outside [n0, n0 + n) of row m is written.
+          for (size_t i = 0; i < M * stride; ++i) {
+            if (i < m * stride + n0 || i >= m * stride + n0 + n) CHECK(Y[i] == before[i]);
+          }
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace HWY_NAMESPACE
 }  // namespace lutra
@@ -225,6 +327,7 @@ HWY_EXPORT(TestGemvAllFormats);
 HWY_EXPORT(TestGemvAccuracyAndDetection);
 HWY_EXPORT(TestGemvThreadPool);
 HWY_EXPORT(TestGemvErrors);
+HWY_EXPORT(TestEpilogueApplier);
 
 TEST_CASE("GEMV matches scalar reference for every format and epilogue", "[gemv]") {
   test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestGemvAllFormats)(); });
@@ -237,6 +340,38 @@ TEST_CASE("GEMV with thread pool equals single thread", "[gemv]") {
 }
 TEST_CASE("GEMV rejects bad input", "[gemv]") {
   test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestGemvErrors)(); });
+}
+TEST_CASE("Epilogue applier matches scalar reference", "[gemv][epilogue]") {
+  test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestEpilogueApplier)(); });
+}
+
+TEST_CASE("WithBits passes each valid width as a constant and rejects others", "[palette]") {
+  for (int bits : {1, 2, 3, 4, 6, 8}) {
+    int seen = 0;
+    const Status s = WithBits(bits, [&](auto b) {
+      constexpr int kBits = decltype(b)::value;
+      std::array<uint8_t, kBits> compile_time{};  // kBits is a constant
+      using F = PaletteFormat<kBits>;
+      static_assert(F::kBlockBytes * 8 == F::kBlockCols * kBits, "block size");
+      static_assert(F::kLowBits + F::kHighBits == kBits, "planes");
+      seen = static_cast<int>(compile_time.size());
+    });
+    CHECK(s.ok());
+    CHECK(seen == bits);
+  }
+  for (int bits : {-1, 0, 5, 7, 9, 16}) {
+    bool called = false;
+    const Status s = WithBits(bits, [&](auto) { called = true; });
+    CHECK(!s.ok());
+    CHECK(!called);
+    CHECK(s.code() == StatusCode::kInvalidArgument);
+    CHECK(s.message().find("bits = " + std::to_string(bits)) != std::string::npos);
+    CHECK(!IsValidPaletteBits(bits));
+    CHECK(PaletteBlockCols(bits) == 0);
+  }
+  // fn's own Status comes back.
+  const Status inner = WithBits(3, [](auto) { return InvalidArgument("inner %d", 3); });
+  CHECK(inner.message() == "inner 3");
 }
 }  // namespace lutra
 #endif  // HWY_ONCE

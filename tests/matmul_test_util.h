@@ -154,8 +154,8 @@ inline RefRow ReferenceRow(const PaletteView& v, const float* wrow, size_t r, co
 // PreparedInput through its documented position -> column map (run_col).
 inline void QuantizedActivations(const PreparedInput& in, size_t m, std::vector<double>* xhat,
                                  std::vector<double>* sx) {
-  const size_t K = in.cols, P = in.positions;
-  const size_t block = in.units_per_block * in.unit_positions;
+  const size_t K = in.cols, P = in.geometry.positions();
+  const size_t block = in.units_per_block * in.geometry.unit_positions;
   xhat->assign(K, 0.0);
   sx->assign(K, 0.0);
   std::vector<int> seen(K, 0);

@@ -19,6 +19,8 @@
 #include <thread>
 #include <vector>
 
+#include "lutra/base/status.h"
+
 namespace lutra {
 
 // Half-open range [begin, end) of rows (or any items).
@@ -145,6 +147,20 @@ class ThreadPool {
   size_t num_tasks_ = 0;
   std::atomic<size_t> next_task_{0};
 };
+
+// Splits rows [0, n) into one range per thread of `pool` (SplitRows with
+// `align`) and runs fn(RowRange) -> Status on each, on this thread alone when
+// pool is null or has one thread (one range [0, n)). Returns the first error
+// in range order, after every range ran.
+template <class Fn>
+Status ParallelForRows(ThreadPool* pool, size_t n, size_t align, const Fn& fn) {
+  if (pool == nullptr || pool->NumThreads() == 1) return fn(RowRange{0, n});
+  const size_t T = pool->NumThreads();
+  std::vector<Status> status(T);
+  pool->ParallelFor(T, [&](size_t task, size_t) { status[task] = fn(SplitRows(n, T, task, align)); });
+  for (const Status& s : status) LUTRA_RETURN_IF_ERROR(s);
+  return Status::Ok();
+}
 
 }  // namespace lutra
 

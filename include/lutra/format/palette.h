@@ -32,6 +32,7 @@
 
 #include <memory>
 #include <new>
+#include <type_traits>
 #include <utility>
 
 #include "hwy/base.h"
@@ -40,28 +41,73 @@
 
 namespace lutra {
 
-// True for the index widths the format supports: 1, 2, 3, 4, 6, 8.
-inline bool IsValidPaletteBits(int bits) {
-  return bits == 1 || bits == 2 || bits == 3 || bits == 4 || bits == 6 ||
-         bits == 8;
+// The format rule of b-bit indices, in one place (layout summary above):
+// b = 1, 2, 4, 8 is one plane of width b; b = 3, 6 a low plane of width 2b/3
+// plus a high plane of width b/3 (index = low | high << kLowBits). A block is
+// the smallest run of columns that fills whole 16-byte chunks of every plane:
+// one chunk (16 bytes) for one plane; two low chunks then one high chunk (48
+// bytes) for two. Used by the scalar pack/unpack below and by the SIMD decode
+// (kernels/lut_decode-inl.h). kBits must be a valid width (see WithBits).
+template <int kBits>
+struct PaletteFormat {
+  static_assert(kBits == 1 || kBits == 2 || kBits == 3 || kBits == 4 || kBits == 6 ||
+                    kBits == 8,
+                "palette index width must be 1, 2, 3, 4, 6 or 8");
+  static constexpr bool kTwoPlanes = kBits == 3 || kBits == 6;
+  static constexpr int kLowBits = kTwoPlanes ? 2 * kBits / 3 : kBits;
+  static constexpr int kHighBits = kTwoPlanes ? kBits / 3 : 0;  // 0: no high plane
+  static constexpr size_t kBlockBytes = kTwoPlanes ? 48 : 16;
+  static constexpr size_t kBlockCols = 8 * kBlockBytes / kBits;  // 16 .. 128
+  // The high plane's chunk follows the low plane's chunks within a block.
+  static constexpr size_t kHighOffset = kBlockCols * kLowBits / 8;
+  // Runs of 16 consecutive columns per block (fields per low-plane byte x
+  // low chunks per block). A SIMD decode of one block per 128-bit lane yields
+  // one index vector per run (kernels/lut_decode-inl.h "sub-vectors").
+  static constexpr size_t kRunsPerBlock = kBlockCols / 16;
+};
+
+// Calls fn(std::integral_constant<int, b>()) for the supported index width
+// b = bits, so that fn can instantiate code for it (decltype(arg)::value);
+// returns fn's Status (Ok when fn returns void), or InvalidArgument naming
+// the width when bits is not 1, 2, 3, 4, 6 or 8. The one switch on widths.
+template <class Fn>
+Status WithBits(int bits, const Fn& fn) {
+  const auto call = [&fn](auto b) -> Status {
+    if constexpr (std::is_void_v<decltype(fn(b))>) {
+      fn(b);
+      return Status::Ok();
+    } else {
+      return fn(b);
+    }
+  };
+  switch (bits) {
+    case 1:
+      return call(std::integral_constant<int, 1>());
+    case 2:
+      return call(std::integral_constant<int, 2>());
+    case 3:
+      return call(std::integral_constant<int, 3>());
+    case 4:
+      return call(std::integral_constant<int, 4>());
+    case 6:
+      return call(std::integral_constant<int, 6>());
+    case 8:
+      return call(std::integral_constant<int, 8>());
+  }
+  return InvalidArgument("palette: bits = %d, need one of 1, 2, 3, 4, 6, 8", bits);
 }
 
-// Columns per packed block for b-bit indices (see the layout summary): the
-// smallest column count whose packed size is a whole number of 16-byte chunks.
+// True for the index widths the format supports: 1, 2, 3, 4, 6, 8.
+inline bool IsValidPaletteBits(int bits) {
+  return WithBits(bits, [](auto) {}).ok();
+}
+
+// Columns per packed block for b-bit indices (PaletteFormat::kBlockCols); 0
+// for an unsupported width.
 inline size_t PaletteBlockCols(int bits) {
-  switch (bits) {
-    case 8:
-      return 16;
-    case 4:
-      return 32;
-    case 2:
-    case 6:
-      return 64;
-    case 1:
-    case 3:
-      return 128;
-  }
-  return 0;
+  size_t cols = 0;
+  (void)WithBits(bits, [&cols](auto b) { cols = PaletteFormat<decltype(b)::value>::kBlockCols; });
+  return cols;
 }
 
 // Shape and storage parameters of one palettized matrix. All size helpers
@@ -133,18 +179,16 @@ struct Plane {
   size_t offset;
 };
 
-// Low plane (always present) and high plane (b = 3, 6; w = 0 otherwise).
+// Low plane (always present) and high plane (b = 3, 6; w = 0 otherwise), from
+// PaletteFormat. bits is valid (callers hold a validated shape).
 inline void Planes(int bits, Plane* low, Plane* high) {
-  if (bits == 3) {
-    *low = {2, 0};
-    *high = {1, 32};  // two 2-bit chunks (32 B) precede the 1-bit chunk
-  } else if (bits == 6) {
-    *low = {4, 0};
-    *high = {2, 32};  // two 4-bit chunks (32 B) precede the 2-bit chunk
-  } else {
-    *low = {bits, 0};
-    *high = {0, 0};
-  }
+  *low = {0, 0};
+  *high = {0, 0};
+  (void)WithBits(bits, [&](auto b) {
+    using F = PaletteFormat<decltype(b)::value>;
+    *low = {F::kLowBits, 0};
+    *high = {F::kHighBits, F::kHighOffset};
+  });
 }
 
 // Byte and bit shift of column `c` (relative to the block start) in a plane of

@@ -1,5 +1,10 @@
 // Dot products of f32 vectors: the building block of attention scores and of
-// the reference paths that other kernels are measured against.
+// the reference paths that other kernels are measured against; and TypedDot,
+// the same for one f16/bf16/f32 operand (LoRA factors: A x and B (A x)).
+//
+// Entry points (namespace lutra::HWY_NAMESPACE):
+//   float Dot([df,] const float* a, const float* b, size_t num);
+//   float TypedDot([df,] ElementType type, const void* a, const float* x, size_t n);
 //
 // Per-target code: include after hwy/highway.h (and, for dynamic dispatch,
 // from a .cc that includes hwy/foreach_target.h). See docs/design.md.
@@ -15,6 +20,7 @@
 #include <stddef.h>
 
 #include "hwy/highway.h"
+#include "lutra/format/palette.h"  // ElementType
 
 HWY_BEFORE_NAMESPACE();
 namespace lutra {
@@ -58,6 +64,51 @@ HWY_INLINE float Dot(DF df, const float* HWY_RESTRICT a,
 HWY_INLINE float Dot(const float* HWY_RESTRICT a, const float* HWY_RESTRICT b,
                      size_t num) {
   return Dot(hn::ScalableTag<float>(), a, b, num);
+}
+
+namespace detail {
+
+// sum_i a[i] * x[i] for 16-bit a (f16 or bf16), each widened exactly to f32.
+template <class DF, typename T>
+HWY_INLINE float HalfDot(DF df, const T* HWY_RESTRICT a, const float* HWY_RESTRICT x,
+                         size_t n) {
+  const hn::Rebind<T, DF> dh;
+  const size_t N = hn::Lanes(df);
+  hn::Vec<DF> sum0 = hn::Zero(df), sum1 = hn::Zero(df);
+  size_t i = 0;
+  for (; i + 2 * N <= n; i += 2 * N) {
+    sum0 = hn::MulAdd(hn::PromoteTo(df, hn::LoadU(dh, a + i)), hn::LoadU(df, x + i), sum0);
+    sum1 = hn::MulAdd(hn::PromoteTo(df, hn::LoadU(dh, a + i + N)), hn::LoadU(df, x + i + N),
+                      sum1);
+  }
+  for (; i < n; i += N) {
+    const size_t m = HWY_MIN(N, n - i);
+    sum0 = hn::MulAdd(hn::PromoteTo(df, hn::LoadN(dh, a + i, m)), hn::LoadN(df, x + i, m), sum0);
+  }
+  return hn::ReduceSum(df, hn::Add(sum0, sum1));
+}
+
+}  // namespace detail
+
+// Returns sum_i a[i] * x[i] (i < n) with a of `type` (f16, bf16 or f32,
+// unaligned), widened exactly to f32 and accumulated in f32. Used for A x
+// (n = K) and for rows of B (n = rank) in the LoRA epilogue.
+template <class DF>
+HWY_INLINE float TypedDot(DF df, ElementType type, const void* HWY_RESTRICT a,
+                          const float* HWY_RESTRICT x, size_t n) {
+  switch (type) {
+    case ElementType::kF16:
+      return detail::HalfDot(df, static_cast<const hwy::float16_t*>(a), x, n);
+    case ElementType::kBF16:
+      return detail::HalfDot(df, static_cast<const hwy::bfloat16_t*>(a), x, n);
+    default:
+      return Dot(df, static_cast<const float*>(a), x, n);
+  }
+}
+
+HWY_INLINE float TypedDot(ElementType type, const void* HWY_RESTRICT a,
+                          const float* HWY_RESTRICT x, size_t n) {
+  return TypedDot(hn::ScalableTag<float>(), type, a, x, n);
 }
 
 }  // namespace HWY_NAMESPACE

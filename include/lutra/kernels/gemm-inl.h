@@ -13,12 +13,16 @@
 //   per quantization block.
 // - kF32: the tile holds exact f32 weights; dot products per (token, row).
 //
+// Both paths finish each token's panel row with the shared epilogue
+// (epilogue-inl.h ApplyEpilogue, LoRA through a per-panel B^T: LoraPanel).
+//
 // Per-target code: include after hwy/highway.h (see dot-inl.h).
 //
 // Public entry points (namespace lutra::HWY_NAMESPACE):
 //   Status PrepareGemmInput(const PreparedPalette& w, const float* X, size_t M,
 //                           size_t ldx, const Epilogue& ep,
 //                           const MatmulOptions& opt, PreparedInput* in);
+//                                                  (matmul_input-inl.h)
 //   Status GemmRows(const PreparedPalette& w, const PreparedInput& in,
 //                   size_t n0, size_t n1, float* Y, size_t ldy);
 //   Status Gemm(const PreparedPalette& w, const float* X, size_t M, size_t ldx,
@@ -44,22 +48,17 @@
 #include "hwy/highway.h"
 #include "lutra/base/status.h"
 #include "lutra/base/thread_pool.h"
+#include "lutra/format/palette.h"
 #include "lutra/kernels/dot-inl.h"
-#include "lutra/kernels/gemv-inl.h"
+#include "lutra/kernels/epilogue-inl.h"
 #include "lutra/kernels/lut_decode-inl.h"
 #include "lutra/kernels/matmul.h"
+#include "lutra/kernels/matmul_input-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace lutra {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
-
-// Prepares M token rows X (row m at X + m * ldx, K floats each; ldx >= K).
-HWY_INLINE Status PrepareGemmInput(const PreparedPalette& w, const float* HWY_RESTRICT X,
-                                   size_t M, size_t ldx, const Epilogue& ep,
-                                   const MatmulOptions& opt, PreparedInput* in) {
-  return PrepareInput(w, X, M, ldx, ep, opt, in);
-}
 
 namespace detail {
 
@@ -81,7 +80,7 @@ struct Panel {
   const uint8_t* tile = nullptr;  // [positions / 4][NR][4] u8 codes
   const float* step = nullptr;    // NR (0 past nr)
   const float* lo = nullptr;      // NR
-  const float* bt = nullptr;      // LoRA B^T panel: rank x NR f32 (or null)
+  const LoraPanel* lora = nullptr;  // B^T of the panel's rows (or null)
 };
 
 // Decodes rows [n, n + nr) into the interleaved u8 tile (rows past nr = 0).
@@ -94,18 +93,18 @@ HWY_NOINLINE void DecodePanelU8(const PreparedPalette& w, const PreparedInput& i
   const PaletteShape& shape = w.shape();
   const size_t row_bytes = shape.row_bytes();
   const size_t unit_bytes = UnitBytes<kBits>(d);
-  const size_t UP = in.unit_positions;
+  const size_t UP = in.geometry.unit_positions;
   HWY_ALIGN uint8_t buf[hn::MaxLanes(D())];
   for (size_t j = 0; j < NR; ++j) {
     if (j >= nr) {
-      for (size_t q = 0; q < in.positions / 4; ++q) memset(tile + (q * NR + j) * 4, 0, 4);
+      for (size_t q = 0; q < in.geometry.positions() / 4; ++q) memset(tile + (q * NR + j) * 4, 0, 4);
       continue;
     }
     const size_t r = n + j;
     LutU8<kBits, D> lut;
     lut.Init(d, w.table_u8(r / shape.group_rows));
     const uint8_t* row = w.view().row(r);
-    for (size_t u = 0; u < in.num_units; ++u) {
+    for (size_t u = 0; u < in.geometry.num_units; ++u) {
       const size_t off = u * unit_bytes;
       DecodeLookupUnit<kBits>(d, lut, row + off, row_bytes - off,
                               [&](size_t s, hn::Vec<D> codes) HWY_ATTR {
@@ -128,7 +127,7 @@ HWY_NOINLINE void DecodePanelF32(const PreparedPalette& w, const PreparedInput& 
   const PaletteShape& shape = w.shape();
   const size_t row_bytes = shape.row_bytes();
   const size_t unit_bytes = UnitBytes<kBits>(d);
-  const size_t UP = in.unit_positions, P = in.positions;
+  const size_t UP = in.geometry.unit_positions, P = in.geometry.positions();
   HWY_ALIGN uint8_t buf[hn::MaxLanes(D())];
   for (size_t j = 0; j < NR; ++j) {
     float* HWY_RESTRICT out = rows + j * P;
@@ -139,7 +138,7 @@ HWY_NOINLINE void DecodePanelF32(const PreparedPalette& w, const PreparedInput& 
     const size_t r = n + j;
     const float* table = w.table_f32(r / shape.group_rows);
     const uint8_t* row = w.view().row(r);
-    for (size_t u = 0; u < in.num_units; ++u) {
+    for (size_t u = 0; u < in.geometry.num_units; ++u) {
       const size_t off = u * unit_bytes;
       DecodeUnit<kBits>(
           d, row + off, row_bytes - off, [&](size_t s, hn::Vec<D> idx) HWY_ATTR {
@@ -151,37 +150,29 @@ HWY_NOINLINE void DecodePanelF32(const PreparedPalette& w, const PreparedInput& 
   }
 }
 
-// Writes Y[m, n .. n + nr) = step * acc + lo * xsum[m] (+ epilogue) for one
-// token m, where acc holds the panel's two vectors of f32 dot products.
+// Writes token m's outputs Y[m, n .. n + nr) of panel p from their raw
+// values raw[0 .. nr) (W x in f32), through the shared epilogue.
+template <class DF>
+HWY_INLINE void FinishPanelRow(DF df, const EpilogueArgs& e, const Panel& p, size_t m,
+                               const float* raw, float* Y, size_t ldy) {
+  HWY_ALIGN float dots[2 * hn::MaxLanes(DF())];
+  if (p.lora != nullptr) p.lora->Dots(df, e.lora_ax + m * e.lora->rank, dots);
+  ApplyEpilogue(df, e, m, p.n, p.nr, raw, dots, Y + m * ldy);
+}
+
+// Int8 path: raw = step * acc + lo * xsum[m] for one token m, where acc holds
+// the panel's two vectors of f32 dot products, then FinishPanelRow.
 template <class DF, class VF = hn::Vec<DF>>
-HWY_INLINE void StorePanelRow(DF df, const PreparedInput& in, const Panel& p, size_t m, VF acc0,
-                              VF acc1, float* HWY_RESTRICT Y, size_t ldy) {
+HWY_INLINE void StorePanelRow(DF df, const PreparedInput& in, const EpilogueArgs& e,
+                              const Panel& p, size_t m, VF acc0, VF acc1,
+                              float* Y, size_t ldy) {
   const size_t NF = hn::Lanes(df);
-  const Epilogue& ep = in.epilogue;
-  const size_t rstride = ep.residual_stride ? ep.residual_stride : ldy;
+  HWY_ALIGN float raw[2 * hn::MaxLanes(DF())];
   const VF xs = hn::Set(df, in.xsum[m]);
-  for (size_t h = 0; h < 2; ++h) {
-    const size_t off = h * NF;
-    if (off >= p.nr) break;
-    const size_t cnt = HWY_MIN(NF, p.nr - off);
-    // A select, not an array {acc0, acc1}: SVE vectors are sizeless types.
-    const VF v = h == 0 ? acc0 : acc1;
-    VF y = hn::MulAdd(v, hn::LoadU(df, p.step + off), hn::Mul(hn::LoadU(df, p.lo + off), xs));
-    const size_t col = p.n + off;
-    if (ep.bias) y = hn::Add(y, hn::LoadN(df, ep.bias + col, cnt));
-    if (ep.residual) y = hn::Add(y, hn::LoadN(df, ep.residual + m * rstride + col, cnt));
-    if (in.has_lora) {
-      const size_t rank = in.lora.rank;
-      const size_t NR = 2 * NF;
-      const float* ax = in.lora_ax.data() + m * rank;
-      VF delta = hn::Zero(df);
-      for (size_t k = 0; k < rank; ++k) {
-        delta = hn::MulAdd(hn::Set(df, ax[k]), hn::LoadU(df, p.bt + k * NR + off), delta);
-      }
-      y = hn::MulAdd(delta, hn::Set(df, in.lora.scale), y);
-    }
-    hn::StoreN(y, df, Y + m * ldy + col, cnt);
-  }
+  hn::Store(hn::MulAdd(acc0, hn::LoadU(df, p.step), hn::Mul(hn::LoadU(df, p.lo), xs)), df, raw);
+  hn::Store(hn::MulAdd(acc1, hn::LoadU(df, p.step + NF), hn::Mul(hn::LoadU(df, p.lo + NF), xs)),
+            df, raw + NF);
+  FinishPanelRow(df, e, p, m, raw, Y, ldy);
 }
 
 // Int8 micro-kernel: tokens [m, m + kMR) x the panel's NR rows.
@@ -189,8 +180,8 @@ HWY_INLINE void StorePanelRow(DF df, const PreparedInput& in, const Panel& p, si
 // f<i>0/f<i>1; those of tokens >= kMR are dead code), not arrays, because SVE
 // vectors are sizeless types that cannot form arrays.
 template <size_t kMR>
-HWY_INLINE void MicroKernelI8(const PreparedInput& in, const Panel& p, size_t m,
-                              float* HWY_RESTRICT Y, size_t ldy) {
+HWY_INLINE void MicroKernelI8(const PreparedInput& in, const EpilogueArgs& e, const Panel& p,
+                              size_t m, float* Y, size_t ldy) {
   const hn::ScalableTag<int32_t> di32;
   const hn::Repartition<uint8_t, decltype(di32)> du8;
   const hn::Repartition<int8_t, decltype(di32)> di8;
@@ -199,8 +190,8 @@ HWY_INLINE void MicroKernelI8(const PreparedInput& in, const Panel& p, size_t m,
   using VF = hn::Vec<decltype(df)>;
   const size_t NF = hn::Lanes(df);
   const size_t NR = 2 * NF;
-  const size_t P = in.positions;
-  const size_t block_quads = in.units_per_block * in.unit_positions / 4;
+  const size_t P = in.geometry.positions();
+  const size_t block_quads = in.units_per_block * in.geometry.unit_positions / 4;
   const size_t num_quads = P / 4;
   const uint8_t* HWY_RESTRICT tile = p.tile;
   static_assert(kMR >= 1 && kMR <= 6, "MicroKernelI8 handles 1 to 6 tokens");
@@ -243,23 +234,24 @@ HWY_INLINE void MicroKernelI8(const PreparedInput& in, const Panel& p, size_t m,
     if constexpr (kMR > 4) scale(4, a40, a41, f40, f41);
     if constexpr (kMR > 5) scale(5, a50, a51, f50, f51);
   }
-  StorePanelRow(df, in, p, m, f00, f01, Y, ldy);
-  if constexpr (kMR > 1) StorePanelRow(df, in, p, m + 1, f10, f11, Y, ldy);
-  if constexpr (kMR > 2) StorePanelRow(df, in, p, m + 2, f20, f21, Y, ldy);
-  if constexpr (kMR > 3) StorePanelRow(df, in, p, m + 3, f30, f31, Y, ldy);
-  if constexpr (kMR > 4) StorePanelRow(df, in, p, m + 4, f40, f41, Y, ldy);
-  if constexpr (kMR > 5) StorePanelRow(df, in, p, m + 5, f50, f51, Y, ldy);
+  StorePanelRow(df, in, e, p, m, f00, f01, Y, ldy);
+  if constexpr (kMR > 1) StorePanelRow(df, in, e, p, m + 1, f10, f11, Y, ldy);
+  if constexpr (kMR > 2) StorePanelRow(df, in, e, p, m + 2, f20, f21, Y, ldy);
+  if constexpr (kMR > 3) StorePanelRow(df, in, e, p, m + 3, f30, f31, Y, ldy);
+  if constexpr (kMR > 4) StorePanelRow(df, in, e, p, m + 4, f40, f41, Y, ldy);
+  if constexpr (kMR > 5) StorePanelRow(df, in, e, p, m + 5, f50, f51, Y, ldy);
 }
 
 template <int kBits>
 HWY_NOINLINE void GemmRowsImpl(const PreparedPalette& w, const PreparedInput& in, size_t n0,
-                               size_t n1, float* HWY_RESTRICT Y, size_t ldy) {
+                               size_t n1, float* Y, size_t ldy) {
   const hn::ScalableTag<float> df;
   const size_t NF = hn::Lanes(df);
   const size_t NR = 2 * NF;
-  const size_t P = in.positions, M = in.rows;
+  const size_t P = in.geometry.positions(), M = in.rows;
   const size_t G = w.shape().group_rows;
   const bool f32 = in.precision == MatmulPrecision::kF32;
+  const EpilogueArgs e = EpilogueArgsOf(in, ldy);
   hwy::AlignedFreeUniquePtr<uint8_t[]> tile;
   hwy::AlignedFreeUniquePtr<float[]> rows;
   if (f32) {
@@ -267,24 +259,23 @@ HWY_NOINLINE void GemmRowsImpl(const PreparedPalette& w, const PreparedInput& in
   } else {
     tile = hwy::AllocateAligned<uint8_t>(NR * P);
   }
-  std::vector<float> step(NR), lo(NR), bt;
-  if (in.has_lora) bt.resize(in.lora.rank * NR);
-  const float* residual = in.epilogue.residual;
-  const size_t rstride = in.epilogue.residual_stride ? in.epilogue.residual_stride : ldy;
+  std::vector<float> step(NR), lo(NR);
+  LoraPanel lora;
+  HWY_ALIGN float raw[2 * hn::MaxLanes(decltype(df)())];
   for (size_t n = n0; n < n1; n += NR) {
     Panel p;
     p.n = n;
     p.nr = HWY_MIN(NR, n1 - n);
+    if (in.has_lora) {
+      lora.Init(in.lora, n, p.nr, NR);
+      p.lora = &lora;
+    }
     if (f32) {
-      // Exact rows; FinishRow applies bias, residual and LoRA per output.
       DecodePanelF32<kBits>(w, in, n, p.nr, NR, rows.get());
       for (size_t m = 0; m < M; ++m) {
         const float* x = in.xf.data() + m * P;
-        for (size_t j = 0; j < p.nr; ++j) {
-          const float v = Dot(df, rows.get() + j * P, x, P);
-          const float res = residual ? residual[m * rstride + n + j] : 0.0f;
-          Y[m * ldy + n + j] = FinishRow(in, m, n + j, v, res);
-        }
+        for (size_t j = 0; j < p.nr; ++j) raw[j] = Dot(df, rows.get() + j * P, x, P);
+        FinishPanelRow(df, e, p, m, raw, Y, ldy);
       }
       continue;
     }
@@ -295,22 +286,11 @@ HWY_NOINLINE void GemmRowsImpl(const PreparedPalette& w, const PreparedInput& in
     }
     p.step = step.data();
     p.lo = lo.data();
-    if (in.has_lora) {
-      // B^T for this panel in f32: rank x NR, zero past nr.
-      const size_t rank = in.lora.rank;
-      for (size_t j = 0; j < NR; ++j) {
-        for (size_t k = 0; k < rank; ++k) {
-          bt[k * NR + j] = j < p.nr ? LoadElement(in.lora.b, in.lora.type, (n + j) * rank + k)
-                                    : 0.0f;
-        }
-      }
-      p.bt = bt.data();
-    }
     DecodePanelU8<kBits>(w, in, n, p.nr, NR, tile.get());
     p.tile = tile.get();
     size_t m = 0;
-    for (; m + kGemmMR <= M; m += kGemmMR) MicroKernelI8<kGemmMR>(in, p, m, Y, ldy);
-    for (; m < M; ++m) MicroKernelI8<1>(in, p, m, Y, ldy);
+    for (; m + kGemmMR <= M; m += kGemmMR) MicroKernelI8<kGemmMR>(in, e, p, m, Y, ldy);
+    for (; m < M; ++m) MicroKernelI8<1>(in, e, p, m, Y, ldy);
   }
 }
 
@@ -322,7 +302,7 @@ HWY_NOINLINE void GemmRowsImpl(const PreparedPalette& w, const PreparedInput& in
 // written. Single-threaded; threads may call it concurrently with disjoint
 // ranges (multiples of 2 * f32 lanes avoid partial panels).
 HWY_INLINE Status GemmRows(const PreparedPalette& w, const PreparedInput& in, size_t n0,
-                           size_t n1, float* HWY_RESTRICT Y, size_t ldy) {
+                           size_t n1, float* Y, size_t ldy) {
   LUTRA_RETURN_IF_ERROR(detail::CheckInput(w, in, "gemm"));
   const size_t N = w.shape().rows;
   if (n0 > n1 || n1 > N) {
@@ -335,38 +315,25 @@ HWY_INLINE Status GemmRows(const PreparedPalette& w, const PreparedInput& in, si
   }
   if (n0 == n1) return Status::Ok();
   if (Y == nullptr) return InvalidArgument("gemm: null output");
-  switch (in.bits) {
-    case 1: detail::GemmRowsImpl<1>(w, in, n0, n1, Y, ldy); break;
-    case 2: detail::GemmRowsImpl<2>(w, in, n0, n1, Y, ldy); break;
-    case 3: detail::GemmRowsImpl<3>(w, in, n0, n1, Y, ldy); break;
-    case 4: detail::GemmRowsImpl<4>(w, in, n0, n1, Y, ldy); break;
-    case 6: detail::GemmRowsImpl<6>(w, in, n0, n1, Y, ldy); break;
-    case 8: detail::GemmRowsImpl<8>(w, in, n0, n1, Y, ldy); break;
-    default: return InvalidArgument("gemm: bits = %d", in.bits);
-  }
-  return Status::Ok();
+  return WithBits(in.bits, [&](auto bits) HWY_ATTR {
+    detail::GemmRowsImpl<decltype(bits)::value>(w, in, n0, n1, Y, ldy);
+  });
 }
 
 // One-shot Y = X W^T (+ epilogue) for M tokens: prepares X (into *scratch
 // when given) and splits the output channels over `pool` (nullptr = this
 // thread) in whole panels.
 HWY_INLINE Status Gemm(const PreparedPalette& w, const float* HWY_RESTRICT X, size_t M,
-                       size_t ldx, const Epilogue& ep, float* HWY_RESTRICT Y, size_t ldy,
+                       size_t ldx, const Epilogue& ep, float* Y, size_t ldy,
                        ThreadPool* pool = nullptr, const MatmulOptions& opt = MatmulOptions(),
                        PreparedInput* scratch = nullptr) {
   const size_t N = w.shape().rows;
   PreparedInput local;
   PreparedInput* in = scratch ? scratch : &local;
   LUTRA_RETURN_IF_ERROR(PrepareGemmInput(w, X, M, ldx, ep, opt, in));
-  if (pool == nullptr || pool->NumThreads() == 1) return GemmRows(w, *in, 0, N, Y, ldy);
-  const size_t T = pool->NumThreads();
-  std::vector<Status> status(T);
-  pool->ParallelFor(T, [&](size_t task, size_t) {
-    const RowRange rr = SplitRows(N, T, task, detail::PanelRows());
-    status[task] = GemmRows(w, *in, rr.begin, rr.end, Y, ldy);
+  return ParallelForRows(pool, N, detail::PanelRows(), [&](RowRange rr) {
+    return GemmRows(w, *in, rr.begin, rr.end, Y, ldy);
   });
-  for (const Status& s : status) LUTRA_RETURN_IF_ERROR(s);
-  return Status::Ok();
 }
 
 }  // namespace HWY_NAMESPACE

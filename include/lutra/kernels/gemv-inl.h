@@ -1,22 +1,22 @@
-// GEMV y = W x over palettized weights (decode: lut_decode-inl.h), with a
-// fused epilogue (bias, residual, LoRA delta) and a caller-given row range so
-// that callers split rows across threads. Also the per-call activation
-// preparation shared with GEMM (gemm-inl.h).
+// GEMV y = W x over palettized weights (decode: lut_decode-inl.h) for one
+// token (decode), with the fused epilogue (epilogue-inl.h: bias, residual,
+// LoRA delta) and a caller-given row range so that callers split rows across
+// threads. The activation preparation it shares with GEMM is in
+// matmul_input-inl.h; types and the precision contract are in matmul.h.
 //
-// Per-target code: include after hwy/highway.h (see dot-inl.h). Types and the
-// precision contract are in matmul.h.
+// Per-target code: include after hwy/highway.h (see dot-inl.h).
 //
 // Public entry points (namespace lutra::HWY_NAMESPACE):
 //   Status PrepareGemvInput(const PreparedPalette& w, const float* x,
 //                           size_t x_size, const Epilogue& ep,
 //                           const MatmulOptions& opt, PreparedInput* in);
+//                                                  (matmul_input-inl.h)
 //   Status GemvRows(const PreparedPalette& w, const PreparedInput& in,
 //                   size_t r0, size_t r1, float* y);
 //   Status Gemv(const PreparedPalette& w, const float* x, size_t x_size,
 //               const Epilogue& ep, float* y, size_t y_size,
 //               ThreadPool* pool = nullptr, const MatmulOptions& opt = {},
 //               PreparedInput* scratch = nullptr);
-//   float TypedDot(ElementType type, const void* a, const float* x, size_t n);
 
 #if defined(LUTRA_GEMV_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef LUTRA_GEMV_INL_H_
@@ -27,19 +27,18 @@
 
 #include <stddef.h>
 #include <stdint.h>
-#include <string.h>
 
 #include <cmath>
-#include <vector>
 
 #include "hwy/cache_control.h"
 #include "hwy/highway.h"
 #include "lutra/base/status.h"
 #include "lutra/base/thread_pool.h"
 #include "lutra/format/palette.h"
-#include "lutra/kernels/dot-inl.h"
+#include "lutra/kernels/epilogue-inl.h"
 #include "lutra/kernels/lut_decode-inl.h"
 #include "lutra/kernels/matmul.h"
+#include "lutra/kernels/matmul_input-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace lutra {
@@ -47,211 +46,6 @@ namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 
 namespace detail {
-
-// sum_i a[i] * x[i] for 16-bit a (f16 or bf16), each widened exactly to f32.
-template <class DF, typename T>
-HWY_INLINE float HalfDot(DF df, const T* HWY_RESTRICT a, const float* HWY_RESTRICT x,
-                         size_t n) {
-  const hn::Rebind<T, DF> dh;
-  const size_t N = hn::Lanes(df);
-  hn::Vec<DF> sum0 = hn::Zero(df), sum1 = hn::Zero(df);
-  size_t i = 0;
-  for (; i + 2 * N <= n; i += 2 * N) {
-    sum0 = hn::MulAdd(hn::PromoteTo(df, hn::LoadU(dh, a + i)), hn::LoadU(df, x + i), sum0);
-    sum1 = hn::MulAdd(hn::PromoteTo(df, hn::LoadU(dh, a + i + N)), hn::LoadU(df, x + i + N),
-                      sum1);
-  }
-  for (; i < n; i += N) {
-    const size_t m = HWY_MIN(N, n - i);
-    sum0 = hn::MulAdd(hn::PromoteTo(df, hn::LoadN(dh, a + i, m)), hn::LoadN(df, x + i, m), sum0);
-  }
-  return hn::ReduceSum(df, hn::Add(sum0, sum1));
-}
-
-}  // namespace detail
-
-// Returns sum_i a[i] * x[i] (i < n) with a of `type` (f16, bf16 or f32,
-// unaligned), widened exactly to f32 and accumulated in f32. Used for A x
-// (n = K) and for rows of B (n = rank) in the LoRA epilogue.
-template <class DF>
-HWY_INLINE float TypedDot(DF df, ElementType type, const void* HWY_RESTRICT a,
-                          const float* HWY_RESTRICT x, size_t n) {
-  switch (type) {
-    case ElementType::kF16:
-      return detail::HalfDot(df, static_cast<const hwy::float16_t*>(a), x, n);
-    case ElementType::kBF16:
-      return detail::HalfDot(df, static_cast<const hwy::bfloat16_t*>(a), x, n);
-    default:
-      return Dot(df, static_cast<const float*>(a), x, n);
-  }
-}
-
-HWY_INLINE float TypedDot(ElementType type, const void* HWY_RESTRICT a,
-                          const float* HWY_RESTRICT x, size_t n) {
-  return TypedDot(hn::ScalableTag<float>(), type, a, x, n);
-}
-
-namespace detail {
-
-// Quantization blocks span about this many positions (a whole number of
-// units): int32 sums per block stay far from overflow (256 * 255 * 127) and
-// an activation outlier only coarsens the scale of its own block.
-constexpr size_t kBlockPositions = 256;
-
-template <int kBits>
-HWY_INLINE void SetGeometry(const PaletteShape& shape, PreparedInput* in) {
-  const UnitGeometry g = UnitGeometryFor<kBits>(shape);
-  in->lanes = g.lanes;
-  in->num_units = g.num_units;
-  in->unit_positions = g.unit_positions;
-  in->positions = g.num_units * g.unit_positions;
-  in->units_per_block = HWY_MAX(size_t{1}, kBlockPositions / g.unit_positions);
-  in->num_blocks = (g.num_units + in->units_per_block - 1) / in->units_per_block;
-  const size_t runs = in->positions / 16;
-  in->run_col.resize(runs);
-  for (size_t t = 0; t < runs; ++t) {
-    in->run_col[t] = static_cast<uint32_t>(PositionColumn<kBits>(g, t * 16));
-  }
-}
-
-// Gathers positions [p0, p0 + n) of token row x (K columns) into out, zero
-// for columns >= K. n and p0 are multiples of 16.
-HWY_INLINE void GatherPositions(const PreparedInput& in, const float* HWY_RESTRICT x,
-                                size_t p0, size_t n, float* HWY_RESTRICT out) {
-  const size_t K = in.cols;
-  for (size_t t = 0; t < n / 16; ++t) {
-    const size_t c0 = in.run_col[p0 / 16 + t];
-    const size_t valid = c0 >= K ? 0 : HWY_MIN(size_t{16}, K - c0);
-    if (valid) memcpy(out + 16 * t, x + c0, valid * sizeof(float));
-    for (size_t j = valid; j < 16; ++j) out[16 * t + j] = 0.0f;
-  }
-}
-
-}  // namespace detail
-
-// Prepares M token rows X (row m at X + m * ldx, K floats each) for
-// GemvRows / GemmRows against w: rearranges them into the decode's position
-// order, quantizes them (kInt8) or copies them (kF32), and computes the LoRA
-// product A x for every row. The epilogue's pointers are stored and must
-// stay valid until the row calls return. Cost O(M * (K + rank * K)).
-HWY_INLINE Status PrepareInput(const PreparedPalette& w, const float* HWY_RESTRICT X,
-                               size_t M, size_t ldx, const Epilogue& ep,
-                               const MatmulOptions& opt, PreparedInput* in) {
-  const PaletteShape& shape = w.shape();
-  if (in == nullptr) return InvalidArgument("matmul: null PreparedInput");
-  if (shape.rows == 0 || w.view().indices == nullptr) {
-    return InvalidArgument("matmul: weights are empty (use PreparedPalette::Make)");
-  }
-  const size_t K = shape.cols;
-  if (X == nullptr) return InvalidArgument("matmul: null activations");
-  if (M == 0) return InvalidArgument("matmul: M = 0 token rows, need M >= 1");
-  if (ldx < K) return InvalidArgument("matmul: row stride %zu < K = %zu", ldx, K);
-  if (opt.precision != MatmulPrecision::kInt8 && opt.precision != MatmulPrecision::kF32) {
-    return InvalidArgument("matmul: unknown precision %d", static_cast<int>(opt.precision));
-  }
-  if (ep.lora != nullptr) LUTRA_RETURN_IF_ERROR(ValidateLora(*ep.lora));
-
-  in->precision = opt.precision;
-  in->bits = shape.bits;
-  in->cols = K;
-  in->rows = M;
-  in->weights = &w;
-  in->epilogue = ep;
-  in->epilogue.lora = nullptr;  // kernels read in->lora
-  in->has_lora = ep.lora != nullptr;
-  if (in->has_lora) in->lora = *ep.lora;
-  switch (shape.bits) {
-    case 1: detail::SetGeometry<1>(shape, in); break;
-    case 2: detail::SetGeometry<2>(shape, in); break;
-    case 3: detail::SetGeometry<3>(shape, in); break;
-    case 4: detail::SetGeometry<4>(shape, in); break;
-    case 6: detail::SetGeometry<6>(shape, in); break;
-    case 8: detail::SetGeometry<8>(shape, in); break;
-    default: return InvalidArgument("matmul: bits = %d", shape.bits);
-  }
-  const size_t P = in->positions;
-  const size_t block = in->units_per_block * in->unit_positions;
-  const hn::ScalableTag<float> df;
-  const hn::RebindToSigned<decltype(df)> di32;
-  const hn::Rebind<int8_t, decltype(di32)> di8;
-  const size_t NF = hn::Lanes(df);
-
-  if (opt.precision == MatmulPrecision::kF32) {
-    in->xf.resize(M * P);
-    for (size_t m = 0; m < M; ++m) {
-      detail::GatherPositions(*in, X + m * ldx, 0, P, in->xf.data() + m * P);
-    }
-  } else {
-    in->xq.resize(M * P);
-    in->xscale.resize(M * in->num_blocks);
-    in->xsum.resize(M);
-    std::vector<float> tmp(block);
-    for (size_t m = 0; m < M; ++m) {
-      double total = 0.0;
-      for (size_t b = 0; b < in->num_blocks; ++b) {
-        const size_t p0 = b * block;
-        const size_t n = HWY_MIN(block, P - p0);  // multiple of 16 >= NF
-        detail::GatherPositions(*in, X + m * ldx, p0, n, tmp.data());
-        auto vmax = hn::Zero(df);
-        for (size_t i = 0; i < n; i += NF) vmax = hn::Max(vmax, hn::Abs(hn::LoadU(df, &tmp[i])));
-        const float amax = hn::ReduceMax(df, vmax);
-        const float scale = amax / 127.0f;
-        const auto inv = hn::Set(df, amax > 0.0f ? 127.0f / amax : 0.0f);
-        auto vsum = hn::Zero(di32);
-        int8_t* HWY_RESTRICT q = in->xq.data() + m * P + p0;
-        for (size_t i = 0; i < n; i += NF) {
-          const auto qi = hn::NearestInt(hn::Mul(hn::LoadU(df, &tmp[i]), inv));
-          vsum = hn::Add(vsum, qi);
-          hn::StoreU(hn::DemoteTo(di8, qi), di8, q + i);
-        }
-        in->xscale[m * in->num_blocks + b] = scale;
-        total += double(scale) * double(hn::ReduceSum(di32, vsum));
-      }
-      in->xsum[m] = static_cast<float>(total);
-    }
-  }
-  if (in->has_lora) {
-    const size_t rank = in->lora.rank;
-    const size_t a_row_bytes = K * ElementBytes(in->lora.type);
-    in->lora_ax.resize(M * rank);
-    for (size_t m = 0; m < M; ++m) {
-      for (size_t k = 0; k < rank; ++k) {
-        in->lora_ax[m * rank + k] = TypedDot(
-            df, in->lora.type, static_cast<const uint8_t*>(in->lora.a) + k * a_row_bytes,
-            X + m * ldx, K);
-      }
-    }
-  }
-  return Status::Ok();
-}
-
-// Single token: x has x_size == K floats.
-HWY_INLINE Status PrepareGemvInput(const PreparedPalette& w, const float* HWY_RESTRICT x,
-                                   size_t x_size, const Epilogue& ep,
-                                   const MatmulOptions& opt, PreparedInput* in) {
-  if (x_size != w.shape().cols) {
-    return InvalidArgument("gemv: x has %zu floats, K = %zu", x_size, w.shape().cols);
-  }
-  return PrepareInput(w, x, 1, x_size, ep, opt, in);
-}
-
-namespace detail {
-
-// Epilogue of output row r for token m: v = W x already scaled to f32.
-HWY_INLINE float FinishRow(const PreparedInput& in, size_t m, size_t r, float v,
-                           float residual) {
-  const Epilogue& ep = in.epilogue;
-  if (ep.bias != nullptr) v += ep.bias[r];
-  v += residual;
-  if (in.has_lora) {
-    const size_t rank = in.lora.rank;
-    const uint8_t* b = static_cast<const uint8_t*>(in.lora.b) +
-                       r * rank * ElementBytes(in.lora.type);
-    v = std::fma(in.lora.scale,
-                 TypedDot(in.lora.type, b, in.lora_ax.data() + m * rank, rank), v);
-  }
-  return v;
-}
 
 // i32 accumulation chains per row in the int8 GEMV. b <= 2 decodes are
 // compute-bound (one shuffle and one dot product per 64 weights, plus field
@@ -305,7 +99,7 @@ HWY_INLINE void BlockI8(D d, const BlockArgsI8<kBits, kRows, D>& a, size_t b, si
   const hn::Repartition<float, D> df;
   using VI = hn::Vec<decltype(di32)>;
   const size_t unit_bytes = UnitBytes<kBits>(d);
-  const size_t UP = hn::Lanes(d) * SubVectors<kBits>();
+  const size_t UP = hn::Lanes(d) * PaletteFormat<kBits>::kRunsPerBlock;
   // Chains per row: ChainsI8 (odd* stay zero with one chain).
   VI acc0 = hn::Zero(di32), acc1 = hn::Zero(di32), acc2 = hn::Zero(di32), acc3 = hn::Zero(di32);
   VI odd0 = hn::Zero(di32), odd1 = hn::Zero(di32), odd2 = hn::Zero(di32), odd3 = hn::Zero(di32);
@@ -371,7 +165,7 @@ HWY_INLINE void DotRowsI8(const PreparedPalette& w, const PreparedInput& in,
   VF accf0 = hn::Zero(df), accf1 = hn::Zero(df), accf2 = hn::Zero(df), accf3 = hn::Zero(df);
   const int8_t* HWY_RESTRICT xq = in.xq.data();
   const float* HWY_RESTRICT xscale = in.xscale.data();
-  const size_t num_units = in.num_units, units_per_block = in.units_per_block;
+  const size_t num_units = in.geometry.num_units, units_per_block = in.units_per_block;
   const size_t num_blocks = in.num_blocks;
   // Blocks made of full units only (all but possibly the last) decode
   // without bounds checks; the remaining block's last unit may be partial.
@@ -413,24 +207,24 @@ struct RowStream {
 // sequential address stream (row r + 1 follows row r in memory), which the
 // hardware prefetchers follow, whereas 4 adjacent rows per step would give 4
 // short interleaved streams per page. The remainder rows go one at a time.
+// Each run's raw values are finished (epilogue) per chunk of rows.
 template <int kBits>
 HWY_NOINLINE void GemvRowsI8(const PreparedPalette& w, const PreparedInput& in, size_t r0,
-                             size_t r1, float* HWY_RESTRICT y) {
+                             size_t r1, float* y) {
   const size_t G = w.shape().group_rows;
-  const float* residual = in.epilogue.residual;
+  const EpilogueArgs e = EpilogueArgsOf(in, 0);
   const float xsum = in.xsum[0];
   constexpr size_t kRows = 4;
-  const auto finish = [&](size_t r, size_t g, float dot) {
-    // Explicit fma: the same rounding whichever path computed dot (the
-    // compiler would contract a*b+c differently per inlined copy).
-    const float v = std::fma(w.step(g), dot, w.lo(g) * xsum);
-    // Read the residual before writing y: they may alias.
-    const float res = residual ? residual[r] : 0.0f;
-    y[r] = FinishRow(in, 0, r, v, res);
-  };
+  // Explicit fma: the same rounding whichever path computed dot (the
+  // compiler would contract a*b+c differently per inlined copy).
+  const auto raw = [&](size_t g, float dot) { return std::fma(w.step(g), dot, w.lo(g) * xsum); };
   const size_t run = (r1 - r0) / kRows;
   RowStream st[kRows];
-  for (size_t i = 0; i < kRows; ++i) st[i].Init(r0 + i * run, G);
+  EpilogueChunk chunk[kRows];
+  for (size_t i = 0; i < kRows; ++i) {
+    st[i].Init(r0 + i * run, G);
+    chunk[i].Start(r0 + i * run);
+  }
   size_t rows[kRows], groups[kRows];
   float dots[kRows];
   for (size_t j = 0; j < run; ++j) {
@@ -441,16 +235,19 @@ HWY_NOINLINE void GemvRowsI8(const PreparedPalette& w, const PreparedInput& in, 
     // Prefetch only within this call's range: other threads own the rest.
     DotRowsI8<kBits, kRows>(w, in, rows, groups, j + 1 < run, dots);
     for (size_t i = 0; i < kRows; ++i) {
-      finish(rows[i], groups[i], dots[i]);
+      chunk[i].Push(e, raw(groups[i], dots[i]), y);
       st[i].Next(G);
     }
   }
+  for (size_t i = 0; i < kRows; ++i) chunk[i].Flush(e, y);
   RowStream tail;
   tail.Init(r0 + kRows * run, G);
+  chunk[0].Start(tail.row);
   for (; tail.row < r1; tail.Next(G)) {
     DotRowsI8<kBits, 1>(w, in, &tail.row, &tail.group, false, dots);
-    finish(tail.row, tail.group, dots[0]);
+    chunk[0].Push(e, raw(tail.group, dots[0]), y);
   }
+  chunk[0].Flush(e, y);
 }
 
 // Exact path: returns sum_c table_f32[idx_c] * x_c for row r over the
@@ -469,14 +266,14 @@ HWY_INLINE float DotRowF32(const PreparedPalette& w, const PreparedInput& in, si
   const PaletteShape& shape = w.shape();
   const size_t row_bytes = shape.row_bytes();
   const size_t unit_bytes = UnitBytes<kBits>(d);
-  const size_t UP = in.unit_positions;
+  const size_t UP = in.geometry.unit_positions;
   const size_t E = shape.num_entries();
   const float* HWY_RESTRICT table = w.table_f32(r / shape.group_rows);
   const uint8_t* row = w.view().row(r);
   HWY_ALIGN uint8_t idx_buf[hn::MaxLanes(d)];
   // Named accumulators, not an array: SVE vectors are sizeless types.
   VF acc0 = hn::Zero(df), acc1 = hn::Zero(df), acc2 = hn::Zero(df), acc3 = hn::Zero(df);
-  for (size_t u = 0; u < in.num_units; ++u) {
+  for (size_t u = 0; u < in.geometry.num_units; ++u) {
     const size_t off = u * unit_bytes;
     const float* HWY_RESTRICT xu = xf + u * UP;
     DecodeUnit<kBits>(d, row + off, row_bytes - off, [&](size_t s, hn::Vec<D> idx) HWY_ATTR {
@@ -497,26 +294,12 @@ HWY_INLINE float DotRowF32(const PreparedPalette& w, const PreparedInput& in, si
 
 template <int kBits>
 HWY_NOINLINE void GemvRowsF32(const PreparedPalette& w, const PreparedInput& in, size_t r0,
-                              size_t r1, float* HWY_RESTRICT y) {
-  const float* residual = in.epilogue.residual;
-  for (size_t r = r0; r < r1; ++r) {
-    const float v = DotRowF32<kBits>(w, in, r, in.xf.data());
-    const float res = residual ? residual[r] : 0.0f;
-    y[r] = FinishRow(in, 0, r, v, res);
-  }
-}
-
-// Checks that `in` was prepared for w by this target with `rows` tokens.
-HWY_INLINE Status CheckInput(const PreparedPalette& w, const PreparedInput& in,
-                             const char* caller) {
-  if (in.weights != &w || in.bits != w.shape().bits || in.cols != w.shape().cols) {
-    return InvalidArgument("%s: input was prepared for another matrix", caller);
-  }
-  if (in.lanes != hn::Lanes(DecodeTag())) {
-    return InvalidArgument("%s: input was prepared by another SIMD target (%zu lanes, need %zu)",
-                           caller, in.lanes, hn::Lanes(DecodeTag()));
-  }
-  return Status::Ok();
+                              size_t r1, float* y) {
+  const EpilogueArgs e = EpilogueArgsOf(in, 0);
+  EpilogueChunk chunk;
+  chunk.Start(r0);
+  for (size_t r = r0; r < r1; ++r) chunk.Push(e, DotRowF32<kBits>(w, in, r, in.xf.data()), y);
+  chunk.Flush(e, y);
 }
 
 }  // namespace detail
@@ -526,7 +309,7 @@ HWY_INLINE Status CheckInput(const PreparedPalette& w, const PreparedInput& in,
 // written. Single-threaded; any number of threads may call it concurrently
 // with disjoint row ranges (ranges need not align to groups or to 4 rows).
 HWY_INLINE Status GemvRows(const PreparedPalette& w, const PreparedInput& in, size_t r0,
-                           size_t r1, float* HWY_RESTRICT y) {
+                           size_t r1, float* y) {
   LUTRA_RETURN_IF_ERROR(detail::CheckInput(w, in, "gemv"));
   if (in.rows != 1) return InvalidArgument("gemv: input has %zu token rows, need 1", in.rows);
   if (r0 > r1 || r1 > w.shape().rows) {
@@ -536,33 +319,21 @@ HWY_INLINE Status GemvRows(const PreparedPalette& w, const PreparedInput& in, si
   if (r0 == r1) return Status::Ok();
   if (y == nullptr) return InvalidArgument("gemv: null output");
   const bool f32 = in.precision == MatmulPrecision::kF32;
-  switch (in.bits) {
-#define LUTRA_GEMV_CASE(B)                            \
-  case B:                                             \
-    if (f32) {                                        \
-      detail::GemvRowsF32<B>(w, in, r0, r1, y);       \
-    } else {                                          \
-      detail::GemvRowsI8<B>(w, in, r0, r1, y);        \
-    }                                                 \
-    break;
-    LUTRA_GEMV_CASE(1)
-    LUTRA_GEMV_CASE(2)
-    LUTRA_GEMV_CASE(3)
-    LUTRA_GEMV_CASE(4)
-    LUTRA_GEMV_CASE(6)
-    LUTRA_GEMV_CASE(8)
-#undef LUTRA_GEMV_CASE
-    default:
-      return InvalidArgument("gemv: bits = %d", in.bits);
-  }
-  return Status::Ok();
+  return WithBits(in.bits, [&](auto bits) HWY_ATTR {
+    constexpr int kBits = decltype(bits)::value;
+    if (f32) {
+      detail::GemvRowsF32<kBits>(w, in, r0, r1, y);
+    } else {
+      detail::GemvRowsI8<kBits>(w, in, r0, r1, y);
+    }
+  });
 }
 
 // One-shot y = W x (+ epilogue): prepares x (into *scratch when given, to
 // reuse its buffers) and splits the rows over `pool` (nullptr = this thread)
 // in ranges of whole 4-row blocks. y_size must be N.
 HWY_INLINE Status Gemv(const PreparedPalette& w, const float* HWY_RESTRICT x, size_t x_size,
-                       const Epilogue& ep, float* HWY_RESTRICT y, size_t y_size,
+                       const Epilogue& ep, float* y, size_t y_size,
                        ThreadPool* pool = nullptr, const MatmulOptions& opt = MatmulOptions(),
                        PreparedInput* scratch = nullptr) {
   const size_t N = w.shape().rows;
@@ -572,15 +343,7 @@ HWY_INLINE Status Gemv(const PreparedPalette& w, const float* HWY_RESTRICT x, si
   PreparedInput local;
   PreparedInput* in = scratch ? scratch : &local;
   LUTRA_RETURN_IF_ERROR(PrepareGemvInput(w, x, x_size, ep, opt, in));
-  if (pool == nullptr || pool->NumThreads() == 1) return GemvRows(w, *in, 0, N, y);
-  const size_t T = pool->NumThreads();
-  std::vector<Status> status(T);
-  pool->ParallelFor(T, [&](size_t task, size_t) {
-    const RowRange rr = SplitRows(N, T, task, 4);
-    status[task] = GemvRows(w, *in, rr.begin, rr.end, y);
-  });
-  for (const Status& s : status) LUTRA_RETURN_IF_ERROR(s);
-  return Status::Ok();
+  return ParallelForRows(pool, N, 4, [&](RowRange rr) { return GemvRows(w, *in, rr.begin, rr.end, y); });
 }
 
 }  // namespace HWY_NAMESPACE

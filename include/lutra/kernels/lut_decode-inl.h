@@ -1,25 +1,33 @@
-// SIMD decode of palettized weight rows (format: palette.h / docs/format.md):
-// the one decode path shared by GEMV, GEMM and anything else that reads the
-// packed format, in the spirit of gemma.cpp's DecompressAndCall.
+// SIMD decode of palettized weight rows (format: format/palette.h,
+// PaletteFormat, and docs/format.md): the one decode path shared by GEMV,
+// GEMM and anything else that reads the packed format, in the spirit of
+// gemma.cpp's DecompressAndCall.
 //
-// A weight row is consumed in *units*. DecodeUnit hands the caller, for each
-// unit, a few vectors of u8 codebook indices together with their *position*
-// in the unit; the kernels multiply them with activations that were
-// rearranged once per call into the same position order (PositionColumn), so
-// the decode never has to move bytes across 128-bit blocks:
-// - b = 1, 2, 4, 8 (one plane of width w): a unit is one full vector of L
-//   bytes = L/16 consecutive chunks. Sub-vector s (0 <= s < 8/w) holds, in
-//   128-bit block i, lane j, the field s of chunk i's byte j, i.e. column
-//   c0 + i * 128/w + 16 s + j; its positions are s * L + 16 i + j. The last
-//   unit of a row may be partial (loaded with LoadN: bytes past the row read
-//   as 0 = index 0, multiplied by activations that are 0 there).
-// - b = 3, 6 (two planes): a unit is L/16 consecutive 48-byte blocks (3L
-//   bytes), regrouped by DeinterleaveBlocks3 into one vector per plane part
-//   whose 128-bit block i comes from block i. Sub-vector s holds, in 128-bit
-//   block i, lane j, column c0 + i * C + 16 s + j with C = 128 (b = 3) or 64
-//   (b = 6) columns per 48-byte block; its positions are s * L + 16 i + j.
-//   The last unit of a row may be partial (bytes past the row read as 0).
-// Per-target code: include after hwy/highway.h (see dot-inl.h).
+// A weight row is consumed in *units* of one packed block per 128-bit lane
+// (L/16 consecutive blocks, L = u8 lanes of DecodeTag). DecodeUnit hands the
+// caller, for each unit, PaletteFormat<b>::kRunsPerBlock vectors of u8
+// codebook indices ("sub-vectors") together with their *position* in the
+// unit; the kernels multiply them with activations that were rearranged once
+// per call into the same position order (PositionColumn), so the decode never
+// has to move bytes across 128-bit blocks. Sub-vector s holds, in 128-bit
+// lane i, byte j, column c0 + i * C + 16 s + j (C = kBlockCols, c0 = the
+// unit's first column); its positions are s * L + 16 i + j.
+// - One plane (b = 1, 2, 4, 8): a unit is one vector of L bytes; sub-vector s
+//   is field s of every byte.
+// - Two planes (b = 3, 6): a unit is 3L bytes, regrouped by
+//   DeinterleaveBlocks3 into one vector per 16-byte part of the blocks (two
+//   low chunks, one high chunk); sub-vector s ORs a low field and a high one.
+// The last unit of a row may be partial: bytes past the row read as 0 (index
+// 0), multiplied by activations that are 0 there.
+//
+// Per-target code: include after hwy/highway.h (see dot-inl.h). Entry points
+// (namespace lutra::HWY_NAMESPACE):
+//   DecodeTag, UnitBytes<b>(d), UnitGeometryFor<b>(shape),
+//   PositionColumn<b>(geometry, pos)        the position order
+//   DecodeUnit<b>(d, p, avail, fn(s, idx))  unit -> u8 index vectors
+//   LutU8<b, D>, DecodeLookupUnit<b>(d, lut, p, avail, fn(s, codes))
+//                                           unit -> u8 codes (int8 path)
+//   LookupF32(df, table, entries, idx)      f32 codebook lookup (f32 path)
 
 #if defined(LUTRA_LUT_DECODE_INL_H_) == defined(HWY_TARGET_TOGGLE)
 #ifdef LUTRA_LUT_DECODE_INL_H_
@@ -31,8 +39,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <utility>
+
 #include "hwy/highway.h"
 #include "lutra/format/palette.h"
+#include "lutra/kernels/matmul.h"  // UnitGeometry
 
 HWY_BEFORE_NAMESPACE();
 namespace lutra {
@@ -42,49 +53,24 @@ namespace hn = hwy::HWY_NAMESPACE;
 // u8 descriptor of a decode unit: full vectors for every width.
 using DecodeTag = hn::ScalableTag<uint8_t>;
 
-// Packed bytes consumed per unit (L = lanes of d).
+// Packed bytes consumed per unit: one block per 128-bit lane (L = lanes of d).
 template <int kBits, class D>
 HWY_INLINE size_t UnitBytes(D d) {
-  return (kBits == 3 || kBits == 6) ? 3 * hn::Lanes(d) : hn::Lanes(d);
+  return hn::Lanes(d) / 16 * PaletteFormat<kBits>::kBlockBytes;
 }
 
-// Columns covered by one 16-byte chunk (one-plane widths) or one 48-byte
-// block (b = 3, 6): the column stride between 128-bit blocks of a sub-vector.
-template <int kBits>
-constexpr size_t ColsPerChunk() {
-  return kBits == 3 ? 128 : kBits == 6 ? 64 : static_cast<size_t>(128 / kBits);
-}
-
-// Index vectors produced per unit.
-template <int kBits>
-constexpr size_t SubVectors() {
-  return kBits == 3 ? 8 : kBits == 6 ? 4 : static_cast<size_t>(8 / kBits);
-}
-
-// Geometry of the units of one row on the current target.
-struct UnitGeometry {
-  size_t lanes = 0;           // L
-  size_t sub_vectors = 0;     // index vectors per unit
-  size_t unit_positions = 0;  // L * sub_vectors
-  size_t unit_bytes = 0;      // packed bytes consumed per unit
-  size_t num_units = 0;       // per row
-};
-
+// Geometry of the units of one row of `shape` on the current target.
 template <int kBits>
 HWY_INLINE UnitGeometry UnitGeometryFor(const PaletteShape& shape) {
+  using F = PaletteFormat<kBits>;
   UnitGeometry g;
   g.lanes = hn::Lanes(DecodeTag());
-  g.sub_vectors = SubVectors<kBits>();
+  g.sub_vectors = F::kRunsPerBlock;
   g.unit_positions = g.lanes * g.sub_vectors;
-  if (kBits == 3 || kBits == 6) {
-    const size_t blocks_per_unit = g.lanes / 16;
-    g.unit_bytes = 48 * blocks_per_unit;
-    const size_t blocks = shape.padded_cols() / shape.block_cols();
-    g.num_units = (blocks + blocks_per_unit - 1) / blocks_per_unit;
-  } else {
-    g.unit_bytes = g.lanes;
-    g.num_units = (shape.row_bytes() + g.lanes - 1) / g.lanes;
-  }
+  g.unit_bytes = UnitBytes<kBits>(DecodeTag());
+  const size_t blocks_per_unit = g.lanes / 16;
+  const size_t blocks = shape.padded_cols() / F::kBlockCols;
+  g.num_units = (blocks + blocks_per_unit - 1) / blocks_per_unit;
   return g;
 }
 
@@ -93,7 +79,7 @@ HWY_INLINE UnitGeometry UnitGeometryFor(const PaletteShape& shape) {
 // May return a column >= padded K for the zero tail of the last unit.
 template <int kBits>
 HWY_INLINE size_t PositionColumn(const UnitGeometry& g, size_t pos) {
-  const size_t cols_per_chunk = ColsPerChunk<kBits>();
+  const size_t cols_per_chunk = PaletteFormat<kBits>::kBlockCols;
   const size_t u = pos / g.unit_positions;
   const size_t rem = pos % g.unit_positions;
   const size_t s = rem / g.lanes, block = (rem % g.lanes) / 16;
@@ -122,6 +108,7 @@ HWY_INLINE V LoadedOnce(V v) {
 template <int kShift, int kW, class D>
 HWY_INLINE hn::Vec<D> Field(D d, hn::Vec<D> v) {
   const hn::Repartition<uint16_t, D> d16;
+  if constexpr (kW == 8) return v;
   const auto mask = hn::Set(d, static_cast<uint8_t>((1u << kW) - 1u));
   if (kShift == 0) return hn::And(v, mask);
   // 16-bit shift: bits of the neighbouring byte shifted in are masked off.
@@ -181,57 +168,49 @@ HWY_INLINE void DeinterleaveBlocks3(D d, const uint8_t* HWY_RESTRICT p, size_t a
   *h = part(2);
 }
 
-// Decodes unit `u` of a packed row: calls fn(s, idx) for s < SubVectors<kBits>
-// in order, idx = u8 codebook indices of positions s * L .. s * L + L - 1 of
-// the unit. `avail` = bytes of the row from the unit's start (a unit loads
-// at most min(avail, UnitBytes) bytes, so nothing past the row is read).
+// Index vector of run kS of a unit (kS < kRunsPerBlock), from the unit's
+// parts: for one plane, field kS of every byte of `a` (the loaded vector);
+// for two planes, field kS % F (F = fields per low byte) of low part a
+// (kS < F) or b, OR'd with field kS of high part h shifted above the low bits.
+template <int kBits, size_t kS, class D>
+HWY_INLINE hn::Vec<D> RunIndices(D d, hn::Vec<D> a, hn::Vec<D> b, hn::Vec<D> h) {
+  using F = PaletteFormat<kBits>;
+  if constexpr (!F::kTwoPlanes) {
+    (void)b;
+    (void)h;
+    return Field<kS * kBits, kBits>(d, a);
+  } else {
+    constexpr size_t kFields = 8 / F::kLowBits;
+    const hn::Vec<D> low = Field<(kS % kFields) * F::kLowBits, F::kLowBits>(d, kS < kFields ? a : b);
+    const hn::Vec<D> high = Field<kS * F::kHighBits, F::kHighBits>(d, h);
+    return hn::Or(low, hn::ShiftLeft<F::kLowBits>(high));
+  }
+}
+
+template <int kBits, class D, class Fn, size_t... kS>
+HWY_INLINE void CallRuns(D d, hn::Vec<D> a, hn::Vec<D> b, hn::Vec<D> h, const Fn& fn,
+                         std::index_sequence<kS...>) {
+  (fn(kS, RunIndices<kBits, kS>(d, a, b, h)), ...);  // in order of kS
+}
+
+// Decodes one unit of a packed row starting at p: calls fn(s, idx) for
+// s < PaletteFormat<kBits>::kRunsPerBlock in order, idx = u8 codebook indices
+// of positions s * L .. s * L + L - 1 of the unit. `avail` = bytes of the row
+// from p (a unit loads at most min(avail, UnitBytes) bytes, so nothing past
+// the row is read).
 template <int kBits, class D, class Fn>
 HWY_INLINE void DecodeUnit(D d, const uint8_t* HWY_RESTRICT p, size_t avail,
                            const Fn& fn) {
   using V = hn::Vec<D>;
-  if constexpr (kBits == 3) {
+  using Runs = std::make_index_sequence<PaletteFormat<kBits>::kRunsPerBlock>;
+  if constexpr (PaletteFormat<kBits>::kTwoPlanes) {
     V a, b, h;
     DeinterleaveBlocks3(d, p, avail, &a, &b, &h);
-    // index = low 2 bits (chunk a for columns 0..63, b for 64..127) | high << 2.
-    fn(0, hn::Or(Field<0, 2>(d, a), hn::ShiftLeft<2>(Field<0, 1>(d, h))));
-    fn(1, hn::Or(Field<2, 2>(d, a), hn::ShiftLeft<2>(Field<1, 1>(d, h))));
-    fn(2, hn::Or(Field<4, 2>(d, a), hn::ShiftLeft<2>(Field<2, 1>(d, h))));
-    fn(3, hn::Or(Field<6, 2>(d, a), hn::ShiftLeft<2>(Field<3, 1>(d, h))));
-    fn(4, hn::Or(Field<0, 2>(d, b), hn::ShiftLeft<2>(Field<4, 1>(d, h))));
-    fn(5, hn::Or(Field<2, 2>(d, b), hn::ShiftLeft<2>(Field<5, 1>(d, h))));
-    fn(6, hn::Or(Field<4, 2>(d, b), hn::ShiftLeft<2>(Field<6, 1>(d, h))));
-    fn(7, hn::Or(Field<6, 2>(d, b), hn::ShiftLeft<2>(Field<7, 1>(d, h))));
-  } else if constexpr (kBits == 6) {
-    V a, b, h;
-    DeinterleaveBlocks3(d, p, avail, &a, &b, &h);
-    fn(0, hn::Or(Field<0, 4>(d, a), hn::ShiftLeft<4>(Field<0, 2>(d, h))));
-    fn(1, hn::Or(Field<4, 4>(d, a), hn::ShiftLeft<4>(Field<2, 2>(d, h))));
-    fn(2, hn::Or(Field<0, 4>(d, b), hn::ShiftLeft<4>(Field<4, 2>(d, h))));
-    fn(3, hn::Or(Field<4, 4>(d, b), hn::ShiftLeft<4>(Field<6, 2>(d, h))));
+    CallRuns<kBits>(d, a, b, h, fn, Runs());
   } else {
     const size_t L = hn::Lanes(d);
     const V v = LoadedOnce(avail >= L ? hn::LoadU(d, p) : hn::LoadN(d, p, avail));
-    if constexpr (kBits == 8) {
-      fn(0, v);
-    } else if constexpr (kBits == 4) {
-      fn(0, Field<0, 4>(d, v));
-      fn(1, Field<4, 4>(d, v));
-    } else if constexpr (kBits == 2) {
-      fn(0, Field<0, 2>(d, v));
-      fn(1, Field<2, 2>(d, v));
-      fn(2, Field<4, 2>(d, v));
-      fn(3, Field<6, 2>(d, v));
-    } else {
-      static_assert(kBits == 1, "bits");
-      fn(0, Field<0, 1>(d, v));
-      fn(1, Field<1, 1>(d, v));
-      fn(2, Field<2, 1>(d, v));
-      fn(3, Field<3, 1>(d, v));
-      fn(4, Field<4, 1>(d, v));
-      fn(5, Field<5, 1>(d, v));
-      fn(6, Field<6, 1>(d, v));
-      fn(7, Field<7, 1>(d, v));
-    }
+    CallRuns<kBits>(d, v, v, v, fn, Runs());
   }
 }
 
@@ -355,9 +334,9 @@ class LutU8 {
 #endif
 };
 
-// Decodes unit `u` of a packed row straight to u8 codes of the group's table
-// (the int8 path): calls fn(s, codes) for each sub-vector s, in the position
-// order of DecodeUnit. For b = 2 a 4-bit nibble (two fields) indexes two
+// Decodes the unit at p straight to u8 codes of the group's table (the int8
+// path): calls fn(s, codes) for each sub-vector s, in the position order of
+// DecodeUnit. For b = 2 a 4-bit nibble (two fields) indexes two
 // 16-entry tables, so the four fields of a byte cost two masks and four
 // byte shuffles instead of seven shift/mask operations and four shuffles.
 template <int kBits, class D, class Fn>

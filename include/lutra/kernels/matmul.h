@@ -1,7 +1,10 @@
 // Options, epilogue and prepared-operand types of the palettized GEMV/GEMM
-// kernels (gemv-inl.h, gemm-inl.h). Plain header: no per-target code.
+// kernels. Plain header: no per-target code. The per-target functions are in
+// kernels/matmul_input-inl.h (PrepareGemvInput / PrepareGemmInput: activation
+// preparation), kernels/gemv-inl.h (GemvRows, Gemv), kernels/gemm-inl.h
+// (GemmRows, Gemm) and kernels/epilogue-inl.h (the fused epilogue).
 //
-// Call sequence (see gemv-inl.h for the per-target functions):
+// Call sequence:
 //   PreparedPalette w = PreparedPalette::Make(view).value();  // once, at load
 //   PreparedInput in;                                         // reusable scratch
 //   PrepareGemvInput(w, x, K, epilogue, options, &in);        // once per call
@@ -43,7 +46,8 @@ namespace lutra {
 // bias has N floats (broadcast over tokens), residual is M x N at
 // residual_stride floats per token row (0 means the output's stride).
 // residual may alias the output (in-place residual add); each element is
-// read before it is written.
+// read before it is written. Arithmetic (kernels/epilogue-inl.h), in f32:
+//   y = fma(lora->scale, B_n . (A x), (W x + bias[n]) + residual).
 struct Epilogue {
   const float* bias = nullptr;
   const float* residual = nullptr;
@@ -130,38 +134,51 @@ class PreparedPalette {
   std::vector<float> step_, lo_;
 };
 
+// How one packed row is consumed by the SIMD decode on one target
+// (kernels/lut_decode-inl.h UnitGeometryFor): units of one packed block per
+// 128-bit lane, each yielding sub_vectors vectors of `lanes` indices.
+struct UnitGeometry {
+  size_t lanes = 0;           // L: u8 lanes of one decoded vector
+  size_t sub_vectors = 0;     // index vectors per unit (PaletteFormat::kRunsPerBlock)
+  size_t unit_positions = 0;  // L * sub_vectors
+  size_t unit_bytes = 0;      // packed bytes consumed per unit
+  size_t num_units = 0;       // per row
+  // Positions per row: num_units * unit_positions (>= padded K).
+  size_t positions() const { return num_units * unit_positions; }
+};
+
 // Activations (M >= 1 token rows) prepared for one call against one
 // PreparedPalette: rearranged into the kernels' position order (which
 // depends on the SIMD target and the bit width), quantized (kInt8) or copied
 // (kF32), plus A*x of the LoRA epilogue. Filled by PrepareGemvInput /
-// PrepareGemmInput of the same target that then runs GemvRows / GemmRows;
-// keep one per thread-of-control and reuse it to avoid reallocations.
-// Fields are read by the kernels; callers treat them as opaque.
+// PrepareGemmInput (kernels/matmul_input-inl.h) of the same target that then
+// runs GemvRows / GemmRows; keep one per thread-of-control and reuse it to
+// avoid reallocations. Fields are read by the kernels; callers treat them as
+// opaque.
 struct PreparedInput {
   MatmulPrecision precision = MatmulPrecision::kInt8;
   int bits = 0;
   size_t cols = 0;          // K
   size_t rows = 0;          // M tokens
-  size_t lanes = 0;         // u8 lanes of one decoded vector
-  size_t num_units = 0;     // decode units per weight row
-  size_t unit_positions = 0;
-  size_t positions = 0;     // num_units * unit_positions (>= padded K)
-  size_t units_per_block = 0;
-  size_t num_blocks = 0;    // quantization blocks per token row
+  UnitGeometry geometry;    // of the weights' rows on the preparing target
+  size_t units_per_block = 0;     // decode units per quantization block
+  size_t num_blocks = 0;          // quantization blocks per token row
   std::vector<uint32_t> run_col;  // first column of each 16-position run
   std::vector<int8_t> xq;         // rows x positions (kInt8)
   std::vector<float> xscale;      // rows x num_blocks (kInt8)
   std::vector<float> xsum;        // rows: sum_b xscale * sum(xq in block)
   std::vector<float> xf;          // rows x positions (kF32)
-  std::vector<float> lora_ax;     // rows x rank
+  std::vector<float> lora_ax;     // rows x rank: A x per token (unscaled)
+  // The caller's bias and residual pointers (which must stay valid until the
+  // row calls return); epilogue.lora is null: the kernels read `lora`, a copy
+  // of the caller's LoraDelta (whose factors must stay valid likewise).
   Epilogue epilogue;
-  LoraDelta lora;  // copy of *epilogue.lora (epilogue.lora points here)
+  LoraDelta lora;
   bool has_lora = false;
   const PreparedPalette* weights = nullptr;  // the matrix this was prepared for
 
   PreparedInput() = default;
-  // Copies would leave epilogue.lora pointing into the source; moving is
-  // fine because the kernels read `lora` directly.
+  // Not copyable: the buffers are large and meant to be reused in place.
   PreparedInput(const PreparedInput&) = delete;
   PreparedInput& operator=(const PreparedInput&) = delete;
   PreparedInput(PreparedInput&&) = default;

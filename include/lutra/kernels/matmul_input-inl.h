@@ -1,0 +1,207 @@
+// Activation preparation shared by GEMV (gemv-inl.h) and GEMM (gemm-inl.h):
+// once per call, token rows x are rearranged into the decode's position order
+// (lut_decode-inl.h PositionColumn), quantized to i8 per block of positions
+// (kInt8) or copied (kF32), and the LoRA epilogue's A x is computed. The
+// result, a PreparedInput (matmul.h), is then read by any number of row
+// calls from any threads.
+//
+// Per-target code: include after hwy/highway.h (see dot-inl.h). An input is
+// valid only for the matrix and the SIMD target that prepared it
+// (CheckInput).
+//
+// Entry points (namespace lutra::HWY_NAMESPACE):
+//   Status PrepareGemmInput(const PreparedPalette& w, const float* X, size_t M,
+//                           size_t ldx, const Epilogue& ep,
+//                           const MatmulOptions& opt, PreparedInput* in);
+//   Status PrepareGemvInput(const PreparedPalette& w, const float* x,
+//                           size_t x_size, const Epilogue& ep,
+//                           const MatmulOptions& opt, PreparedInput* in);
+//   void LoraAx(const LoraDelta& lora, const float* X, size_t M, size_t ldx,
+//               size_t K, float* ax);
+//   Status detail::CheckInput(const PreparedPalette& w, const PreparedInput& in,
+//                             const char* caller);
+
+#if defined(LUTRA_MATMUL_INPUT_INL_H_) == defined(HWY_TARGET_TOGGLE)
+#ifdef LUTRA_MATMUL_INPUT_INL_H_
+#undef LUTRA_MATMUL_INPUT_INL_H_
+#else
+#define LUTRA_MATMUL_INPUT_INL_H_
+#endif
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include <vector>
+
+#include "hwy/highway.h"
+#include "lutra/base/status.h"
+#include "lutra/format/lora.h"
+#include "lutra/format/palette.h"
+#include "lutra/kernels/dot-inl.h"
+#include "lutra/kernels/lut_decode-inl.h"
+#include "lutra/kernels/matmul.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace lutra {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+namespace detail {
+
+// Quantization blocks span about this many positions (a whole number of
+// units): int32 sums per block stay far from overflow (256 * 255 * 127) and
+// an activation outlier only coarsens the scale of its own block.
+constexpr size_t kBlockPositions = 256;
+
+template <int kBits>
+HWY_INLINE void SetGeometry(const PaletteShape& shape, PreparedInput* in) {
+  const UnitGeometry& g = in->geometry = UnitGeometryFor<kBits>(shape);
+  in->units_per_block = HWY_MAX(size_t{1}, kBlockPositions / g.unit_positions);
+  in->num_blocks = (g.num_units + in->units_per_block - 1) / in->units_per_block;
+  const size_t runs = g.positions() / 16;
+  in->run_col.resize(runs);
+  for (size_t t = 0; t < runs; ++t) {
+    in->run_col[t] = static_cast<uint32_t>(PositionColumn<kBits>(g, t * 16));
+  }
+}
+
+// Gathers positions [p0, p0 + n) of token row x (K columns) into out, zero
+// for columns >= K. n and p0 are multiples of 16.
+HWY_INLINE void GatherPositions(const PreparedInput& in, const float* HWY_RESTRICT x,
+                                size_t p0, size_t n, float* HWY_RESTRICT out) {
+  const size_t K = in.cols;
+  for (size_t t = 0; t < n / 16; ++t) {
+    const size_t c0 = in.run_col[p0 / 16 + t];
+    const size_t valid = c0 >= K ? 0 : HWY_MIN(size_t{16}, K - c0);
+    if (valid) memcpy(out + 16 * t, x + c0, valid * sizeof(float));
+    for (size_t j = valid; j < 16; ++j) out[16 * t + j] = 0.0f;
+  }
+}
+
+// Checks that `in` was prepared for w by this target.
+HWY_INLINE Status CheckInput(const PreparedPalette& w, const PreparedInput& in,
+                             const char* caller) {
+  if (in.weights != &w || in.bits != w.shape().bits || in.cols != w.shape().cols) {
+    return InvalidArgument("%s: input was prepared for another matrix", caller);
+  }
+  if (in.geometry.lanes != hn::Lanes(DecodeTag())) {
+    return InvalidArgument("%s: input was prepared by another SIMD target (%zu lanes, need %zu)",
+                           caller, in.geometry.lanes, hn::Lanes(DecodeTag()));
+  }
+  return Status::Ok();
+}
+
+}  // namespace detail
+
+// ax[m * rank + k] = A_k . X_m (A row k, rank x K of lora.type) for the M
+// token rows X_m = X + m * ldx (K floats each): the first half of the LoRA
+// epilogue (epilogue-inl.h applies scale * B (A x)), once per call.
+HWY_INLINE void LoraAx(const LoraDelta& lora, const float* HWY_RESTRICT X, size_t M,
+                       size_t ldx, size_t K, float* HWY_RESTRICT ax) {
+  const size_t rank = lora.rank;
+  const size_t a_row_bytes = K * ElementBytes(lora.type);
+  for (size_t m = 0; m < M; ++m) {
+    for (size_t k = 0; k < rank; ++k) {
+      ax[m * rank + k] = TypedDot(
+          lora.type, static_cast<const uint8_t*>(lora.a) + k * a_row_bytes, X + m * ldx, K);
+    }
+  }
+}
+
+// Prepares M token rows X (row m at X + m * ldx, K floats each; ldx >= K)
+// for GemvRows (M = 1) / GemmRows against w. The epilogue's pointers are
+// stored and must stay valid until the row calls return. Cost
+// O(M * (K + rank * K)).
+HWY_INLINE Status PrepareGemmInput(const PreparedPalette& w, const float* HWY_RESTRICT X,
+                                   size_t M, size_t ldx, const Epilogue& ep,
+                                   const MatmulOptions& opt, PreparedInput* in) {
+  const PaletteShape& shape = w.shape();
+  if (in == nullptr) return InvalidArgument("matmul: null PreparedInput");
+  if (shape.rows == 0 || w.view().indices == nullptr) {
+    return InvalidArgument("matmul: weights are empty (use PreparedPalette::Make)");
+  }
+  const size_t K = shape.cols;
+  if (X == nullptr) return InvalidArgument("matmul: null activations");
+  if (M == 0) return InvalidArgument("matmul: M = 0 token rows, need M >= 1");
+  if (ldx < K) return InvalidArgument("matmul: row stride %zu < K = %zu", ldx, K);
+  if (opt.precision != MatmulPrecision::kInt8 && opt.precision != MatmulPrecision::kF32) {
+    return InvalidArgument("matmul: unknown precision %d", static_cast<int>(opt.precision));
+  }
+  if (ep.lora != nullptr) LUTRA_RETURN_IF_ERROR(ValidateLora(*ep.lora));
+
+  in->precision = opt.precision;
+  in->bits = shape.bits;
+  in->cols = K;
+  in->rows = M;
+  in->weights = &w;
+  in->epilogue = ep;
+  in->epilogue.lora = nullptr;  // kernels read in->lora
+  in->has_lora = ep.lora != nullptr;
+  if (in->has_lora) in->lora = *ep.lora;
+  LUTRA_RETURN_IF_ERROR(WithBits(shape.bits, [&](auto bits) HWY_ATTR {
+    detail::SetGeometry<decltype(bits)::value>(shape, in);
+  }));
+  const size_t P = in->geometry.positions();
+  const size_t block = in->units_per_block * in->geometry.unit_positions;
+  const hn::ScalableTag<float> df;
+  const hn::RebindToSigned<decltype(df)> di32;
+  const hn::Rebind<int8_t, decltype(di32)> di8;
+  const size_t NF = hn::Lanes(df);
+
+  if (opt.precision == MatmulPrecision::kF32) {
+    in->xf.resize(M * P);
+    for (size_t m = 0; m < M; ++m) {
+      detail::GatherPositions(*in, X + m * ldx, 0, P, in->xf.data() + m * P);
+    }
+  } else {
+    in->xq.resize(M * P);
+    in->xscale.resize(M * in->num_blocks);
+    in->xsum.resize(M);
+    std::vector<float> tmp(block);
+    for (size_t m = 0; m < M; ++m) {
+      double total = 0.0;
+      for (size_t b = 0; b < in->num_blocks; ++b) {
+        const size_t p0 = b * block;
+        const size_t n = HWY_MIN(block, P - p0);  // multiple of 16 >= NF
+        detail::GatherPositions(*in, X + m * ldx, p0, n, tmp.data());
+        auto vmax = hn::Zero(df);
+        for (size_t i = 0; i < n; i += NF) vmax = hn::Max(vmax, hn::Abs(hn::LoadU(df, &tmp[i])));
+        const float amax = hn::ReduceMax(df, vmax);
+        const float scale = amax / 127.0f;
+        const auto inv = hn::Set(df, amax > 0.0f ? 127.0f / amax : 0.0f);
+        auto vsum = hn::Zero(di32);
+        int8_t* HWY_RESTRICT q = in->xq.data() + m * P + p0;
+        for (size_t i = 0; i < n; i += NF) {
+          const auto qi = hn::NearestInt(hn::Mul(hn::LoadU(df, &tmp[i]), inv));
+          vsum = hn::Add(vsum, qi);
+          hn::StoreU(hn::DemoteTo(di8, qi), di8, q + i);
+        }
+        in->xscale[m * in->num_blocks + b] = scale;
+        total += double(scale) * double(hn::ReduceSum(di32, vsum));
+      }
+      in->xsum[m] = static_cast<float>(total);
+    }
+  }
+  if (in->has_lora) {
+    in->lora_ax.resize(M * in->lora.rank);
+    LoraAx(in->lora, X, M, ldx, K, in->lora_ax.data());
+  }
+  return Status::Ok();
+}
+
+// Single token (GEMV): x has x_size == K floats.
+HWY_INLINE Status PrepareGemvInput(const PreparedPalette& w, const float* HWY_RESTRICT x,
+                                   size_t x_size, const Epilogue& ep,
+                                   const MatmulOptions& opt, PreparedInput* in) {
+  if (x_size != w.shape().cols) {
+    return InvalidArgument("gemv: x has %zu floats, K = %zu", x_size, w.shape().cols);
+  }
+  return PrepareGemmInput(w, x, 1, x_size, ep, opt, in);
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace lutra
+HWY_AFTER_NAMESPACE();
+
+#endif  // LUTRA_MATMUL_INPUT_INL_H_
