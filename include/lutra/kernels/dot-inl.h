@@ -20,7 +20,8 @@
 #include <stddef.h>
 
 #include "hwy/highway.h"
-#include "lutra/format/palette.h"  // ElementType
+#include "lutra/base/element-inl.h"  // LoadAsF32 / LoadNAsF32
+#include "lutra/base/element.h"      // ElementType
 
 HWY_BEFORE_NAMESPACE();
 namespace lutra {
@@ -68,22 +69,21 @@ HWY_INLINE float Dot(const float* HWY_RESTRICT a, const float* HWY_RESTRICT b,
 
 namespace detail {
 
-// sum_i a[i] * x[i] for 16-bit a (f16 or bf16), each widened exactly to f32.
+// sum_i a[i] * x[i] for 16-bit a (f16 or bf16), each widened exactly to f32
+// (element-inl.h), in two accumulators.
 template <class DF, typename T>
 HWY_INLINE float HalfDot(DF df, const T* HWY_RESTRICT a, const float* HWY_RESTRICT x,
                          size_t n) {
-  const hn::Rebind<T, DF> dh;
   const size_t N = hn::Lanes(df);
   hn::Vec<DF> sum0 = hn::Zero(df), sum1 = hn::Zero(df);
   size_t i = 0;
   for (; i + 2 * N <= n; i += 2 * N) {
-    sum0 = hn::MulAdd(hn::PromoteTo(df, hn::LoadU(dh, a + i)), hn::LoadU(df, x + i), sum0);
-    sum1 = hn::MulAdd(hn::PromoteTo(df, hn::LoadU(dh, a + i + N)), hn::LoadU(df, x + i + N),
-                      sum1);
+    sum0 = hn::MulAdd(LoadAsF32(df, a + i), hn::LoadU(df, x + i), sum0);
+    sum1 = hn::MulAdd(LoadAsF32(df, a + i + N), hn::LoadU(df, x + i + N), sum1);
   }
   for (; i < n; i += N) {
     const size_t m = HWY_MIN(N, n - i);
-    sum0 = hn::MulAdd(hn::PromoteTo(df, hn::LoadN(dh, a + i, m)), hn::LoadN(df, x + i, m), sum0);
+    sum0 = hn::MulAdd(LoadNAsF32(df, a + i, m), hn::LoadN(df, x + i, m), sum0);
   }
   return hn::ReduceSum(df, hn::Add(sum0, sum1));
 }
