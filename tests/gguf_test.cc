@@ -21,9 +21,7 @@
 namespace lutra {
 namespace {
 
-bool Contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
+using test::Contains;
 
 // Expects Parse to fail with `code` and a message containing `needle`.
 void ExpectParseError(const std::vector<uint8_t>& bytes, StatusCode code,

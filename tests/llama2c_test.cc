@@ -27,9 +27,7 @@
 namespace lutra {
 namespace {
 
-bool Contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
+using test::Contains;
 
 // The scalar reference forward pass (llama2.c's run.c, adjacent-pair RoPE).
 using test::Argmax;

@@ -140,6 +140,11 @@ inline std::string SharedModelsDir() {
   return std::string();
 }
 
+// Whether `needle` occurs in `haystack` (status messages in CHECKs).
+inline bool Contains(const std::string& haystack, const std::string& needle) {
+  return haystack.find(needle) != std::string::npos;
+}
+
 // A path in the temporary directory ($TMPDIR, else /tmp) that no other test
 // program uses: "lutra_test_<pid>_<name>". The file is removed when the
 // program exits, so a failing test leaves nothing behind.
