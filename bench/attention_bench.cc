@@ -18,10 +18,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <random>
 #include <string>
@@ -30,6 +28,7 @@
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "bench/attention_bench.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "bench/bench_util.h"
 #include "hwy/highway.h"
 #include "lutra/kernels/attention-inl.h"
 #include "lutra/kernels/kv_cache-inl.h"
@@ -90,26 +89,15 @@ HWY_EXPORT(Target);
 
 namespace {
 
-// Seconds of CPU time of this thread: on a shared, oversubscribed machine
-// wall time mostly measures other processes; CPU time measures the kernel
-// while it holds the core (memory contention from others still shows).
-// LUTRA_BENCH_WALL=1 switches to wall time for quiet machines.
+// Thread CPU time (bench::ThreadCpuNow): on a shared machine wall time
+// mostly measures other processes. LUTRA_BENCH_WALL=1 switches to wall time
+// for quiet machines.
 double Now() {
   static const bool wall = getenv("LUTRA_BENCH_WALL") != nullptr;
-  if (wall) {
-    return std::chrono::duration<double>(
-               std::chrono::steady_clock::now().time_since_epoch())
-        .count();
-  }
-  timespec ts;
-  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+  return wall ? bench::Now() : bench::ThreadCpuNow();
 }
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
+// Every count of repetitions here is odd: the median is one measured run.
+using bench::Median;
 
 volatile float g_sink;
 
@@ -142,10 +130,7 @@ Result BenchDecode(ElementType type, size_t ctx, int reps) {
   // >= 512 MiB in total, at least 4 layers.
   cfg.num_layers = std::max<size_t>(4, ((size_t{512} << 20) + per_layer - 1) / per_layer);
   StatusOr<KVCache> c = KVCache::Create(cfg);
-  if (!c.ok()) {
-    fprintf(stderr, "%s\n", c.status().message().c_str());
-    exit(1);
-  }
+  bench::Check(c.status());
   KVCache& cache = *c;
   // Fill every layer with random rows (one random chunk, appended again and
   // again: contents do not change the speed, only realistic magnitudes do).
@@ -158,23 +143,15 @@ Result BenchDecode(ElementType type, size_t ctx, int reps) {
   for (size_t l = 0; l < cfg.num_layers; ++l) {
     for (size_t p = 0; p < ctx; p += chunk) {
       const size_t num = std::min(chunk, ctx - p);
-      const Status st = HWY_DYNAMIC_DISPATCH(Append)(cache, l, p, num, k.data(), v.data());
-      if (!st.ok()) {
-        fprintf(stderr, "%s\n", st.message().c_str());
-        exit(1);
-      }
+      bench::Check(HWY_DYNAMIC_DISPATCH(Append)(cache, l, p, num, k.data(), v.data()));
     }
   }
   std::vector<float> q(heads * hd), out(heads * hd);
   for (float& x : q) x = nd(rng);
   const double bytes = double(cache.BytesPerPosition()) * double(ctx);
   const auto attend = [&](size_t layer) {
-    const Status st =
-        HWY_DYNAMIC_DISPATCH(Attend)(cache, layer, ctx - 1, q.data(), heads, out.data());
-    if (!st.ok()) {
-      fprintf(stderr, "%s\n", st.message().c_str());
-      exit(1);
-    }
+    bench::Check(
+        HWY_DYNAMIC_DISPATCH(Attend)(cache, layer, ctx - 1, q.data(), heads, out.data()));
   };
   // Cold: sweep all layers per repetition.
   std::vector<double> cold;

@@ -24,7 +24,8 @@
 // stay f32), builds the rank-r recovery adapter, and reports (a) the
 // relative weight error sum ||W - W'||^2 / sum ||W||^2 before/after, and
 // (b) the KL divergence KL(p_f32 || p_quant) per token and the top-1
-// agreement of a scalar f32 forward pass (llama2.c's run.c math) with
+// agreement of the scalar f32 reference forward pass
+// (tests/support/reference_llama.h, llama2.c's run.c math) with
 // W' = dequantized W_hat (+ s B A), teacher-forced on --tokens tokens sampled
 // from the f32 model (temperature 1, seed 1). "Gap closed" = 1 - KL(recovered)
 // / KL(palettized), where "palettized" is always the plain palettization; with
@@ -37,7 +38,6 @@
 #include <string.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <memory>
 #include <random>
@@ -47,6 +47,7 @@
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "bench/lora_bench.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "bench/bench_util.h"
 #include "hwy/highway.h"
 #include "lutra/base/thread_pool.h"
 #include "lutra/format/lora.h"
@@ -124,6 +125,8 @@ HWY_AFTER_NAMESPACE();
 #include "lutra/quantize/mixed_bits.h"
 #include "lutra/quantize/palettize.h"
 #include "lutra/quantize/recovery.h"
+#include "tests/support/random_weights.h"
+#include "tests/support/reference_llama.h"
 
 namespace lutra {
 HWY_EXPORT(RunLayer);
@@ -133,22 +136,6 @@ HWY_EXPORT(LoraOnly);
 
 namespace bench {
 namespace {
-
-double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n == 0 ? 0.0 : (n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]));
-}
-void Check(const Status& s, const char* what) {
-  if (!s.ok()) {
-    fprintf(stderr, "lora_bench: %s: %s\n", what, s.message().c_str());
-    exit(1);
-  }
-}
 
 struct Args {
   int bits = 4;
@@ -199,37 +186,12 @@ Args ParseArgs(int argc, char** argv) {
   return a;
 }
 
-// Random palettized matrix (the kernels' speed does not depend on values).
-PaletteMatrix RandomPalette(size_t rows, size_t cols, int bits, std::mt19937_64& rng) {
-  PaletteShape shape;
-  shape.rows = rows;
-  shape.cols = cols;
-  shape.bits = bits;
-  StatusOr<PaletteMatrix> m = PaletteMatrix::Allocate(shape);
-  Check(m.status(), "allocate");
-  PaletteMatrix w = std::move(m).value();
-  uint8_t* idx = w.mutable_indices();
-  for (size_t i = 0; i < shape.index_bytes(); ++i) idx[i] = static_cast<uint8_t>(rng());
-  std::normal_distribution<float> g(0.0f, 0.02f);
-  for (size_t gr = 0; gr < shape.num_groups(); ++gr) {
-    for (size_t e = 0; e < shape.num_entries(); ++e) w.set_entry(gr, e, g(rng));
-  }
-  return w;
-}
-
+// Random weights: the kernels' speed does not depend on their values.
 std::shared_ptr<const Adapter> RandomAdapter(const std::string& name, const BaseShapes& base,
-                                             size_t rank, std::mt19937_64& rng) {
-  StatusOr<Adapter> a = Adapter::Create(name, base);
+                                             size_t rank, test::Rng& rng) {
+  StatusOr<Adapter> a =
+      test::RandomAdapter(name, base, rank, ElementType::kF16, 1.0f, 0.01f, rng);
   Check(a.status(), "adapter");
-  std::normal_distribution<float> g(0.0f, 0.01f);
-  for (size_t l = 0; l < base.num_layers; ++l) {
-    for (Projection p : kAllProjections) {
-      std::vector<float> fa(rank * base.Cols(p)), fb(base.Rows(p) * rank);
-      for (float& v : fa) v = g(rng);
-      for (float& v : fb) v = g(rng);
-      Check(a->AddF32(l, p, rank, fa.data(), fb.data(), 1.0f), "add factors");
-    }
-  }
   return std::make_shared<const Adapter>(std::move(a).value());
 }
 
@@ -237,13 +199,13 @@ int RunDecodeBench(const Args& args) {
   const size_t dim = 3072, hidden = 8192, q_dim = 3072, kv_dim = 1024;
   const BaseShapes base = BaseShapes::Llama(args.layers, dim, hidden, q_dim, kv_dim);
   Check(base.Validate(), "base");
-  std::mt19937_64 rng(1);
+  test::Rng rng(1);
   std::vector<BenchLayer> layers(args.layers);
   size_t weight_bytes = 0;
   for (BenchLayer& L : layers) {
     for (Projection p : kAllProjections) {
       const size_t i = static_cast<size_t>(p);
-      L.w[i] = RandomPalette(base.Rows(p), base.Cols(p), args.bits, rng);
+      L.w[i] = test::RandomGaussianPalette(rng, base.Rows(p), base.Cols(p), args.bits, 0.02f);
       StatusOr<PreparedPalette> pw = PreparedPalette::Make(L.w[i].view());
       Check(pw.status(), "prepare");
       L.pw[i] = std::move(pw).value();
@@ -251,9 +213,8 @@ int RunDecodeBench(const Args& args) {
     }
   }
   const std::shared_ptr<const Adapter> adapter = RandomAdapter("bench", base, args.rank, rng);
-  std::vector<float> x(hidden), y(hidden);
-  std::normal_distribution<float> g(0.0f, 1.0f);
-  for (float& v : x) v = g(rng);
+  const std::vector<float> x = rng.GaussianVector(hidden);
+  std::vector<float> y(hidden);
   PreparedInput scratch;
   std::unique_ptr<ThreadPool> pool;
   if (args.threads > 1) pool.reset(new ThreadPool(args.threads));
@@ -373,155 +334,32 @@ int RunDecodeBench(const Args& args) {
 // ---------------------------------------------------------------------------
 // Mode 2: recovery measurement on a real model.
 
-// A scalar f32 Llama forward pass (llama2.c run.c math) whose seven layer
-// matrices come from `mats` (dense row-major f32, one per layer x projection).
-class ScalarModel {
- public:
-  ScalarModel(const ModelWeightsF32& m, std::vector<const float*> mats)
-      : m_(m), c_(m.config), mats_(std::move(mats)) {
-    const size_t kv = size_t(c_.kv_dim());
-    kcache_.assign(size_t(c_.n_layers) * c_.seq_len * kv, 0.0f);
-    vcache_.assign(size_t(c_.n_layers) * c_.seq_len * kv, 0.0f);
-  }
-  // Logits (vocab) of `token` at position pos.
-  const std::vector<float>& Forward(int token, int pos) {
-    const int dim = c_.dim, hd = c_.head_dim, kvd = c_.kv_dim(), qd = c_.q_dim();
-    x_.assign(m_.token_embedding + size_t(token) * dim, m_.token_embedding + size_t(token + 1) * dim);
-    for (int l = 0; l < c_.n_layers; ++l) {
-      const LayerWeightsF32& L = m_.layers[l];
-      RmsNorm(x_, L.attn_norm, &xb_);
-      MatVec(W(l, Projection::kQ), xb_, qd, &q_);
-      float* k = &kcache_[(size_t(l) * c_.seq_len + pos) * kvd];
-      float* v = &vcache_[(size_t(l) * c_.seq_len + pos) * kvd];
-      std::vector<float> kk, vv;
-      MatVec(W(l, Projection::kK), xb_, kvd, &kk);
-      MatVec(W(l, Projection::kV), xb_, kvd, &vv);
-      for (int i = 0; i < qd; i += 2) {  // RoPE on adjacent pairs
-        const float freq = 1.0f / std::pow(c_.rope_theta, float(i % hd) / float(hd));
-        const float cr = std::cos(pos * freq), ci = std::sin(pos * freq);
-        Rotate(&q_[i], cr, ci);
-        if (i < kvd) Rotate(&kk[i], cr, ci);
-      }
-      std::copy(kk.begin(), kk.end(), k);
-      std::copy(vv.begin(), vv.end(), v);
-      att_out_.assign(qd, 0.0f);
-      const int group = c_.n_heads / c_.n_kv_heads;
-      std::vector<float> att(pos + 1);
-      for (int h = 0; h < c_.n_heads; ++h) {
-        const int kvh = h / group;
-        float mx = -1e30f;
-        for (int t = 0; t <= pos; ++t) {
-          const float* kt = &kcache_[(size_t(l) * c_.seq_len + t) * kvd + kvh * hd];
-          float s = 0.0f;
-          for (int i = 0; i < hd; ++i) s += q_[h * hd + i] * kt[i];
-          att[t] = s / std::sqrt(float(hd));
-          mx = std::max(mx, att[t]);
-        }
-        float sum = 0.0f;
-        for (int t = 0; t <= pos; ++t) sum += (att[t] = std::exp(att[t] - mx));
-        for (int t = 0; t <= pos; ++t) {
-          const float* vt = &vcache_[(size_t(l) * c_.seq_len + t) * kvd + kvh * hd];
-          for (int i = 0; i < hd; ++i) att_out_[h * hd + i] += att[t] / sum * vt[i];
-        }
-      }
-      MatVec(W(l, Projection::kO), att_out_, dim, &xb2_);
-      for (int i = 0; i < dim; ++i) x_[i] += xb2_[i];
-      RmsNorm(x_, L.ffn_norm, &xb_);
-      MatVec(W(l, Projection::kW1), xb_, c_.hidden_dim, &hb_);
-      MatVec(W(l, Projection::kW3), xb_, c_.hidden_dim, &hb2_);
-      for (int i = 0; i < c_.hidden_dim; ++i) {
-        hb_[i] = hb_[i] / (1.0f + std::exp(-hb_[i])) * hb2_[i];
-      }
-      MatVec(W(l, Projection::kW2), hb_, dim, &xb2_);
-      for (int i = 0; i < dim; ++i) x_[i] += xb2_[i];
-    }
-    RmsNorm(x_, m_.final_norm, &xb_);
-    MatVec(m_.classifier, xb_, c_.vocab_size, &logits_);
-    return logits_;
-  }
-
- private:
-  const float* W(int l, Projection p) const {
-    return mats_[size_t(l) * kNumProjections + static_cast<size_t>(p)];
-  }
-  void RmsNorm(const std::vector<float>& x, const float* w, std::vector<float>* out) const {
-    double ss = 0.0;
-    for (float v : x) ss += double(v) * v;
-    const float inv = 1.0f / std::sqrt(float(ss / x.size()) + c_.norm_eps);
-    out->resize(x.size());
-    for (size_t i = 0; i < x.size(); ++i) (*out)[i] = x[i] * inv * w[i];
-  }
-  static void MatVec(const float* w, const std::vector<float>& x, int rows,
-                     std::vector<float>* out) {
-    out->resize(rows);
-    const size_t K = x.size();
-    for (int r = 0; r < rows; ++r) {
-      float s = 0.0f;
-      for (size_t k = 0; k < K; ++k) s += w[size_t(r) * K + k] * x[k];
-      (*out)[r] = s;
+// The model with its layers' seven matrices taken from `mats` (dense
+// row-major f32, layer by layer in kAllProjections order); norms, embedding
+// and classifier stay the model's.
+std::vector<LayerWeightsF32> WithMatrices(const ModelWeightsF32& m,
+                                          const std::vector<const float*>& mats) {
+  std::vector<LayerWeightsF32> layers = m.layers;
+  for (size_t l = 0; l < layers.size(); ++l) {
+    for (Projection p : kAllProjections) {
+      test::LayerMatrix(layers[l], p) = mats[l * kNumProjections + static_cast<size_t>(p)];
     }
   }
-  static void Rotate(float* v, float cr, float ci) {
-    const float a = v[0], b = v[1];
-    v[0] = a * cr - b * ci;
-    v[1] = a * ci + b * cr;
-  }
-
-  const ModelWeightsF32& m_;
-  ModelConfig c_;
-  std::vector<const float*> mats_;
-  std::vector<float> kcache_, vcache_, x_, xb_, xb2_, q_, att_out_, hb_, hb2_, logits_;
-};
-
-const float* LayerMatrix(const LayerWeightsF32& L, Projection p) {
-  switch (p) {
-    case Projection::kQ: return L.wq;
-    case Projection::kK: return L.wk;
-    case Projection::kV: return L.wv;
-    case Projection::kO: return L.wo;
-    case Projection::kW1: return L.w1;
-    case Projection::kW2: return L.w2;
-    case Projection::kW3: return L.w3;
-  }
-  return nullptr;
+  return layers;
 }
 
-std::vector<double> Softmax(const std::vector<float>& logits) {
-  double mx = -1e300;
-  for (float v : logits) mx = std::max(mx, double(v));
-  std::vector<double> p(logits.size());
-  double s = 0.0;
-  for (size_t i = 0; i < p.size(); ++i) s += (p[i] = std::exp(double(logits[i]) - mx));
-  for (double& v : p) v /= s;
-  return p;
-}
-
-struct EvalResult {
-  double kl = 0.0;     // mean KL(p_ref || p) per token, nats
-  double top1 = 0.0;   // fraction of positions with the same argmax
-};
-
-EvalResult Evaluate(const ModelWeightsF32& m, const std::vector<const float*>& ref_mats,
-                    const std::vector<const float*>& mats, const std::vector<int>& tokens) {
-  ScalarModel ref(m, ref_mats), q(m, mats);
-  EvalResult r;
+// KL(p_ref || p) per token and top-1 agreement of the scalar reference with
+// `mats` against the scalar reference with `ref_mats`, teacher-forced.
+test::DistributionGap Evaluate(const ModelWeightsF32& m, const std::vector<const float*>& ref_mats,
+                               const std::vector<const float*>& mats,
+                               const std::vector<int>& tokens) {
+  test::ReferenceLlama ref(m, WithMatrices(m, ref_mats)), q(m, WithMatrices(m, mats));
+  test::DistributionGap gap;
   for (size_t pos = 0; pos + 1 < tokens.size(); ++pos) {
-    const std::vector<double> p = Softmax(ref.Forward(tokens[pos], int(pos)));
-    const std::vector<double> pq = Softmax(q.Forward(tokens[pos], int(pos)));
-    double kl = 0.0;
-    size_t a = 0, b = 0;
-    for (size_t i = 0; i < p.size(); ++i) {
-      if (p[i] > 0.0) kl += p[i] * (std::log(p[i]) - std::log(std::max(pq[i], 1e-300)));
-      if (p[i] > p[a]) a = i;
-      if (pq[i] > pq[b]) b = i;
-    }
-    r.kl += kl;
-    r.top1 += a == b ? 1.0 : 0.0;
+    gap.Add(ref.Forward(tokens[pos], int(pos)), q.Forward(tokens[pos], int(pos)),
+            tokens[pos + 1]);
   }
-  const double n = double(tokens.size() - 1);
-  r.kl /= n;
-  r.top1 /= n;
-  return r;
+  return gap;
 }
 
 int RunRecoveryEval(const Args& args) {
@@ -537,17 +375,18 @@ int RunRecoveryEval(const Args& args) {
   std::vector<const float*> ref_mats(num_mats);
   for (int l = 0; l < c.n_layers; ++l) {
     for (Projection p : kAllProjections) {
-      ref_mats[size_t(l) * kNumProjections + size_t(p)] = LayerMatrix(m.layers[l], p);
+      ref_mats[size_t(l) * kNumProjections + size_t(p)] = test::LayerMatrix(m.layers[l], p);
     }
   }
   // Evaluation text: sampled from the f32 model (temperature 1, seed 1).
   std::vector<int> tokens = {1};  // BOS
   {
-    ScalarModel ref(m, ref_mats);
+    test::ReferenceLlama ref(m);
     std::mt19937_64 rng(1);
     const size_t n = std::min(args.tokens, size_t(c.seq_len));
     while (tokens.size() < n) {
-      const std::vector<double> p = Softmax(ref.Forward(tokens.back(), int(tokens.size() - 1)));
+      const std::vector<double> p =
+          test::SoftmaxF64(ref.Forward(tokens.back(), int(tokens.size() - 1)));
       std::discrete_distribution<int> d(p.begin(), p.end());
       tokens.push_back(d(rng));
     }
@@ -666,14 +505,15 @@ int RunRecoveryEval(const Args& args) {
       }
       rec_mats[i] = rec[i].data();
     }
-    const EvalResult eq = Evaluate(m, ref_mats, plain_mats, tokens);
-    const EvalResult er = Evaluate(m, ref_mats, rec_mats, tokens);
+    const test::DistributionGap eq = Evaluate(m, ref_mats, plain_mats, tokens);
+    const test::DistributionGap er = Evaluate(m, ref_mats, rec_mats, tokens);
     const double bpw = 8.0 * double(bytes) / double(weights);
     const double adapter_bpw = 8.0 * double(adapter.bytes()) / double(weights);
     printf("%-9s %7.3f | %9.5f -> %9.5f | %22.5f | %22.5f | %5.1f%%, %.3f -> %.3f "
            "(adapter +%.2f bpw)\n",
-           cfg.name, bpw, err_q / norm, err_rec / norm, eq.kl, er.kl,
-           100.0 * (1.0 - er.kl / eq.kl), eq.top1, er.top1, adapter_bpw);
+           cfg.name, bpw, err_q / norm, err_rec / norm, eq.mean_kl(), er.mean_kl(),
+           100.0 * (1.0 - er.mean_kl() / eq.mean_kl()), eq.top1_agreement(),
+           er.top1_agreement(), adapter_bpw);
     fflush(stdout);
   }
   return 0;

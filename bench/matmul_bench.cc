@@ -21,7 +21,6 @@
 #include <string.h>
 
 #include <algorithm>
-#include <chrono>
 #include <random>
 #include <string>
 #include <vector>
@@ -29,6 +28,7 @@
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "bench/matmul_bench.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "bench/bench_util.h"
 #include "hwy/highway.h"
 #include "hwy/targets.h"
 #include "lutra/base/thread_pool.h"
@@ -41,17 +41,6 @@
 #define LUTRA_MATMUL_BENCH_SHARED_
 namespace lutra {
 namespace bench {
-
-inline double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch())
-      .count();
-}
-
-inline double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n == 0 ? 0.0 : (n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]));
-}
 
 // One set of matrices covering >= min_bytes of packed weights, all views over
 // one shared random buffer (any byte is a valid index for every width when K
@@ -182,13 +171,6 @@ HWY_EXPORT(I8DotLoop);
 HWY_EXPORT(RunGemv);
 HWY_EXPORT(RunGemm);
 
-void Check(const Status& s) {
-  if (!s.ok()) {
-    fprintf(stderr, "error: %s\n", s.message().c_str());
-    exit(1);
-  }
-}
-
 // Seconds to sum one chunk of `chunk` bytes at `offset` of buf with
 // `threads` threads (each sums its own half).
 double TimeChunk(const std::vector<uint8_t>& buf, size_t offset, size_t chunk, ThreadPool& pool,
@@ -264,18 +246,6 @@ MatrixSet MakeSet(const std::vector<uint8_t>& random, size_t N, size_t K, int bi
     set.mats.push_back(std::move(p.value()));
   }
   return set;
-}
-
-// n bytes of a 64-bit Mersenne Twister with `seed`: distinct pages, so
-// nothing can share or compress them.
-std::vector<uint8_t> RandomBytes(size_t n, uint64_t seed) {
-  std::vector<uint8_t> bytes(n);
-  std::mt19937_64 rng(seed);
-  for (size_t i = 0; i + 8 <= n; i += 8) {
-    const uint64_t v = rng();
-    memcpy(&bytes[i], &v, 8);
-  }
-  return bytes;
 }
 
 // Seconds for one GEMV call y = W x (+ ep).

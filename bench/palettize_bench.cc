@@ -17,12 +17,12 @@
 #include <string.h>
 
 #include <algorithm>
-#include <chrono>
 #include <ctime>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "lutra/quantize/palettize.h"
 
 namespace {
@@ -90,21 +90,16 @@ int main(int argc, char** argv) {
       double bpw = 0.0;
       for (int r = 0; r < reps; ++r) {
         const std::clock_t cpu_start = std::clock();
-        const auto start = std::chrono::steady_clock::now();
+        const double start = lutra::bench::Now();
         auto m = lutra::Palettize(w.data(), rows, cols, opt, &st);
-        const auto stop = std::chrono::steady_clock::now();
+        const double stop = lutra::bench::Now();
         cpu.push_back(double(std::clock() - cpu_start) / CLOCKS_PER_SEC);
-        if (!m.ok()) {
-          fprintf(stderr, "palettize failed: %s\n", m.status().message().c_str());
-          return 1;
-        }
+        lutra::bench::Check(m.status(), "palettize failed");
         bpw = m->shape().bits_per_weight();
-        times.push_back(std::chrono::duration<double>(stop - start).count());
+        times.push_back(stop - start);
       }
-      std::sort(times.begin(), times.end());
-      std::sort(cpu.begin(), cpu.end());
-      const double med = times[times.size() / 2];
-      const double med_cpu = cpu[cpu.size() / 2];
+      const double med = lutra::bench::Median(times);
+      const double med_cpu = lutra::bench::Median(cpu);
       if (t == threads.front()) t1 = med;
       printf("%4ld %7ld %10.3f %14.1f %8.2fx %10.3f %16.1f %9.2f %8.4f\n", b, t, med,
              double(rows * cols) / med * 1e-6, t1 / med, med_cpu,

@@ -21,9 +21,7 @@
 namespace lutra {
 namespace {
 
-bool Contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
+using test::Contains;
 
 // Expects Parse to fail with `code` and a message containing `needle`.
 void ExpectParseError(const std::vector<uint8_t>& bytes, StatusCode code,
@@ -273,7 +271,7 @@ TEST_CASE("GGUF writer: views, streaming WriteFile and its errors") {
   w.AddTensorF32("last", {32}, big.data(), GgmlType::kQ8_0);
   StatusOr<std::vector<uint8_t>> mem = w.Finish();
   REQUIRE(mem.ok());
-  const std::string path = "gguf_test_writer.tmp.gguf";
+  const std::string path = test::TempPath("writer.gguf");
   REQUIRE(w.WriteFile(path).ok());
   StatusOr<MappedFile> file = MappedFile::Open(path);
   REQUIRE(file.ok());
@@ -309,7 +307,7 @@ TEST_CASE("GGUF writer: views, streaming WriteFile and its errors") {
 }
 
 TEST_CASE("MappedFile: empty files, directories, buffers, moves") {
-  const std::string path = "gguf_test_empty.tmp";
+  const std::string path = test::TempPath("empty");
   std::FILE* f = std::fopen(path.c_str(), "wb");
   REQUIRE(f != nullptr);
   std::fclose(f);

@@ -21,127 +21,17 @@
 
 #include "lutra/format/gguf_writer.h"
 #include "lutra/format/tokenizer.h"
+#include "tests/support/reference_llama.h"
 #include "tests/test_util.h"
 
 namespace lutra {
 namespace {
 
-bool Contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
+using test::Contains;
 
-// ---------------------------------------------------------------------------
-// Scalar reference forward pass: llama2.c's run.c transcribed (same loop
-// order and f32 arithmetic), adjacent-pair RoPE.
-
-class ReferenceLlama {
- public:
-  explicit ReferenceLlama(const ModelWeightsF32& w) : w_(w), c_(w.config) {
-    const size_t kv = static_cast<size_t>(c_.kv_dim());
-    key_cache_.assign(static_cast<size_t>(c_.n_layers) * kMaxPos * kv, 0.0f);
-    value_cache_ = key_cache_;
-  }
-  static constexpr int kMaxPos = 64;
-
-  std::vector<float> Forward(int token, int pos) {
-    const int dim = c_.dim, hs = c_.head_dim, kv_dim = c_.kv_dim(), q_dim = c_.q_dim();
-    const int kv_mul = c_.n_heads / c_.n_kv_heads;
-    std::vector<float> x(w_.token_embedding + size_t(token) * dim,
-                         w_.token_embedding + size_t(token + 1) * dim);
-    std::vector<float> xb(std::max(dim, q_dim)), xb2(dim), q(q_dim), hb(c_.hidden_dim),
-        hb2(c_.hidden_dim), att(pos + 1);
-    for (int l = 0; l < c_.n_layers; ++l) {
-      const LayerWeightsF32& L = w_.layers[l];
-      RmsNorm(xb.data(), x.data(), L.attn_norm, dim);
-      float* k = &key_cache_[(size_t(l) * kMaxPos + pos) * kv_dim];
-      float* v = &value_cache_[(size_t(l) * kMaxPos + pos) * kv_dim];
-      MatMul(q.data(), xb.data(), L.wq, dim, q_dim);
-      MatMul(k, xb.data(), L.wk, dim, kv_dim);
-      MatMul(v, xb.data(), L.wv, dim, kv_dim);
-      for (int i = 0; i < q_dim; i += 2) {
-        const int head_dim = i % hs;
-        const float freq = 1.0f / powf(c_.rope_theta, head_dim / static_cast<float>(hs));
-        const float val = pos * freq;
-        const float fcr = cosf(val), fci = sinf(val);
-        const int rotn = i < kv_dim ? 2 : 1;
-        for (int r = 0; r < rotn; ++r) {
-          float* vec = r == 0 ? q.data() : k;
-          const float v0 = vec[i], v1 = vec[i + 1];
-          vec[i] = v0 * fcr - v1 * fci;
-          vec[i + 1] = v0 * fci + v1 * fcr;
-        }
-      }
-      for (int h = 0; h < c_.n_heads; ++h) {
-        const float* qh = q.data() + h * hs;
-        for (int t = 0; t <= pos; ++t) {
-          const float* kt = &key_cache_[(size_t(l) * kMaxPos + t) * kv_dim + (h / kv_mul) * hs];
-          float score = 0.0f;
-          for (int i = 0; i < hs; ++i) score += qh[i] * kt[i];
-          att[t] = score / sqrtf(static_cast<float>(hs));
-        }
-        Softmax(att.data(), pos + 1);
-        float* out = xb.data() + h * hs;
-        std::fill(out, out + hs, 0.0f);
-        for (int t = 0; t <= pos; ++t) {
-          const float* vt = &value_cache_[(size_t(l) * kMaxPos + t) * kv_dim + (h / kv_mul) * hs];
-          for (int i = 0; i < hs; ++i) out[i] += att[t] * vt[i];
-        }
-      }
-      MatMul(xb2.data(), xb.data(), L.wo, q_dim, dim);
-      for (int i = 0; i < dim; ++i) x[i] += xb2[i];
-      RmsNorm(xb.data(), x.data(), L.ffn_norm, dim);
-      MatMul(hb.data(), xb.data(), L.w1, dim, c_.hidden_dim);
-      MatMul(hb2.data(), xb.data(), L.w3, dim, c_.hidden_dim);
-      for (int i = 0; i < c_.hidden_dim; ++i) {
-        float val = hb[i];
-        val *= 1.0f / (1.0f + expf(-val));
-        hb[i] = val * hb2[i];
-      }
-      MatMul(xb.data(), hb.data(), L.w2, c_.hidden_dim, dim);
-      for (int i = 0; i < dim; ++i) x[i] += xb[i];
-    }
-    RmsNorm(x.data(), x.data(), w_.final_norm, dim);
-    std::vector<float> logits(c_.vocab_size);
-    MatMul(logits.data(), x.data(), w_.classifier, dim, c_.vocab_size);
-    return logits;
-  }
-
- private:
-  void RmsNorm(float* o, const float* x, const float* weight, int size) const {
-    float ss = 0.0f;
-    for (int j = 0; j < size; ++j) ss += x[j] * x[j];
-    ss /= size;
-    ss += c_.norm_eps;
-    ss = 1.0f / sqrtf(ss);
-    for (int j = 0; j < size; ++j) o[j] = weight[j] * (ss * x[j]);
-  }
-  static void Softmax(float* x, int size) {
-    float max_val = x[0];
-    for (int i = 1; i < size; ++i) max_val = std::max(max_val, x[i]);
-    float sum = 0.0f;
-    for (int i = 0; i < size; ++i) {
-      x[i] = expf(x[i] - max_val);
-      sum += x[i];
-    }
-    for (int i = 0; i < size; ++i) x[i] /= sum;
-  }
-  // W (d, n) row-major [out, in] @ x (n) -> xout (d).
-  static void MatMul(float* xout, const float* x, const float* w, int n, int d) {
-    for (int i = 0; i < d; ++i) {
-      float val = 0.0f;
-      for (int j = 0; j < n; ++j) val += w[size_t(i) * n + j] * x[j];
-      xout[i] = val;
-    }
-  }
-
-  const ModelWeightsF32& w_;
-  ModelConfig c_;
-  std::vector<float> key_cache_, value_cache_;
-};
-
-int Argmax(const std::vector<float>& v) {
-  return static_cast<int>(std::max_element(v.begin(), v.end()) - v.begin());
-}
+// The scalar reference forward pass (llama2.c's run.c, adjacent-pair RoPE).
+using test::Argmax;
+using test::ReferenceLlama;
 
 // ---------------------------------------------------------------------------
 // Helpers
@@ -692,7 +582,7 @@ TEST_CASE("GGUF llama: missing, misshapen and unsupported contents are named") {
 
   // LoadModelAndTokenizer: the embedded vocabulary must match vocab_size.
   {
-    const std::string path = "llama2c_test_vocab.tmp.gguf";
+    const std::string path = test::TempPath("vocab.gguf");
     for (int n_tokens : {40, 39}) {
       GgufWriter g;
       g.AddString("general.architecture", "llama");

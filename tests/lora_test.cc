@@ -23,6 +23,7 @@
 #include "lutra/kernels/gemv-inl.h"
 #include "lutra/quantize/recovery.h"
 #include "lutra/runtime/lora_manager.h"
+#include "tests/support/random_weights.h"
 #include "tests/test_util.h"
 
 #ifndef LUTRA_LORA_TEST_ONCE_
@@ -30,37 +31,12 @@
 namespace lutra {
 namespace lora_test {
 
-// Random palettized matrix: random codebooks (f16) and indices.
-inline PaletteMatrix RandomPalette(size_t rows, size_t cols, int bits, test::Rng& rng) {
-  PaletteShape shape;
-  shape.rows = rows;
-  shape.cols = cols;
-  shape.bits = bits;
-  shape.group_rows = 16;
-  PaletteMatrix m = PaletteMatrix::Allocate(shape).value();
-  for (size_t g = 0; g < shape.num_groups(); ++g) {
-    for (size_t e = 0; e < shape.num_entries(); ++e) m.set_entry(g, e, rng.Gaussian(0.05f));
-  }
-  for (size_t r = 0; r < rows; ++r) {
-    for (size_t c = 0; c < cols; ++c) {
-      m.set_index(r, c, static_cast<uint32_t>(rng.Below(shape.num_entries())));
-    }
-  }
-  return m;
-}
-
 // An adapter with random factors on every projection of every layer.
 inline Adapter RandomAdapter(const std::string& name, const BaseShapes& base, size_t rank,
                              ElementType type, float scale, test::Rng& rng) {
-  Adapter a = Adapter::Create(name, base).value();
-  for (size_t l = 0; l < base.num_layers; ++l) {
-    for (Projection p : kAllProjections) {
-      const std::vector<float> fa = rng.GaussianVector(rank * base.Cols(p), 0.1f);
-      const std::vector<float> fb = rng.GaussianVector(base.Rows(p) * rank, 0.1f);
-      REQUIRE(a.AddF32(l, p, rank, fa.data(), fb.data(), scale, type).ok());
-    }
-  }
-  return a;
+  StatusOr<Adapter> a = test::RandomAdapter(name, base, rank, type, scale, 0.1f, rng);
+  REQUIRE(a.ok());
+  return std::move(a).value();
 }
 
 // Reference y = W_hat x (+ s B (A x)) in double, with a per-element
@@ -142,7 +118,8 @@ void TestFusedGemvEpilogue() {
       const Adapter adapter = RandomAdapter("a", base, rank, type, 0.75f, rng);
       for (Projection p : kAllProjections) {
         const int bits = rank == 1 ? 2 : rank == 5 ? 3 : 4;
-        const PaletteMatrix w = RandomPalette(base.Rows(p), base.Cols(p), bits, rng);
+        const PaletteMatrix w =
+            test::RandomGaussianPalette(rng, base.Rows(p), base.Cols(p), bits, 0.05f);
         const PreparedPalette pw = PreparedPalette::Make(w.view()).value();
         const std::vector<float> x = rng.GaussianVector(base.Cols(p));
         const LoraFactors* f = adapter.FindFactors(1, p);
@@ -193,7 +170,7 @@ void TestFusedGemmEpilogue() {
     for (Projection p : kAllProjections) {
       for (size_t M : {1, 3, 8}) {
         const size_t N = base.Rows(p), K = base.Cols(p), ldx = K + 3, ldy = N + 1;
-        const PaletteMatrix w = RandomPalette(N, K, 4, rng);
+        const PaletteMatrix w = test::RandomGaussianPalette(rng, N, K, 4, 0.05f);
         const PreparedPalette pw = PreparedPalette::Make(w.view()).value();
         const std::vector<float> X = rng.GaussianVector(M * ldx);
         const LoraFactors* f = adapter.FindFactors(0, p);
@@ -240,7 +217,8 @@ void TestSwitchAdapters() {
   REQUIRE(manager.Register("one", [a1] { return StatusOr<AdapterManager::AdapterPtr>(a1); }).ok());
   REQUIRE(manager.Register("two", [a2] { return StatusOr<AdapterManager::AdapterPtr>(a2); }).ok());
   const Projection p = Projection::kW2;  // dim x hidden
-  const PaletteMatrix w = RandomPalette(base.Rows(p), base.Cols(p), 4, rng);
+  const PaletteMatrix w =
+      test::RandomGaussianPalette(rng, base.Rows(p), base.Cols(p), 4, 0.05f);
   const PreparedPalette pw = PreparedPalette::Make(w.view()).value();
   const size_t N = base.Rows(p);
   PreparedInput scratch;
@@ -373,11 +351,6 @@ std::vector<uint8_t> F32Bytes(const std::vector<float>& v) {
 // stories260K-like base: dim 64, hidden 172, q 64, kv 32, 5 layers.
 BaseShapes StoriesBase() { return BaseShapes::Llama(5, 64, 172, 64, 32); }
 
-std::string TempPath(const char* name) {
-  const char* dir = getenv("TMPDIR");
-  return std::string(dir ? dir : "/tmp") + "/lutra_lora_test_" + name;
-}
-
 TEST_CASE("Adapter file round trip keeps bits, scales, names") {
   test::Rng rng(21);
   const BaseShapes base = StoriesBase();
@@ -394,7 +367,7 @@ TEST_CASE("Adapter file round trip keeps bits, scales, names") {
     const auto fb = rng.GaussianVector(base.Rows(s.p) * s.rank, 0.1f);
     REQUIRE(a.AddF32(s.layer, s.p, s.rank, fa.data(), fb.data(), s.scale, s.type).ok());
   }
-  const std::string path = TempPath("roundtrip.gguf");
+  const std::string path = test::TempPath("roundtrip.gguf");
   REQUIRE(SaveAdapter(path, a).ok());
   auto loaded = LoadAdapter(path, base);
   REQUIRE(loaded.ok());
@@ -557,7 +530,7 @@ TEST_CASE("Bad adapter files are rejected with the tensor named") {
   memcpy(nan_b.data.data() + 4 * 9, &nan, 4);
   expect_error(good({qa, nan_b}), "blk.1.attn_q.weight: B element 9 is not finite");
   // A missing file.
-  const auto missing = LoadAdapter(TempPath("does_not_exist.gguf"), base);
+  const auto missing = LoadAdapter(test::TempPath("does_not_exist.gguf"), base);
   CHECK(missing.status().code() == StatusCode::kNotFound);
 }
 
@@ -571,7 +544,7 @@ TEST_CASE("Recovery adapter recovers a planted low-rank residual") {
   const BaseShapes base = lora_test::OddBase();
   const Projection p = Projection::kW1;  // 131 x 67
   const size_t N = base.Rows(p), K = base.Cols(p);
-  const PaletteMatrix q = lora_test::RandomPalette(N, K, 2, rng);
+  const PaletteMatrix q = test::RandomGaussianPalette(rng, N, K, 2, 0.05f);
   std::vector<float> w(N * K);
   REQUIRE(Dequantize(q.view(), w.data(), w.size()).ok());
   const auto u = rng.GaussianVector(N * 3, 0.02f), v = rng.GaussianVector(3 * K, 0.02f);

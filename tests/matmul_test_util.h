@@ -1,6 +1,7 @@
 // Shared helpers of gemv_test.cc and gemm_test.cc: random palettized
-// matrices, LoRA factors, and the scalar references (dequantize, then
-// multiply in double) with error bounds derived from the inputs.
+// matrices (tests/support/random_weights.h), activations, LoRA factors, and
+// the scalar references (dequantize, then multiply in double) with error
+// bounds derived from the inputs.
 #ifndef LUTRA_TESTS_MATMUL_TEST_UTIL_H_
 #define LUTRA_TESTS_MATMUL_TEST_UTIL_H_
 
@@ -15,38 +16,11 @@
 #include "hwy/base.h"
 #include "lutra/format/palette.h"
 #include "lutra/kernels/matmul.h"
+#include "tests/support/random_weights.h"
 #include "tests/test_util.h"
 
 namespace lutra {
 namespace test {
-
-// Random palettized matrix: heavy-tailed codebooks (group 1, if any, is
-// constant to cover step = 0) and uniform random indices.
-inline PaletteMatrix RandomPalette(Rng& rng, size_t N, size_t K, int bits, size_t G,
-                                   ElementType type) {
-  PaletteShape shape;
-  shape.rows = N;
-  shape.cols = K;
-  shape.bits = bits;
-  shape.group_rows = G;
-  shape.codebook = type;
-  StatusOr<PaletteMatrix> m = PaletteMatrix::Allocate(shape);
-  REQUIRE(m.ok());
-  PaletteMatrix mat = std::move(m.value());
-  const size_t E = shape.num_entries();
-  for (size_t g = 0; g < shape.num_groups(); ++g) {
-    const float offset = rng.Uniform(-0.02f, 0.02f);
-    for (size_t e = 0; e < E; ++e) {
-      mat.set_entry(g, e, g == 1 ? 0.03f : offset + rng.HeavyTailed(0.05f));
-    }
-  }
-  std::vector<uint8_t> idx(K);
-  for (size_t r = 0; r < N; ++r) {
-    for (size_t c = 0; c < K; ++c) idx[c] = static_cast<uint8_t>(rng.Below(E));
-    PackRow(shape, idx.data(), mat.mutable_row(r));
-  }
-  return mat;
-}
 
 // Activations with an outlier, like real LLM hidden states.
 inline std::vector<float> RandomActivations(Rng& rng, size_t n) {

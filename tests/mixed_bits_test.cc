@@ -23,9 +23,7 @@
 namespace lutra {
 namespace {
 
-bool Contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
+using test::Contains;
 
 // A small llama-like model: per layer q, k, v, o (D x D), gate, up (H x D),
 // down (D x H), plus an embedding. Difficulty varies: some tensors are

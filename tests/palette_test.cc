@@ -22,9 +22,7 @@ namespace {
 
 const int kAllBits[] = {1, 2, 3, 4, 6, 8};
 
-bool Contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
+using test::Contains;
 
 // Independent reference of the bit address of (column c, bit k of the index)
 // within a packed row, written directly from docs/format.md (enumerating each

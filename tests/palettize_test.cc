@@ -26,9 +26,7 @@ namespace {
 
 const int kAllBits[] = {1, 2, 3, 4, 6, 8};
 
-bool Contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
+using test::Contains;
 
 std::vector<float> DequantizeAll(const PaletteMatrix& m) {
   std::vector<float> out(m.shape().rows * m.shape().cols);

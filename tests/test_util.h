@@ -10,17 +10,19 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
-#include <random>
+#include <filesystem>
 #include <string>
 #include <vector>
 
 #include <catch2/catch_test_macros.hpp>
 
 #include "hwy/targets.h"
+#include "tests/support/rng.h"
 
 namespace lutra {
 namespace test {
@@ -54,39 +56,6 @@ void ForEachTarget(const Body& body) {
   const auto& name = Catch::getResultCapture().getCurrentTestName();
   std::printf("[targets] %s:%s\n", name.c_str(), ran.c_str());
 }
-
-
-// Deterministic data. Seeds are explicit so a failure can be replayed.
-class Rng {
- public:
-  explicit Rng(uint64_t seed) : gen_(seed) {}
-  float Gaussian(float stddev = 1.0f) {
-    return std::normal_distribution<float>(0.0f, stddev)(gen_);
-  }
-  float Uniform(float lo, float hi) {
-    return std::uniform_real_distribution<float>(lo, hi)(gen_);
-  }
-  // Student-t with 3 degrees of freedom: heavy tails, like real LLM weights.
-  float HeavyTailed(float scale = 1.0f) {
-    return scale * std::student_t_distribution<float>(3.0f)(gen_);
-  }
-  uint64_t Bits() { return gen_(); }
-  size_t Below(size_t n) { return static_cast<size_t>(gen_() % n); }
-  std::vector<float> GaussianVector(size_t n, float stddev = 1.0f) {
-    std::vector<float> v(n);
-    for (float& x : v) x = Gaussian(stddev);
-    return v;
-  }
-  std::vector<float> UniformVector(size_t n, float lo, float hi) {
-    std::vector<float> v(n);
-    for (float& x : v) x = Uniform(lo, hi);
-    return v;
-  }
-  std::mt19937_64& engine() { return gen_; }
-
- private:
-  std::mt19937_64 gen_;
-};
 
 // Sizes that exercise every code path of a vectorized loop: below one vector
 // (1..15 covers one f32 vector on every target up to 512 bits), exact
@@ -169,6 +138,29 @@ inline std::string SharedModelsDir() {
   }
 #endif
   return std::string();
+}
+
+// Whether `needle` occurs in `haystack` (status messages in CHECKs).
+inline bool Contains(const std::string& haystack, const std::string& needle) {
+  return haystack.find(needle) != std::string::npos;
+}
+
+// A path in the temporary directory ($TMPDIR, else /tmp) that no other test
+// program uses: "lutra_test_<pid>_<name>". The file is removed when the
+// program exits, so a failing test leaves nothing behind.
+inline std::string TempPath(const std::string& name) {
+  struct Files {
+    std::vector<std::string> paths;
+    ~Files() {
+      for (const std::string& p : paths) std::remove(p.c_str());
+    }
+  };
+  static Files files;
+  const std::string path = (std::filesystem::temp_directory_path() /
+                            ("lutra_test_" + std::to_string(getpid()) + "_" + name))
+                               .string();
+  files.paths.push_back(path);
+  return path;
 }
 
 }  // namespace test

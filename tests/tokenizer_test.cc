@@ -19,9 +19,7 @@
 namespace lutra {
 namespace {
 
-bool Contains(const std::string& haystack, const std::string& needle) {
-  return haystack.find(needle) != std::string::npos;
-}
+using test::Contains;
 
 // Texts covering ASCII, spaces, newlines, multi-byte UTF-8 (2, 3, 4 bytes),
 // invalid UTF-8 (lone continuation, truncated lead, 0xFF), NUL and controls.

@@ -1,0 +1,268 @@
+// The scalar reference Llama of the tests and benchmarks, and the metrics
+// that compare two models' next-token distributions.
+//
+// ReferenceLlama is llama2.c's run.c transcribed: the same loop order and the
+// same f32 arithmetic, one token at a time, with its own KV cache. It is what
+// the SIMD engine, the file loaders and the quantized models are checked
+// against, so it stays plain and readable top to bottom and is never
+// optimized. It needs no test framework: bench/ includes it too.
+#ifndef LUTRA_TESTS_SUPPORT_REFERENCE_LLAMA_H_
+#define LUTRA_TESTS_SUPPORT_REFERENCE_LLAMA_H_
+
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include <algorithm>
+#include <cmath>
+#include <utility>
+#include <vector>
+
+#include "lutra/format/llama_model.h"
+#include "lutra/format/lora.h"  // Projection
+
+namespace lutra {
+namespace test {
+
+// The matrix of projection p in layer L (row-major [out, in]), to read or
+// to replace.
+inline const float*& LayerMatrix(LayerWeightsF32& L, Projection p) {
+  switch (p) {
+    case Projection::kQ: return L.wq;
+    case Projection::kK: return L.wk;
+    case Projection::kV: return L.wv;
+    case Projection::kO: return L.wo;
+    case Projection::kW1: return L.w1;
+    case Projection::kW2: return L.w2;
+    case Projection::kW3: break;
+  }
+  return L.w3;
+}
+inline const float* LayerMatrix(const LayerWeightsF32& L, Projection p) {
+  LayerWeightsF32 copy = L;
+  return LayerMatrix(copy, p);
+}
+
+class ReferenceLlama {
+ public:
+  // Runs `w` (which must outlive this) for positions [0, max_positions)
+  // (0: config.seq_len). A non-empty `layers` (one per layer) replaces
+  // w.layers, e.g. with dequantized matrices; the embedding, final norm and
+  // classifier always come from `w`. Only what llama2.c runs is supported:
+  // adjacent-pair RoPE over whole heads; anything else aborts.
+  explicit ReferenceLlama(const ModelWeightsF32& w, std::vector<LayerWeightsF32> layers = {},
+                          int max_positions = 0)
+      : w_(w),
+        c_(w.config),
+        layers_(layers.empty() ? w.layers : std::move(layers)),
+        max_pos_(max_positions > 0 ? max_positions : c_.seq_len) {
+    if (c_.rope_layout != RopeLayout::kAdjacentPairs || c_.rope_dim != c_.head_dim ||
+        layers_.size() != size_t(c_.n_layers)) {
+      Fail("a llama2.c model with adjacent-pair RoPE over whole heads and one entry per layer");
+    }
+    const size_t kv_dim = size_t(c_.kv_dim());
+    key_cache_.assign(size_t(c_.n_layers) * max_pos_ * kv_dim, 0.0f);
+    value_cache_ = key_cache_;
+  }
+
+  // Logits (vocab_size) of `token` at position `pos`. Positions run in order
+  // 0, 1, ...: each writes its keys and values into the cache.
+  std::vector<float> Forward(int token, int pos) {
+    if (token < 0 || token >= c_.vocab_size || pos < 0 || pos >= max_pos_) {
+      Fail("a token below vocab_size and a position below max_positions");
+    }
+    const int dim = c_.dim, hs = c_.head_dim, kv_dim = c_.kv_dim(), q_dim = c_.q_dim();
+    const int kv_mul = c_.n_heads / c_.n_kv_heads;
+    std::vector<float> x(w_.token_embedding + size_t(token) * dim,
+                         w_.token_embedding + size_t(token + 1) * dim);
+    std::vector<float> xb(std::max(dim, q_dim)), xb2(dim), q(q_dim), hb(c_.hidden_dim),
+        hb2(c_.hidden_dim), att(pos + 1);
+    for (int l = 0; l < c_.n_layers; ++l) {
+      const LayerWeightsF32& L = layers_[l];
+      // Attention: q, k, v of the normed input; k and v go to the cache.
+      RmsNorm(xb.data(), x.data(), L.attn_norm, dim);
+      float* k = KeyAt(l, pos);
+      float* v = ValueAt(l, pos);
+      MatMul(q.data(), xb.data(), L.wq, dim, q_dim);
+      MatMul(k, xb.data(), L.wk, dim, kv_dim);
+      MatMul(v, xb.data(), L.wv, dim, kv_dim);
+      // RoPE: rotate each adjacent pair (i, i + 1) of q and k by pos * freq.
+      for (int i = 0; i < q_dim; i += 2) {
+        const int head_dim = i % hs;
+        const float freq = 1.0f / powf(c_.rope_theta, head_dim / static_cast<float>(hs));
+        const float val = pos * freq;
+        const float fcr = cosf(val), fci = sinf(val);
+        const int rotn = i < kv_dim ? 2 : 1;  // k is narrower than q under GQA
+        for (int r = 0; r < rotn; ++r) {
+          float* vec = r == 0 ? q.data() : k;
+          const float v0 = vec[i], v1 = vec[i + 1];
+          vec[i] = v0 * fcr - v1 * fci;
+          vec[i + 1] = v0 * fci + v1 * fcr;
+        }
+      }
+      // Each query head attends to every cached position of its KV head.
+      for (int h = 0; h < c_.n_heads; ++h) {
+        const float* qh = q.data() + h * hs;
+        for (int t = 0; t <= pos; ++t) {
+          const float* kt = KeyAt(l, t) + (h / kv_mul) * hs;
+          float score = 0.0f;
+          for (int i = 0; i < hs; ++i) score += qh[i] * kt[i];
+          att[t] = score / sqrtf(static_cast<float>(hs));
+        }
+        Softmax(att.data(), pos + 1);
+        float* out = xb.data() + h * hs;
+        std::fill(out, out + hs, 0.0f);
+        for (int t = 0; t <= pos; ++t) {
+          const float* vt = ValueAt(l, t) + (h / kv_mul) * hs;
+          for (int i = 0; i < hs; ++i) out[i] += att[t] * vt[i];
+        }
+      }
+      MatMul(xb2.data(), xb.data(), L.wo, q_dim, dim);
+      for (int i = 0; i < dim; ++i) x[i] += xb2[i];
+      // FFN: w2(silu(w1 x) * w3 x) of the normed input.
+      RmsNorm(xb.data(), x.data(), L.ffn_norm, dim);
+      MatMul(hb.data(), xb.data(), L.w1, dim, c_.hidden_dim);
+      MatMul(hb2.data(), xb.data(), L.w3, dim, c_.hidden_dim);
+      for (int i = 0; i < c_.hidden_dim; ++i) {
+        float val = hb[i];
+        val *= 1.0f / (1.0f + expf(-val));
+        hb[i] = val * hb2[i];
+      }
+      MatMul(xb.data(), hb.data(), L.w2, c_.hidden_dim, dim);
+      for (int i = 0; i < dim; ++i) x[i] += xb[i];
+    }
+    RmsNorm(x.data(), x.data(), w_.final_norm, dim);
+    std::vector<float> logits(c_.vocab_size);
+    MatMul(logits.data(), x.data(), w_.classifier, dim, c_.vocab_size);
+    return logits;
+  }
+
+ private:
+  // Cache layout: [layer][position][kv_dim].
+  float* KeyAt(int l, int pos) {
+    return &key_cache_[(size_t(l) * max_pos_ + pos) * size_t(c_.kv_dim())];
+  }
+  float* ValueAt(int l, int pos) {
+    return &value_cache_[(size_t(l) * max_pos_ + pos) * size_t(c_.kv_dim())];
+  }
+
+  void RmsNorm(float* o, const float* x, const float* weight, int size) const {
+    float ss = 0.0f;
+    for (int j = 0; j < size; ++j) ss += x[j] * x[j];
+    ss /= size;
+    ss += c_.norm_eps;
+    ss = 1.0f / sqrtf(ss);
+    for (int j = 0; j < size; ++j) o[j] = weight[j] * (ss * x[j]);
+  }
+  static void Softmax(float* x, int size) {
+    float max_val = x[0];
+    for (int i = 1; i < size; ++i) max_val = std::max(max_val, x[i]);
+    float sum = 0.0f;
+    for (int i = 0; i < size; ++i) {
+      x[i] = expf(x[i] - max_val);
+      sum += x[i];
+    }
+    for (int i = 0; i < size; ++i) x[i] /= sum;
+  }
+  // W (d, n) row-major [out, in] @ x (n) -> xout (d).
+  static void MatMul(float* xout, const float* x, const float* w, int n, int d) {
+    for (int i = 0; i < d; ++i) {
+      float val = 0.0f;
+      for (int j = 0; j < n; ++j) val += w[size_t(i) * n + j] * x[j];
+      xout[i] = val;
+    }
+  }
+  [[noreturn]] static void Fail(const char* needs) {
+    fprintf(stderr, "ReferenceLlama needs %s\n", needs);
+    abort();
+  }
+
+  const ModelWeightsF32& w_;
+  ModelConfig c_;
+  std::vector<LayerWeightsF32> layers_;
+  int max_pos_;
+  std::vector<float> key_cache_, value_cache_;
+};
+
+// ---------------------------------------------------------------------------
+// Comparing next-token distributions
+
+// The distribution softmax(logits) in double: exp(l - max) / sum.
+inline std::vector<double> SoftmaxF64(const float* logits, size_t n) {
+  double max = -HUGE_VAL;
+  for (size_t i = 0; i < n; ++i) max = std::max(max, double(logits[i]));
+  std::vector<double> p(n);
+  double sum = 0.0;
+  for (size_t i = 0; i < n; ++i) sum += (p[i] = std::exp(double(logits[i]) - max));
+  for (double& v : p) v /= sum;
+  return p;
+}
+inline std::vector<double> SoftmaxF64(const std::vector<float>& logits) {
+  return SoftmaxF64(logits.data(), logits.size());
+}
+
+// log softmax(logits) in double: l - (max + log sum exp(l - max)).
+inline std::vector<double> LogSoftmaxF64(const float* logits, size_t n) {
+  double max = -HUGE_VAL;
+  for (size_t i = 0; i < n; ++i) max = std::max(max, double(logits[i]));
+  double sum = 0.0;
+  for (size_t i = 0; i < n; ++i) sum += std::exp(double(logits[i]) - max);
+  const double log_z = max + std::log(sum);
+  std::vector<double> out(n);
+  for (size_t i = 0; i < n; ++i) out[i] = double(logits[i]) - log_z;
+  return out;
+}
+
+// Index of the largest logit (the first of equal ones): the greedy token.
+inline size_t Argmax(const float* logits, size_t n) {
+  return size_t(std::max_element(logits, logits + n) - logits);
+}
+inline int Argmax(const std::vector<float>& logits) {
+  return int(Argmax(logits.data(), logits.size()));
+}
+
+// How far a test model's next-token distributions are from a reference's,
+// accumulated position by position (teacher-forced on the same text).
+class DistributionGap {
+ public:
+  // One position: both models' logits (vocab each) and the token that came
+  // next in the text (-1 when unknown; it then counts for KL and top-1 only).
+  void Add(const float* reference, const float* test, size_t vocab, int next_token = -1) {
+    const std::vector<double> log_p = LogSoftmaxF64(reference, vocab);
+    const std::vector<double> log_q = LogSoftmaxF64(test, vocab);
+    double kl = 0.0;
+    for (size_t v = 0; v < vocab; ++v) kl += std::exp(log_p[v]) * (log_p[v] - log_q[v]);
+    kl_sum_ += kl;
+    agree_ += Argmax(reference, vocab) == Argmax(test, vocab);
+    ++positions_;
+    if (next_token >= 0 && size_t(next_token) < vocab) {
+      nll_reference_ -= log_p[size_t(next_token)];
+      nll_test_ -= log_q[size_t(next_token)];
+      ++scored_;
+    }
+  }
+  void Add(const std::vector<float>& reference, const std::vector<float>& test,
+           int next_token = -1) {
+    Add(reference.data(), test.data(), std::min(reference.size(), test.size()), next_token);
+  }
+
+  size_t positions() const { return positions_; }
+  // Mean KL(P_reference || P_test) per position, nats.
+  double mean_kl() const { return positions_ ? kl_sum_ / double(positions_) : 0.0; }
+  // Fraction of positions where both models' greedy token is the same.
+  double top1_agreement() const { return positions_ ? double(agree_) / double(positions_) : 0.0; }
+  // exp(mean negative log-likelihood of the next tokens) under each model.
+  double perplexity_reference() const { return Perplexity(nll_reference_); }
+  double perplexity_test() const { return Perplexity(nll_test_); }
+
+ private:
+  double Perplexity(double nll) const { return scored_ ? std::exp(nll / double(scored_)) : 0.0; }
+
+  size_t positions_ = 0, agree_ = 0, scored_ = 0;
+  double kl_sum_ = 0.0, nll_reference_ = 0.0, nll_test_ = 0.0;
+};
+
+}  // namespace test
+}  // namespace lutra
+
+#endif  // LUTRA_TESTS_SUPPORT_REFERENCE_LLAMA_H_
