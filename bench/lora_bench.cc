@@ -350,11 +350,11 @@ std::vector<LayerWeightsF32> WithMatrices(const ModelWeightsF32& m,
 
 // KL(p_ref || p) per token and top-1 agreement of the scalar reference with
 // `mats` against the scalar reference with `ref_mats`, teacher-forced.
-test::DistributionGap Evaluate(const ModelWeightsF32& m, const std::vector<const float*>& ref_mats,
+DistributionGap Evaluate(const ModelWeightsF32& m, const std::vector<const float*>& ref_mats,
                                const std::vector<const float*>& mats,
                                const std::vector<int>& tokens) {
   test::ReferenceLlama ref(m, WithMatrices(m, ref_mats)), q(m, WithMatrices(m, mats));
-  test::DistributionGap gap;
+  DistributionGap gap;
   for (size_t pos = 0; pos + 1 < tokens.size(); ++pos) {
     gap.Add(ref.Forward(tokens[pos], int(pos)), q.Forward(tokens[pos], int(pos)),
             tokens[pos + 1]);
@@ -505,8 +505,8 @@ int RunRecoveryEval(const Args& args) {
       }
       rec_mats[i] = rec[i].data();
     }
-    const test::DistributionGap eq = Evaluate(m, ref_mats, plain_mats, tokens);
-    const test::DistributionGap er = Evaluate(m, ref_mats, rec_mats, tokens);
+    const DistributionGap eq = Evaluate(m, ref_mats, plain_mats, tokens);
+    const DistributionGap er = Evaluate(m, ref_mats, rec_mats, tokens);
     const double bpw = 8.0 * double(bytes) / double(weights);
     const double adapter_bpw = 8.0 * double(adapter.bytes()) / double(weights);
     printf("%-9s %7.3f | %9.5f -> %9.5f | %22.5f | %22.5f | %5.1f%%, %.3f -> %.3f "

@@ -9,6 +9,7 @@
 #include <chrono>
 
 #include "examples/dispatch.h"
+#include "lutra/quantize/quality.h"
 
 namespace lutra {
 namespace engine {
@@ -223,20 +224,6 @@ Status Generate(const Model& model, RunState& state, const std::vector<int>& pro
 // ----------------------------------------------------------------------------
 // Evaluation
 
-namespace {
-
-// log-softmax of logits into out (double for the KL sums' sake).
-void LogSoftmax(const float* logits, size_t n, std::vector<double>& out) {
-  out.resize(n);
-  const double max = *std::max_element(logits, logits + n);
-  double sum = 0.0;
-  for (size_t i = 0; i < n; ++i) sum += exp(double(logits[i]) - max);
-  const double log_z = max + log(sum);
-  for (size_t i = 0; i < n; ++i) out[i] = double(logits[i]) - log_z;
-}
-
-}  // namespace
-
 StatusOr<EvalResult> Evaluate(const Model& reference, const Model& test,
                               const std::vector<int>& tokens, size_t max_batch,
                               ThreadPool* pool, MatmulPrecision precision,
@@ -262,9 +249,7 @@ StatusOr<EvalResult> Evaluate(const Model& reference, const Model& test,
 
   const size_t vocab = c.vocab_size;
   const size_t positions = tokens.size() - 1;  // predictions with a known next token
-  double kl = 0.0, nll_ref = 0.0, nll_test = 0.0;
-  size_t agree = 0;
-  std::vector<double> log_p, log_q;
+  DistributionGap gap;
   for (size_t done = 0; done < positions;) {
     const size_t n = std::min(max_batch, positions - done);
     StatusOr<const float*> ref = Forward(reference, *ref_state, &tokens[done], n, done, true);
@@ -272,26 +257,16 @@ StatusOr<EvalResult> Evaluate(const Model& reference, const Model& test,
     StatusOr<const float*> tst = Forward(test, *test_state, &tokens[done], n, done, true);
     if (!tst.ok()) return tst.status();
     for (size_t i = 0; i < n; ++i) {
-      const float* lr = *ref + i * vocab;
-      const float* lt = *tst + i * vocab;
-      LogSoftmax(lr, vocab, log_p);
-      LogSoftmax(lt, vocab, log_q);
-      double sum = 0.0;
-      for (size_t v = 0; v < vocab; ++v) sum += exp(log_p[v]) * (log_p[v] - log_q[v]);
-      kl += sum;
-      const int next = tokens[done + i + 1];
-      nll_ref -= log_p[next];
-      nll_test -= log_q[next];
-      agree += (std::max_element(lr, lr + vocab) - lr) == (std::max_element(lt, lt + vocab) - lt);
+      gap.Add(*ref + i * vocab, *tst + i * vocab, vocab, tokens[done + i + 1]);
     }
     done += n;
   }
   EvalResult r;
-  r.positions = positions;
-  r.mean_kl = kl / double(positions);
-  r.top1_agreement = double(agree) / double(positions);
-  r.perplexity_reference = exp(nll_ref / double(positions));
-  r.perplexity_test = exp(nll_test / double(positions));
+  r.positions = gap.positions();
+  r.mean_kl = gap.mean_kl();
+  r.top1_agreement = gap.top1_agreement();
+  r.perplexity_reference = gap.perplexity_reference();
+  r.perplexity_test = gap.perplexity_test();
   return r;
 }
 

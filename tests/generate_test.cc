@@ -505,22 +505,7 @@ std::vector<char> ReadFile(const std::string& path) {
   return std::vector<char>(std::istreambuf_iterator<char>(f), {});
 }
 
-// Files the tests write go to the system temp directory and are removed when
-// the test program exits.
-struct TempFiles {
-  std::vector<std::string> paths;
-  ~TempFiles() {
-    for (const std::string& p : paths) std::remove(p.c_str());
-  }
-};
-std::string TempPath(const std::string& name) {
-  static TempFiles files;
-  const std::string path = (std::filesystem::temp_directory_path() /
-                            ("lutra_generate_test_" + std::to_string(getpid()) + "_" + name))
-                               .string();
-  files.paths.push_back(path);
-  return path;
-}
+using test::TempPath;  // removed when the test program exits
 
 std::string WriteTemp(const std::string& name, const std::vector<char>& bytes) {
   const std::string path = TempPath(name);

@@ -28,6 +28,7 @@
 #include "lutra/quantize/kmeans_1d.h"
 #include "lutra/quantize/mixed_bits.h"
 #include "lutra/quantize/palettize.h"
+#include "lutra/quantize/quality.h"
 #include "lutra/quantize/recovery.h"
 #include "lutra/quantize/svd.h"
 

@@ -20,6 +20,7 @@
 
 #include "lutra/format/llama_model.h"
 #include "lutra/format/lora.h"  // Projection
+#include "lutra/quantize/quality.h"
 
 namespace lutra {
 namespace test {
@@ -201,66 +202,10 @@ inline std::vector<double> SoftmaxF64(const std::vector<float>& logits) {
   return SoftmaxF64(logits.data(), logits.size());
 }
 
-// log softmax(logits) in double: l - (max + log sum exp(l - max)).
-inline std::vector<double> LogSoftmaxF64(const float* logits, size_t n) {
-  double max = -HUGE_VAL;
-  for (size_t i = 0; i < n; ++i) max = std::max(max, double(logits[i]));
-  double sum = 0.0;
-  for (size_t i = 0; i < n; ++i) sum += std::exp(double(logits[i]) - max);
-  const double log_z = max + std::log(sum);
-  std::vector<double> out(n);
-  for (size_t i = 0; i < n; ++i) out[i] = double(logits[i]) - log_z;
-  return out;
-}
-
-// Index of the largest logit (the first of equal ones): the greedy token.
-inline size_t Argmax(const float* logits, size_t n) {
-  return size_t(std::max_element(logits, logits + n) - logits);
-}
+// The greedy token of a logits vector (lutra::ArgmaxLogit, quantize/quality.h).
 inline int Argmax(const std::vector<float>& logits) {
-  return int(Argmax(logits.data(), logits.size()));
+  return int(ArgmaxLogit(logits.data(), logits.size()));
 }
-
-// How far a test model's next-token distributions are from a reference's,
-// accumulated position by position (teacher-forced on the same text).
-class DistributionGap {
- public:
-  // One position: both models' logits (vocab each) and the token that came
-  // next in the text (-1 when unknown; it then counts for KL and top-1 only).
-  void Add(const float* reference, const float* test, size_t vocab, int next_token = -1) {
-    const std::vector<double> log_p = LogSoftmaxF64(reference, vocab);
-    const std::vector<double> log_q = LogSoftmaxF64(test, vocab);
-    double kl = 0.0;
-    for (size_t v = 0; v < vocab; ++v) kl += std::exp(log_p[v]) * (log_p[v] - log_q[v]);
-    kl_sum_ += kl;
-    agree_ += Argmax(reference, vocab) == Argmax(test, vocab);
-    ++positions_;
-    if (next_token >= 0 && size_t(next_token) < vocab) {
-      nll_reference_ -= log_p[size_t(next_token)];
-      nll_test_ -= log_q[size_t(next_token)];
-      ++scored_;
-    }
-  }
-  void Add(const std::vector<float>& reference, const std::vector<float>& test,
-           int next_token = -1) {
-    Add(reference.data(), test.data(), std::min(reference.size(), test.size()), next_token);
-  }
-
-  size_t positions() const { return positions_; }
-  // Mean KL(P_reference || P_test) per position, nats.
-  double mean_kl() const { return positions_ ? kl_sum_ / double(positions_) : 0.0; }
-  // Fraction of positions where both models' greedy token is the same.
-  double top1_agreement() const { return positions_ ? double(agree_) / double(positions_) : 0.0; }
-  // exp(mean negative log-likelihood of the next tokens) under each model.
-  double perplexity_reference() const { return Perplexity(nll_reference_); }
-  double perplexity_test() const { return Perplexity(nll_test_); }
-
- private:
-  double Perplexity(double nll) const { return scored_ ? std::exp(nll / double(scored_)) : 0.0; }
-
-  size_t positions_ = 0, agree_ = 0, scored_ = 0;
-  double kl_sum_ = 0.0, nll_reference_ = 0.0, nll_test_ = 0.0;
-};
 
 }  // namespace test
 }  // namespace lutra
