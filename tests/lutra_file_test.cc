@@ -326,11 +326,7 @@ TEST_CASE(".lutra round trip: f32, every bit width, group sizes, codebook types"
   }
 }
 
-std::string TempPath(const std::string& name) {
-  return (std::filesystem::temp_directory_path() /
-          ("lutra_file_test_" + std::to_string(getpid()) + "_" + name))
-      .string();
-}
+using test::TempPath;  // removed when the test program exits
 
 TEST_CASE(".lutra files on disk: WriteLutraFile streams the bytes Finish builds",
           "[lutra_file]") {
