@@ -10,10 +10,13 @@
 //   widths interleaved so that both see the same bandwidth;
 // - GEMM at M = 16, 64, 512: GFLOP/s, ratio to the f32 FMA peak, and the
 //   speedup over M GEMV calls;
-// - GEMV with a fused rank-16 LoRA delta: overhead over plain GEMV.
+// - GEMV with a fused rank-16 LoRA delta: overhead over plain GEMV;
+// - rows per codebook G = 1 and 4 against G = 16 at 4096x4096: GEMV (bits 2
+//   and 4, cache-cold) and GEMM (M = 16, 64), the three G's calls interleaved.
 // Every figure is the median of repetitions. Usage:
-//   matmul_bench [--quick] [--gemv-only] [--rows=4096|14336]
-//   (--quick: fewer repetitions and smaller buffers, a smoke test only)
+//   matmul_bench [--quick] [--gemv-only] [--groups-only] [--rows=4096|14336]
+//   (--quick: fewer repetitions and smaller buffers, a smoke test only;
+//   --groups-only: just the rows-per-codebook section, no bandwidth runs)
 // Dispatches dynamically to the best target of this CPU.
 #include <stddef.h>
 #include <stdint.h>
@@ -217,13 +220,13 @@ double PeakOps(Fn fn) {
 }
 
 MatrixSet MakeSet(const std::vector<uint8_t>& random, size_t N, size_t K, int bits,
-                  size_t min_bytes) {
+                  size_t min_bytes, size_t group_rows = 16) {
   MatrixSet set;
   PaletteShape shape;
   shape.rows = N;
   shape.cols = K;
   shape.bits = bits;
-  shape.group_rows = 16;
+  shape.group_rows = group_rows;
   shape.codebook = ElementType::kF16;
   const size_t ib = shape.index_bytes();
   set.bytes_per_matrix = shape.total_bytes();
@@ -274,22 +277,55 @@ double TimeGemv(const MatrixSet& set, ThreadPool* pool, const Epilogue& ep, int 
   return Median(times);
 }
 
-double TimeGemm(const MatrixSet& set, size_t M, ThreadPool* pool, int reps) {
-  const PaletteShape& s = set.mats[0].shape();
-  std::vector<float> X(M * s.cols), Y(M * s.rows);
+// Seconds for one GEMM call Y = X W^T (X: M x K).
+double TimeGemmCall(const PreparedPalette& w, const std::vector<float>& X, size_t M,
+                    std::vector<float>& Y, ThreadPool* pool, PreparedInput* scratch) {
+  const double t0 = Now();
+  Check(HWY_DYNAMIC_DISPATCH(RunGemm)(w, X.data(), M, Y.data(), pool, scratch));
+  return Now() - t0;
+}
+
+// M x K activations of the GEMM rows (the same for every caller).
+std::vector<float> GemmInput(size_t M, size_t K) {
+  std::vector<float> X(M * K);
   std::mt19937 rng(2);
   for (float& f : X) f = std::normal_distribution<float>()(rng);
+  return X;
+}
+
+double TimeGemm(const MatrixSet& set, size_t M, ThreadPool* pool, int reps) {
+  const PaletteShape& s = set.mats[0].shape();
+  const std::vector<float> X = GemmInput(M, s.cols);
+  std::vector<float> Y(M * s.rows);
   PreparedInput scratch;
   std::vector<double> times;
   for (int rep = 0; rep < reps; ++rep) {
-    const PreparedPalette& w = set.mats[rep % set.mats.size()];
-    const double t0 = Now();
-    Check(HWY_DYNAMIC_DISPATCH(RunGemm)(w, X.data(), M, Y.data(), pool, &scratch));
-    times.push_back(Now() - t0);
+    times.push_back(TimeGemmCall(set.mats[rep % set.mats.size()], X, M, Y, pool, &scratch));
   }
   return Median(times);
 }
 
+// Median seconds per call of each of `variants` call sequences, measured
+// interleaved so that load changes of this shared machine hit all of them
+// alike: each of `rounds` rounds makes `calls` steps, and each step times one
+// call of every variant back to back, the first variant rotating by round.
+// time(v, c) times call c (0, 1, ... over all rounds) of variant v.
+template <class Fn>
+std::vector<double> InterleavedMedians(size_t variants, size_t calls, int rounds,
+                                       const Fn& time) {
+  std::vector<std::vector<double>> times(variants);
+  for (int round = 0; round < rounds; ++round) {
+    for (size_t i = 0; i < calls; ++i) {
+      for (size_t k = 0; k < variants; ++k) {
+        const size_t v = (k + size_t(round)) % variants;
+        times[v].push_back(time(v, size_t(round) * calls + i));
+      }
+    }
+  }
+  std::vector<double> medians;
+  for (const std::vector<double>& t : times) medians.push_back(Median(t));
+  return medians;
+}
 
 // 2-bit against 4-bit: the memory bandwidth of this (shared) machine moves
 // by 20 % between the GEMV table's rows, so the weights-per-second ratio is
@@ -317,25 +353,14 @@ void CompareTwoAndFourBits(const std::vector<uint8_t>& random, size_t set_bytes,
       PreparedInput scratch;
       for (size_t threads : {size_t{1}, size_t{2}}) {
         ThreadPool* pool = threads == 1 ? nullptr : &pool2;
-        std::vector<double> t2s, t4s;
-        const auto time = [&](const PreparedPalette& w) {
-          return TimeGemvCall(w, x, Epilogue(), y, pool, 0, &scratch);
-        };
+        const MatrixSet* sets[2] = {&set2, &set4};
         const size_t calls = std::max(set2.mats.size(), set4.mats.size());
-        for (int round = 0; round < passes; ++round) {
-          for (size_t i = 0; i < calls; ++i) {
-            const PreparedPalette& w2 = set2.mats[i % set2.mats.size()];
-            const PreparedPalette& w4 = set4.mats[i % set4.mats.size()];
-            if (round & 1) {
-              t4s.push_back(time(w4));
-              t2s.push_back(time(w2));
-            } else {
-              t2s.push_back(time(w2));
-              t4s.push_back(time(w4));
-            }
-          }
-        }
-        const double t2 = Median(t2s), t4 = Median(t4s);
+        const std::vector<double> t =
+            InterleavedMedians(2, calls, passes, [&](size_t v, size_t c) {
+              const std::vector<PreparedPalette>& mats = sets[v]->mats;
+              return TimeGemvCall(mats[c % mats.size()], x, Epilogue(), y, pool, 0, &scratch);
+            });
+        const double t2 = t[0], t4 = t[1];
         const double weights = double(N) * 4096;
         printf("| %zux4096 | %zu | %.1f | %.1f | %.2f | %.2f | **%.2fx** |\n", N, threads,
                t2 * 1e6, t4 * 1e6, weights / t2 / 1e9, weights / t4 / 1e9, t4 / t2);
@@ -345,13 +370,64 @@ void CompareTwoAndFourBits(const std::vector<uint8_t>& random, size_t set_bytes,
   }
 }
 
+// Rows per codebook (issue 14): G = 1 and 4 against G = 16 at 4096x4096,
+// 1 thread, int8 path. GEMV (bits 2, 4) is cache-cold like the GEMV table;
+// GEMM (4-bit, M = 16, 64) rotates over the same matrices. The three G's
+// calls are interleaved (InterleavedMedians). All sets of one width view the
+// same random bytes, so G's call c uses matrix (c + v n / 3) mod n of its
+// set: no call finds the weights of the one before it in cache.
+void CompareGroupSizes(const std::vector<uint8_t>& random, size_t set_bytes, int passes,
+                       bool quick) {
+  const size_t kMiB = size_t{1} << 20;
+  const size_t kG[] = {1, 4, 16};
+  constexpr size_t kNumG = 3;
+  const size_t N = 4096, K = 4096;
+  const int gemm_calls = quick ? 5 : 30;
+  printf("\n## Rows per codebook G, 4096x4096, int8 path, 1 thread, calls interleaved\n\n");
+  printf("GEMV: cache-cold, %d rounds over >= %zu MiB per G; GEMM: %d calls per G;\n"
+         "every step times one call of each G (first G rotating by round); medians.\n\n",
+         passes, set_bytes / kMiB, gemm_calls);
+  printf("| call | bits | G=1 us/call | G=4 us/call | G=16 us/call | G=1 / G=16 | "
+         "G=4 / G=16 |\n");
+  printf("|---|---|---|---|---|---|---|\n");
+  for (int bits : {2, 4}) {
+    std::vector<MatrixSet> sets;
+    for (size_t G : kG) sets.push_back(MakeSet(random, N, K, bits, set_bytes, G));
+    const size_t n = sets[0].mats.size();
+    const auto matrix = [&](size_t v, size_t c) -> const PreparedPalette& {
+      return sets[v].mats[(c + v * n / kNumG) % n];
+    };
+    const auto report = [&](const std::string& call, const std::vector<double>& t) {
+      printf("| %s | %d | %.1f | %.1f | %.1f | **%.3f** | %.3f |\n", call.c_str(), bits,
+             t[0] * 1e6, t[1] * 1e6, t[2] * 1e6, t[0] / t[2], t[1] / t[2]);
+      fflush(stdout);
+    };
+    PreparedInput scratch[kNumG];
+    std::vector<float> x(K), y(N);
+    for (size_t c = 0; c < K; ++c) x[c] = float(c % 7) - 3.0f;
+    report("GEMV", InterleavedMedians(kNumG, n, passes, [&](size_t v, size_t c) {
+             return TimeGemvCall(matrix(v, c), x, Epilogue(), y, nullptr, 0, &scratch[v]);
+           }));
+    if (bits != 4) continue;
+    for (size_t M : {size_t{16}, size_t{64}}) {
+      const std::vector<float> X = GemmInput(M, K);
+      std::vector<float> Y(M * N);
+      report("GEMM M=" + std::to_string(M),
+             InterleavedMedians(kNumG, 1, gemm_calls, [&](size_t v, size_t c) {
+               return TimeGemmCall(matrix(v, c), X, M, Y, nullptr, &scratch[v]);
+             }));
+    }
+  }
+}
+
 int Main(int argc, char** argv) {
-  bool quick = false, gemv_only = false;
+  bool quick = false, gemv_only = false, groups_only = false;
   size_t only_rows = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--quick") quick = true;
     if (arg == "--gemv-only") gemv_only = true;
+    if (arg == "--groups-only") groups_only = true;
     if (arg.rfind("--rows=", 0) == 0) only_rows = std::stoul(arg.substr(7));
   }
   const size_t kMiB = size_t{1} << 20;
@@ -361,6 +437,10 @@ int Main(int argc, char** argv) {
   printf("# lutra matmul_bench%s\n", quick ? " --quick (NOT cache-cold-sized; smoke test)" : "");
   printf("target: %s, hardware threads: %u\n\n",
          hwy::TargetName(hwy::DispatchedTarget()), std::thread::hardware_concurrency());
+  if (groups_only) {
+    CompareGroupSizes(RandomBytes(set_bytes + 64 * kMiB, 7), set_bytes, passes, quick);
+    return 0;
+  }
   ThreadPool pool1(1), pool2(2);
 
   // Bandwidth: the best stream count first, then (below) samples interleaved
@@ -481,30 +561,19 @@ int Main(int argc, char** argv) {
     // Plain and LoRA calls alternate (order swapped every pass) so that load
     // changes affect both; the LoRA call uses the matrix half a set away, so
     // neither finds the other's weights in cache.
-    std::vector<double> plain, with;
+    std::vector<double> t;
     {
       std::vector<float> x(K), y(N);
       for (size_t c = 0; c < K; ++c) x[c] = float(c % 7) - 3.0f;
-      PreparedInput scratch_plain, scratch_lora;
+      PreparedInput scratch[2];
+      const Epilogue eps[2] = {Epilogue(), ep};
       const size_t n = set.mats.size();
-      const auto time = [&](const PreparedPalette& w, const Epilogue& e, PreparedInput* sc) {
-        return TimeGemvCall(w, x, e, y, nullptr, 0, sc);
-      };
-      for (int pass = 0; pass < passes; ++pass) {
-        for (size_t i = 0; i < n; ++i) {
-          const PreparedPalette& wp = set.mats[i];
-          const PreparedPalette& wl = set.mats[(i + n / 2) % n];
-          if (pass & 1) {
-            with.push_back(time(wl, ep, &scratch_lora));
-            plain.push_back(time(wp, Epilogue(), &scratch_plain));
-          } else {
-            plain.push_back(time(wp, Epilogue(), &scratch_plain));
-            with.push_back(time(wl, ep, &scratch_lora));
-          }
-        }
-      }
+      t = InterleavedMedians(2, n, passes, [&](size_t v, size_t c) {
+        return TimeGemvCall(set.mats[(c + v * n / 2) % n], x, eps[v], y, nullptr, 0,
+                            &scratch[v]);
+      });
     }
-    const double tp = Median(plain), tl = Median(with);
+    const double tp = t[0], tl = t[1];
     printf("## GEMV + fused rank-16 LoRA (f16 A, B), 4096x4096 4-bit, 1 thread\n\n");
     printf("plain %.1f us, with LoRA %.1f us: overhead %.1f%%\n\n", tp * 1e6, tl * 1e6,
            100.0 * (tl / tp - 1.0));
@@ -526,6 +595,7 @@ int Main(int argc, char** argv) {
     const double t2 = TimeGemm(set, 512, &pool2, quick ? 2 : 3);
     printf("%.1f GFLOP/s\n", 2.0 * 512 * N * K / t2 / 1e9);
   }
+  CompareGroupSizes(random, set_bytes, passes, quick);
   CompareTwoAndFourBits(random, set_bytes, passes, only_rows, pool2);
   return 0;
 }

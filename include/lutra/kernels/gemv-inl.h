@@ -232,6 +232,16 @@ HWY_NOINLINE void GemvRowsI8(const PreparedPalette& w, const PreparedInput& in, 
       rows[i] = st[i].row;
       groups[i] = st[i].group;
     }
+    // The tables of the next step's rows: at one row per group (G = 1) they
+    // are a stream of their own that the hardware prefetchers did not cover
+    // (G = 1 GEMV was 5-10 % slower than G = 16 cache-cold without this).
+    if (j + 1 < run) {
+      for (size_t i = 0; i < kRows; ++i) {
+        const size_t gn = st[i].row + 1 >= st[i].group_end ? st[i].group + 1 : st[i].group;
+        hwy::Prefetch(w.table_u8(gn));
+        hwy::Prefetch(w.affine(gn));
+      }
+    }
     // Prefetch only within this call's range: other threads own the rest.
     DotRowsI8<kBits, kRows>(w, in, rows, groups, j + 1 < run, dots);
     for (size_t i = 0; i < kRows; ++i) {

@@ -91,8 +91,7 @@ class PreparedPalette {
     const size_t groups = view.shape.num_groups();
     p.f32_.assign(groups * p.stride_, 0.0f);
     p.u8_.assign(groups * p.stride_, 0);
-    p.step_.assign(groups, 0.0f);
-    p.lo_.assign(groups, 0.0f);
+    p.affine_.assign(2 * groups, 0.0f);
     for (size_t g = 0; g < groups; ++g) {
       float* t = &p.f32_[g * p.stride_];
       float lo = 0.0f, hi = 0.0f;
@@ -107,8 +106,8 @@ class PreparedPalette {
       }
       // Affine u8 code: w ~= lo + step * q, q in [0, 255]; |error| <= step/2.
       const float step = (hi - lo) / 255.0f;
-      p.step_[g] = step;
-      p.lo_[g] = lo;
+      p.affine_[2 * g] = step;
+      p.affine_[2 * g + 1] = lo;
       for (size_t e = 0; e < E; ++e) {
         const float q = step > 0.0f ? std::nearbyint((t[e] - lo) / step) : 0.0f;
         p.u8_[g * p.stride_ + e] = static_cast<uint8_t>(std::min(255.0f, std::max(0.0f, q)));
@@ -123,15 +122,17 @@ class PreparedPalette {
   size_t table_stride() const { return stride_; }
   const float* table_f32(size_t group) const { return &f32_[group * stride_]; }
   const uint8_t* table_u8(size_t group) const { return &u8_[group * stride_]; }
-  float step(size_t group) const { return step_[group]; }
-  float lo(size_t group) const { return lo_[group]; }
+  float step(size_t group) const { return affine_[2 * group]; }
+  float lo(size_t group) const { return affine_[2 * group + 1]; }
+  // The group's {step, lo}, next to each other (one cache line to prefetch).
+  const float* affine(size_t group) const { return &affine_[2 * group]; }
 
  private:
   PaletteView view_;
   size_t stride_ = 16;
   std::vector<float> f32_;
   std::vector<uint8_t> u8_;
-  std::vector<float> step_, lo_;
+  std::vector<float> affine_;  // per group: step, lo
 };
 
 // How one packed row is consumed by the SIMD decode on one target
