@@ -10,6 +10,7 @@
 
 #include "examples/dispatch.h"
 #include "lutra/quantize/quality.h"
+#include "lutra/runtime/sampling.h"
 
 namespace lutra {
 namespace engine {
@@ -106,7 +107,24 @@ Status Attend(const ModelConfig& c, RunState& s, size_t layer, size_t num, size_
   return Status();
 }
 
+// Adds rows x cols activations to the run's calibration statistics and
+// capture, if any.
+Status Observe(RunState& s, int layer, const char* kind, const float* x, size_t rows,
+               size_t cols) {
+  if (s.capture != nullptr) {
+    std::vector<float>& v = (*s.capture)[InputSite(layer, kind)];
+    v.insert(v.end(), x, x + rows * cols);
+  }
+  if (s.calibration == nullptr) return Status();
+  return s.calibration->Add(InputSite(layer, kind), x, rows, cols);
+}
+
 }  // namespace
+
+std::string InputSite(int layer, const char* kind) {
+  if (layer < 0) return "output_in";
+  return "blk." + std::to_string(layer) + "." + kind;
+}
 
 StatusOr<const float*> Forward(const Model& model, RunState& s, const int* tokens,
                                size_t num, size_t pos, bool all_logits) {
@@ -139,6 +157,7 @@ StatusOr<const float*> Forward(const Model& model, RunState& s, const int* token
     for (size_t i = 0; i < num; ++i) {
       dispatch::RMSNorm(&s.x[i * dim], lw.attn_norm, dim, c.norm_eps, &s.xb[i * dim]);
     }
+    LUTRA_RETURN_IF_ERROR(Observe(s, l, "attn_in", s.xb.data(), num, dim));
     LUTRA_RETURN_IF_ERROR(Project(s, lw.wq, s.xb.data(), num, s.q.data(), l, Projection::kQ));
     LUTRA_RETURN_IF_ERROR(Project(s, lw.wk, s.xb.data(), num, s.k.data(), l, Projection::kK));
     LUTRA_RETURN_IF_ERROR(Project(s, lw.wv, s.xb.data(), num, s.v.data(), l, Projection::kV));
@@ -146,6 +165,7 @@ StatusOr<const float*> Forward(const Model& model, RunState& s, const int* token
     LUTRA_RETURN_IF_ERROR(
         dispatch::RoPE(s.k.data(), num, c.n_kv_heads, c.head_dim, pos, c.rope_theta));
     LUTRA_RETURN_IF_ERROR(Attend(c, s, l, num, pos));
+    LUTRA_RETURN_IF_ERROR(Observe(s, l, "attn_out", s.att.data(), num, c.q_dim()));
     LUTRA_RETURN_IF_ERROR(Project(s, lw.wo, s.att.data(), num, s.xb.data(), l, Projection::kO));
     dispatch::AddTo(s.x.data(), s.xb.data(), num * dim);
 
@@ -153,21 +173,26 @@ StatusOr<const float*> Forward(const Model& model, RunState& s, const int* token
     for (size_t i = 0; i < num; ++i) {
       dispatch::RMSNorm(&s.x[i * dim], lw.ffn_norm, dim, c.norm_eps, &s.xb[i * dim]);
     }
+    LUTRA_RETURN_IF_ERROR(Observe(s, l, "ffn_in", s.xb.data(), num, dim));
     LUTRA_RETURN_IF_ERROR(Project(s, lw.w1, s.xb.data(), num, s.hb.data(), l, Projection::kW1));
     LUTRA_RETURN_IF_ERROR(Project(s, lw.w3, s.xb.data(), num, s.hb2.data(), l, Projection::kW3));
     dispatch::SwiGLU(s.hb.data(), s.hb2.data(), num * hidden, s.hb.data());
+    LUTRA_RETURN_IF_ERROR(Observe(s, l, "ffn_mid", s.hb.data(), num, hidden));
     LUTRA_RETURN_IF_ERROR(Project(s, lw.w2, s.hb.data(), num, s.xb.data(), l, Projection::kW2));
     dispatch::AddTo(s.x.data(), s.xb.data(), num * dim);
+    if (l == s.stop_after_layer) return static_cast<const float*>(nullptr);
   }
 
-  // Head: only the rows whose logits are wanted.
-  const size_t first = all_logits ? 0 : num - 1;
+  // Head: only the rows whose logits are wanted (all when calibrating).
+  const size_t first = all_logits || s.calibration != nullptr || s.capture != nullptr ? 0 : num - 1;
   const size_t rows = num - first;
   for (size_t i = first; i < num; ++i) {
     dispatch::RMSNorm(&s.x[i * dim], w.final_norm, dim, c.norm_eps, &s.xb[(i - first) * dim]);
   }
+  LUTRA_RETURN_IF_ERROR(Observe(s, -1, "", s.xb.data(), rows, dim));
   LUTRA_RETURN_IF_ERROR(Project(s, w.output, s.xb.data(), rows, s.logits.data()));
-  return static_cast<const float*>(s.logits.data());
+  const size_t last = all_logits ? 0 : rows - 1;
+  return static_cast<const float*>(s.logits.data() + last * size_t(c.vocab_size));
 }
 
 // ----------------------------------------------------------------------------
@@ -268,6 +293,88 @@ StatusOr<EvalResult> Evaluate(const Model& reference, const Model& test,
   r.perplexity_reference = gap.perplexity_reference();
   r.perplexity_test = gap.perplexity_test();
   return r;
+}
+
+// ----------------------------------------------------------------------------
+// Calibration
+
+StatusOr<std::vector<int>> SampleTokens(const Model& model, size_t count, int bos,
+                                        uint64_t seed, ThreadPool* pool) {
+  const ModelConfig& c = model.config;
+  if (count == 0) return InvalidArgument("calibration: 0 tokens requested");
+  if (bos < 0 || bos >= c.vocab_size) {
+    return InvalidArgument("calibration: BOS token %d outside the vocabulary (%d)", bos,
+                           c.vocab_size);
+  }
+  StatusOr<RunState> state = MakeRunState(c, 64);
+  if (!state.ok()) return state.status();
+  state->pool = pool;
+  state->precision = MatmulPrecision::kF32;
+  std::vector<int> out;
+  for (uint64_t sequence = 0; out.size() < count; ++sequence) {
+    SamplingConfig sc;
+    sc.temperature = 1.0f;
+    sc.top_p = 0.9f;
+    sc.seed = seed + sequence;
+    StatusOr<Sampler> sampler = Sampler::Create(size_t(c.vocab_size), sc);
+    if (!sampler.ok()) return sampler.status();
+    const size_t before = out.size();
+    out.push_back(bos);
+    const size_t steps = std::min<size_t>(size_t(c.seq_len), count - before);
+    if (steps >= 2) {
+      LUTRA_RETURN_IF_ERROR(Generate(model, *state, {bos}, steps, *sampler, {bos},
+                                     [&](int, int token) { out.push_back(token); }, nullptr));
+    }
+    if (out.size() > count) out.resize(count);
+  }
+  return out;
+}
+
+namespace {
+
+// Runs `tokens` through `model` in windows of the context length, each from
+// position 0, with exact kernels and the state's calibration hooks.
+Status RunText(const Model& model, RunState& state, const std::vector<int>& tokens) {
+  if (tokens.empty()) return InvalidArgument("calibration: the calibration text is empty");
+  state.precision = MatmulPrecision::kF32;
+  const size_t window = size_t(model.config.seq_len);
+  for (size_t start = 0; start < tokens.size(); start += window) {
+    const size_t end = std::min(tokens.size(), start + window);
+    for (size_t done = start; done < end;) {
+      const size_t n = std::min(state.max_batch, end - done);
+      StatusOr<const float*> out = Forward(model, state, &tokens[done], n, done - start);
+      if (!out.ok()) return out.status().WithContext("calibration");
+      done += n;
+    }
+  }
+  return Status();
+}
+
+}  // namespace
+
+StatusOr<CalibrationStats> Calibrate(const Model& model, const std::vector<int>& tokens,
+                                     size_t max_batch, ThreadPool* pool, bool keep_gram) {
+  StatusOr<RunState> state = MakeRunState(model.config, max_batch);
+  if (!state.ok()) return state.status();
+  CalibrationStats stats(keep_gram);
+  state->pool = pool;
+  state->calibration = &stats;
+  LUTRA_RETURN_IF_ERROR(RunText(model, *state, tokens));
+  stats.tokens = tokens.size();
+  return stats;
+}
+
+StatusOr<std::map<std::string, std::vector<float>>> CaptureInputs(
+    const Model& model, const std::vector<int>& tokens, size_t max_batch, ThreadPool* pool,
+    int last_layer) {
+  StatusOr<RunState> state = MakeRunState(model.config, max_batch);
+  if (!state.ok()) return state.status();
+  std::map<std::string, std::vector<float>> capture;
+  state->pool = pool;
+  state->capture = &capture;
+  state->stop_after_layer = last_layer;
+  LUTRA_RETURN_IF_ERROR(RunText(model, *state, tokens));
+  return capture;
 }
 
 }  // namespace engine

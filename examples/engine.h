@@ -9,6 +9,7 @@
 #include <stdint.h>
 
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -22,6 +23,7 @@
 #include "lutra/format/tokenizer.h"
 #include "lutra/kernels/kv_cache.h"
 #include "lutra/kernels/matmul.h"
+#include "lutra/quantize/calibration.h"
 #include "lutra/runtime/sampling.h"
 
 namespace lutra {
@@ -69,6 +71,14 @@ struct Model {
   std::vector<PaletteMatrix> palettes;
   std::vector<std::unique_ptr<PreparedPalette>> prepared;
   std::shared_ptr<void> keep_alive;  // e.g. the loader's mapped file
+  // How a palettized model was made (written to .lutra files as
+  // lutra.quantization), and the per-tensor table of the choices made
+  // (QuantizeReport); both empty for f32 models.
+  std::string quantization;
+  std::string quantization_table;
+  // The calibration statistics it was palettized with (null: none), e.g.
+  // for the recovery adapter's activation weighting.
+  std::shared_ptr<const CalibrationStats> calibration;
 
   // Builds the kernels' per-group tables of every palettized matrix (once,
   // after the weights are in place; a tied head shares the embedding's).
@@ -76,16 +86,53 @@ struct Model {
 
   // Matrices once each (a tied output head is the embedding), for stats.
   std::vector<const Linear*> Matrices() const;
+  // The same matrices, writable, in the same order (a tied head is not
+  // listed: TieHead() makes it the embedding again).
+  std::vector<Linear*> MutableMatrices();
+  // Names in Matrices() order (token_embd, blk.L.attn_q, ..., output), and
+  // the calibration site of each one's input ("" for an untied embedding,
+  // a lookup). calibration.h explains sites.
+  std::vector<std::string> MatrixNames() const;
+  std::vector<std::string> MatrixInputSites() const;
   size_t WeightBytes() const;     // all matrices + norms
   size_t MatrixWeights() const;   // number of matrix elements
   double BitsPerWeight() const;   // 8 * matrix bytes / matrix elements
 };
 
+// Name of a calibration site (the input of one or more matrices): for layer
+// L, kind "attn_in" (wq wk wv), "attn_out" (wo), "ffn_in" (w1 w3),
+// "ffn_mid" (w2) gives "blk.L.<kind>"; layer < 0 gives "output_in" (head).
+std::string InputSite(int layer, const char* kind);
+
+// How --mixed weighs tensors against each other (docs/quality.md).
+enum class Sensitivity {
+  kAuto,      // kMeasured for models up to 100 M matrix weights, else kWeighted
+  kMeasured,  // each tensor's output KL per unit of error (quantize/sensitivity.h)
+  kWeighted,  // activation-weighted error only, every tensor alike
+};
+
 // How to build the weights at load time.
 struct LoadOptions {
   int bits = 0;              // 0: f32 weights; else palettize at b bits
-  double mixed_bits = 0.0;   // > 0: mixed 2/4/.. bits per tensor with this budget
-  size_t group = 16;         // rows sharing one codebook
+  double mixed_bits = 0.0;   // > 0: mixed 2..8 bits and G per tensor within this budget
+  size_t group = 16;         // rows sharing one codebook (--bits; --mixed: see groups)
+  // --mixed: rows per codebook the allocator may choose from.
+  std::vector<size_t> groups = {1, 2, 4, 8, 16};
+  // Calibration (quantize/calibration.h): palettize against E[x^2] of each
+  // matrix's input on calibration text. The text is calib_text when given,
+  // else calib_tokens tokens sampled from the f32 model itself (seed
+  // calib_seed, sequences starting at calib_bos).
+  bool calibrate = true;
+  std::vector<int> calib_text;
+  // 0: 2048 for models up to 100 M matrix weights, else 64 (sampling from
+  // an f32 model of billions of weights runs at about a token per second).
+  size_t calib_tokens = 0;
+  uint64_t calib_seed = 0xCA11B;
+  int calib_bos = 1;
+  Sensitivity sensitivity = Sensitivity::kAuto;
+  // GPTQ-style error feedback (quantize/gptq.h) under each input's Gram
+  // matrix, when calibrating and all Gram matrices fit in 1 GiB.
+  bool gptq = true;
   ElementType codebook = ElementType::kF16;
   bool progress = false;     // progress bar on stderr
   int seq_len = 0;           // > 0: override the context length (KV capacity)
@@ -107,9 +154,31 @@ StatusOr<std::shared_ptr<const Tokenizer>> LoadTokenizer(const std::string& path
 // the bytes <0xXX>, the rest placeholder words " w<id>"); vocab_size >= 259.
 StatusOr<Tokenizer> ByteTokenizer(int vocab_size);
 
-// A palettized copy of an f32 model (the source may be dropped afterwards).
+// A palettized copy of an f32 model (the source may be dropped afterwards):
+// calibrates (unless options.calibrate is false), chooses each tensor's
+// width and G (--mixed), and palettizes with activation-weighted k-means.
+// Fills the result's quantization, quantization_table and calibration.
 StatusOr<Model> PalettizeModel(const Model& f32_model, const LoadOptions& options,
                                size_t threads = 1);
+
+// `count` tokens sampled from `model` (temperature 1, top-p 0.9, `seed`), in
+// sequences that start with `bos` and run to the model's context length or
+// an end of text, concatenated.
+StatusOr<std::vector<int>> SampleTokens(const Model& model, size_t count, int bos,
+                                        uint64_t seed, ThreadPool* pool = nullptr);
+
+// Runs `tokens` through `model` in windows of the context length (each from
+// position 0) and collects the second moments of every matrix input.
+// keep_gram: also the K x K Gram matrices (calibration.h).
+StatusOr<CalibrationStats> Calibrate(const Model& model, const std::vector<int>& tokens,
+                                     size_t max_batch, ThreadPool* pool = nullptr,
+                                     bool keep_gram = false);
+
+// The raw inputs of every matrix (site -> tokens x cols floats) on `tokens`,
+// run as Calibrate does; up to layer `last_layer` only when >= 0 (no head).
+StatusOr<std::map<std::string, std::vector<float>>> CaptureInputs(
+    const Model& model, const std::vector<int>& tokens, size_t max_batch,
+    ThreadPool* pool = nullptr, int last_layer = -1);
 
 // Writes `model` (f32 or palettized) and `tokenizer` (may be null) as a
 // .lutra file (lutra/format/lutra_file.h, docs/format.md) that OpenModel
@@ -145,6 +214,16 @@ struct RunState {
   // the palettized GEMV/GEMM epilogue: y = W x + scale * B (A x).
   const Adapter* adapter = nullptr;
   std::vector<float> lora_ax;  // f32 weights' LoRA scratch (rank floats)
+  // When set, Forward adds every matrix input it computes to these
+  // statistics (sites as in Model::MatrixInputSites) and runs the head on
+  // every token.
+  CalibrationStats* calibration = nullptr;
+  // When set, Forward also appends every matrix input it computes, raw
+  // (rows x cols floats per call), to capture[site] (sequential GPTQ).
+  std::map<std::string, std::vector<float>>* capture = nullptr;
+  // >= 0: Forward stops after this layer (no head, null logits), for
+  // capturing the inputs of one layer without running the rest.
+  int stop_after_layer = -1;
 };
 
 StatusOr<RunState> MakeRunState(const ModelConfig& config, size_t max_batch,
@@ -210,6 +289,9 @@ StatusOr<std::shared_ptr<const Adapter>> LoadLora(const std::string& path, float
 
 // Rank-r accuracy-recovery adapter of a palettized model: the truncated SVD
 // of each projection's quantization residual W - W_hat (lutra/quantize/recovery.h).
+// With the palettized model's calibration statistics, the residual is
+// weighted by sqrt(E[x^2]) of each input column before the SVD (and the
+// weighting undone in A), so the rank goes where the activations are.
 StatusOr<std::shared_ptr<const Adapter>> BuildRecoveryAdapter(const Model& f32_model,
                                                               const Model& palettized,
                                                               size_t rank, size_t threads);

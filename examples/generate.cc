@@ -45,6 +45,9 @@ struct Options {
   std::vector<std::string> loras;  // FILE[:SCALE]
   std::string prompts_file;        // lines "[ADAPTER<TAB>]PROMPT"
   size_t recover_rank = 0;         // > 0: build a recovery adapter
+  std::string calib_file;          // --calib-text FILE
+  bool show_map = false;           // print the per-tensor table
+  bool group_given = false, groups_given = false, calib_given = false;
 };
 
 void PrintUsage(FILE* out) {
@@ -59,8 +62,21 @@ void PrintUsage(FILE* out) {
           "  --ctx N             context length / KV cache capacity (default: the model's)\n"
           "Palettization at load (default: f32 weights):\n"
           "  --bits B            index width 1, 2, 3, 4, 6 or 8\n"
-          "  --mixed BPW         mixed widths per tensor within BPW bits per weight (e.g. 3.5)\n"
-          "  --group G           rows sharing one codebook (default 16)\n"
+          "  --mixed BPW         widths 2/3/4/6/8 and G chosen per tensor within BPW bits\n"
+          "                      per weight, codebooks included (e.g. 3.5; >= 1)\n"
+          "  --group G           rows sharing one codebook (default 16; with --mixed: G\n"
+          "                      fixed for all tensors)\n"
+          "  --groups G1,G2,..   --mixed: the G to choose from (default 1,2,4,8,16)\n"
+          "  --calib-text FILE   calibration text (default: sampled from the f32 model)\n"
+          "  --calib-tokens N    calibration tokens sampled when no file (default 2048;\n"
+          "                      64 above 100 M weights)\n"
+          "  --calib-seed S      seed of the sampled calibration text\n"
+          "  --calib MODE        on (default): activation-weighted k-means; off: plain\n"
+          "                      (--synthetic: random palettes unless --calib on)\n"
+          "  --sensitivity MODE  --mixed: auto (default), measured or weighted\n"
+          "  --gptq on|off       error feedback at <= 4 bits when the Gram matrices fit\n"
+          "                      (default on)\n"
+          "  --show-map          print each tensor's bits, G and error (stderr)\n"
           "  --save FILE.lutra   write the (palettized) model to FILE.lutra and exit;\n"
           "                      later runs map it with --model FILE.lutra\n"
           "Generation:\n"
@@ -78,6 +94,7 @@ void PrintUsage(FILE* out) {
           "from the f32 model when absent:\n"
           "  --eval              run the evaluation instead of generating\n"
           "  --eval-text TEXT    text to evaluate on\n"
+          "  --eval-file FILE    text to evaluate on, from a file\n"
           "  --eval-tokens N     tokens to evaluate (default 256)\n"
           "LoRA adapters (lutra/format/lora_file.h: llama.cpp GGUF adapter layout):\n"
           "  --lora FILE[:SCALE] load an adapter (repeatable); the first one is active\n"
@@ -87,6 +104,22 @@ void PrintUsage(FILE* out) {
           "  --prompts-file FILE one prompt per line, optionally 'ADAPTER<TAB>PROMPT' to\n"
           "                      switch adapters per prompt ('-' for none)\n"
           "  --help              this text\n");
+}
+
+// The whole file at `path` as text; an error for a missing or empty file.
+StatusOr<std::string> ReadTextFile(const std::string& path) {
+  FILE* f = fopen(path.c_str(), "rb");
+  if (f == nullptr) return lutra::NotFound("cannot open %s", path.c_str());
+  std::string text;
+  char buf[65536];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), f)) > 0) text.append(buf, n);
+  const bool failed = ferror(f) != 0;
+  fclose(f);
+  if (failed) return lutra::DataLoss("cannot read %s", path.c_str());
+  while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
+  if (text.empty()) return lutra::InvalidArgument("%s is empty", path.c_str());
+  return text;
 }
 
 // Parses a whole-string number; false on garbage or out of range.
@@ -114,6 +147,10 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
     }
     if (flag == "--eval") {
       o->eval = true;
+      continue;
+    }
+    if (flag == "--show-map") {
+      o->show_map = true;
       continue;
     }
     if (i + 1 >= argc) return lutra::InvalidArgument("%s needs a value", flag.c_str());
@@ -150,10 +187,51 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
       }
       o->load.bits = int(n);
     } else if (flag == "--mixed") {
-      if (!ParseFloat(value, 1.0, 8.0, &d)) return bad("bits per weight in [1, 8]");
+      if (!ParseFloat(value, 1.0, 8.0, &d)) {
+        return bad("bits per weight in [1, 8] (codebooks included; nothing fits below 1)");
+      }
       o->load.mixed_bits = d;
     } else if (flag == "--group") {
-      if (!ParseSize(value, 1, 1 << 20, &o->load.group)) return bad("an integer >= 1");
+      if (!ParseSize(value, 1, 1 << 20, &o->load.group)) return bad("an integer in [1, 2^20]");
+      o->group_given = true;
+    } else if (flag == "--groups") {
+      o->load.groups.clear();
+      for (const char* p = value; *p != '\0';) {
+        const char* comma = strchr(p, ',');
+        const std::string item = comma ? std::string(p, comma) : std::string(p);
+        if (!ParseSize(item.c_str(), 1, 1 << 20, &n)) return bad("a list like 1,4,16 of G in [1, 2^20]");
+        o->load.groups.push_back(n);
+        p = comma ? comma + 1 : p + item.size();
+      }
+      if (o->load.groups.empty()) return bad("a list like 1,4,16");
+      o->groups_given = true;
+    } else if (flag == "--calib-text") {
+      o->calib_file = value;
+    } else if (flag == "--calib-tokens") {
+      if (!ParseSize(value, 1, 1 << 24, &o->load.calib_tokens)) return bad("an integer >= 1");
+    } else if (flag == "--calib-seed") {
+      if (!ParseSize(value, 0, size_t(1) << 62, &n)) return bad("an integer >= 0");
+      o->load.calib_seed = n;
+    } else if (flag == "--calib") {
+      const std::string v = value;
+      if (v != "on" && v != "off") return bad("on or off");
+      o->load.calibrate = v == "on";
+      o->calib_given = true;
+    } else if (flag == "--gptq") {
+      const std::string v = value;
+      if (v != "on" && v != "off") return bad("on or off");
+      o->load.gptq = v == "on";
+    } else if (flag == "--sensitivity") {
+      const std::string v = value;
+      if (v == "auto") {
+        o->load.sensitivity = engine::Sensitivity::kAuto;
+      } else if (v == "measured") {
+        o->load.sensitivity = engine::Sensitivity::kMeasured;
+      } else if (v == "weighted") {
+        o->load.sensitivity = engine::Sensitivity::kWeighted;
+      } else {
+        return bad("auto, measured or weighted");
+      }
     } else if (flag == "--ctx") {
       if (!ParseSize(value, 1, 1 << 20, &n)) return bad("an integer >= 1");
       o->load.seq_len = int(n);
@@ -186,6 +264,10 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
       }
     } else if (flag == "--eval-text") {
       o->eval_text = value;
+    } else if (flag == "--eval-file") {
+      StatusOr<std::string> text = ReadTextFile(value);
+      if (!text.ok()) return text.status().WithContext("--eval-file");
+      o->eval_text = std::move(*text);
     } else if (flag == "--eval-tokens") {
       if (!ParseSize(value, 2, 1 << 20, &o->eval_tokens)) return bad("an integer >= 2");
     } else {
@@ -198,6 +280,10 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
   if (o->load.bits != 0 && o->load.mixed_bits != 0.0) {
     return lutra::InvalidArgument("--bits and --mixed are exclusive");
   }
+  if (o->group_given && o->groups_given) {
+    return lutra::InvalidArgument("--group and --groups are exclusive");
+  }
+  if (o->group_given) o->load.groups = {o->load.group};
   const bool palettize = o->load.bits != 0 || o->load.mixed_bits != 0.0;
   if ((o->eval || o->recover_rank > 0) && !palettize) {
     return lutra::InvalidArgument("%s needs --bits B or --mixed BPW (a palettized model)",
@@ -327,12 +413,15 @@ int RunEval(const Options& o, const engine::Model& reference, const engine::Mode
         engine::Evaluate(reference, test, tokens, o.batch, pool, o.precision, a);
     if (!r.ok()) return Fail(r.status());
     printf("eval on %s: %zu positions, mean KL(f32 || palettized%s%s) %.4f nats, top-1 "
-           "agreement %.1f%%, perplexity f32 %.3f -> palettized %.3f (%.2f bits/weight, %s "
+           "agreement %.1f%%, perplexity f32 %.3f -> palettized %.3f (%.2f bits/weight%s, %s "
            "kernels)\n",
            o.eval_text.empty() ? "text sampled from the f32 model" : "--eval-text", r->positions,
            a ? " + " : "", a ? a->name().c_str() : "", r->mean_kl, 100.0 * r->top1_agreement,
-           r->perplexity_reference, r->perplexity_test, test.BitsPerWeight(),
-           lutra::MatmulPrecisionName(o.precision));
+           r->perplexity_reference, r->perplexity_test,
+           test.BitsPerWeight() +
+               (a ? 8.0 * double(a->bytes()) / double(std::max<size_t>(test.MatrixWeights(), 1))
+                  : 0.0),
+           a ? " with the adapter" : "", lutra::MatmulPrecisionName(o.precision));
     if (adapter == nullptr) break;
   }
   return 0;
@@ -358,27 +447,48 @@ int main(int argc, char** argv) {
   }
   o.load.progress = true;
 
-  // Load (and palettize) the model. --eval and --recover-rank need the f32
-  // model too: load it, then palettize a copy.
+  // Load the model, f32 unless it is a palettized .lutra, then palettize it
+  // here once the tokenizer is known (--calib-text needs it). --eval and
+  // --recover-rank keep the f32 model too. Synthetic models get random
+  // palettes directly (no k-means over billions of random floats) unless
+  // --calib on asks for a real, calibrated palettization.
+  const bool palettize = o.load.bits != 0 || o.load.mixed_bits != 0.0;
   const bool keep_f32 = o.eval || o.recover_rank > 0;
+  const bool random_palettes = !o.synthetic.empty() && !keep_f32 && !o.calib_given;
   engine::LoadOptions load = o.load;
-  if (keep_f32) load.bits = 0, load.mixed_bits = 0.0;
+  if (!random_palettes) load.bits = 0, load.mixed_bits = 0.0;
   StatusOr<engine::Model> model =
       o.synthetic.empty() ? engine::OpenModel(o.model, load, o.threads)
                           : engine::MakeSyntheticModel(o.synthetic, load, o.seed);
   if (!model.ok()) return Fail(model.status());
-  if (keep_f32 && model->weights.embedding.palettized()) {
+  const bool already = model->weights.embedding.palettized() && !random_palettes;
+  if (keep_f32 && already) {
     return Fail(lutra::InvalidArgument("--eval and --recover-rank need an f32 source model "
                                        "(.bin, .gguf or --synthetic), not a palettized .lutra"));
+  }
+  if (palettize && already) {
+    return Fail(lutra::InvalidArgument("%s is already palettized: drop --bits/--mixed",
+                                       o.model.c_str()));
   }
   StatusOr<std::shared_ptr<const lutra::Tokenizer>> tokenizer = GetTokenizer(o, *model);
   if (!tokenizer.ok()) return Fail(tokenizer.status());
   std::unique_ptr<engine::Model> f32;
-  if (keep_f32) {
-    StatusOr<engine::Model> q = engine::PalettizeModel(*model, o.load, o.threads);
-    if (!q.ok()) return Fail(q.status());
-    f32 = std::make_unique<engine::Model>(std::move(*model));
-    *model = std::move(*q);
+  if (palettize && !random_palettes) {
+    engine::LoadOptions q = o.load;
+    q.calib_bos = (*tokenizer)->bos_id();
+    if (!o.calib_file.empty()) {
+      StatusOr<std::string> text = ReadTextFile(o.calib_file);
+      if (!text.ok()) return Fail(text.status().WithContext("--calib-text"));
+      StatusOr<std::vector<int>> ids = (*tokenizer)->Encode(*text, /*add_bos=*/true);
+      if (!ids.ok()) return Fail(ids.status().WithContext("--calib-text"));
+      q.calib_text = std::move(*ids);
+    }
+    StatusOr<engine::Model> pal = engine::PalettizeModel(*model, q, o.threads);
+    if (!pal.ok()) return Fail(pal.status());
+    fprintf(stderr, "%s\n", pal->quantization.c_str());
+    if (o.show_map) fprintf(stderr, "%s", pal->quantization_table.c_str());
+    if (keep_f32) f32 = std::make_unique<engine::Model>(std::move(*model));
+    *model = std::move(*pal);
   }
   if (!o.save.empty()) {
     Status saved = engine::SaveLutraModel(*model, tokenizer->get(), o.save);

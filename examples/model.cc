@@ -7,6 +7,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -16,9 +18,11 @@
 #include "lutra/format/lora_file.h"
 #include "lutra/format/lutra_file.h"
 #include "lutra/format/mapped_file.h"
+#include "lutra/quantize/gptq.h"
 #include "lutra/quantize/mixed_bits.h"
 #include "lutra/quantize/palettize.h"
 #include "lutra/quantize/recovery.h"
+#include "lutra/quantize/sensitivity.h"
 
 namespace lutra {
 namespace engine {
@@ -38,13 +42,45 @@ bool IsTied(const Model& m) {
 
 std::vector<const Linear*> Model::Matrices() const {
   std::vector<const Linear*> out;
+  for (Linear* w : const_cast<Model*>(this)->MutableMatrices()) out.push_back(w);
+  return out;
+}
+
+std::vector<Linear*> Model::MutableMatrices() {
+  std::vector<Linear*> out;
   out.push_back(&weights.embedding);
-  for (const LayerWeights& l : weights.layers) {
-    for (const Linear* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w1, &l.w2, &l.w3}) {
-      out.push_back(w);
-    }
+  for (LayerWeights& l : weights.layers) {
+    for (Linear* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w1, &l.w2, &l.w3}) out.push_back(w);
   }
   if (!IsTied(*this)) out.push_back(&weights.output);
+  return out;
+}
+
+// The order of LayerWeights' matrices in Matrices() (also lora.h's
+// Projection order), with their GGUF-style names and the kind of their
+// input (engine.h InputSite).
+static const char* const kLayerMatrixNames[7] = {"attn_q", "attn_k", "attn_v", "attn_output",
+                                                 "ffn_gate", "ffn_down", "ffn_up"};
+static const char* const kLayerMatrixInputs[7] = {"attn_in", "attn_in", "attn_in", "attn_out",
+                                                  "ffn_in", "ffn_mid", "ffn_in"};
+
+std::vector<std::string> Model::MatrixNames() const {
+  std::vector<std::string> out = {"token_embd"};
+  for (size_t l = 0; l < weights.layers.size(); ++l) {
+    for (const char* name : kLayerMatrixNames) out.push_back("blk." + std::to_string(l) + "." + name);
+  }
+  if (!IsTied(*this)) out.push_back("output");
+  return out;
+}
+
+std::vector<std::string> Model::MatrixInputSites() const {
+  // A tied embedding is also the head, whose input is what the KL sees.
+  const bool tied = IsTied(*this);
+  std::vector<std::string> out = {tied ? InputSite(-1, "") : std::string()};
+  for (size_t l = 0; l < weights.layers.size(); ++l) {
+    for (const char* kind : kLayerMatrixInputs) out.push_back(InputSite(int(l), kind));
+  }
+  if (!tied) out.push_back(InputSite(-1, ""));
   return out;
 }
 
@@ -285,26 +321,94 @@ StatusOr<Model> MakeSyntheticModel(const std::string& shape, const LoadOptions& 
 
 namespace {
 
-// Index width of each matrix (in Model::Matrices() order): uniform, or for a
-// --mixed budget the allocator's choice (lutra/quantize/mixed_bits.h) that minimizes
-// the total squared weight error within the bits-per-weight budget.
-StatusOr<std::vector<int>> PlanBits(const Model& src, const LoadOptions& o, size_t threads) {
+// One matrix's palettization: width and rows per codebook.
+struct TensorPlan {
+  int bits = 0;
+  size_t group_rows = 0;
+};
+
+// A shallow copy of `src` (views only) in which matrix `t` (Matrices()
+// order) is `q`, for measuring that tensor's effect alone.
+StatusOr<Model> WithMatrix(const Model& src, size_t t, const PaletteMatrix& q) {
+  Model m;
+  m.config = src.config;
+  m.weights = src.weights;
+  const bool tied = IsTied(src);
+  Linear* w = m.MutableMatrices()[t];
+  w->f32 = nullptr;
+  w->palette = q.view();
+  w->prepared = nullptr;
+  if (tied && t == 0) m.weights.output = m.weights.embedding;
+  LUTRA_RETURN_IF_ERROR(m.Prepare());
+  return m;
+}
+
+// Each matrix's (bits, G) in Model::Matrices() order: uniform for --bits;
+// for --mixed the allocator's choice (lutra/quantize/mixed_bits.h) that
+// minimizes the predicted error within the budget, each tensor's error
+// weighted by its input's E[x^2] (h, may be empty: unweighted) and, with
+// measured sensitivity, scaled by its KL per unit error on `calib`.
+// Appends the per-tensor table to *table and a summary to *summary.
+StatusOr<std::vector<TensorPlan>> PlanTensors(const Model& src, const LoadOptions& o,
+                                              const std::vector<std::vector<float>>& h,
+                                              const std::vector<int>& calib, size_t threads,
+                                              ThreadPool* pool, std::string* table,
+                                              std::string* summary) {
   const std::vector<const Linear*> mats = src.Matrices();
-  if (o.mixed_bits <= 0.0) return std::vector<int>(mats.size(), o.bits);
+  const std::vector<std::string> names = src.MatrixNames();
+  if (o.mixed_bits <= 0.0) {
+    std::vector<TensorPlan> plan(mats.size(), TensorPlan{o.bits, o.group});
+    char buf[96];
+    snprintf(buf, sizeof(buf), "uniform %d-bit, G %zu", o.bits, o.group);
+    *summary += buf;
+    return plan;
+  }
   std::vector<MixedBitsTensor> tensors(mats.size());
   for (size_t i = 0; i < mats.size(); ++i) {
-    tensors[i].name = "tensor " + std::to_string(i);
+    tensors[i].name = names[i];
     tensors[i].data = mats[i]->f32;
     tensors[i].rows = mats[i]->rows;
     tensors[i].cols = mats[i]->cols;
+    tensors[i].column_importance = h[i].empty() ? nullptr : h[i].data();
+  }
+  const bool measure =
+      !calib.empty() && (o.sensitivity == Sensitivity::kMeasured ||
+                         (o.sensitivity == Sensitivity::kAuto && src.MatrixWeights() <= 100000000));
+  std::vector<TensorSensitivity> sens;
+  if (measure) {
+    // KL on (at most) the first context window of the calibration text,
+    // exact kernels so that only the weights differ.
+    const std::vector<int> tokens(
+        calib.begin(), calib.begin() + std::min(calib.size(), std::min<size_t>(256, src.config.seq_len)));
+    if (tokens.size() < 2) return InvalidArgument("sensitivity: calibration text under 2 tokens");
+    PalettizeOptions probe;
+    probe.bits = 3;
+    probe.group_rows = 16;
+    probe.codebook = o.codebook;
+    probe.threads = threads;
+    TensorKlFn kl = [&](size_t t, const PaletteMatrix& q) -> StatusOr<double> {
+      StatusOr<Model> test = WithMatrix(src, t, q);
+      if (!test.ok()) return test.status();
+      StatusOr<EvalResult> r = Evaluate(src, *test, tokens, 64, pool, MatmulPrecision::kF32);
+      if (!r.ok()) return r.status();
+      return r->mean_kl;
+    };
+    std::function<void(size_t, size_t)> progress;
+    if (o.progress && isatty(2)) {
+      progress = [](size_t done, size_t total) {
+        fprintf(stderr, "\rmeasuring sensitivity: tensor %zu/%zu", done, total);
+        if (done == total) fprintf(stderr, "\n");
+      };
+    }
+    StatusOr<std::vector<TensorSensitivity>> s = MeasureSensitivity(tensors, probe, kl, progress);
+    if (!s.ok()) return s.status();
+    sens = std::move(*s);
+    for (size_t i = 0; i < tensors.size(); ++i) tensors[i].importance = sens[i].scale;
   }
   MixedBitsOptions mo;
   mo.target_bits = o.mixed_bits;
-  // 8-bit tensors only pay off for generous budgets (and their DP-optimal
-  // k-means is slow: ~10 ms per group).
-  mo.allowed_bits = {2, 3, 4, 6};
-  if (o.mixed_bits > 5.0) mo.allowed_bits.push_back(8);
-  mo.group_rows = o.group;
+  mo.allowed_bits = {2, 3, 4, 6, 8};
+  mo.allowed_groups = o.groups;
   mo.codebook = o.codebook;
   mo.threads = threads;
   if (o.progress && isatty(2)) {
@@ -315,9 +419,25 @@ StatusOr<std::vector<int>> PlanBits(const Model& src, const LoadOptions& o, size
   }
   StatusOr<MixedBitsPlan> plan = AllocateBits(tensors, mo);
   if (!plan.ok()) return plan.status().WithContext("--mixed");
-  std::vector<int> bits;
-  for (const TensorBits& t : plan->tensors) bits.push_back(t.bits);
-  return bits;
+  std::vector<TensorPlan> out;
+  for (const TensorBits& t : plan->tensors) out.push_back(TensorPlan{t.bits, t.group_rows});
+  char buf[256];
+  snprintf(buf, sizeof(buf), "mixed %.3g bits/weight (%s sensitivity), widths 2/3/4/6/8, G per tensor",
+           o.mixed_bits, measure ? "measured" : "weighted-error");
+  *summary += buf;
+  *table += plan->ToString();
+  if (measure) {
+    *table += "sensitivity: output KL with only this tensor at 3 bits, G 16 (calibration text)\n";
+    for (size_t i = 0; i < sens.size(); ++i) {
+      snprintf(buf, sizeof(buf), "%-24s KL %.4e  weighted error %.4e  KL/error %.4e\n",
+               names[i].c_str(), sens[i].kl, sens[i].weighted_error, sens[i].scale);
+      *table += buf;
+    }
+    snprintf(buf, sizeof(buf), "predicted KL (sum of measured sensitivity x weighted error): %.4f\n",
+             plan->total_error);
+    *table += buf;
+  }
+  return out;
 }
 
 // Progress bar on stderr: "palettizing [#####-----]  50% (12/36 tensors)",
@@ -343,6 +463,18 @@ class ProgressBar {
 }  // namespace
 
 StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t threads) {
+  if (o.mixed_bits != 0.0 && !(o.mixed_bits >= 1.0 && o.mixed_bits <= 32.0)) {
+    return InvalidArgument("--mixed %g: the budget must be within 1..32 bits per weight",
+                           o.mixed_bits);
+  }
+  if (o.mixed_bits == 0.0 && !IsValidPaletteBits(o.bits)) {
+    return InvalidArgument("palettize: bits = %d, need one of 1, 2, 3, 4, 6, 8", o.bits);
+  }
+  for (size_t g : o.mixed_bits > 0.0 ? o.groups : std::vector<size_t>{o.group}) {
+    if (g == 0 || g > (size_t{1} << 20)) {
+      return InvalidArgument("palettize: rows per codebook G = %zu, need 1 <= G <= 2^20", g);
+    }
+  }
   Model m;
   m.config = src.config;
   m.tokenizer = src.tokenizer;
@@ -360,44 +492,174 @@ StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t th
   memcpy(norms + 2 * size_t(c.n_layers) * c.dim, src.weights.final_norm, c.dim * sizeof(float));
   m.weights.final_norm = norms + 2 * size_t(c.n_layers) * c.dim;
 
-  // Destination of each source matrix, in Model::Matrices() order.
   const std::vector<const Linear*> mats = src.Matrices();
-  std::vector<Linear*> dst = {&m.weights.embedding};
-  for (LayerWeights& l : m.weights.layers) {
-    for (Linear* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w1, &l.w2, &l.w3}) dst.push_back(w);
-  }
-  if (mats.size() > dst.size()) dst.push_back(&m.weights.output);
   for (const Linear* w : mats) {
     if (w->palettized()) return InvalidArgument("palettize: model is already palettized");
   }
-  StatusOr<std::vector<int>> bits = PlanBits(src, o, threads);
-  if (!bits.ok()) return bits.status();
+  // Destination of each source matrix, in Model::Matrices() order (the
+  // output slot too when the source's head is untied).
+  std::vector<Linear*> dst = m.MutableMatrices();
+  if (mats.size() > dst.size()) dst.push_back(&m.weights.output);
 
+  // Calibration: E[x^2] of every matrix input on the calibration text, and
+  // the Gram matrices for GPTQ when they all fit in 1 GiB (doubles).
+  const double gram_bytes =
+      8.0 * (double(c.n_layers) * (2.0 * c.dim * double(c.dim) + double(c.q_dim()) * c.q_dim() +
+                                   double(c.hidden_dim) * c.hidden_dim) +
+             double(c.dim) * c.dim);
+  const size_t max_k = size_t(std::max({c.dim, c.q_dim(), c.hidden_dim}));
+  const bool use_gptq = o.calibrate && o.gptq && gram_bytes <= double(1 << 30) &&
+                        max_k <= ActivationMoments::kMaxGramCols;
+  ThreadPool pool(threads);
+  using Clock = std::chrono::steady_clock;
+  const auto seconds_since = [](Clock::time_point t) {
+    return std::chrono::duration<double>(Clock::now() - t).count();
+  };
+  const Clock::time_point t_calib = Clock::now();
+  std::vector<int> calib;
+  std::vector<std::vector<float>> h(mats.size());
+  const std::vector<std::string> sites = src.MatrixInputSites();
+  if (o.calibrate) {
+    if (o.calib_text.empty()) {
+      StatusOr<std::vector<int>> t =
+          SampleTokens(src, o.calib_tokens != 0 ? o.calib_tokens
+                            : src.MatrixWeights() <= 100000000 ? 2048 : 64,
+                       src.tokenizer ? src.tokenizer->bos_id() : o.calib_bos,
+                       o.calib_seed, &pool);
+      if (!t.ok()) return t.status();
+      calib = std::move(*t);
+    } else {
+      calib = o.calib_text;
+    }
+    StatusOr<CalibrationStats> stats = Calibrate(src, calib, 64, &pool, use_gptq);
+    if (!stats.ok()) return stats.status();
+    m.calibration = std::make_shared<const CalibrationStats>(std::move(*stats));
+    for (size_t i = 0; i < mats.size(); ++i) {
+      const ActivationMoments* am = sites[i].empty() ? nullptr : m.calibration->Find(sites[i]);
+      if (am == nullptr) continue;
+      h[i] = am->SecondMoments();
+      double sum = 0.0;
+      for (float v : h[i]) sum += v;
+      if (!(sum > 0.0)) h[i].clear();  // e.g. a dead input: fall back to unweighted
+    }
+  }
+  const double calib_s = seconds_since(t_calib);
+  const Clock::time_point t_plan = Clock::now();
+  std::string summary;
+  StatusOr<std::vector<TensorPlan>> plan =
+      PlanTensors(src, o, h, calib, threads, &pool, &m.quantization_table, &summary);
+  if (!plan.ok()) return plan.status();
+
+  const double plan_s = seconds_since(t_plan);
+  const Clock::time_point t_pal = Clock::now();
   size_t total_weights = 0, done_weights = 0;
   for (const Linear* w : mats) total_weights += w->rows * w->cols;
-  m.palettes.reserve(mats.size());
   ProgressBar bar;
-  for (size_t i = 0; i < mats.size(); ++i) {
-    const Linear& w = *mats[i];
-    PalettizeOptions po;
-    po.bits = (*bits)[i];
-    po.group_rows = o.group;
-    po.codebook = o.codebook;
-    po.threads = threads;
-    if (o.progress) {
-      const size_t before = done_weights, size = w.rows * w.cols;
-      po.progress = [&, before, size, i](size_t groups_done, size_t groups) {
-        const double f = double(before + size * groups_done / std::max<size_t>(groups, 1)) /
-                         double(total_weights);
-        bar.Show(f, i, mats.size());
-      };
+
+  // Stages in forward order: the embedding, then per layer the matrices
+  // reading each input site, then an untied head. With GPTQ the stages run
+  // sequentially: each one's inputs are captured from the model quantized so
+  // far (`part`) and its matrices aimed at the f32 outputs
+  // (gptq.h AsymmetricTarget), so that each layer corrects the error of the
+  // layers before it instead of adding to it.
+  struct Stage {
+    std::vector<size_t> tensors;
+    int layer;  // -1: the embedding or head (capture the whole model)
+  };
+  std::vector<Stage> stages = {{{0}, -1}};
+  for (int l = 0; l < c.n_layers; ++l) {
+    const size_t b = 1 + 7 * size_t(l);  // Matrices() order: q k v o w1 w2 w3
+    stages.push_back({{b, b + 1, b + 2}, l});
+    stages.push_back({{b + 3}, l});
+    stages.push_back({{b + 4, b + 6}, l});
+    stages.push_back({{b + 5}, l});
+  }
+  if (mats.size() > 1 + 7 * size_t(c.n_layers)) stages.push_back({{mats.size() - 1}, -1});
+  std::map<std::string, std::vector<float>> x_f32;
+  Model part;  // `src` with the matrices quantized so far (views)
+  if (use_gptq) {
+    StatusOr<std::map<std::string, std::vector<float>>> x = CaptureInputs(src, calib, 64, &pool);
+    if (!x.ok()) return x.status();
+    x_f32 = std::move(*x);
+    part.config = src.config;
+    part.weights = src.weights;
+  }
+  std::vector<PaletteMatrix> results(mats.size());
+  for (const Stage& stage : stages) {
+    std::map<std::string, std::vector<float>> x_part;
+    const bool capture = use_gptq && stage.tensors[0] != 0 &&
+                         std::any_of(stage.tensors.begin(), stage.tensors.end(),
+                                     [&](size_t i) { return (*plan)[i].bits <= 4; });
+    if (capture) {
+      StatusOr<std::map<std::string, std::vector<float>>> x =
+          CaptureInputs(part, calib, 64, &pool, stage.layer);
+      if (!x.ok()) return x.status();
+      x_part = std::move(*x);
     }
-    StatusOr<PaletteMatrix> pm = Palettize(w.f32, w.rows, w.cols, po);
-    if (!pm.ok()) return pm.status().WithContext("palettize tensor " + std::to_string(i));
+    for (size_t i : stage.tensors) {
+      const Linear& w = *mats[i];
+      const std::string context = "palettize " + src.MatrixNames()[i];
+      PalettizeOptions po;
+      po.bits = (*plan)[i].bits;
+      po.group_rows = (*plan)[i].group_rows;
+      po.codebook = o.codebook;
+      po.threads = threads;
+      // Activation weighting and error feedback pay at low widths; at 6 and
+      // 8 bits plain k-means is already close, and either one moved a
+      // near-tie of the 8-bit greedy stories260K text (docs/quality.md).
+      const bool low = po.bits <= 4;
+      po.column_importance = h[i].empty() || !low ? nullptr : h[i].data();
+      const float* target = w.f32;
+      std::vector<float> w_star, h_star;
+      std::vector<double> gram;
+      const ActivationMoments* am =
+          use_gptq && low && !sites[i].empty() ? m.calibration->Find(sites[i]) : nullptr;
+      if (am != nullptr && am->has_gram()) {
+        const auto xf = x_f32.find(sites[i]), xp = x_part.find(sites[i]);
+        if (xf != x_f32.end() && xp != x_part.end() && xf->second.size() == xp->second.size()) {
+          LUTRA_RETURN_IF_ERROR(AsymmetricTarget(w.f32, w.rows, w.cols, xf->second.data(),
+                                                 xp->second.data(), xf->second.size() / w.cols,
+                                                 GptqOptions().asymmetric_damp, &w_star, &gram)
+                                    .WithContext(context));
+          target = w_star.data();
+        } else {
+          gram = am->Gram();  // the embedding / head: f32 inputs
+        }
+      }
+      if (o.progress) {
+        const size_t before = done_weights, size = w.rows * w.cols;
+        po.progress = [&, before, size, i](size_t groups_done, size_t groups) {
+          const double f = double(before + size * groups_done / std::max<size_t>(groups, 1)) /
+                           double(total_weights);
+          bar.Show(f, i, mats.size());
+        };
+      }
+      StatusOr<PaletteMatrix> pm = Palettize(target, w.rows, w.cols, po);
+      if (!pm.ok()) return pm.status().WithContext(context);
+      if (!gram.empty()) {
+        LUTRA_RETURN_IF_ERROR(
+            GptqRefine(target, gram.data(), GptqOptions(), &*pm).WithContext(context));
+      }
+      results[i] = std::move(*pm);
+      done_weights += w.rows * w.cols;
+      if (use_gptq) {
+        Linear* pl = part.MutableMatrices()[i];
+        pl->f32 = nullptr;
+        pl->palette = results[i].view();
+        pl->prepared = nullptr;
+        if (i == 0 && mats.size() == 1 + 7 * size_t(c.n_layers)) {
+          part.weights.output = part.weights.embedding;  // tied head
+        }
+      }
+    }
+    if (use_gptq) LUTRA_RETURN_IF_ERROR(part.Prepare());
+  }
+  m.palettes.reserve(mats.size());
+  for (size_t i = 0; i < mats.size(); ++i) {
     Linear& out = *dst[i];
-    out.rows = w.rows, out.cols = w.cols, out.f32 = nullptr, out.palette = pm->view();
-    m.palettes.push_back(std::move(*pm));
-    done_weights += w.rows * w.cols;
+    out.rows = mats[i]->rows, out.cols = mats[i]->cols, out.f32 = nullptr;
+    out.palette = results[i].view();
+    m.palettes.push_back(std::move(results[i]));
   }
   if (o.progress && isatty(2)) {
     bar.Show(1.0, mats.size(), mats.size());
@@ -405,6 +667,17 @@ StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t th
   }
   // Tied head: the output is the (palettized) embedding itself.
   if (dst.back() != &m.weights.output) m.weights.output = m.weights.embedding;
+  char buf[160];
+  if (o.calibrate) {
+    snprintf(buf, sizeof(buf), "; activation-weighted k-means, calibrated on %zu tokens (%s)",
+             calib.size(), o.calib_text.empty() ? "sampled from the f32 model" : "given text");
+  } else {
+    snprintf(buf, sizeof(buf), "; plain k-means, no calibration");
+  }
+  m.quantization = "lutra palettization: " + summary + buf;
+  snprintf(buf, sizeof(buf), "time: calibration %.1f s, allocation %.1f s, palettization %.1f s\n",
+           calib_s, plan_s, seconds_since(t_pal));
+  m.quantization_table += buf;
   LUTRA_RETURN_IF_ERROR(m.Prepare());
   return m;
 }
@@ -458,6 +731,7 @@ LutraWeights ToLutraWeights(const Model& m) {
   }
   w.final_norm = m.weights.final_norm;
   w.output = m.weights.output;
+  w.quantization = m.quantization;
   return w;
 }
 
@@ -471,6 +745,7 @@ StatusOr<Model> FromLutraFile(LutraFile file, const LoadOptions& o) {
   StatusOr<Model> m = FromWeights(weights, std::make_shared<LutraFile>(std::move(file)));
   if (!m.ok()) return m.status().WithContext(path);
   m->tokenizer = tokenizer;
+  m->quantization = weights.quantization;
   if (o.seq_len > 0) m->config.seq_len = o.seq_len;
   LUTRA_RETURN_IF_ERROR(m->Prepare());
   if (o.bits != 0 || o.mixed_bits != 0.0) {
@@ -575,6 +850,8 @@ StatusOr<std::shared_ptr<const Adapter>> BuildRecoveryAdapter(const Model& f32_m
     return InvalidArgument("recovery: the f32 and palettized models differ in shape");
   }
   std::vector<RecoveryTarget> targets;
+  // Activation weighting (recovery.h) from the palettized model's calibration.
+  std::vector<std::vector<float>> h(kNumProjections * size_t(f32_model.config.n_layers));
   for (int l = 0; l < f32_model.config.n_layers; ++l) {
     const LayerWeights& w = f32_model.weights.layers[l];
     const LayerWeights& q = palettized.weights.layers[l];
@@ -589,6 +866,16 @@ StatusOr<std::shared_ptr<const Adapter>> BuildRecoveryAdapter(const Model& f32_m
       t.projection = kAllProjections[p];
       t.weights = ws[p]->f32;
       t.quantized = qs[p]->palette;
+      const ActivationMoments* am =
+          palettized.calibration ? palettized.calibration->Find(InputSite(l, kLayerMatrixInputs[p]))
+                                 : nullptr;
+      if (am != nullptr) {
+        std::vector<float>& hp = h[size_t(l) * kNumProjections + p];
+        hp = am->SecondMoments();
+        double sum = 0.0;
+        for (float v : hp) sum += v;
+        if (sum > 0.0) t.column_importance = hp.data();
+      }
       targets.push_back(t);
     }
   }

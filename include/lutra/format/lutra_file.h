@@ -13,7 +13,10 @@
 //             (bool), optionally the vocabulary as GGUF tokenizer.ggml.* keys,
 //             and per palettized matrix NAME
 //             lutra.palette.NAME = [rows, cols, bits, group_rows, codebook]
-//             (u64 array; codebook is the ElementType: 0 f16, 1 bf16, 2 f32).
+//             (u64 array; codebook is the ElementType: 0 f16, 1 bf16, 2 f32),
+//             and optionally lutra.quantization (string): how the weights
+//             were made (method, calibration tokens, budget; free text for
+//             people, never parsed; the per-tensor map is the palette keys).
 //   tensors   palettized: NAME.indices (I8 [index_bytes], the packed indices
 //             as raw bytes) and NAME.codebooks (F16/BF16/F32 [num_groups *
 //             2^bits]); f32: NAME.weight (F32, ne [cols, rows]); the norms
@@ -87,6 +90,7 @@ struct LutraWeights {
   std::vector<LutraLayerWeights> layers;  // n_layers
   const float* final_norm = nullptr;      // [dim]
   LutraMatrix output;                     // vocab_size x dim (unused by the writer when tied)
+  std::string quantization;  // lutra.quantization, "" = absent (see the top of this file)
 };
 
 // The f32 weights of a llama2.c or GGUF model (llama_model.h) as
@@ -356,6 +360,7 @@ inline Status AddLutraFile(const LutraWeights& weights, const Tokenizer* tokeniz
   g.AddF32("lutra.rope_theta", c.rope_theta);
   g.AddF32("lutra.norm_eps", c.norm_eps);
   g.AddBool("lutra.tied_embedding", c.tied_embedding);
+  if (!weights.quantization.empty()) g.AddString("lutra.quantization", weights.quantization);
   if (tokenizer != nullptr) AddTokenizer(*tokenizer, g);
   for (const MatrixSlot& s : mats) {
     const LutraMatrix& m = *s.matrix;
@@ -480,6 +485,11 @@ inline StatusOr<LutraFile> ReadLutraFile(GgufFile file) {
                            c.vocab_size));
     }
     out.tokenizer = std::move(*t);
+  }
+  if (g.Find("lutra.quantization") != nullptr) {
+    StatusOr<std::string_view> q = g.GetString("lutra.quantization");
+    if (!q.ok()) return fail(q.status());
+    out.weights.quantization = std::string(*q);
   }
   return out;
 }

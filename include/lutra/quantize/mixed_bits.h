@@ -1,12 +1,21 @@
-// Mixed-precision bit allocation: choose each tensor's index width so that the
-// model's average bits per weight (codebooks and padding included) meets a
-// target while the total (importance-weighted) squared error is minimal.
+// Mixed-precision allocation: choose each tensor's index width b and rows
+// per codebook G so that the model's average bits per weight (codebooks and
+// padding included) meets a target while the total (importance-weighted)
+// squared error is minimal. Each (b, G) pair is one candidate: a smaller G
+// buys a better fit with codebook bytes, and the solver weighs those bytes
+// against index bits like any others.
 //
 // Two steps, usable separately:
-//  1. EstimateTensorErrors: palettize each tensor at every allowed width and
+//  1. EstimateTensorErrors: palettize each tensor at every allowed (b, G) and
 //     record its squared error and exact storage bytes. Big tensors are
-//     estimated from a sample of whole row groups (evenly spaced), scaled to
+//     estimated from a sample of whole row blocks (evenly spaced; a block is
+//     lcm of the allowed G, so it holds whole groups of every G), scaled to
 //     the full row count; bytes are always exact for the full tensor.
+//     The error is MixedBitsTensor::importance x the column-weighted squared
+//     error: with calibration (calibration.h) the column weights are E[x_k^2]
+//     of the tensor's input, which makes the error E||(W - W_hat) x||^2, and
+//     `importance` is the tensor's measured sensitivity (how much model
+//     output KL one unit of that error causes; sensitivity.h).
 //  2. SolveBitAllocation: a multiple-choice knapsack over the byte budget
 //     floor(target * total_weights / 8), solved two ways, keeping the better:
 //     (a) greedy by best error reduction per extra byte among the upgrades
@@ -62,7 +71,10 @@ struct MixedBitsTensor {
 struct MixedBitsOptions {
   double target_bits = 3.5;               // average bits per weight, codebooks included
   std::vector<int> allowed_bits = {2, 4};  // subset of {1, 2, 3, 4, 6, 8}
-  size_t group_rows = 16;
+  size_t group_rows = 16;                 // G, when allowed_groups is empty
+  // Rows per codebook to choose from per tensor (each >= 1); empty: only
+  // group_rows.
+  std::vector<size_t> allowed_groups;
   ElementType codebook = ElementType::kF16;
   int max_iters = 30;                     // Lloyd iterations (PalettizeOptions)
   PalettizeInit init = PalettizeInit::kOptimal;
@@ -79,6 +91,7 @@ struct TensorCandidates {
   std::string name;
   size_t num_weights = 0;      // rows * cols
   std::vector<int> bits;       // candidate widths
+  std::vector<size_t> group_rows;  // candidate G (parallel to bits; empty: unknown)
   std::vector<size_t> bytes;   // exact stored bytes at bits[i] (indices + codebooks)
   std::vector<double> error;   // objective error at bits[i] (>= 0)
   double sum_sq = 0.0;         // (weighted) sum of squared weights, for SNR reporting
@@ -88,6 +101,7 @@ struct TensorCandidates {
 struct TensorBits {
   std::string name;
   int bits = 0;
+  size_t group_rows = 0;       // chosen G (0 when the candidates did not say)
   double error = 0.0;          // objective error at the chosen width
   size_t bytes = 0;            // stored bytes at the chosen width
   size_t num_weights = 0;
@@ -110,8 +124,10 @@ struct MixedBitsPlan {
     std::string out;
     char line[512];
     for (const TensorBits& t : tensors) {
-      std::snprintf(line, sizeof(line), "%-40s %d bits  %8.4f bpw  %12zu B  err %.4e  SNR %6.2f dB\n",
-                    t.name.c_str(), t.bits, t.bits_per_weight, t.bytes, t.error, t.snr_db);
+      std::snprintf(line, sizeof(line),
+                    "%-24s %d bits  G %-3zu %8.4f bpw  %12zu B  err %.4e  SNR %6.2f dB\n",
+                    t.name.c_str(), t.bits, t.group_rows, t.bits_per_weight, t.bytes, t.error,
+                    t.snr_db);
       out += line;
     }
     std::snprintf(line, sizeof(line),
@@ -140,6 +156,38 @@ inline Status ValidateAllowedBits(const std::vector<int>& allowed) {
     }
   }
   return Status::Ok();
+}
+
+inline Status ValidateGroups(const std::vector<size_t>& groups) {
+  for (size_t i = 0; i < groups.size(); ++i) {
+    if (groups[i] == 0 || groups[i] > (size_t{1} << 20)) {
+      return InvalidArgument("mixed bits: rows per codebook G = %zu, need 1 <= G <= 2^20",
+                             groups[i]);
+    }
+    for (size_t j = 0; j < i; ++j) {
+      if (groups[j] == groups[i]) {
+        return InvalidArgument("mixed bits: allowed_groups lists %zu twice", groups[i]);
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+// Row block for sampling: lcm of the groups, so that a block holds whole
+// groups of each (capped: beyond 4096 rows sampling saves nothing).
+inline size_t SampleBlock(const std::vector<size_t>& groups) {
+  size_t l = 1;
+  for (size_t g : groups) {
+    size_t a = l, b = g;
+    while (b != 0) {
+      const size_t t = a % b;
+      a = b;
+      b = t;
+    }
+    l = l / a * g;
+    if (l > 4096) return 0;
+  }
+  return l;
 }
 
 inline double Snr(double sum_sq, double err) {
@@ -304,6 +352,10 @@ inline StatusOr<std::vector<TensorCandidates>> EstimateTensorErrors(
     const std::vector<MixedBitsTensor>& tensors, const MixedBitsOptions& opt) {
   LUTRA_RETURN_IF_ERROR(mixed_bits_detail::ValidateAllowedBits(opt.allowed_bits));
   if (tensors.empty()) return InvalidArgument("mixed bits: no tensors");
+  const std::vector<size_t> groups =
+      opt.allowed_groups.empty() ? std::vector<size_t>{opt.group_rows} : opt.allowed_groups;
+  LUTRA_RETURN_IF_ERROR(mixed_bits_detail::ValidateGroups(groups));
+  const size_t G = mixed_bits_detail::SampleBlock(groups);  // 0: never sample
   std::vector<TensorCandidates> out(tensors.size());
   std::vector<float> sample;
   for (size_t t = 0; t < tensors.size(); ++t) {
@@ -312,8 +364,7 @@ inline StatusOr<std::vector<TensorCandidates>> EstimateTensorErrors(
       return InvalidArgument("mixed bits: tensor '%s' importance = %g, need finite >= 0",
                              ten.name.c_str(), ten.importance);
     }
-    const size_t G = std::max<size_t>(opt.group_rows, 1);
-    // Rows to palettize: all, or whole groups evenly spaced over the tensor.
+    // Rows to palettize: all, or whole blocks evenly spaced over the tensor.
     const float* data = ten.data;
     size_t rows = ten.rows;
     const size_t full_groups = G ? ten.rows / G : 0;
@@ -341,13 +392,18 @@ inline StatusOr<std::vector<TensorCandidates>> EstimateTensorErrors(
     TensorCandidates& tc = out[t];
     tc.name = ten.name;
     tc.num_weights = ten.rows * ten.cols;
-    for (int b : allowed) {
+    for (size_t o = 0; o < allowed.size() * groups.size(); ++o) {
+      const int b = allowed[o / groups.size()];
       PalettizeOptions po;
       po.bits = b;
-      po.group_rows = opt.group_rows;
+      po.group_rows = groups[o % groups.size()];
       po.codebook = opt.codebook;
       po.max_iters = opt.max_iters;
-      po.init = opt.init;
+      // The DP-optimal init costs ~10 ms per group at 8 bits; for ranking
+      // candidates the companded init is within a few percent at b >= 6,
+      // and the final palettization still uses opt.init.
+      po.init = b >= 6 && opt.init == PalettizeInit::kOptimal ? PalettizeInit::kCompanded
+                                                               : opt.init;
       po.threads = opt.threads;
       po.column_importance = ten.column_importance;
       PalettizeStats st;
@@ -358,6 +414,7 @@ inline StatusOr<std::vector<TensorCandidates>> EstimateTensorErrors(
       PaletteShape full = m->shape();
       full.rows = ten.rows;
       tc.bits.push_back(b);
+      tc.group_rows.push_back(po.group_rows);
       tc.bytes.push_back(full.total_bytes());
       tc.error.push_back(ten.importance * st.weighted_sq_error * scale);
       tc.sum_sq = ten.importance * st.weighted_sum_sq * scale;
@@ -383,7 +440,8 @@ inline StatusOr<MixedBitsPlan> SolveBitAllocation(const std::vector<TensorCandid
   for (size_t t = 0; t < T; ++t) {
     const TensorCandidates& c = cands[t];
     const size_t n = c.bits.size();
-    if (n == 0 || c.bytes.size() != n || c.error.size() != n) {
+    if (n == 0 || c.bytes.size() != n || c.error.size() != n ||
+        (!c.group_rows.empty() && c.group_rows.size() != n)) {
       return InvalidArgument("mixed bits: tensor '%s' has %zu widths, %zu sizes, %zu errors",
                              c.name.c_str(), n, c.bytes.size(), c.error.size());
     }
@@ -445,6 +503,7 @@ inline StatusOr<MixedBitsPlan> SolveBitAllocation(const std::vector<TensorCandid
     TensorBits tb;
     tb.name = c.name;
     tb.bits = c.bits[choice[t]];
+    tb.group_rows = c.group_rows.size() == c.bits.size() ? c.group_rows[choice[t]] : 0;
     tb.error = c.error[choice[t]];
     tb.bytes = c.bytes[choice[t]];
     tb.num_weights = c.num_weights;

@@ -10,6 +10,12 @@
 // The square-root split keeps A and B at similar magnitudes, which suits
 // 16-bit storage (no factor gets all of the dynamic range).
 //
+// With calibration (RecoveryTarget::column_importance = h, E[x_k^2] of the
+// matrix's input, calibration.h) the fit minimizes the output error
+// E||(E - B A) x||^2 ~ ||(E - B A) D||_F^2 with D = diag(sqrt(h)) instead:
+// the SVD is of E D, and A = S^(1/2) V^T D^-1 undoes the scaling, so the
+// rank is spent on the input columns that carry large activations.
+//
 // Optionally (RecoveryOptions::rounds > 0) the base and the adapter are
 // refined together by alternating: W_hat_t = Palettize(W - B_{t-1} A_{t-1}),
 // (B_t, A_t) = SVD_r(W - W_hat_t). The codebooks then fit the part of W that
@@ -62,6 +68,10 @@ struct RecoveryTarget {
   Projection projection = Projection::kQ;
   const float* weights = nullptr;  // N x K row-major f32 (N x K from BaseShapes)
   PaletteView quantized;           // W_hat, same N x K (unused by the alternating variant)
+  // Optional K per-column weights h >= 0 (not all 0): fit the residual in
+  // the h-weighted norm (see the top of this file). Each is raised to at
+  // least 1e-6 of their mean so that D is invertible.
+  const float* column_importance = nullptr;
 };
 
 // Relative Frobenius errors of one matrix: ||W - W_hat||_F / ||W||_F before,
@@ -133,15 +143,36 @@ struct Factors {
   std::vector<float> b;  // N x rank
 };
 
-// SVD_r(residual) split as B = U S^1/2, A = S^1/2 Vt.
+// SVD_r(residual D) split as B = U S^1/2, A = S^1/2 Vt D^-1, with D =
+// diag(sqrt(importance)) (identity when importance is null).
 inline StatusOr<Factors> FitResidual(const std::vector<float>& residual, size_t N, size_t K,
-                                     const RecoveryOptions& opt, uint64_t seed) {
+                                     const RecoveryOptions& opt, uint64_t seed,
+                                     const float* importance = nullptr) {
+  std::vector<float> d;  // column scales sqrt(h), floored
+  std::vector<float> scaled;
+  if (importance != nullptr) {
+    double mean = 0.0;
+    for (size_t k = 0; k < K; ++k) mean += importance[k];
+    mean /= double(K);
+    if (!(mean > 0.0) || !std::isfinite(mean)) {
+      return InvalidArgument("recovery: column importance must be finite, >= 0, not all 0");
+    }
+    d.resize(K);
+    for (size_t k = 0; k < K; ++k) {
+      d[k] = float(std::sqrt(std::max(double(importance[k]), 1e-6 * mean)));
+    }
+    scaled = residual;
+    for (size_t n = 0; n < N; ++n) {
+      for (size_t k = 0; k < K; ++k) scaled[n * K + k] *= d[k];
+    }
+  }
   SvdOptions so;
   so.rank = opt.rank;
   so.oversample = opt.oversample;
   so.power_iterations = opt.power_iterations;
   so.seed = seed;
-  StatusOr<TruncatedSvd> svd = RandomizedSvd(residual.data(), N, K, so);
+  StatusOr<TruncatedSvd> svd =
+      RandomizedSvd(d.empty() ? residual.data() : scaled.data(), N, K, so);
   if (!svd.ok()) return svd.status();
   Factors f;
   f.rank = svd->rank;
@@ -150,7 +181,8 @@ inline StatusOr<Factors> FitResidual(const std::vector<float>& residual, size_t 
   for (size_t r = 0; r < f.rank; ++r) {
     const float root = std::sqrt(svd->s[r]);
     for (size_t k = 0; k < K; ++k) {
-      f.a[r * K + k] = RoundToElementType(root * svd->vt[r * K + k], opt.type);
+      const float v = root * svd->vt[r * K + k];
+      f.a[r * K + k] = RoundToElementType(d.empty() ? v : v / d[k], opt.type);
     }
     for (size_t n = 0; n < N; ++n) {
       f.b[n * f.rank + r] = RoundToElementType(svd->u[n * f.rank + r] * root, opt.type);
@@ -254,7 +286,8 @@ inline StatusOr<Adapter> BuildRecoveryAdapter(const BaseShapes& base,
     const RecoveryTarget& t = targets[i];
     const size_t N = base.Rows(t.projection), K = base.Cols(t.projection);
     const std::vector<float> residual = Residual(t.weights, t.quantized);
-    StatusOr<Factors> f = FitResidual(residual, N, K, opt, TargetSeed(opt.seed, t, 0));
+    StatusOr<Factors> f = FitResidual(residual, N, K, opt, TargetSeed(opt.seed, t, 0),
+                                        t.column_importance);
     if (!f.ok()) {
       return f.status().WithContext("recovery: layer " + std::to_string(t.layer) + " " +
                                     ProjectionName(t.projection));
@@ -301,12 +334,15 @@ inline StatusOr<RecoveryResult> BuildRecoveryAdapterAlternating(
     const double norm = std::sqrt(SumSq(t.weights, N * K));
     const double inv = norm > 0.0 ? 1.0 / norm : 0.0;
     std::vector<float> target(t.weights, t.weights + N * K);  // what the palettizer fits
+    PalettizeOptions po = popt;
+    if (t.column_importance != nullptr) po.column_importance = t.column_importance;
     double best = -1.0;
     for (int round = 0; round <= opt.rounds; ++round) {
-      StatusOr<PaletteMatrix> q = Palettize(target.data(), N, K, popt);
+      StatusOr<PaletteMatrix> q = Palettize(target.data(), N, K, po);
       if (!q.ok()) return q.status().WithContext(what);
       const std::vector<float> residual = Residual(t.weights, q->view());
-      StatusOr<Factors> f = FitResidual(residual, N, K, opt, TargetSeed(opt.seed, t, round));
+      StatusOr<Factors> f = FitResidual(residual, N, K, opt, TargetSeed(opt.seed, t, round),
+                                          t.column_importance);
       if (!f.ok()) return f.status().WithContext(what);
       const double err = std::sqrt(RemainingSq(residual, *f, N, K)) * inv;
       if (round == 0) result.stats[i].rel_error_quantized = std::sqrt(SumSq(residual.data(), N * K)) * inv;
