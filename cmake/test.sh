@@ -52,7 +52,8 @@ run_asan() {
   local prebuilt=("-DLUTRA_PREBUILT_DISPATCH=")
   [ -f build/examples/liblutra_dispatch.a ] &&
     prebuilt=("-DLUTRA_PREBUILT_DISPATCH=$ROOT/build/examples/liblutra_dispatch.a")
-  ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
+  # LUTRA_TEST_QUICK: tests may skip quality figures the Release run checks.
+  ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 LUTRA_TEST_QUICK=1 \
     configure_and_test build-asan -DCMAKE_BUILD_TYPE=Debug -DLUTRA_SANITIZE=ON \
       -DLUTRA_BUILD_BENCH=OFF -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1" \
       "-DLUTRA_DISABLED_TARGETS=$disabled" "${prebuilt[@]}"

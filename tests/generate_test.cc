@@ -4,6 +4,7 @@
 // palettized quality bounds, and rejection of bad model files.
 #include <math.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -198,9 +199,13 @@ void CheckForwardMatchesReference(const Model& m, const std::vector<int>& tokens
   CHECK(worst <= tolerance);
 }
 
+// Palettizing at `bits`, calibrated on 256 sampled tokens (the default 2048
+// costs the tests seconds, minutes under qemu, and the bounds here do not
+// need it; the calibrated-quality test below uses more).
 LoadOptions Bits(int bits) {
   LoadOptions o;
   o.bits = bits;
+  o.calib_tokens = 256;
   return o;
 }
 
@@ -442,7 +447,7 @@ TEST_CASE("Palettized stories260K: KL divergence bounds", "[generate][shared]") 
     double min_top1;
     MatmulPrecision precision;
   };
-  LoadOptions mixed;
+  LoadOptions mixed = Bits(0);
   mixed.mixed_bits = 3.5;
   // stories260K is tiny (dim 64): a 16-row codebook costs 2^b / 64 bits per
   // weight and 3-bit rows pad 64 columns to 128, so 3.5 bits per weight buys
@@ -548,9 +553,11 @@ TEST_CASE("Corrupt, truncated and mismatched files are rejected", "[generate][sh
 }
 
 // Calibration-aware palettization (issue 14) on text that calibration never
-// saw (tests/data/heldout_story.txt, written for this test). Measured on
-// the AVX2 host, int8 kernels: calibrated 4-bit KL 0.21, --mixed 4.0 with
-// measured sensitivity 0.53 against 1.54 with weighted error only.
+// saw (tests/data/heldout_story.txt, written for this test). docs/quality.md
+// has the figures at the default 2048 calibration tokens (AVX2 host, int8
+// kernels): plain 4-bit KL 0.21, calibrated 0.16; --mixed 4.0 with measured
+// sensitivity 0.28 against 0.57 with the weighted error only. The bounds
+// leave room for the 1024 tokens used here.
 TEST_CASE("Calibrated palettization of stories260K: held-out KL, provenance, errors",
           "[generate][shared]") {
   LUTRA_REQUIRE_SHARED_MODELS();
@@ -567,37 +574,54 @@ TEST_CASE("Calibrated palettization of stories260K: held-out KL, provenance, err
   StatusOr<std::vector<int>> tokens = (*tok)->Encode(text, true);
   REQUIRE(tokens.ok());
   tokens->resize(std::min<size_t>(tokens->size(), 256));
-  const auto kl = [&](const LoadOptions& o, std::string* quantization) {
+  const auto palettize = [&](LoadOptions o) {
+    o.calib_tokens = 1024;
     StatusOr<Model> q = PalettizeModel(f32, o, 2);
     REQUIRE(q.ok());
-    if (quantization) *quantization = q->quantization;
-    StatusOr<EvalResult> r = Evaluate(f32, *q, *tokens, 64);
+    return std::move(*q);
+  };
+  const auto kl = [&](const Model& q) {
+    StatusOr<EvalResult> r = Evaluate(f32, q, *tokens, 64);
     REQUIRE(r.ok());
     return r->mean_kl;
   };
-  std::string how;
-  const double kl4 = kl(Bits(4), &how);
-  INFO("calibrated 4-bit KL " << kl4 << " (" << how << ")");
-  CHECK(kl4 < 0.35);
-  CHECK(test::Contains(how, "calibrated on 2048 tokens"));
-  LoadOptions mixed;
+  // Under qemu and the sanitizers (cmake/test.sh and test-aarch64.sh set
+  // LUTRA_TEST_QUICK) the quality figures, scalar math that the Release run
+  // checks, would cost minutes: there only the path runs, on few tokens.
+  if (getenv("LUTRA_TEST_QUICK") != nullptr) {
+    LoadOptions o = Bits(4);
+    o.calib_tokens = 32;
+    StatusOr<Model> q = PalettizeModel(f32, o, 2);
+    REQUIRE(q.ok());
+    CHECK(kl(*q) < 1.0);
+    return;
+  }
+  LoadOptions plain = Bits(4);
+  plain.calibrate = false;
+  const Model q4 = palettize(Bits(4));
+  const double kl4 = kl(q4), kl4_plain = kl(palettize(plain));
+  INFO("4-bit KL: plain " << kl4_plain << ", calibrated " << kl4 << " (" << q4.quantization
+                          << ")");
+  CHECK(kl4 < 0.25);
+  CHECK(kl4 < 0.9 * kl4_plain);
+  CHECK(test::Contains(q4.quantization, "sequential GPTQ, calibrated on 1024 tokens"));
+  LoadOptions mixed = Bits(0);
   mixed.mixed_bits = 4.0;
-  const double measured = kl(mixed, &how);
-  CHECK(test::Contains(how, "measured sensitivity"));
+  const Model qm = palettize(mixed);
+  CHECK(test::Contains(qm.quantization, "measured sensitivity"));
+  CHECK(qm.BitsPerWeight() <= 4.0);
   mixed.sensitivity = Sensitivity::kWeighted;
-  const double weighted = kl(mixed, nullptr);
+  const double measured = kl(qm), weighted = kl(palettize(mixed));
   INFO("--mixed 4.0 KL: measured sensitivity " << measured << ", weighted error " << weighted);
-  CHECK(measured < 0.8);
-  CHECK(measured < 0.6 * weighted);
+  CHECK(measured < 0.45);
+  CHECK(measured < 0.75 * weighted);
 
   // The recipe travels with a .lutra file.
-  StatusOr<Model> q = PalettizeModel(f32, Bits(4), 2);
-  REQUIRE(q.ok());
   const std::string path = test::TempPath("calibrated.lutra");
-  REQUIRE(SaveLutraModel(*q, tok->get(), path).ok());
+  REQUIRE(SaveLutraModel(q4, tok->get(), path).ok());
   StatusOr<Model> back = OpenModel(path, LoadOptions());
   REQUIRE(back.ok());
-  CHECK(back->quantization == q->quantization);
+  CHECK(back->quantization == q4.quantization);
 
   // Bad inputs get clear errors.
   CHECK(test::Contains(Calibrate(f32, {}, 16).status().message(), "calibration text is empty"));
@@ -609,9 +633,7 @@ TEST_CASE("Calibrated palettization of stories260K: held-out KL, provenance, err
   CHECK(test::Contains(PalettizeModel(f32, zero_g).status().message(), "G = 0"));
   LoadOptions bad_bos = Bits(4);
   bad_bos.calib_bos = 100000;
-  StatusOr<Model> no_vocab = OpenModel(SharedPath("stories260K.bin"), LoadOptions());
-  REQUIRE(no_vocab.ok());
-  CHECK(test::Contains(PalettizeModel(*no_vocab, bad_bos).status().message(),
+  CHECK(test::Contains(PalettizeModel(f32, bad_bos).status().message(),
                        "BOS token 100000 outside the vocabulary"));
 }
 

@@ -141,11 +141,13 @@ TEST_CASE("Allocator meets the budget and beats uniform assignments") {
       keep.bits.clear();
       keep.bytes.clear();
       keep.error.clear();
+      keep.group_rows.clear();
       for (size_t o = 0; o < c.bits.size(); ++o) {
         if (std::find(allowed.begin(), allowed.end(), c.bits[o]) != allowed.end()) {
           keep.bits.push_back(c.bits[o]);
           keep.bytes.push_back(c.bytes[o]);
           keep.error.push_back(c.error[o]);
+          keep.group_rows.push_back(c.group_rows[o]);
         }
       }
       c = keep;

@@ -24,12 +24,16 @@
 #include "lutra/format/palette.h"
 #include "lutra/format/tokenizer.h"
 
-// quantize/: palettizer, bit allocation, recovery adapters.
+// quantize/: calibration, palettizer, GPTQ, sensitivity, bit allocation,
+// recovery adapters.
+#include "lutra/quantize/calibration.h"
+#include "lutra/quantize/gptq.h"
 #include "lutra/quantize/kmeans_1d.h"
 #include "lutra/quantize/mixed_bits.h"
 #include "lutra/quantize/palettize.h"
 #include "lutra/quantize/quality.h"
 #include "lutra/quantize/recovery.h"
+#include "lutra/quantize/sensitivity.h"
 #include "lutra/quantize/svd.h"
 
 // kernels/: the plain types the kernels take.

@@ -15,11 +15,11 @@
 // the K per-column sums of x_k^2 in double (8 bytes per column). On the AFM
 // shape (dim 3072, FFN 8192, 26 layers) that is 26 x (3 x 3072 + 8192) + 3072
 // columns = 3.6 MB, independent of the number of calibration tokens. The
-// full K x K Gram matrix is kept only on request (keep_gram) and only for
-// K <= kMaxGramCols: at the AFM shape it would be 26 x (3 x 3072^2 + 8192^2)
-// floats = 10 GB, more than the 4-bit model itself, for a method (GPTQ-style
-// error feedback) that docs/quality.md measured as not worth it at these
-// sizes; the diagonal is what lutra uses by default.
+// full K x K Gram matrix (for GPTQ, gptq.h) is kept only on request
+// (keep_gram) and only for K <= kMaxGramCols: at the AFM shape it would be
+// 26 x (3 x 3072^2 + 8192^2) doubles = 20 GB, more than the 4-bit model
+// itself. The engine asks for it only when all of a model's Gram matrices
+// fit in 1 GiB (docs/quality.md); the diagonal is always there.
 //
 // Plain header (scalar C++). Accumulation is O(rows x K) per call (O(rows x
 // K^2) with a Gram matrix), negligible next to the forward pass producing x.

@@ -14,6 +14,12 @@
 // activation-weighted k-means (palettize.h) of the original weights.
 // H is damped by `damp` x mean(diag H) so that the inverse exists.
 //
+// AsymmetricTarget (bottom) serves sequential quantization: quantizing a
+// model layer by layer, it aims each matrix at the f32 model's outputs from
+// the partly quantized model's inputs, so errors do not compound. The
+// engine's PalettizeModel (examples/model.cc) runs the two together;
+// docs/quality.md measures each step.
+//
 // Cost O(N K^2 / 2) multiply-adds plus O(K^3) for the factorization, and
 // K^2 doubles of memory: meant for models whose Gram matrices fit (the
 // calibration keeps them only for K <= ActivationMoments::kMaxGramCols).
@@ -107,6 +113,8 @@ struct GptqOptions {
   // W* moved 10-30% from W and fit the calibration text but not held-out
   // text on stories260K; 1 kept most of the gain (docs/quality.md).
   double asymmetric_damp = 1.0;
+  // Round columns in order of decreasing E[x_k^2] (GPTQ's "act order").
+  bool act_order = true;
 };
 
 namespace gptq_detail {
@@ -164,7 +172,20 @@ inline Status GptqRefine(const float* w, const double* gram, const GptqOptions& 
   if (!(mean_diag > 0.0) || !std::isfinite(mean_diag)) {
     return InvalidArgument("gptq: the Gram matrix has no positive diagonal");
   }
-  std::vector<double> h(gram, gram + K * K);
+  // Column order: by decreasing E[x_k^2] with act_order (the columns that
+  // matter most are rounded first, while the most columns remain to absorb
+  // their error), else as stored. U is computed in that order.
+  std::vector<size_t> perm(K);
+  for (size_t k = 0; k < K; ++k) perm[k] = k;
+  if (opt.act_order) {
+    std::stable_sort(perm.begin(), perm.end(), [&](size_t a, size_t b) {
+      return gram[a * K + a] > gram[b * K + b];
+    });
+  }
+  std::vector<double> h(K * K);
+  for (size_t i = 0; i < K; ++i) {
+    for (size_t j = 0; j < K; ++j) h[i * K + j] = gram[perm[i] * K + perm[j]];
+  }
   for (size_t k = 0; k < K; ++k) h[k * K + k] += opt.damp * mean_diag;
   std::vector<double> u;
   LUTRA_RETURN_IF_ERROR(gptq_detail::InverseCholeskyUpper(std::move(h), K, &u));
@@ -209,10 +230,10 @@ inline Status GptqRefine(const float* w, const double* gram, const GptqOptions& 
       const double* c = &cb[(n / shape.group_rows) * E];
       for (size_t e = 0; e + 1 < E; ++e) mids[e] = 0.5 * (c[e] + c[e + 1]);
       mids[E - 1] = std::numeric_limits<double>::infinity();
-      for (size_t k = 0; k < K; ++k) row[k] = w[n * K + k];
+      for (size_t k = 0; k < K; ++k) row[k] = w[n * K + perm[k]];  // permuted
       for (size_t j = 0; j < K; ++j) {
         const uint32_t i = kmeans_1d::Nearest(mids.data(), E, row[j]);
-        nidx[n * K + j] = static_cast<uint8_t>(i);
+        nidx[n * K + perm[j]] = static_cast<uint8_t>(i);
         const double e = (row[j] - c[i]) / u[j * K + j];
         const double* uj = u.data() + j * K;
         for (size_t k = j + 1; k < K; ++k) row[k] -= e * uj[k];

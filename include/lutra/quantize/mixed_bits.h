@@ -392,18 +392,20 @@ inline StatusOr<std::vector<TensorCandidates>> EstimateTensorErrors(
     TensorCandidates& tc = out[t];
     tc.name = ten.name;
     tc.num_weights = ten.rows * ten.cols;
+    const size_t max_group = *std::max_element(groups.begin(), groups.end());
     for (size_t o = 0; o < allowed.size() * groups.size(); ++o) {
       const int b = allowed[o / groups.size()];
+      // 8-bit candidates only at the largest G: the optimal init costs
+      // ~5 ms per 8-bit group (most of the estimate's time on big models),
+      // and 256-entry codebooks for a few rows cost more bits than they buy
+      // (G = 1 at K = 3072: 1.3 bits per weight).
+      if (b == 8 && groups[o % groups.size()] != max_group) continue;
       PalettizeOptions po;
       po.bits = b;
       po.group_rows = groups[o % groups.size()];
       po.codebook = opt.codebook;
       po.max_iters = opt.max_iters;
-      // The DP-optimal init costs ~10 ms per group at 8 bits; for ranking
-      // candidates the companded init is within a few percent at b >= 6,
-      // and the final palettization still uses opt.init.
-      po.init = b >= 6 && opt.init == PalettizeInit::kOptimal ? PalettizeInit::kCompanded
-                                                               : opt.init;
+      po.init = opt.init;
       po.threads = opt.threads;
       po.column_importance = ten.column_importance;
       PalettizeStats st;
