@@ -555,8 +555,8 @@ TEST_CASE("Corrupt, truncated and mismatched files are rejected", "[generate][sh
 // Calibration-aware palettization (issue 14) on text that calibration never
 // saw (tests/data/heldout_story.txt, written for this test). docs/quality.md
 // has the figures at the default 2048 calibration tokens (AVX2 host, int8
-// kernels): plain 4-bit KL 0.21, calibrated 0.16; --mixed 4.0 with measured
-// sensitivity 0.28 against 0.57 with the weighted error only. The bounds
+// kernels): plain 4-bit KL 0.21, calibrated 0.14; --mixed 4.0 with measured
+// sensitivity 0.31 against 0.50 with the weighted error only. The bounds
 // leave room for the 1024 tokens used here.
 TEST_CASE("Calibrated palettization of stories260K: held-out KL, provenance, errors",
           "[generate][shared]") {
