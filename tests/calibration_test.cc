@@ -224,6 +224,54 @@ TEST_CASE("GPTQ error feedback lowers the output error") {
                  "no positive diagonal"));
 }
 
+// AsymmetricTarget: with the f32 model's own inputs it returns W; with
+// inputs perturbed by "upstream" error it returns a W* whose outputs on the
+// perturbed inputs are closer to the f32 outputs than W's are.
+TEST_CASE("Asymmetric target corrects upstream error") {
+  const size_t N = 16, K = 24, T = 400;
+  const std::vector<float> w = Gaussian(N * K, 21);
+  const std::vector<float> x = Gaussian(T * K, 22);
+  std::vector<float> x_tilde = x;
+  const std::vector<float> noise = Gaussian(T * K, 23, 0.3f);
+  for (size_t t = 0; t < T; ++t) {
+    for (size_t k = 0; k < K; ++k) {
+      // A systematic distortion (mixing of neighbours, a gain) plus noise.
+      x_tilde[t * K + k] = 0.8f * x[t * K + k] + 0.3f * x[t * K + (k + 1) % K] + noise[t * K + k];
+    }
+  }
+  const auto output_error = [&](const std::vector<float>& v, const std::vector<float>& in) {
+    double sum = 0.0;
+    for (size_t t = 0; t < T; ++t) {
+      for (size_t n = 0; n < N; ++n) {
+        double ref = 0.0, got = 0.0;
+        for (size_t k = 0; k < K; ++k) {
+          ref += double(w[n * K + k]) * x[t * K + k];
+          got += double(v[n * K + k]) * in[t * K + k];
+        }
+        sum += (ref - got) * (ref - got);
+      }
+    }
+    return sum;
+  };
+  std::vector<float> target;
+  std::vector<double> gram;
+  REQUIRE(AsymmetricTarget(w.data(), N, K, x.data(), x.data(), T, 1.0, &target, &gram).ok());
+  for (size_t i = 0; i < N * K; ++i) CHECK(std::abs(target[i] - w[i]) <= 1e-4f);
+  CHECK(gram.size() == K * K);
+  REQUIRE(AsymmetricTarget(w.data(), N, K, x.data(), x_tilde.data(), T, 0.01, &target, &gram)
+              .ok());
+  const double plain = output_error(w, x_tilde), corrected = output_error(target, x_tilde);
+  INFO("output error on the perturbed inputs: W " << plain << ", W* " << corrected);
+  CHECK(corrected < 0.7 * plain);  // the noise part cannot be undone
+  std::vector<float> zero(T * K, 0.0f);
+  CHECK(Contains(AsymmetricTarget(w.data(), N, K, x.data(), zero.data(), T, 1.0, &target, &gram)
+                     .message(),
+                 "all zero"));
+  CHECK(Contains(AsymmetricTarget(w.data(), N, K, x.data(), x.data(), T, 0.0, &target, &gram)
+                     .message(),
+                 "damp = 0"));
+}
+
 // The recovery adapter fit in the h-weighted norm beats the plain fit in
 // that norm (what reaches the output) when a few input channels dominate.
 TEST_CASE("Recovery adapter fits the activation-weighted residual") {
