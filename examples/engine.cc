@@ -353,10 +353,10 @@ Status RunText(const Model& model, RunState& state, const std::vector<int>& toke
 }  // namespace
 
 StatusOr<CalibrationStats> Calibrate(const Model& model, const std::vector<int>& tokens,
-                                     size_t max_batch, ThreadPool* pool, bool keep_gram) {
+                                     size_t max_batch, ThreadPool* pool) {
   StatusOr<RunState> state = MakeRunState(model.config, max_batch);
   if (!state.ok()) return state.status();
-  CalibrationStats stats(keep_gram);
+  CalibrationStats stats;
   state->pool = pool;
   state->calibration = &stats;
   LUTRA_RETURN_IF_ERROR(RunText(model, *state, tokens));

@@ -169,10 +169,8 @@ StatusOr<std::vector<int>> SampleTokens(const Model& model, size_t count, int bo
 
 // Runs `tokens` through `model` in windows of the context length (each from
 // position 0) and collects the second moments of every matrix input.
-// keep_gram: also the K x K Gram matrices (calibration.h).
 StatusOr<CalibrationStats> Calibrate(const Model& model, const std::vector<int>& tokens,
-                                     size_t max_batch, ThreadPool* pool = nullptr,
-                                     bool keep_gram = false);
+                                     size_t max_batch, ThreadPool* pool = nullptr);
 
 // The raw inputs of every matrix (site -> tokens x cols floats) on `tokens`,
 // run as Calibrate does; up to layer `last_layer` only when >= 0 (no head).

@@ -321,6 +321,19 @@ StatusOr<Model> MakeSyntheticModel(const std::string& shape, const LoadOptions& 
 
 namespace {
 
+// E[x^2] of `site`'s inputs as palettizer / recovery column weights; empty
+// when there are no statistics for it or they are all zero (a dead input:
+// unweighted then).
+std::vector<float> ColumnImportance(const CalibrationStats* stats, const std::string& site) {
+  const ActivationMoments* am = stats && !site.empty() ? stats->Find(site) : nullptr;
+  if (am == nullptr) return {};
+  std::vector<float> h = am->SecondMoments();
+  double sum = 0.0;
+  for (float v : h) sum += v;
+  if (!(sum > 0.0)) h.clear();
+  return h;
+}
+
 // One matrix's palettization: width and rows per codebook.
 struct TensorPlan {
   int bits = 0;
@@ -504,8 +517,9 @@ StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t th
   std::vector<Linear*> dst = m.MutableMatrices();
   if (mats.size() > dst.size()) dst.push_back(&m.weights.output);
 
-  // Calibration: E[x^2] of every matrix input on the calibration text, and
-  // the Gram matrices for GPTQ when they all fit in 1 GiB (doubles).
+  // Calibration: E[x^2] of every matrix input on the calibration text. GPTQ
+  // (sequential, below) where every input's K x K Gram matrix would fit in
+  // 1 GiB of doubles: beyond that its O(K^2) work per row is too slow too.
   const double gram_bytes =
       8.0 * (double(c.n_layers) * (2.0 * c.dim * double(c.dim) + double(c.q_dim()) * c.q_dim() +
                                    double(c.hidden_dim) * c.hidden_dim) +
@@ -522,6 +536,7 @@ StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t th
   std::vector<int> calib;
   std::vector<std::vector<float>> h(mats.size());
   const std::vector<std::string> sites = src.MatrixInputSites();
+  const std::vector<std::string> names = src.MatrixNames();
   if (o.calibrate) {
     if (o.calib_text.empty()) {
       StatusOr<std::vector<int>> t =
@@ -534,17 +549,10 @@ StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t th
     } else {
       calib = o.calib_text;
     }
-    StatusOr<CalibrationStats> stats = Calibrate(src, calib, 64, &pool, use_gptq);
+    StatusOr<CalibrationStats> stats = Calibrate(src, calib, 64, &pool);
     if (!stats.ok()) return stats.status();
     m.calibration = std::make_shared<const CalibrationStats>(std::move(*stats));
-    for (size_t i = 0; i < mats.size(); ++i) {
-      const ActivationMoments* am = sites[i].empty() ? nullptr : m.calibration->Find(sites[i]);
-      if (am == nullptr) continue;
-      h[i] = am->SecondMoments();
-      double sum = 0.0;
-      for (float v : h[i]) sum += v;
-      if (!(sum > 0.0)) h[i].clear();  // e.g. a dead input: fall back to unweighted
-    }
+    for (size_t i = 0; i < mats.size(); ++i) h[i] = ColumnImportance(m.calibration.get(), sites[i]);
   }
   const double calib_s = seconds_since(t_calib);
   const Clock::time_point t_plan = Clock::now();
@@ -601,7 +609,7 @@ StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t th
     }
     for (size_t i : stage.tensors) {
       const Linear& w = *mats[i];
-      const std::string context = "palettize " + src.MatrixNames()[i];
+      const std::string context = "palettize " + names[i];
       PalettizeOptions po;
       po.bits = (*plan)[i].bits;
       po.group_rows = (*plan)[i].group_rows;
@@ -613,21 +621,23 @@ StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t th
       const bool low = po.bits <= 4;
       po.column_importance = h[i].empty() || !low ? nullptr : h[i].data();
       const float* target = w.f32;
-      std::vector<float> w_star, h_star;
+      std::vector<float> w_star;
       std::vector<double> gram;
-      const ActivationMoments* am =
-          use_gptq && low && !sites[i].empty() ? m.calibration->Find(sites[i]) : nullptr;
-      if (am != nullptr && am->has_gram()) {
-        const auto xf = x_f32.find(sites[i]), xp = x_part.find(sites[i]);
-        if (xf != x_f32.end() && xp != x_part.end() && xf->second.size() == xp->second.size()) {
-          LUTRA_RETURN_IF_ERROR(AsymmetricTarget(w.f32, w.rows, w.cols, xf->second.data(),
-                                                 xp->second.data(), xf->second.size() / w.cols,
-                                                 GptqOptions().asymmetric_damp, &w_star, &gram)
-                                    .WithContext(context));
-          target = w_star.data();
-        } else {
-          gram = am->Gram();  // the embedding / head: f32 inputs
-        }
+      const auto xf = use_gptq && low ? x_f32.find(sites[i]) : x_f32.end();
+      const auto xp = x_part.find(sites[i]);
+      if (xf != x_f32.end() && xp != x_part.end() && xf->second.size() == xp->second.size()) {
+        LUTRA_RETURN_IF_ERROR(AsymmetricTarget(w.f32, w.rows, w.cols, xf->second.data(),
+                                               xp->second.data(), xf->second.size() / w.cols,
+                                               GptqOptions().asymmetric_damp, &w_star, &gram)
+                                  .WithContext(context));
+        target = w_star.data();
+      } else if (xf != x_f32.end()) {
+        // The embedding / head: the first stage, its f32 inputs as they are.
+        StatusOr<ActivationMoments> moments = ActivationMoments::Create(w.cols, true);
+        if (!moments.ok()) return moments.status().WithContext(context);
+        LUTRA_RETURN_IF_ERROR(
+            moments->Add(xf->second.data(), xf->second.size() / w.cols).WithContext(context));
+        gram = moments->Gram();
       }
       if (o.progress) {
         const size_t before = done_weights, size = w.rows * w.cols;
@@ -870,16 +880,9 @@ StatusOr<std::shared_ptr<const Adapter>> BuildRecoveryAdapter(const Model& f32_m
       t.projection = kAllProjections[p];
       t.weights = ws[p]->f32;
       t.quantized = qs[p]->palette;
-      const ActivationMoments* am =
-          palettized.calibration ? palettized.calibration->Find(InputSite(l, kLayerMatrixInputs[p]))
-                                 : nullptr;
-      if (am != nullptr) {
-        std::vector<float>& hp = h[size_t(l) * kNumProjections + p];
-        hp = am->SecondMoments();
-        double sum = 0.0;
-        for (float v : hp) sum += v;
-        if (sum > 0.0) t.column_importance = hp.data();
-      }
+      std::vector<float>& hp = h[size_t(l) * kNumProjections + p];
+      hp = ColumnImportance(palettized.calibration.get(), InputSite(l, kLayerMatrixInputs[p]));
+      if (!hp.empty()) t.column_importance = hp.data();
       targets.push_back(t);
     }
   }

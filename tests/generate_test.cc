@@ -566,12 +566,9 @@ TEST_CASE("Calibrated palettization of stories260K: held-out KL, provenance, err
   REQUIRE(tok.ok());
   std::string dir = __FILE__;
   dir = dir.substr(0, dir.rfind('/'));
-  FILE* f = fopen((dir + "/data/heldout_story.txt").c_str(), "rb");
-  REQUIRE(f != nullptr);
-  std::string text(4096, '\0');
-  text.resize(fread(&text[0], 1, text.size(), f));
-  fclose(f);
-  StatusOr<std::vector<int>> tokens = (*tok)->Encode(text, true);
+  const std::vector<char> text = ReadFile(dir + "/data/heldout_story.txt");
+  REQUIRE(!text.empty());
+  StatusOr<std::vector<int>> tokens = (*tok)->Encode(std::string(text.begin(), text.end()), true);
   REQUIRE(tokens.ok());
   tokens->resize(std::min<size_t>(tokens->size(), 256));
   const auto palettize = [&](LoadOptions o) {

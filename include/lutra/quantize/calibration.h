@@ -18,8 +18,8 @@
 // full K x K Gram matrix (for GPTQ, gptq.h) is kept only on request
 // (keep_gram) and only for K <= kMaxGramCols: at the AFM shape it would be
 // 26 x (3 x 3072^2 + 8192^2) doubles = 20 GB, more than the 4-bit model
-// itself. The engine asks for it only when all of a model's Gram matrices
-// fit in 1 GiB (docs/quality.md); the diagonal is always there.
+// itself. The engine's sequential GPTQ forms Gram matrices per stage from
+// captured inputs instead (docs/quality.md); the diagonal is always here.
 //
 // Plain header (scalar C++). Accumulation is O(rows x K) per call (O(rows x
 // K^2) with a Gram matrix), negligible next to the forward pass producing x.

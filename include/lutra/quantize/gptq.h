@@ -106,12 +106,6 @@ struct GptqOptions {
   // and 4-6 % on sampled text at 3 and 4 bits (docs/quality.md); more pulls
   // toward plain rounding.
   double damp = 0.3;
-  // Least-squares codebook refit under H after the assignment (widths <= 6),
-  // for `rounds` rounds of (assign, refit), stopping when a round does not
-  // lower the output error. Off by default: on stories260K it lowered the
-  // calibration output error but raised the held-out KL (docs/quality.md).
-  bool refit_codebooks = false;
-  int rounds = 3;
   // AsymmetricTarget's regularization, relative to mean(diag H~): it pulls
   // W* toward W where the calibration text does not determine it. At 0.01
   // W* moved 10-30% from W and fit the calibration text but not held-out
@@ -121,54 +115,20 @@ struct GptqOptions {
   bool act_order = true;
 };
 
-namespace gptq_detail {
-
-// Solves the E x E system a x = b in place by Gaussian elimination with
-// partial pivoting; false if singular.
-inline bool Solve(std::vector<double>& a, std::vector<double>& b, size_t E) {
-  for (size_t c = 0; c < E; ++c) {
-    size_t piv = c;
-    for (size_t r = c + 1; r < E; ++r) {
-      if (std::abs(a[r * E + c]) > std::abs(a[piv * E + c])) piv = r;
-    }
-    if (!(std::abs(a[piv * E + c]) > 0.0)) return false;
-    if (piv != c) {
-      for (size_t k = 0; k < E; ++k) std::swap(a[c * E + k], a[piv * E + k]);
-      std::swap(b[c], b[piv]);
-    }
-    for (size_t r = c + 1; r < E; ++r) {
-      const double f = a[r * E + c] / a[c * E + c];
-      if (f == 0.0) continue;
-      for (size_t k = c; k < E; ++k) a[r * E + k] -= f * a[c * E + k];
-      b[r] -= f * b[c];
-    }
-  }
-  for (size_t c = E; c-- > 0;) {
-    double v = b[c];
-    for (size_t k = c + 1; k < E; ++k) v -= a[c * E + k] * b[k];
-    b[c] = v / a[c * E + c];
-  }
-  return true;
-}
-
-}  // namespace gptq_detail
-
-// Refines `q` (a palettization of the N x K row-major w) for the output
-// error sum_n e_n^T H e_n under the K x K Gram matrix `gram`: per round,
-// GPTQ error-feedback assignment to the current codebooks, then each
-// group's codebook refit by least squares under H for that assignment
-// (entries re-sorted ascending, indices remapped; an unused entry keeps its
-// value). The result is kept only where it lowers the error. Reports the
-// error before and after in *before / *after when non-null.
+// Re-assigns the indices of `q` (a palettization of the N x K row-major w;
+// its codebooks stay) by GPTQ error feedback, for the output error
+// sum_n e_n^T H e_n under the K x K Gram matrix `gram`. The new assignment
+// is kept only if it lowers that error (a least-squares refit of the
+// codebooks under H was tried too: it fit the calibration text but raised
+// the held-out KL on stories260K, docs/quality.md). Reports the error
+// before and after in *before / *after when non-null.
 inline Status GptqRefine(const float* w, const double* gram, const GptqOptions& opt,
                          PaletteMatrix* q, double* before = nullptr, double* after = nullptr) {
-  using gptq_detail::Solve;
   const PaletteShape shape = q->shape();
   const size_t N = shape.rows, K = shape.cols, E = shape.num_entries();
   if (w == nullptr || gram == nullptr) return InvalidArgument("gptq: null weights or Gram matrix");
-  if (!(opt.damp > 0.0) || !std::isfinite(opt.damp) || opt.rounds < 1 || opt.rounds > 100) {
-    return InvalidArgument("gptq: damp = %g, rounds = %d; need damp > 0, 1 <= rounds <= 100",
-                           opt.damp, opt.rounds);
+  if (!(opt.damp > 0.0) || !std::isfinite(opt.damp)) {
+    return InvalidArgument("gptq: damp = %g, need a finite value > 0", opt.damp);
   }
   double mean_diag = 0.0;
   for (size_t k = 0; k < K; ++k) mean_diag += gram[k * K + k];
@@ -194,118 +154,52 @@ inline Status GptqRefine(const float* w, const double* gram, const GptqOptions& 
   std::vector<double> u;
   LUTRA_RETURN_IF_ERROR(gptq_detail::InverseCholeskyUpper(std::move(h), K, &u));
 
-  // Current state: codebooks (double, as stored) and indices.
+  // Codebooks as stored (ascending, palettize.h) and the current indices.
+  const PaletteView v = q->view();
   const size_t groups = shape.num_groups();
   std::vector<double> cb(groups * E);
-  std::vector<uint8_t> idx(N * K);
-  {
-    const PaletteView v = q->view();
-    for (size_t g = 0; g < groups; ++g) {
-      for (size_t e = 0; e < E; ++e) cb[g * E + e] = v.entry(g, e);
-    }
-    for (size_t n = 0; n < N; ++n) UnpackRow(shape, v.indices + n * shape.row_bytes(), &idx[n * K]);
+  for (size_t g = 0; g < groups; ++g) {
+    for (size_t e = 0; e < E; ++e) cb[g * E + e] = v.entry(g, e);
   }
-  std::vector<double> err(K), hw(K);
-  // Output error e^T H e of row n under (codebooks, indices).
-  const auto row_error = [&](const std::vector<double>& c, const uint8_t* ix, size_t n) {
-    const size_t g = n / shape.group_rows;
-    for (size_t k = 0; k < K; ++k) err[k] = double(w[n * K + k]) - c[g * E + ix[k]];
+  std::vector<uint8_t> idx(N * K), nidx(N * K);
+  for (size_t n = 0; n < N; ++n) UnpackRow(shape, v.indices + n * shape.row_bytes(), &idx[n * K]);
+  // Output error sum_n e_n^T H e_n of an assignment.
+  std::vector<double> err(K);
+  const auto total_error = [&](const std::vector<uint8_t>& ix) {
     double s = 0.0;
-    for (size_t i = 0; i < K; ++i) {
-      double t = 0.0;
-      for (size_t j = 0; j < K; ++j) t += gram[i * K + j] * err[j];
-      s += err[i] * t;
-    }
-    return s;
-  };
-  const auto total_error = [&](const std::vector<double>& c, const std::vector<uint8_t>& ix) {
-    double s = 0.0;
-    for (size_t n = 0; n < N; ++n) s += row_error(c, &ix[n * K], n);
-    return s;
-  };
-  const double start = total_error(cb, idx);
-  double best = start;
-  std::vector<double> mids(E), row(K), a(E * E), b(E), ncb(cb.size());
-  std::vector<uint8_t> nidx(N * K);
-  std::vector<size_t> order(E), rank(E);
-  for (int round = 0; round < opt.rounds; ++round) {
-    // 1. Error-feedback assignment to the current codebooks (ascending).
     for (size_t n = 0; n < N; ++n) {
       const double* c = &cb[(n / shape.group_rows) * E];
-      for (size_t e = 0; e + 1 < E; ++e) mids[e] = 0.5 * (c[e] + c[e + 1]);
-      mids[E - 1] = std::numeric_limits<double>::infinity();
-      for (size_t k = 0; k < K; ++k) row[k] = w[n * K + perm[k]];  // permuted
-      for (size_t j = 0; j < K; ++j) {
-        const uint32_t i = kmeans_1d::Nearest(mids.data(), E, row[j]);
-        nidx[n * K + perm[j]] = static_cast<uint8_t>(i);
-        const double e = (row[j] - c[i]) / u[j * K + j];
-        const double* uj = u.data() + j * K;
-        for (size_t k = j + 1; k < K; ++k) row[k] -= e * uj[k];
+      for (size_t k = 0; k < K; ++k) err[k] = double(w[n * K + k]) - c[ix[n * K + k]];
+      for (size_t i = 0; i < K; ++i) {
+        double t = 0.0;
+        for (size_t j = 0; j < K; ++j) t += gram[i * K + j] * err[j];
+        s += err[i] * t;
       }
     }
-    // 2. Least-squares codebooks for that assignment (rounded as stored).
-    ncb = cb;
-    if (opt.refit_codebooks && E <= 64) {
-      for (size_t g = 0; g < groups; ++g) {
-        std::fill(a.begin(), a.end(), 0.0);
-        std::fill(b.begin(), b.end(), 0.0);
-        const size_t r1 = std::min(N, (g + 1) * shape.group_rows);
-        for (size_t n = g * shape.group_rows; n < r1; ++n) {
-          const uint8_t* ix = &nidx[n * K];
-          for (size_t k = 0; k < K; ++k) {
-            const double* hk = gram + k * K;
-            double t = 0.0;
-            for (size_t j = 0; j < K; ++j) {
-              t += hk[j] * double(w[n * K + j]);
-              a[ix[k] * E + ix[j]] += hk[j];
-            }
-            b[ix[k]] += t;
-          }
-        }
-        for (size_t e = 0; e < E; ++e) {
-          if (!(a[e * E + e] > 0.0)) {  // unused entry: pin it to its value
-            for (size_t f = 0; f < E; ++f) a[e * E + f] = a[f * E + e] = 0.0;
-            a[e * E + e] = 1.0;
-            b[e] = cb[g * E + e];
-          }
-        }
-        if (!Solve(a, b, E)) continue;  // keep the old codebook
-        bool finite = true;
-        for (size_t e = 0; e < E; ++e) finite = finite && std::isfinite(b[e]);
-        if (!finite) continue;
-        for (size_t e = 0; e < E; ++e) {
-          ncb[g * E + e] = double(RoundToElementType(float(b[e]), shape.codebook));
-        }
-        // Ascending entries again (the assignment relies on it).
-        for (size_t e = 0; e < E; ++e) order[e] = e;
-        std::stable_sort(order.begin(), order.end(),
-                         [&](size_t x, size_t y) { return ncb[g * E + x] < ncb[g * E + y]; });
-        std::vector<double> sorted(E);
-        for (size_t e = 0; e < E; ++e) {
-          sorted[e] = ncb[g * E + order[e]];
-          rank[order[e]] = e;
-        }
-        for (size_t e = 0; e < E; ++e) ncb[g * E + e] = sorted[e];
-        for (size_t n = g * shape.group_rows; n < r1; ++n) {
-          for (size_t k = 0; k < K; ++k) nidx[n * K + k] = uint8_t(rank[nidx[n * K + k]]);
-        }
-      }
+    return s;
+  };
+  // Error feedback: round the columns in `perm` order to the nearest entry,
+  // moving each rounding error onto the columns not yet rounded.
+  std::vector<double> mids(E), row(K);
+  for (size_t n = 0; n < N; ++n) {
+    const double* c = &cb[(n / shape.group_rows) * E];
+    for (size_t e = 0; e + 1 < E; ++e) mids[e] = 0.5 * (c[e] + c[e + 1]);
+    mids[E - 1] = std::numeric_limits<double>::infinity();
+    for (size_t k = 0; k < K; ++k) row[k] = w[n * K + perm[k]];  // permuted
+    for (size_t j = 0; j < K; ++j) {
+      const uint32_t i = kmeans_1d::Nearest(mids.data(), E, row[j]);
+      nidx[n * K + perm[j]] = static_cast<uint8_t>(i);
+      const double e = (row[j] - c[i]) / u[j * K + j];
+      const double* uj = u.data() + j * K;
+      for (size_t k = j + 1; k < K; ++k) row[k] -= e * uj[k];
     }
-    const double e_new = total_error(ncb, nidx);
-    if (!(e_new < best)) break;
-    best = e_new;
-    cb.swap(ncb);
-    idx.swap(nidx);
-    if (!opt.refit_codebooks) break;  // assignment only: one round
   }
-  if (best < start) {
-    for (size_t g = 0; g < groups; ++g) {
-      for (size_t e = 0; e < E; ++e) q->set_entry(g, e, float(cb[g * E + e]));
-    }
-    for (size_t n = 0; n < N; ++n) PackRow(shape, &idx[n * K], q->mutable_row(n));
+  const double start = total_error(idx), refined = total_error(nidx);
+  if (refined < start) {
+    for (size_t n = 0; n < N; ++n) PackRow(shape, &nidx[n * K], q->mutable_row(n));
   }
   if (before) *before = start;
-  if (after) *after = best;
+  if (after) *after = std::min(start, refined);
   return Status::Ok();
 }
 

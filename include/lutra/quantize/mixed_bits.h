@@ -142,33 +142,44 @@ struct MixedBitsPlan {
 
 namespace mixed_bits_detail {
 
-inline Status ValidateAllowedBits(const std::vector<int>& allowed) {
-  if (allowed.empty()) return InvalidArgument("mixed bits: allowed_bits is empty");
-  for (size_t i = 0; i < allowed.size(); ++i) {
-    if (!IsValidPaletteBits(allowed[i])) {
-      return InvalidArgument("mixed bits: allowed_bits contains %d, need values in {1,2,3,4,6,8}",
-                             allowed[i]);
-    }
+// True, with the value in *repeat, if `values` lists a value twice.
+template <class T>
+bool FindRepeat(const std::vector<T>& values, T* repeat) {
+  for (size_t i = 0; i < values.size(); ++i) {
     for (size_t j = 0; j < i; ++j) {
-      if (allowed[j] == allowed[i]) {
-        return InvalidArgument("mixed bits: allowed_bits lists %d twice", allowed[i]);
+      if (values[j] == values[i]) {
+        *repeat = values[i];
+        return true;
       }
     }
+  }
+  return false;
+}
+
+inline Status ValidateAllowedBits(const std::vector<int>& allowed) {
+  if (allowed.empty()) return InvalidArgument("mixed bits: allowed_bits is empty");
+  for (int b : allowed) {
+    if (!IsValidPaletteBits(b)) {
+      return InvalidArgument("mixed bits: allowed_bits contains %d, need values in {1,2,3,4,6,8}",
+                             b);
+    }
+  }
+  int repeat = 0;
+  if (FindRepeat(allowed, &repeat)) {
+    return InvalidArgument("mixed bits: allowed_bits lists %d twice", repeat);
   }
   return Status::Ok();
 }
 
 inline Status ValidateGroups(const std::vector<size_t>& groups) {
-  for (size_t i = 0; i < groups.size(); ++i) {
-    if (groups[i] == 0 || groups[i] > (size_t{1} << 20)) {
-      return InvalidArgument("mixed bits: rows per codebook G = %zu, need 1 <= G <= 2^20",
-                             groups[i]);
+  for (size_t g : groups) {
+    if (g == 0 || g > (size_t{1} << 20)) {
+      return InvalidArgument("mixed bits: rows per codebook G = %zu, need 1 <= G <= 2^20", g);
     }
-    for (size_t j = 0; j < i; ++j) {
-      if (groups[j] == groups[i]) {
-        return InvalidArgument("mixed bits: allowed_groups lists %zu twice", groups[i]);
-      }
-    }
+  }
+  size_t repeat = 0;
+  if (FindRepeat(groups, &repeat)) {
+    return InvalidArgument("mixed bits: allowed_groups lists %zu twice", repeat);
   }
   return Status::Ok();
 }
