@@ -505,11 +505,7 @@ TEST_CASE("Palettized stories260K: KL divergence bounds", "[generate][shared]") 
 // ----------------------------------------------------------------------------
 // Bad files
 
-std::vector<char> ReadFile(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  return std::vector<char>(std::istreambuf_iterator<char>(f), {});
-}
-
+using test::ReadFile;
 using test::TempPath;  // removed when the test program exits
 
 std::string WriteTemp(const std::string& name, const std::vector<char>& bytes) {

@@ -334,24 +334,24 @@ TEST_CASE("MappedFile: empty files, directories, buffers, moves") {
 }
 
 TEST_CASE("GGUF: unsupported tensor types are recognised and named") {
-  // A q4_K tensor (256-element blocks of 144 bytes) parses (its size is known)
-  // but converting it says which type and tensor.
+  // An iq2_xxs tensor (256-element blocks of 66 bytes) parses (its size is
+  // known) but converting it says which type and tensor.
   GgufWriter w;
-  std::vector<uint8_t> q4k(144 * 2, 0);
-  w.AddTensor("blk.0.attn_q.weight", GgmlType::kQ4_K, {256, 2}, q4k.data(), q4k.size());
+  std::vector<uint8_t> iq2(66 * 2, 0);
+  w.AddTensor("blk.0.attn_q.weight", GgmlType::kIQ2_XXS, {256, 2}, iq2.data(), iq2.size());
   StatusOr<std::vector<uint8_t>> bytes = w.Finish();
   REQUIRE(bytes.ok());
   StatusOr<GgufReader> g = GgufReader::Parse(bytes->data(), bytes->size());
   REQUIRE(g.ok());
   const GgufTensorInfo* t = g->FindTensor("blk.0.attn_q.weight");
   REQUIRE(t != nullptr);
-  CHECK(std::string(t->type_name()) == "q4_K");
-  CHECK(t->n_bytes == 288);
+  CHECK(std::string(t->type_name()) == "iq2_xxs");
+  CHECK(t->n_bytes == 132);
   StatusOr<std::vector<float>> f = TensorToF32(*t);
   REQUIRE(!f.ok());
   CHECK(f.status().code() == StatusCode::kUnimplemented);
   CHECK(Contains(f.status().message(),
-                 "unsupported tensor type q4_K for tensor 'blk.0.attn_q.weight'"));
+                 "unsupported tensor type iq2_xxs for tensor 'blk.0.attn_q.weight'"));
   for (uint32_t id = 0; id < 64; ++id) {
     const GgmlTypeInfo* info = GetGgmlTypeInfo(id);
     if (info == nullptr) continue;

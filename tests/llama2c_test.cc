@@ -624,7 +624,7 @@ TEST_CASE("GGUF llama: missing, misshapen and unsupported contents are named") {
     std::remove(path.c_str());
   }
 
-  // A k-quant tensor is recognised and named.
+  // A tensor type without a converter (iq2_xxs) is recognised and named.
   GgufWriter g;
   g.AddString("general.architecture", "llama");
   g.AddU32("llama.context_length", 8);
@@ -632,13 +632,13 @@ TEST_CASE("GGUF llama: missing, misshapen and unsupported contents are named") {
   g.AddU32("llama.feed_forward_length", 256);
   g.AddU32("llama.block_count", 1);
   g.AddU32("llama.attention.head_count", 2);
-  std::vector<uint8_t> q4k(144 * 4, 0);
-  g.AddTensor("token_embd.weight", GgmlType::kQ4_K, {256, 4}, q4k.data(), q4k.size());
+  std::vector<uint8_t> iq2(66 * 4, 0);
+  g.AddTensor("token_embd.weight", GgmlType::kIQ2_XXS, {256, 4}, iq2.data(), iq2.size());
   StatusOr<ModelWeightsF32> w = LoadGgufBytes(*g.Finish());
   REQUIRE(!w.ok());
   CHECK(w.status().code() == StatusCode::kUnimplemented);
   CHECK(Contains(w.status().message(),
-                 "unsupported tensor type q4_K for tensor 'token_embd.weight'"));
+                 "unsupported tensor type iq2_xxs for tensor 'token_embd.weight'"));
 }
 
 }  // namespace

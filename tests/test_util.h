@@ -16,6 +16,8 @@
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <string>
 #include <vector>
 
@@ -138,6 +140,21 @@ inline std::string SharedModelsDir() {
   }
 #endif
   return std::string();
+}
+
+// The bytes of the file at `path` (empty when it cannot be read).
+inline std::vector<char> ReadFile(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return std::vector<char>(std::istreambuf_iterator<char>(f), {});
+}
+
+// A folder of the shared models directory (e.g. "ktest"), or empty when it
+// or the shared models are absent.
+inline std::string SharedModelsSubdir(const std::string& name) {
+  const std::string models = SharedModelsDir();
+  if (models.empty()) return std::string();
+  const std::string dir = models + "/" + name;
+  return std::filesystem::is_directory(dir) ? dir : std::string();
 }
 
 // Whether `needle` occurs in `haystack` (status messages in CHECKs).

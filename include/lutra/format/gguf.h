@@ -210,10 +210,9 @@ struct GgufTensorInfo {
 inline Status CheckConvertibleToF32(const GgufTensorInfo& t) {
   const GgmlTypeInfo* info = GetGgmlTypeInfo(t.type);
   if (info == nullptr || !info->to_f32) {
-    return Unimplemented(
-        "gguf: unsupported tensor type %s for tensor '%s' (convertible: f32, f16, bf16, f64, "
-        "q8_0, q4_0, q4_1)",
-        info ? info->name : "unknown", gguf_internal::Printable(t.name).c_str());
+    return Unimplemented("gguf: unsupported tensor type %s for tensor '%s' (convertible: %s)",
+                         info ? info->name : "unknown", gguf_internal::Printable(t.name).c_str(),
+                         GgmlConvertibleTypeNames().c_str());
   }
   return Status::Ok();
 }
