@@ -2,7 +2,9 @@
 // stories260K model give identical encodings ("Zoo" = 1 410 469 347 as in
 // the README), decoding round-trips arbitrary bytes, the merge rule matches a
 // naive reimplementation of llama2.c's loop, and corrupt files are rejected
-// with clear messages.
+// with clear messages. Byte-level BPE on a small synthetic vocabulary: merge
+// ranks, pre-tokenizer splits, special tokens, byte fallback, decoding and
+// merge-list validation (the real vocabularies are in vocab_test.cc).
 #include "lutra/format/tokenizer.h"
 
 #include <cstring>
@@ -13,7 +15,9 @@
 
 #include "lutra/format/gguf.h"
 #include "lutra/format/gguf_writer.h"
+#include "lutra/format/lutra_file.h"
 #include "lutra/format/mapped_file.h"
+#include "lutra/format/pretokenizer.h"
 #include "tests/test_util.h"
 
 namespace lutra {
@@ -325,9 +329,11 @@ TEST_CASE("Tokenizer: GGUF vocabulary errors") {
   REQUIRE(ok.ok());
   CHECK(ok->piece(3) == " ");  // U+2581 becomes a space
   CHECK(*ok->Encode("a") == std::vector<int>{1, 3, 4});
+  CHECK(load(build("bert", 5, 1, 1)).status().message() ==
+        "tokenizer: tokenizer.ggml.model 'bert' is not supported (only 'llama', SentencePiece "
+        "BPE, and 'gpt2', byte-level BPE)");
   CHECK(load(build("gpt2", 5, 1, 1)).status().message() ==
-        "tokenizer: tokenizer.ggml.model 'gpt2' is not supported (only 'llama', SentencePiece "
-        "BPE)");
+        "gguf: missing key 'tokenizer.ggml.merges'");
   CHECK(load(build("llama", 4, 1, 1)).status().message() == "tokenizer: 4 scores for 5 tokens");
   CHECK(load(build("llama", 5, 9, 1)).status().message() ==
         "tokenizer: tokenizer.ggml.token_type[4] = 9 is not in [1, 6]");
@@ -341,6 +347,247 @@ TEST_CASE("Tokenizer: GGUF vocabulary errors") {
   StatusOr<GgufReader> g = GgufReader::Parse(empty.data(), empty.size());
   REQUIRE(g.ok());
   CHECK(Tokenizer::FromGguf(*g).status().message() == "gguf: missing key 'tokenizer.ggml.model'");
+}
+
+
+std::string Hex(const std::string& s) {
+  std::string out;
+  char buf[4];
+  for (unsigned char c : s) {
+    std::snprintf(buf, sizeof(buf), "%02X ", c);
+    out += buf;
+  }
+  return out;
+}
+
+// Byte-level vocabulary: the 256 alphabet characters (id = byte), then
+// 256 "<|endoftext|>" (control), 257 "<user>" (user-defined), 258 "ab",
+// 259 "bc", 260 "abc", 261 "Ġa" (" a"), 262 "bca" (reached by no merge).
+std::vector<std::string> BytePieces() {
+  std::vector<std::string> pieces;
+  for (int b = 0; b < 256; ++b) {
+    std::string c;
+    AppendUtf8(ByteToCodePoint(static_cast<uint8_t>(b)), &c);
+    pieces.push_back(c);
+  }
+  for (const char* p : {"<|endoftext|>", "<user>", "ab", "bc", "abc", "\xC4\xA0" "a", "bca"}) {
+    pieces.push_back(p);
+  }
+  return pieces;
+}
+std::vector<TokenType> ByteTypes() {
+  std::vector<TokenType> types(263, TokenType::kNormal);
+  types[256] = TokenType::kControl;
+  types[257] = TokenType::kUserDefined;
+  return types;
+}
+StatusOr<Tokenizer> ByteLevel(const std::vector<std::string_view>& merges,
+                              PreTokenizerSpec pre = {PreTokenizer::kGpt2, false},
+                              std::vector<std::string> pieces = BytePieces(), int unk = -1) {
+  return Tokenizer::FromBpeVocab(std::move(pieces), ByteTypes(), merges, pre, 256, 256, unk);
+}
+
+TEST_CASE("Tokenizer: byte-level BPE merges by rank") {
+  CHECK(ByteToCodePoint(' ') == 0x120);  // 'Ġ'
+  CHECK(ByteToCodePoint('\n') == 0x10A);  // 'Ċ'
+  CHECK(ByteToCodePoint('a') == 'a');
+  for (int b = 0; b < 256; ++b) CHECK(CodePointToByte(ByteToCodePoint(b)) == b);
+  CHECK(CodePointToByte(0x2581) == -1);
+
+  StatusOr<Tokenizer> t = ByteLevel({"a b", "b c", "ab c", "\xC4\xA0 a"});
+  INFO(t.status().message());
+  REQUIRE(t.ok());
+  CHECK(t->byte_level());
+  CHECK(!t->add_bos_token());
+  CHECK(t->Lookup(" a") == 261);  // raw bytes, not the alphabet
+  // "a b" (rank 0) before "b c" (rank 1), then "ab c".
+  CHECK(*t->Encode("abc", false) == std::vector<int>{260});
+  // No dummy prefix; " a" and " abc" are chunks of the gpt-2 split, and in
+  // " abc" "a b" (rank 0) wins over "Ġ a" (rank 3).
+  CHECK(*t->Encode("a a", false) == std::vector<int>{'a', 261});
+  CHECK(*t->Encode("a abc", false) == std::vector<int>{'a', ' ', 260});
+  CHECK(*t->Encode("abc", true, true) == std::vector<int>{256, 260, 256});
+  // With "b c" ranked first, "abc" ends as a + bc ("a bc" is no merge).
+  StatusOr<Tokenizer> swapped = ByteLevel({"b c", "a b", "ab c"});
+  REQUIRE(swapped.ok());
+  CHECK(*swapped->Encode("abc", false) == std::vector<int>{'a', 259});
+  // Llama 3's ignore_merges: a chunk that is a piece is taken whole.
+  StatusOr<Tokenizer> l3 = ByteLevel({"b c"}, {PreTokenizer::kLlama3, true});
+  REQUIRE(l3.ok());
+  CHECK(*l3->Encode("bca", false) == std::vector<int>{262});
+  StatusOr<Tokenizer> l3m = ByteLevel({"b c"}, {PreTokenizer::kLlama3, false});
+  CHECK(*l3m->Encode("bca", false) == std::vector<int>{259, 'a'});
+  // Decoding maps the alphabet back to bytes; no space is dropped after BOS.
+  CHECK(*t->Decode(256, 261) == " a");
+  CHECK(*t->Decode(-1, ' ') == " ");
+  CHECK(*t->Decode(-1, 256) == "");
+  CHECK(*t->Decode(-1, 257) == "<user>");
+  CHECK(t->Decode(-1, 263).status().code() == StatusCode::kOutOfRange);
+}
+
+TEST_CASE("Tokenizer: special tokens are cut out before tokenizing") {
+  StatusOr<Tokenizer> t = ByteLevel({"a b"});
+  REQUIRE(t.ok());
+  // User-defined pieces always; control pieces only with parse_special.
+  CHECK(*t->Encode("ab<user>b", false) == std::vector<int>{258, 257, 'b'});
+  CHECK(*t->Encode("<user><user>", false) == std::vector<int>{257, 257});
+  const std::string eot = "x<|endoftext|>";
+  CHECK(*t->Encode(eot, false, false, true) == std::vector<int>{'x', 256});
+  const std::vector<int> plain = *t->Encode(eot, false);
+  CHECK(plain.size() == eot.size());  // one byte token each (no merges apply)
+  CHECK(*t->DecodeAll(plain) == eot);
+
+  // SentencePiece: user-defined "<u>" is cut out, and the text after it gets
+  // the dummy prefix again (llama.cpp's is_prev_special).
+  const std::vector<std::string> pieces = {"<unk>", "<s>", "</s>", " ", "a", "b", " a", "<u>"};
+  const std::vector<float> scores = {0, 0, 0, -1, -2, -3, -4, 0};
+  std::vector<TokenType> types(8, TokenType::kNormal);
+  types[0] = TokenType::kUnknown;
+  types[1] = types[2] = TokenType::kControl;
+  types[7] = TokenType::kUserDefined;
+  StatusOr<Tokenizer> spm = Tokenizer::FromVocab(pieces, scores, types, 1, 2, 0);
+  REQUIRE(spm.ok());
+  CHECK(*spm->Encode("a<u>b", false) == std::vector<int>{6, 7, 3, 5});
+  CHECK(*spm->Encode("<s>a", false, false, true) == std::vector<int>{1, 6});
+  CHECK(*spm->Encode("a", false) == std::vector<int>{6});
+}
+
+TEST_CASE("Tokenizer: byte-level fallback and arbitrary bytes") {
+  // Without a piece for byte 'x': the unknown token, else an error.
+  std::vector<std::string> pieces = BytePieces();
+  pieces['x'] = "xx";
+  StatusOr<Tokenizer> nounk = ByteLevel({}, {PreTokenizer::kGpt2, false}, pieces);
+  REQUIRE(nounk.ok());
+  CHECK(nounk->Encode("ax", false).status().message() ==
+        "tokenizer: byte 0x78 at offset 1 has no token and no unknown token");
+  StatusOr<Tokenizer> unk = ByteLevel({}, {PreTokenizer::kGpt2, false}, pieces, 256);
+  REQUIRE(unk.ok());
+  CHECK(*unk->Encode("ax", false) == std::vector<int>{'a', 256});
+
+  // Any bytes (invalid UTF-8 included) with every pre-tokenizer: the chunks
+  // cover the text and decoding gives the text back.
+  const PreTokenizer kinds[] = {PreTokenizer::kDefault,      PreTokenizer::kGpt2,
+                                PreTokenizer::kLlama3,       PreTokenizer::kQwen2,
+                                PreTokenizer::kDeepseekLlm,  PreTokenizer::kDeepseekCoder,
+                                PreTokenizer::kFalcon,       PreTokenizer::kStarcoder,
+                                PreTokenizer::kBloom,        PreTokenizer::kViking};
+  const char* alphabet[] = {"a", "b", "c", " ", "\n", "\r", "\t", "'s", "1", "9", "!", "$",
+                            "\xC3\xBC", "\xE4\xB8\x80", "\xE3\x80\x80", "\xF0\x9F\xA6\x99",
+                            "\xE2\x80\xA8", "\x80", "\xFF", "\xE4\xB8", "<user>", "\xCC\x81"};
+  test::Rng rng(7);
+  for (const PreTokenizer kind : kinds) {
+    StatusOr<Tokenizer> t = ByteLevel({"a b", "b c", "ab c", "\xC4\xA0 a"}, {kind, false});
+    REQUIRE(t.ok());
+    for (int iter = 0; iter < 200; ++iter) {
+      std::string text;
+      const size_t len = rng.Below(24);
+      for (size_t i = 0; i < len; ++i) text += alphabet[rng.Below(sizeof(alphabet) / sizeof(alphabet[0]))];
+      INFO("pre-tokenizer " << static_cast<int>(kind) << " text " << Hex(text));
+      const std::vector<size_t> ends = PreTokenize(kind, text);
+      REQUIRE(ends.empty() == text.empty());
+      for (size_t i = 0; i < ends.size(); ++i) CHECK((i == 0 ? 0 : ends[i - 1]) < ends[i]);
+      if (!ends.empty()) CHECK(ends.back() == text.size());
+      StatusOr<std::vector<int>> ids = t->Encode(text, false);
+      REQUIRE(ids.ok());
+      CHECK(*t->DecodeAll(*ids) == text);
+    }
+  }
+}
+
+TEST_CASE("Tokenizer: pre-tokenizer splits") {
+  const auto split = [](PreTokenizer kind, const std::string& text) {
+    std::vector<std::string> out;
+    size_t begin = 0;
+    for (size_t end : PreTokenize(kind, text)) {
+      out.push_back(text.substr(begin, end - begin));
+      begin = end;
+    }
+    return out;
+  };
+  using V = std::vector<std::string>;
+  const std::string text = "Hello world 12345 I'M\n\n  x  ";
+  // Checked against Python's `regex` module running llama.cpp's regexes.
+  CHECK(split(PreTokenizer::kGpt2, text) ==
+        V{"Hello", " world", " 12345", " I", "'", "M", "\n\n ", " x", "  "});
+  CHECK(split(PreTokenizer::kLlama3, text) ==
+        V{"Hello", " world", " ", "123", "45", " I", "'M", "\n\n", " ", " x", "  "});
+  CHECK(split(PreTokenizer::kQwen2, text) == V{"Hello", " world", " ", "1", "2", "3", "4", "5",
+                                              " I", "'M", "\n\n", " ", " x", "  "});
+  CHECK(split(PreTokenizer::kDefault, "a+b=12345, ok?") ==
+        V{"a", "+", "b", "=", "123", "45", ",", " ok", "?"});
+  // deepseek-llm: U+3000 is \s, not a member of the class range U+3000..U+3002.
+  CHECK(split(PreTokenizer::kDeepseekLlm,
+              "F\xC3\xBChrer 3.14 ok!!  \n\xE4\xB8\xAD\xE6\x96\x87 \xE3\x80\x80") ==
+        V{"F", "\xC3\xBC", "hrer", " ", "3", ".", "14", " ok", "!!", "  ", "\n",
+          "\xE4\xB8\xAD\xE6\x96\x87", " \xE3\x80\x80"});
+}
+
+TEST_CASE("Tokenizer: byte-level vocabulary errors") {
+  CHECK(ByteLevel({"a zz"}).status().message() ==
+        "tokenizer: tokenizer.ggml.merges[0] = 'a zz': 'zz' is not in the vocabulary");
+  CHECK(ByteLevel({"a b", "c a"}).status().message() ==
+        "tokenizer: tokenizer.ggml.merges[1] = 'c a': 'ca' is not in the vocabulary");
+  CHECK(ByteLevel({"abc"}).status().message() ==
+        "tokenizer: tokenizer.ggml.merges[0] = 'abc' is not two pieces separated by a space");
+  CHECK(ByteLevel({""}).status().code() == StatusCode::kDataLoss);
+  StatusOr<PreTokenizerSpec> bad = PreTokenizerFromName("llama4");
+  REQUIRE(!bad.ok());
+  CHECK(Contains(bad.status().message(),
+                 "tokenizer: tokenizer.ggml.pre 'llama4' is not supported (supported: default, "));
+  CHECK(PreTokenizerFromName("")->kind == PreTokenizer::kDefault);
+  CHECK(PreTokenizerFromName("llama-bpe")->ignore_merges);
+  CHECK(PreTokenizerFromName("smollm")->kind == PreTokenizer::kStarcoder);
+
+  // Through GGUF metadata.
+  const auto build = [](const std::string& pre, bool merges) {
+    GgufWriter w;
+    w.AddString("tokenizer.ggml.model", "gpt2");
+    if (!pre.empty()) w.AddString("tokenizer.ggml.pre", pre);
+    w.AddStringArray("tokenizer.ggml.tokens", BytePieces());
+    std::vector<int32_t> types;
+    for (TokenType type : ByteTypes()) types.push_back(static_cast<int32_t>(type));
+    w.AddI32Array("tokenizer.ggml.token_type", types);
+    if (merges) w.AddStringArray("tokenizer.ggml.merges", {"a b", "b c", "ab c"});
+    w.AddU32("tokenizer.ggml.bos_token_id", 256);
+    return *w.Finish();
+  };
+  const auto load = [](const std::vector<uint8_t>& bytes) {
+    StatusOr<GgufReader> g = GgufReader::Parse(bytes.data(), bytes.size());
+    REQUIRE(g.ok());
+    return Tokenizer::FromGguf(*g);
+  };
+  StatusOr<Tokenizer> ok = load(build("", true));
+  INFO(ok.status().message());
+  REQUIRE(ok.ok());
+  CHECK(ok->pre_tokenizer().kind == PreTokenizer::kDefault);
+  CHECK(ok->bos_id() == 256);
+  CHECK(ok->eos_id() == -1);
+  CHECK(*ok->Encode("abc") == std::vector<int>{256, 260});
+  StatusOr<Tokenizer> llama3 = load(build("llama-bpe", true));
+  REQUIRE(llama3.ok());
+  CHECK(llama3->add_bos_token());
+  CHECK(load(build("nope", true)).status().code() == StatusCode::kUnimplemented);
+  // A .lutra file stores the vocabulary with the same keys; reading it back
+  // gives the same tokenizer.
+  for (const PreTokenizerSpec pre : {PreTokenizerSpec{PreTokenizer::kLlama3, true},
+                                     PreTokenizerSpec{PreTokenizer::kQwen2, false}}) {
+    StatusOr<Tokenizer> t = ByteLevel({"b c", "a b", "ab c"}, pre);
+    REQUIRE(t.ok());
+    GgufWriter w;
+    lutra_file_detail::AddTokenizer(*t, w);  // what WriteLutraFile writes
+    StatusOr<Tokenizer> back = load(*w.Finish());
+    INFO(back.status().message());
+    REQUIRE(back.ok());
+    CHECK(back->pre_tokenizer().kind == pre.kind);
+    CHECK(back->pre_tokenizer().ignore_merges == pre.ignore_merges);
+    CHECK(back->Merges() == std::vector<std::string>{"b c", "a b", "ab c"});
+    CHECK(back->add_bos_token() == t->add_bos_token());
+    for (const char* text : {"abc bca", "a<user>b", "x 12345"}) {
+      CHECK(*back->Encode(text) == *t->Encode(text));
+    }
+  }
+  CHECK(load(build("gpt-2", false)).status().message() ==
+        "gguf: missing key 'tokenizer.ggml.merges'");
 }
 
 }  // namespace

@@ -194,8 +194,26 @@ inline constexpr HyperParameter kHyperParameters[] = {
     {"lutra.vocab_size", &ModelConfig::vocab_size}, {"lutra.seq_len", &ModelConfig::seq_len}};
 
 // The vocabulary as GGUF tokenizer.ggml.* keys (SentencePiece "llama", which
-// spells spaces as U+2581).
+// spells spaces as U+2581, or byte-level "gpt2" with its merges).
 inline void AddTokenizer(const Tokenizer& tok, GgufWriter& g) {
+  if (tok.byte_level()) {
+    std::vector<std::string> pieces;
+    std::vector<int32_t> types;
+    for (int i = 0; i < tok.vocab_size(); ++i) {
+      pieces.push_back(tok.piece(i));
+      types.push_back(int32_t(tok.type(i)));
+    }
+    g.AddString("tokenizer.ggml.model", "gpt2");
+    g.AddString("tokenizer.ggml.pre", PreTokenizerName(tok.pre_tokenizer()));
+    g.AddStringArray("tokenizer.ggml.tokens", pieces);
+    g.AddI32Array("tokenizer.ggml.token_type", types);
+    g.AddStringArray("tokenizer.ggml.merges", tok.Merges());
+    g.AddU32("tokenizer.ggml.bos_token_id", uint32_t(tok.bos_id()));
+    g.AddU32("tokenizer.ggml.eos_token_id", uint32_t(tok.eos_id()));
+    g.AddU32("tokenizer.ggml.unknown_token_id", uint32_t(tok.unk_id()));
+    g.AddBool("tokenizer.ggml.add_bos_token", tok.add_bos_token());
+    return;
+  }
   std::vector<std::string> pieces;
   std::vector<float> scores;
   std::vector<int32_t> types;
