@@ -93,8 +93,9 @@ void RMSNormT(const float* x, const float* weight, size_t num, float eps, float*
   RMSNorm(x, weight, num, eps, out);
 }
 Status RoPET(float* x, size_t num_tokens, size_t num_heads, size_t head_dim, size_t first_pos,
-             float theta) {
-  return RoPE(x, num_tokens, num_heads, head_dim, first_pos, theta, RopeMode::kAdjacent);
+             const double* inv_freq, RopeLayout layout) {
+  return RoPE(x, num_tokens, num_heads, head_dim, first_pos, inv_freq,
+              layout == RopeLayout::kHalfSplit ? RopeMode::kNeoX : RopeMode::kAdjacent);
 }
 void SwiGLUT(const float* gate, const float* up, size_t num, float* out) {
   SwiGLU(gate, up, num, out);
@@ -174,8 +175,9 @@ void RMSNorm(const float* x, const float* weight, size_t num, float eps, float* 
   HWY_DYNAMIC_DISPATCH(RMSNormT)(x, weight, num, eps, out);
 }
 Status RoPE(float* x, size_t num_tokens, size_t num_heads, size_t head_dim, size_t first_pos,
-            float theta) {
-  return HWY_DYNAMIC_DISPATCH(RoPET)(x, num_tokens, num_heads, head_dim, first_pos, theta);
+            const double* inv_freq, RopeLayout layout) {
+  return HWY_DYNAMIC_DISPATCH(RoPET)(x, num_tokens, num_heads, head_dim, first_pos, inv_freq,
+                                     layout);
 }
 void SwiGLU(const float* gate, const float* up, size_t num, float* out) {
   HWY_DYNAMIC_DISPATCH(SwiGLUT)(gate, up, num, out);

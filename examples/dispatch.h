@@ -15,6 +15,7 @@
 
 #include "lutra/base/status.h"
 #include "lutra/base/thread_pool.h"
+#include "lutra/format/llama_model.h"  // RopeLayout
 #include "lutra/format/palette.h"
 #include "lutra/kernels/kv_cache.h"
 #include "lutra/kernels/matmul.h"
@@ -60,9 +61,12 @@ void DequantizeRow(const PaletteView& w, size_t r, float* out);
 void RMSNorm(const float* x, const float* weight, size_t num, float eps, float* out);
 
 // Rotates x (num_tokens x num_heads x head_dim, in place) for positions
-// first_pos.., pairs (2i, 2i+1) (llama2.c / GGUF "llama"). lutra/kernels/ops-inl.h RoPE.
+// first_pos..: pair p of each head turns by pos * inv_freq[p] (head_dim / 2
+// values, lutra::RopeInverseFrequencies), the pairs laid out as `layout`
+// says (adjacent: llama2.c / GGUF "llama"; half-split: GGUF "qwen2").
+// lutra/kernels/ops-inl.h RoPE.
 Status RoPE(float* x, size_t num_tokens, size_t num_heads, size_t head_dim, size_t first_pos,
-            float theta);
+            const double* inv_freq, RopeLayout layout);
 
 // out[i] = silu(gate[i]) * up[i]; out may alias gate. lutra/kernels/ops-inl.h SwiGLU.
 void SwiGLU(const float* gate, const float* up, size_t num, float* out);

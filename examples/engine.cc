@@ -17,8 +17,8 @@ namespace engine {
 
 Status CheckSupported(const ModelConfig& c) {
   LUTRA_RETURN_IF_ERROR(ValidateConfig(c));
-  if (c.rope_dim != c.head_dim || c.rope_layout != RopeLayout::kAdjacentPairs) {
-    return Unimplemented("model: partial or half-split RoPE (rope_dim %d, head_dim %d)",
+  if (c.rope_dim != c.head_dim) {
+    return Unimplemented("model: partial RoPE (rope_dim %d != head_dim %d) is not supported",
                          c.rope_dim, c.head_dim);
   }
   return Status();
@@ -76,6 +76,12 @@ Status Project(RunState& s, const Linear& w, const float* x, size_t num, float* 
     dispatch::LoraApply(*lora, x, num, w.rows, w.cols, s.lora_ax.data(), y);
   }
   return Status();
+}
+
+// y (num x n) += bias (n floats) in every row; a null bias adds nothing.
+void AddBias(const float* bias, size_t num, size_t n, float* y) {
+  if (bias == nullptr) return;
+  for (size_t i = 0; i < num; ++i) dispatch::AddTo(y + i * n, bias, n);
 }
 
 // Copies the embedding row of each token into x (num x dim).
@@ -149,11 +155,15 @@ StatusOr<const float*> Forward(const Model& model, RunState& s, const int* token
   }
   // Positions continue the cache, or rewind it (a new prompt on this state).
   if (pos != s.cache.end(0)) LUTRA_RETURN_IF_ERROR(s.cache.Truncate(pos));
+  // The model's RoPE frequencies (a few dozen pow calls: negligible next to
+  // the matrices, and always those of `model`, whatever made the state).
+  s.rope_inv_freq = RopeInverseFrequencies(c);
+  const double* inv_freq = s.rope_inv_freq.data();
 
   Embed(w.embedding, tokens, num, s.x.data());
   for (int l = 0; l < c.n_layers; ++l) {
     const LayerWeights& lw = w.layers[l];
-    // Attention block: x += Wo * Attention(RoPE(Wq xn), RoPE(Wk xn), Wv xn).
+    // Attention block: x += Wo * Attention(RoPE(Wq xn + bq), RoPE(Wk xn + bk), Wv xn + bv).
     for (size_t i = 0; i < num; ++i) {
       dispatch::RMSNorm(&s.x[i * dim], lw.attn_norm, dim, c.norm_eps, &s.xb[i * dim]);
     }
@@ -161,9 +171,13 @@ StatusOr<const float*> Forward(const Model& model, RunState& s, const int* token
     LUTRA_RETURN_IF_ERROR(Project(s, lw.wq, s.xb.data(), num, s.q.data(), l, Projection::kQ));
     LUTRA_RETURN_IF_ERROR(Project(s, lw.wk, s.xb.data(), num, s.k.data(), l, Projection::kK));
     LUTRA_RETURN_IF_ERROR(Project(s, lw.wv, s.xb.data(), num, s.v.data(), l, Projection::kV));
-    LUTRA_RETURN_IF_ERROR(dispatch::RoPE(s.q.data(), num, c.n_heads, c.head_dim, pos, c.rope_theta));
-    LUTRA_RETURN_IF_ERROR(
-        dispatch::RoPE(s.k.data(), num, c.n_kv_heads, c.head_dim, pos, c.rope_theta));
+    AddBias(lw.bq, num, c.q_dim(), s.q.data());
+    AddBias(lw.bk, num, c.kv_dim(), s.k.data());
+    AddBias(lw.bv, num, c.kv_dim(), s.v.data());
+    LUTRA_RETURN_IF_ERROR(dispatch::RoPE(s.q.data(), num, c.n_heads, c.head_dim, pos, inv_freq,
+                                         c.rope_layout));
+    LUTRA_RETURN_IF_ERROR(dispatch::RoPE(s.k.data(), num, c.n_kv_heads, c.head_dim, pos,
+                                         inv_freq, c.rope_layout));
     LUTRA_RETURN_IF_ERROR(Attend(c, s, l, num, pos));
     LUTRA_RETURN_IF_ERROR(Observe(s, l, "attn_out", s.att.data(), num, c.q_dim()));
     LUTRA_RETURN_IF_ERROR(Project(s, lw.wo, s.att.data(), num, s.xb.data(), l, Projection::kO));

@@ -35,8 +35,9 @@ namespace engine {
 // The hyper-parameters are lutra::ModelConfig (lutra/format/llama_model.h);
 // the engine runs the configs CheckSupported accepts.
 
-// ValidateConfig's invariants, plus what Forward implements: RoPE over
-// adjacent pairs of whole heads (rope_dim == head_dim).
+// ValidateConfig's invariants, plus what Forward implements: RoPE over whole
+// heads (rope_dim == head_dim), adjacent-pair or half-split, with any
+// frequency factors / linear scaling.
 Status CheckSupported(const ModelConfig& config);
 
 // One projection y = W x (lutra/format/lutra_file.h: f32 or palettized, see
@@ -51,6 +52,11 @@ struct LayerWeights {
   Linear wq, wk, wv, wo;             // q_dim x dim, kv_dim x dim (x2), dim x q_dim
   const float* ffn_norm = nullptr;   // dim
   Linear w1, w2, w3;                 // hidden x dim (gate), dim x hidden, hidden x dim (up)
+  // Biases of the q/k/v projections (qwen2), f32 even in palettized
+  // models; null: none.
+  const float* bq = nullptr;         // q_dim
+  const float* bk = nullptr;         // kv_dim
+  const float* bv = nullptr;         // kv_dim
 };
 
 struct Weights {
@@ -200,6 +206,7 @@ struct RunState {
   std::vector<float> att;         // max_batch x q_dim attention output
   std::vector<float> hb, hb2;     // max_batch x hidden_dim
   std::vector<float> logits;      // max_batch x vocab
+  std::vector<double> rope_inv_freq;  // head_dim / 2: RopeInverseFrequencies, per Forward
   // Keys and values of the last seq_len positions of every layer: a ring
   // buffer, so generation may run past seq_len (attending a sliding window).
   KVCache cache;

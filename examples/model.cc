@@ -10,6 +10,7 @@
 #include <chrono>
 #include <map>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "examples/engine.h"
@@ -87,8 +88,13 @@ std::vector<std::string> Model::MatrixInputSites() const {
 size_t Model::WeightBytes() const {
   size_t bytes = 0;
   for (const Linear* w : Matrices()) bytes += w->bytes();
-  // RMSNorm weights: two per layer plus the final one, f32.
+  // RMSNorm weights: two per layer plus the final one, f32; q/k/v biases.
   bytes += (2 * size_t(config.n_layers) + 1) * size_t(config.dim) * sizeof(float);
+  for (const LayerWeights& l : weights.layers) {
+    if (l.bq) bytes += size_t(config.q_dim()) * sizeof(float);
+    if (l.bk) bytes += size_t(config.kv_dim()) * sizeof(float);
+    if (l.bv) bytes += size_t(config.kv_dim()) * sizeof(float);
+  }
   return bytes;
 }
 
@@ -507,6 +513,19 @@ StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t th
   }
   memcpy(norms + 2 * size_t(c.n_layers) * c.dim, src.weights.final_norm, c.dim * sizeof(float));
   m.weights.final_norm = norms + 2 * size_t(c.n_layers) * c.dim;
+  // So are the q/k/v biases (qwen2): added after the palettized products.
+  for (int l = 0; l < c.n_layers; ++l) {
+    const LayerWeights& sl = src.weights.layers[l];
+    LayerWeights& dl = m.weights.layers[l];
+    const std::pair<const float*, const float**> biases[] = {
+        {sl.bq, &dl.bq}, {sl.bk, &dl.bk}, {sl.bv, &dl.bv}};
+    const size_t sizes[] = {size_t(c.q_dim()), size_t(c.kv_dim()), size_t(c.kv_dim())};
+    for (size_t b = 0; b < 3; ++b) {
+      if (biases[b].first == nullptr) continue;
+      m.f32_storage.emplace_back(biases[b].first, biases[b].first + sizes[b]);
+      *biases[b].second = m.f32_storage.back().data();
+    }
+  }
 
   const std::vector<const Linear*> mats = src.Matrices();
   for (const Linear* w : mats) {
@@ -721,6 +740,7 @@ StatusOr<Model> FromWeights(const LutraWeights& w, std::shared_ptr<void> storage
     d.attn_norm = s.attn_norm, d.ffn_norm = s.ffn_norm;
     d.wq = ToLinear(s.wq), d.wk = ToLinear(s.wk), d.wv = ToLinear(s.wv), d.wo = ToLinear(s.wo);
     d.w1 = ToLinear(s.w1), d.w2 = ToLinear(s.w2), d.w3 = ToLinear(s.w3);
+    d.bq = s.bq, d.bk = s.bk, d.bv = s.bv;
   }
   m.weights.final_norm = w.final_norm;
   // A tied head is the embedding's Linear, so IsTied and Prepare see one matrix.
@@ -742,6 +762,7 @@ LutraWeights ToLutraWeights(const Model& m) {
     d.attn_norm = s.attn_norm, d.ffn_norm = s.ffn_norm;
     d.wq = s.wq, d.wk = s.wk, d.wv = s.wv, d.wo = s.wo;
     d.w1 = s.w1, d.w2 = s.w2, d.w3 = s.w3;
+    d.bq = s.bq, d.bk = s.bk, d.bv = s.bv;
   }
   w.final_norm = m.weights.final_norm;
   w.output = m.weights.output;

@@ -113,7 +113,7 @@ std::vector<uint8_t> WriteGgufModel(const ModelWeightsF32& w, const GgufModelOpt
   g.AddU32("llama.attention.head_count_kv", static_cast<uint32_t>(c.n_kv_heads));
   g.AddF32("llama.attention.layer_norm_rms_epsilon", c.norm_eps);
   g.AddF32("llama.rope.freq_base", c.rope_theta);
-  if (o.rope_scaling) g.AddString("llama.rope.scaling.type", "linear");
+  if (o.rope_scaling) g.AddString("llama.rope.scaling.type", "yarn");
   const auto add = [&](const std::string& name, uint64_t in, uint64_t out, const float* data) {
     if (name == o.skip_tensor) return;
     std::vector<uint64_t> ne = {in};
@@ -535,10 +535,10 @@ TEST_CASE("GGUF llama: missing, misshapen and unsupported contents are named") {
   o.arch = "gpt2";
   s = error(o);
   CHECK(s.code() == StatusCode::kUnimplemented);
-  CHECK(s.message() == "mem.gguf: gguf: architecture 'gpt2' is not supported (only 'llama')");
+  CHECK(s.message() == "mem.gguf: gguf: architecture 'gpt2' is not supported (only 'llama' and 'qwen2')");
   o = GgufModelOptions();
   o.rope_scaling = true;
-  CHECK(Contains(error(o).message(), "RoPE scaling ('linear') is not supported"));
+  CHECK(Contains(error(o).message(), "llama.rope.scaling.type = 'yarn' is not supported"));
   o = GgufModelOptions();
   o.block_count_delta = 1;  // claims 3 blocks, has 2
   CHECK(error(o).message() == "mem.gguf: gguf: no tensor 'blk.2.attn_norm.weight'");

@@ -422,7 +422,7 @@ TEST_CASE("Hostile .lutra files are rejected with a message naming the problem",
   REQUIRE(b.Key(q) > 0);
 
   SECTION("header values") {
-    ExpectRejected(Patched(f, b.Scalar("lutra.format_version"), uint32_t{2}), "format version 2");
+    ExpectRejected(Patched(f, b.Scalar("lutra.format_version"), uint32_t{3}), "format version 3");
     ExpectRejected(Patched(f, b.Scalar("lutra.n_layers"), uint32_t{1} << 20),
                    "n_layers = 1048576 needs at least");
     ExpectRejected(Patched(f, b.Scalar("lutra.n_layers"), uint32_t{0}), "n_layers");

@@ -148,6 +148,28 @@ void TestRoPE() {
   std::vector<float> z = rng.GaussianVector(2 * 80), z0 = z;
   REQUIRE(RoPE(z.data(), 1, 2, 80, 0, 10000.0f, RopeMode::kAdjacent).ok());
   for (size_t i = 0; i < z.size(); ++i) CHECK(z[i] == z0[i]);
+  // A frequency table (scaled RoPE: Llama 3 factors, linear scaling): the
+  // plain table gives the base form's bits, a scaled one the rotation by
+  // pos * inv_freq[p].
+  for (RopeMode mode : {RopeMode::kAdjacent, RopeMode::kNeoX}) {
+    const size_t thd = 18, theads = 3, tpos = 77;
+    std::vector<double> inv(thd / 2);
+    for (size_t p = 0; p < thd / 2; ++p) inv[p] = std::pow(500000.0, -2.0 * double(p) / thd);
+    const std::vector<float> x0 = rng.GaussianVector(theads * thd);
+    std::vector<float> a = x0, b = x0;
+    REQUIRE(RoPE(a.data(), 1, theads, thd, tpos, 500000.0f, mode).ok());
+    REQUIRE(RoPE(b.data(), 1, theads, thd, tpos, inv.data(), mode).ok());
+    CHECK(a == b);
+    // Scaled: every frequency divided by 4 is position / 4 (4 * 77 = 308).
+    for (double& f : inv) f /= 4.0;
+    std::vector<float> c = x0, d = x0;
+    REQUIRE(RoPE(c.data(), 1, theads, thd, 4 * tpos, inv.data(), mode).ok());
+    REQUIRE(RoPE(d.data(), 1, theads, thd, tpos, 500000.0f, mode).ok());
+    for (size_t i = 0; i < c.size(); ++i) CHECK(std::abs(c[i] - d[i]) <= 1e-5f);
+    inv[1] = -1.0;
+    CHECK(RoPE(c.data(), 1, theads, thd, 0, inv.data(), mode).code() ==
+          StatusCode::kInvalidArgument);
+  }
   // Errors.
   CHECK(RoPE(z.data(), 1, 1, 7, 0, 10000.0f, RopeMode::kAdjacent).code() ==
         StatusCode::kInvalidArgument);

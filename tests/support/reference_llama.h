@@ -2,7 +2,9 @@
 // that compare two models' next-token distributions.
 //
 // ReferenceLlama is llama2.c's run.c transcribed: the same loop order and the
-// same f32 arithmetic, one token at a time, with its own KV cache. It is what
+// same f32 arithmetic, one token at a time, with its own KV cache, plus what
+// today's small models add to it: q/k/v biases and half-split RoPE (qwen2),
+// RoPE frequency factors (Llama 3.x) and linear RoPE scaling. It is what
 // the SIMD engine, the file loaders and the quantized models are checked
 // against, so it stays plain and readable top to bottom and is never
 // optimized. It needs no test framework: bench/ includes it too.
@@ -49,17 +51,17 @@ class ReferenceLlama {
   // Runs `w` (which must outlive this) for positions [0, max_positions)
   // (0: config.seq_len). A non-empty `layers` (one per layer) replaces
   // w.layers, e.g. with dequantized matrices; the embedding, final norm and
-  // classifier always come from `w`. Only what llama2.c runs is supported:
-  // adjacent-pair RoPE over whole heads; anything else aborts.
+  // classifier always come from `w`. RoPE must cover whole heads
+  // (rope_dim == head_dim); anything else aborts.
   explicit ReferenceLlama(const ModelWeightsF32& w, std::vector<LayerWeightsF32> layers = {},
                           int max_positions = 0)
       : w_(w),
         c_(w.config),
         layers_(layers.empty() ? w.layers : std::move(layers)),
         max_pos_(max_positions > 0 ? max_positions : c_.seq_len) {
-    if (c_.rope_layout != RopeLayout::kAdjacentPairs || c_.rope_dim != c_.head_dim ||
-        layers_.size() != size_t(c_.n_layers)) {
-      Fail("a llama2.c model with adjacent-pair RoPE over whole heads and one entry per layer");
+    if (c_.rope_dim != c_.head_dim || layers_.size() != size_t(c_.n_layers) ||
+        (!c_.rope_freq_factors.empty() && c_.rope_freq_factors.size() != size_t(c_.head_dim / 2))) {
+      Fail("RoPE over whole heads, head_dim / 2 frequency factors and one entry per layer");
     }
     const size_t kv_dim = size_t(c_.kv_dim());
     key_cache_.assign(size_t(c_.n_layers) * max_pos_ * kv_dim, 0.0f);
@@ -87,18 +89,28 @@ class ReferenceLlama {
       MatMul(q.data(), xb.data(), L.wq, dim, q_dim);
       MatMul(k, xb.data(), L.wk, dim, kv_dim);
       MatMul(v, xb.data(), L.wv, dim, kv_dim);
-      // RoPE: rotate each adjacent pair (i, i + 1) of q and k by pos * freq.
+      AddBias(q.data(), L.bq, q_dim);
+      AddBias(k, L.bk, kv_dim);
+      AddBias(v, L.bv, kv_dim);
+      // RoPE: rotate pair p of every head of q and k by pos * freq_p, with
+      // freq_p = theta^(-2p / hs) / factor_p / linear factor. Pair p is
+      // (2p, 2p + 1) (adjacent, llama2.c) or (p, p + hs / 2) (half-split).
+      const bool half_split = c_.rope_layout == RopeLayout::kHalfSplit;
       for (int i = 0; i < q_dim; i += 2) {
-        const int head_dim = i % hs;
-        const float freq = 1.0f / powf(c_.rope_theta, head_dim / static_cast<float>(hs));
+        const int head = i / hs, p = (i % hs) / 2;
+        float freq = 1.0f / powf(c_.rope_theta, (2 * p) / static_cast<float>(hs));
+        if (!c_.rope_freq_factors.empty()) freq /= c_.rope_freq_factors[p];
+        if (c_.rope_linear_factor != 1.0f) freq /= c_.rope_linear_factor;
         const float val = pos * freq;
         const float fcr = cosf(val), fci = sinf(val);
+        const int i0 = head * hs + (half_split ? p : 2 * p);
+        const int i1 = head * hs + (half_split ? p + hs / 2 : 2 * p + 1);
         const int rotn = i < kv_dim ? 2 : 1;  // k is narrower than q under GQA
         for (int r = 0; r < rotn; ++r) {
           float* vec = r == 0 ? q.data() : k;
-          const float v0 = vec[i], v1 = vec[i + 1];
-          vec[i] = v0 * fcr - v1 * fci;
-          vec[i + 1] = v0 * fci + v1 * fcr;
+          const float v0 = vec[i0], v1 = vec[i1];
+          vec[i0] = v0 * fcr - v1 * fci;
+          vec[i1] = v0 * fci + v1 * fcr;
         }
       }
       // Each query head attends to every cached position of its KV head.
@@ -164,6 +176,11 @@ class ReferenceLlama {
       sum += x[i];
     }
     for (int i = 0; i < size; ++i) x[i] /= sum;
+  }
+  // x (n) += bias (n), unless bias is null.
+  static void AddBias(float* x, const float* bias, int n) {
+    if (bias == nullptr) return;
+    for (int i = 0; i < n; ++i) x[i] += bias[i];
   }
   // W (d, n) row-major [out, in] @ x (n) -> xout (d).
   static void MatMul(float* xout, const float* x, const float* w, int n, int d) {

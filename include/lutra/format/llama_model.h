@@ -10,24 +10,29 @@
 //    [layers, dim, hidden], w3 [layers, hidden, dim], rms_final [dim],
 //    freq_cis_real/imag [seq_len, head_dim / 2] (skipped), wcls [vocab, dim]
 //    when unshared. The file size must match the header exactly.
-//  - GGUF files with general.architecture = "llama" (see gguf.h): llama.*
+//  - GGUF files with general.architecture = "llama" (Llama 1-3.x, SmolLM2,
+//    Mistral-style) or "qwen2" (Qwen2 / Qwen2.5) (see gguf.h): ARCH.*
 //    hyper-parameters and tensors token_embd, blk.N.{attn_norm, attn_q,
 //    attn_k, attn_v, attn_output, ffn_norm, ffn_gate, ffn_down, ffn_up},
-//    output_norm, output (absent: tied to token_embd). F32 tensors are used in
-//    place; f16/bf16/f64/q8_0/q4_0/q4_1 are converted to f32 on load.
+//    optionally blk.N.{attn_q, attn_k, attn_v}.bias (qwen2's q/k/v biases),
+//    output_norm, output (absent: tied to token_embd), and optionally
+//    rope_freqs.weight (Llama 3.x's RoPE frequency factors). Any other tensor
+//    is refused: the forward pass would ignore it. F32 tensors are used in
+//    place; other types are converted to f32 on load.
 //
 // Layout of every matrix: row-major [out, in] (out rows of `in` floats), so
 // y = W x is y[r] = dot(W + r * in, x). llama2.c stores this directly; GGUF's
 // ne = {in, out} is the same bytes.
 //
-// RoPE and the Q/K row order: both sources rotate adjacent pairs
-// (2i, 2i+1) of each head (llama2.c; ggml's "normal" rope that llama.cpp uses
-// for the llama architecture), and GGUF Q/K rows are in that order: llama.cpp's
-// HF converter permutes HF's rotate-half rows back to the original
-// interleaved order, and llama2.c-converted GGUFs (stories260K.gguf) store the
+// RoPE and the Q/K row order: llama2.c and GGUF "llama" rotate adjacent pairs
+// (2i, 2i+1) of each head (ggml's "normal" rope that llama.cpp uses for the
+// llama architecture), and their Q/K rows are in that order: llama.cpp's HF
+// converter permutes HF's rotate-half rows back to the original interleaved
+// order, and llama2.c-converted GGUFs (stories260K.gguf) store the
 // checkpoint's rows unchanged — verified bit-identical to stories260K.bin.
-// So no permutation is applied on load, and one forward pass with
-// RopeLayout::kAdjacentPairs gives the same logits for both files.
+// GGUF "qwen2" keeps HF's row order (llama.cpp's converter does not permute
+// it) and rotates halves (i, i + d/2): ggml's NeoX rope. No permutation is
+// applied on load; ModelConfig::rope_layout says which pairing the rows use.
 // See docs/model-files.md.
 #ifndef LUTRA_LLAMA_MODEL_H_
 #define LUTRA_LLAMA_MODEL_H_
@@ -35,7 +40,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <cmath>
 #include <cstring>
+#include <set>
 #include <string>
 #include <utility>
 #include <vector>
@@ -50,7 +57,7 @@ namespace lutra {
 // How RoPE pairs the dimensions of a head.
 enum class RopeLayout {
   kAdjacentPairs,  // (2i, 2i+1): llama2.c, Meta's original, GGUF "llama"
-  kHalfSplit,      // (i, i + d/2): HF rotate_half, GPT-NeoX (not produced here)
+  kHalfSplit,      // (i, i + d/2): HF rotate_half, GPT-NeoX, GGUF "qwen2"
 };
 
 // Hyper-parameters of a Llama-style decoder, independent of the file format.
@@ -66,6 +73,13 @@ struct ModelConfig {
   float rope_theta = 10000.0f;  // RoPE base: angle = pos * theta^(-2i / rope_dim)
   int rope_dim = 0;             // rotated dims per head (== head_dim here)
   RopeLayout rope_layout = RopeLayout::kAdjacentPairs;
+  // RoPE frequency scaling: pair i's frequency theta^(-2i / rope_dim) is
+  // divided by rope_freq_factors[i] (rope_dim / 2 values; empty: none) and by
+  // rope_linear_factor. Llama 3.x's "llama3" scaling is baked into the
+  // factors (GGUF rope_freqs.weight); linear scaling ("linear",
+  // ARCH.rope.scaling.factor) divides positions, i.e. every frequency.
+  std::vector<float> rope_freq_factors;
+  float rope_linear_factor = 1.0f;
   float norm_eps = 1e-5f;       // RMSNorm epsilon
   bool tied_embedding = false;  // classifier is the token embedding
 
@@ -98,7 +112,38 @@ inline Status ValidateConfig(const ModelConfig& c) {
     return InvalidArgument("model config: rope_theta %g must be > 0 and norm_eps %g in (0, 1)",
                            static_cast<double>(c.rope_theta), static_cast<double>(c.norm_eps));
   }
+  if (!(c.rope_linear_factor > 0.0f && c.rope_linear_factor < 1e30f)) {
+    return InvalidArgument("model config: rope_linear_factor %g must be finite and > 0",
+                           static_cast<double>(c.rope_linear_factor));
+  }
+  if (!c.rope_freq_factors.empty() && c.rope_freq_factors.size() != size_t(c.rope_dim / 2)) {
+    return InvalidArgument("model config: %zu rope_freq_factors, need rope_dim / 2 = %d",
+                           c.rope_freq_factors.size(), c.rope_dim / 2);
+  }
+  for (size_t i = 0; i < c.rope_freq_factors.size(); ++i) {
+    const float f = c.rope_freq_factors[i];
+    if (!(f > 0.0f && f < 1e30f)) {
+      return InvalidArgument("model config: rope_freq_factors[%zu] = %g must be finite and > 0",
+                             i, static_cast<double>(f));
+    }
+  }
   return Status::Ok();
+}
+
+// The angular frequency of each RoPE pair (rope_dim / 2 values, in double):
+// theta^(-2i / rope_dim) / rope_freq_factors[i] / rope_linear_factor, so
+// that pair i of the token at `pos` turns by pos * result[i]. Without
+// scaling this is bit-identical to the plain-theta kernel (ops-inl.h RoPE).
+inline std::vector<double> RopeInverseFrequencies(const ModelConfig& c) {
+  const size_t half = c.rope_dim > 0 ? size_t(c.rope_dim / 2) : 0;
+  std::vector<double> f(half);
+  for (size_t i = 0; i < half; ++i) {
+    f[i] = std::pow(static_cast<double>(c.rope_theta),
+                    -2.0 * static_cast<double>(i) / static_cast<double>(c.rope_dim));
+    if (i < c.rope_freq_factors.size()) f[i] /= static_cast<double>(c.rope_freq_factors[i]);
+    if (c.rope_linear_factor != 1.0f) f[i] /= static_cast<double>(c.rope_linear_factor);
+  }
+  return f;
 }
 
 // One transformer block; every pointer is row-major [out, in] (or a vector).
@@ -112,6 +157,10 @@ struct LayerWeightsF32 {
   const float* w1 = nullptr;         // gate [hidden_dim, dim]
   const float* w2 = nullptr;         // down [dim, hidden_dim]
   const float* w3 = nullptr;         // up   [hidden_dim, dim]
+  // Optional biases added after the projection (null: none; qwen2 has them).
+  const float* bq = nullptr;         // [q_dim]
+  const float* bk = nullptr;         // [kv_dim]
+  const float* bv = nullptr;         // [kv_dim]
 };
 
 // f32 weights of a whole model. The pointers refer either into `file` (f32
@@ -272,66 +321,97 @@ inline StatusOr<ModelWeightsF32> LoadLlama2cModel(const std::string& path) {
   return LoadLlama2cModel(std::move(*file));
 }
 
-// Reads the llama hyper-parameters of a GGUF file. vocab_size comes from
-// token_embd's shape (checked against llama.vocab_size when present).
+// Reads the hyper-parameters of a GGUF "llama" or "qwen2" file (keys
+// ARCH.*, the same names for both). vocab_size comes from token_embd's shape
+// (checked against ARCH.vocab_size when present). RoPE scaling: type absent
+// or "linear" divides positions by ARCH.rope.scaling.factor (or the older
+// ARCH.rope.scale_linear) when set, "none" ignores the factor (as llama.cpp
+// does); Llama 3's "llama3" scaling comes as rope_freqs.weight, F32
+// [rope_dim / 2] frequency divisors; any other type (yarn, longrope, ...) is
+// refused.
 inline StatusOr<ModelConfig> ReadGgufLlamaConfig(const GgufReader& g) {
   StatusOr<std::string_view> arch = g.GetString("general.architecture");
   if (!arch.ok()) return arch.status();
-  if (*arch != "llama") {
-    return Unimplemented("gguf: architecture '%s' is not supported (only 'llama')",
+  ModelConfig c;
+  if (*arch == "llama") {
+    c.rope_layout = RopeLayout::kAdjacentPairs;  // llama.cpp permuted q/k rows for this
+  } else if (*arch == "qwen2") {
+    c.rope_layout = RopeLayout::kHalfSplit;      // HF row order, ggml NeoX rope
+  } else {
+    return Unimplemented("gguf: architecture '%s' is not supported (only 'llama' and 'qwen2')",
                          gguf_internal::Printable(*arch).c_str());
   }
-  ModelConfig c;
+  const std::string a(*arch);
+  const auto key = [&a](const char* name) { return a + "." + name; };
   const struct { const char* key; int* out; bool required; } ints[] = {
-      {"llama.embedding_length", &c.dim, true},
-      {"llama.feed_forward_length", &c.hidden_dim, true},
-      {"llama.block_count", &c.n_layers, true},
-      {"llama.attention.head_count", &c.n_heads, true},
-      {"llama.attention.head_count_kv", &c.n_kv_heads, false},
-      {"llama.context_length", &c.seq_len, true},
+      {"embedding_length", &c.dim, true},
+      {"feed_forward_length", &c.hidden_dim, true},
+      {"block_count", &c.n_layers, true},
+      {"attention.head_count", &c.n_heads, true},
+      {"attention.head_count_kv", &c.n_kv_heads, false},
+      {"context_length", &c.seq_len, true},
   };
   for (const auto& f : ints) {
-    StatusOr<uint32_t> v = f.required ? g.GetU32(f.key) : g.GetU32(f.key, 0);
+    StatusOr<uint32_t> v = f.required ? g.GetU32(key(f.key)) : g.GetU32(key(f.key), 0);
     if (!v.ok()) return v.status();
     if (*v > static_cast<uint32_t>(INT32_MAX)) {
-      return DataLoss("gguf: %s = %u is too large", f.key, *v);
+      return DataLoss("gguf: %s = %u is too large", key(f.key).c_str(), *v);
     }
     *f.out = static_cast<int>(*v);
   }
   if (c.n_kv_heads == 0) c.n_kv_heads = c.n_heads;  // no GQA
   if (c.n_heads <= 0 || c.dim % c.n_heads != 0) {
-    return DataLoss("gguf: llama.embedding_length %d is not a multiple of head_count %d", c.dim,
-                    c.n_heads);
+    return DataLoss("gguf: %s %d is not a multiple of head_count %d",
+                    key("embedding_length").c_str(), c.dim, c.n_heads);
   }
-  StatusOr<uint32_t> key_len = g.GetU32("llama.attention.key_length",
+  StatusOr<uint32_t> key_len = g.GetU32(key("attention.key_length"),
                                         static_cast<uint32_t>(c.dim / c.n_heads));
   if (!key_len.ok()) return key_len.status();
-  StatusOr<uint32_t> value_len = g.GetU32("llama.attention.value_length", *key_len);
+  StatusOr<uint32_t> value_len = g.GetU32(key("attention.value_length"), *key_len);
   if (!value_len.ok()) return value_len.status();
   if (*key_len != *value_len || *key_len > (1u << 16)) {
     return Unimplemented("gguf: attention key_length %u != value_length %u (unsupported)",
                          *key_len, *value_len);
   }
   c.head_dim = static_cast<int>(*key_len);
-  StatusOr<uint32_t> rope_dim = g.GetU32("llama.rope.dimension_count",
+  StatusOr<uint32_t> rope_dim = g.GetU32(key("rope.dimension_count"),
                                          static_cast<uint32_t>(c.head_dim));
   if (!rope_dim.ok()) return rope_dim.status();
   c.rope_dim = static_cast<int>(*rope_dim > (1u << 16) ? (1u << 16) : *rope_dim);
-  StatusOr<float> theta = g.GetF32("llama.rope.freq_base", 10000.0f);
+  StatusOr<float> theta = g.GetF32(key("rope.freq_base"), 10000.0f);
   if (!theta.ok()) return theta.status();
   c.rope_theta = *theta;
-  StatusOr<float> eps = g.GetF32("llama.attention.layer_norm_rms_epsilon", 1e-5f);
+  StatusOr<float> eps = g.GetF32(key("attention.layer_norm_rms_epsilon"), 1e-5f);
   if (!eps.ok()) return eps.status();
   c.norm_eps = *eps;
-  c.rope_layout = RopeLayout::kAdjacentPairs;
-  // RoPE scaling changes the rotation angles; refusing is better than
-  // silently producing wrong logits.
-  StatusOr<std::string_view> scaling = g.GetString("llama.rope.scaling.type", "none");
+  // RoPE scaling changes the rotation angles: what is not implemented is
+  // refused rather than run with silently wrong logits.
+  StatusOr<std::string_view> scaling = g.GetString(key("rope.scaling.type"), "linear");
   if (!scaling.ok()) return scaling.status();
-  if (*scaling != "none" || g.FindTensor("rope_freqs.weight") != nullptr) {
-    return Unimplemented("gguf: RoPE scaling ('%s'%s) is not supported",
-                         gguf_internal::Printable(*scaling).c_str(),
-                         g.FindTensor("rope_freqs.weight") ? ", rope_freqs.weight" : "");
+  if (*scaling != "none" && *scaling != "linear") {
+    return Unimplemented("gguf: %s = '%s' is not supported (only none, linear, and llama3 "
+                         "factors as rope_freqs.weight)",
+                         key("rope.scaling.type").c_str(),
+                         gguf_internal::Printable(*scaling).c_str());
+  }
+  StatusOr<float> factor = g.GetF32(key("rope.scaling.factor"), 0.0f);
+  if (factor.ok() && *factor == 0.0f) factor = g.GetF32(key("rope.scale_linear"), 0.0f);
+  if (!factor.ok()) return factor.status();
+  if (*scaling == "linear" && *factor != 0.0f) {
+    if (!(*factor > 0.0f && *factor < 1e30f)) {
+      return DataLoss("gguf: RoPE scaling factor %g must be finite and > 0",
+                      static_cast<double>(*factor));
+    }
+    c.rope_linear_factor = *factor;
+  }
+  if (const GgufTensorInfo* rf = g.FindTensor("rope_freqs.weight")) {
+    if (rf->n_dims != 1 || rf->ne[0] != static_cast<uint64_t>(c.rope_dim / 2)) {
+      return DataLoss("gguf: rope_freqs.weight has shape %s, expected [rope_dim / 2 = %d]",
+                      rf->ShapeString().c_str(), c.rope_dim / 2);
+    }
+    StatusOr<std::vector<float>> f = TensorToF32(*rf);
+    if (!f.ok()) return f.status().WithContext("gguf: rope_freqs.weight");
+    c.rope_freq_factors = std::move(*f);
   }
   StatusOr<const GgufTensorInfo*> emb = g.GetTensor("token_embd.weight");
   if (!emb.ok()) return emb.status();
@@ -341,11 +421,11 @@ inline StatusOr<ModelConfig> ReadGgufLlamaConfig(const GgufReader& g) {
                     (*emb)->ShapeString().c_str(), c.dim);
   }
   c.vocab_size = static_cast<int>((*emb)->ne[1]);
-  StatusOr<uint32_t> vocab = g.GetU32("llama.vocab_size", static_cast<uint32_t>(c.vocab_size));
+  StatusOr<uint32_t> vocab = g.GetU32(key("vocab_size"), static_cast<uint32_t>(c.vocab_size));
   if (!vocab.ok()) return vocab.status();
   if (*vocab != static_cast<uint32_t>(c.vocab_size)) {
-    return DataLoss("gguf: llama.vocab_size %u != token_embd.weight rows %d", *vocab,
-                    c.vocab_size);
+    return DataLoss("gguf: %s %u != token_embd.weight rows %d", key("vocab_size").c_str(),
+                    *vocab, c.vocab_size);
   }
   c.tied_embedding = g.FindTensor("output.weight") == nullptr;
   Status s = ValidateConfig(c);
@@ -353,7 +433,7 @@ inline StatusOr<ModelConfig> ReadGgufLlamaConfig(const GgufReader& g) {
   return c;
 }
 
-// Loads a GGUF llama model; `file` is kept alive in the result.
+// Loads a GGUF llama or qwen2 model; `file` is kept alive in the result.
 inline StatusOr<ModelWeightsF32> LoadGgufModel(GgufFile file) {
   const GgufReader& g = file.reader();
   StatusOr<ModelConfig> config = ReadGgufLlamaConfig(g);
@@ -363,11 +443,15 @@ inline StatusOr<ModelWeightsF32> LoadGgufModel(GgufFile file) {
   const ModelConfig& c = w.config;
   // Resolves a tensor of the expected ggml shape {in, out} (or {n} for a
   // vector) to f32: in place when it is f32 and aligned, else converted.
+  // Optional tensors that are absent leave *dst null.
   std::vector<std::vector<float>> converted;
-  const auto get = [&](const std::string& name, uint64_t in, uint64_t out,
-                       const float** dst) -> Status {
+  std::set<std::string, std::less<>> used = {"rope_freqs.weight"};  // read by ReadGgufLlamaConfig
+  const auto get = [&](const std::string& name, uint64_t in, uint64_t out, const float** dst,
+                       bool optional = false) -> Status {
+    if (optional && g.FindTensor(name) == nullptr) return Status::Ok();
     StatusOr<const GgufTensorInfo*> t = g.GetTensor(name);
     if (!t.ok()) return t.status();
+    used.insert(name);
     const GgufTensorInfo& ti = **t;
     const uint32_t want_dims = out == 0 ? 1 : 2;
     if (ti.n_dims != want_dims || ti.ne[0] != in || (out != 0 && ti.ne[1] != out)) {
@@ -411,6 +495,20 @@ inline StatusOr<ModelWeightsF32> LoadGgufModel(GgufFile file) {
     if (s.ok()) s = get(p + "ffn_gate.weight", dim, hid, &y.w1);
     if (s.ok()) s = get(p + "ffn_down.weight", hid, dim, &y.w2);
     if (s.ok()) s = get(p + "ffn_up.weight", dim, hid, &y.w3);
+    if (s.ok()) s = get(p + "attn_q.bias", q, 0, &y.bq, /*optional=*/true);
+    if (s.ok()) s = get(p + "attn_k.bias", kv, 0, &y.bk, /*optional=*/true);
+    if (s.ok()) s = get(p + "attn_v.bias", kv, 0, &y.bv, /*optional=*/true);
+  }
+  // A tensor the forward pass does not read (an output bias, q/k norms of
+  // another architecture, ...) would silently change nothing: refuse.
+  for (const GgufTensorInfo& t : g.tensors()) {
+    if (!s.ok()) break;
+    if (used.count(t.name) == 0) {
+      s = Unimplemented("gguf: tensor '%s' is not used by lutra's %s forward pass "
+                        "(unsupported model variant)",
+                        gguf_internal::Printable(t.name).c_str(),
+                        c.rope_layout == RopeLayout::kHalfSplit ? "qwen2" : "llama");
+    }
   }
   if (!s.ok()) return s.WithContext(file.file().path());
   w.converted = std::move(converted);

@@ -7,10 +7,16 @@
 // aligned in the mapped file. docs/format.md (".lutra files") is the full
 // contract; in short:
 //   metadata  general.architecture = "lutra", general.alignment = 64,
-//             lutra.format_version = 1, lutra.{dim, hidden_dim, n_layers,
+//             lutra.format_version = 1 (2 when any version-2 item below is
+//             present), lutra.{dim, hidden_dim, n_layers,
 //             n_heads, n_kv_heads, head_dim, vocab_size, seq_len} (u32),
 //             lutra.rope_theta, lutra.norm_eps (f32), lutra.tied_embedding
-//             (bool), optionally the vocabulary as GGUF tokenizer.ggml.* keys,
+//             (bool), version 2 only when not the default:
+//             lutra.rope_layout (string "half_split"; absent: adjacent
+//             pairs), lutra.rope_freq_factors (f32 array of head_dim / 2
+//             frequency divisors, Llama 3.x), lutra.rope_linear_factor (f32,
+//             positions divided by it),
+//             optionally the vocabulary as GGUF tokenizer.ggml.* keys,
 //             and per palettized matrix NAME
 //             lutra.palette.NAME = [rows, cols, bits, group_rows, codebook]
 //             (u64 array; codebook is the ElementType: 0 f16, 1 bf16, 2 f32),
@@ -21,12 +27,15 @@
 //             as raw bytes) and NAME.codebooks (F16/BF16/F32 [num_groups *
 //             2^bits]); f32: NAME.weight (F32, ne [cols, rows]); the norms
 //             blk.N.attn_norm.weight, blk.N.ffn_norm.weight and
-//             output_norm.weight (F32 [dim]).
+//             output_norm.weight (F32 [dim]); version 2: the optional
+//             biases blk.N.{attn_q, attn_k, attn_v}.bias (F32 [q_dim] /
+//             [kv_dim]).
 //   NAME      token_embd, blk.N.{attn_q, attn_k, attn_v, attn_output,
 //             ffn_gate, ffn_down, ffn_up}, and output unless tied (a tied head
 //             is token_embd, stored once).
-// RoPE rotates adjacent pairs of whole heads (rope_dim = head_dim), as for
-// the llama2.c and GGUF llama models the files are made from.
+// RoPE rotates whole heads (rope_dim = head_dim), adjacent pairs unless
+// lutra.rope_layout says otherwise. A version-1 reader refuses version-2
+// files instead of running them without their biases or RoPE variant.
 //
 // Reading validates before it trusts or allocates: the container (gguf.h:
 // every count, offset and size against the file size), the format version,
@@ -60,7 +69,9 @@
 
 namespace lutra {
 
-inline constexpr uint32_t kLutraFormatVersion = 1;
+// The newest version written and read; files that need nothing of version 2
+// are still written as version 1, so that older readers keep reading them.
+inline constexpr uint32_t kLutraFormatVersion = 2;
 
 // One weight matrix W, rows (outputs) x cols (inputs), y = W x: f32 or
 // palettized. A view: the memory belongs to the caller (or a LutraFile).
@@ -81,6 +92,9 @@ struct LutraLayerWeights {
   LutraMatrix wq, wk, wv, wo;        // q_dim x dim, kv_dim x dim (x2), dim x q_dim
   const float* ffn_norm = nullptr;   // [dim]
   LutraMatrix w1, w2, w3;            // gate hidden x dim, down dim x hidden, up hidden x dim
+  const float* bq = nullptr;         // [q_dim] or null (version 2)
+  const float* bk = nullptr;         // [kv_dim] or null
+  const float* bv = nullptr;         // [kv_dim] or null
 };
 
 // What a .lutra file holds, as views.
@@ -117,6 +131,7 @@ inline LutraWeights LutraWeightsFromF32(const ModelWeightsF32& f32) {
     d.w1 = matrix(s.w1, c.hidden_dim, c.dim);
     d.w2 = matrix(s.w2, c.dim, c.hidden_dim);
     d.w3 = matrix(s.w3, c.hidden_dim, c.dim);
+    d.bq = s.bq, d.bk = s.bk, d.bv = s.bv;
   }
   w.final_norm = f32.final_norm;
   w.output = matrix(f32.classifier, c.vocab_size, c.dim);
@@ -157,6 +172,29 @@ struct NormSlot {
   std::string name;
   const float** norm;
 };
+// An optional bias (version 2) with its tensor name and length.
+struct BiasSlot {
+  std::string name;
+  size_t size;
+  const float** bias;
+};
+
+// The optional biases of `w`'s layers (w.layers as for Slots).
+inline std::vector<BiasSlot> BiasSlots(LutraWeights& w) {
+  std::vector<BiasSlot> out;
+  const size_t q = size_t(w.config.q_dim()), kv = size_t(w.config.kv_dim());
+  for (size_t l = 0; l < w.layers.size(); ++l) {
+    LutraLayerWeights& y = w.layers[l];
+    const std::string p = "blk." + std::to_string(l) + ".";
+    out.push_back({p + "attn_q.bias", q, &y.bq});
+    out.push_back({p + "attn_k.bias", kv, &y.bk});
+    out.push_back({p + "attn_v.bias", kv, &y.bv});
+  }
+  return out;
+}
+
+// lutra.rope_layout's value for the half-split layout (the only one stored).
+inline constexpr const char* kHalfSplitName = "half_split";
 
 // Every matrix and norm of `w`, in the order the file stores them (the head
 // only when untied). w.layers must hold config.n_layers layers.
@@ -335,9 +373,9 @@ inline Status AddLutraFile(const LutraWeights& weights, const Tokenizer* tokeniz
       return InvalidArgument("lutra writer: %s = %d exceeds 2^24", h.key, c.*h.field);
     }
   }
-  if (c.rope_dim != c.head_dim || c.rope_layout != RopeLayout::kAdjacentPairs) {
-    return InvalidArgument("lutra writer: the format stores RoPE over adjacent pairs of whole "
-                           "heads only (rope_dim %d, head_dim %d)", c.rope_dim, c.head_dim);
+  if (c.rope_dim != c.head_dim) {
+    return InvalidArgument("lutra writer: the format stores RoPE over whole heads only "
+                           "(rope_dim %d, head_dim %d)", c.rope_dim, c.head_dim);
   }
   if (weights.layers.size() != size_t(c.n_layers)) {
     return InvalidArgument("lutra writer: %zu layers, the config has n_layers = %d",
@@ -369,15 +407,25 @@ inline Status AddLutraFile(const LutraWeights& weights, const Tokenizer* tokeniz
   for (const NormSlot& n : norms) {
     if (*n.norm == nullptr) return InvalidArgument("lutra writer: %s is null", n.name.c_str());
   }
+  std::vector<BiasSlot> biases = BiasSlots(w);
+  biases.erase(std::remove_if(biases.begin(), biases.end(),
+                              [](const BiasSlot& b) { return *b.bias == nullptr; }),
+               biases.end());
+  const bool half_split = c.rope_layout == RopeLayout::kHalfSplit;
+  const bool version2 = !biases.empty() || half_split || !c.rope_freq_factors.empty() ||
+                        c.rope_linear_factor != 1.0f;
 
   GgufWriter& g = *writer;
   g.AddString("general.architecture", "lutra");
   g.AddU32("general.alignment", 64);
-  g.AddU32("lutra.format_version", kLutraFormatVersion);
+  g.AddU32("lutra.format_version", version2 ? 2 : 1);
   for (const HyperParameter& h : kHyperParameters) g.AddU32(h.key, uint32_t(c.*h.field));
   g.AddF32("lutra.rope_theta", c.rope_theta);
   g.AddF32("lutra.norm_eps", c.norm_eps);
   g.AddBool("lutra.tied_embedding", c.tied_embedding);
+  if (half_split) g.AddString("lutra.rope_layout", kHalfSplitName);
+  if (!c.rope_freq_factors.empty()) g.AddF32Array("lutra.rope_freq_factors", c.rope_freq_factors);
+  if (c.rope_linear_factor != 1.0f) g.AddF32("lutra.rope_linear_factor", c.rope_linear_factor);
   if (!weights.quantization.empty()) g.AddString("lutra.quantization", weights.quantization);
   if (tokenizer != nullptr) AddTokenizer(*tokenizer, g);
   for (const MatrixSlot& s : mats) {
@@ -401,6 +449,9 @@ inline Status AddLutraFile(const LutraWeights& weights, const Tokenizer* tokeniz
   for (const NormSlot& n : norms) {
     g.AddTensorView(n.name, GgmlType::kF32, {uint64_t(c.dim)}, *n.norm,
                     size_t(c.dim) * sizeof(float));
+  }
+  for (const BiasSlot& b : biases) {
+    g.AddTensorView(b.name, GgmlType::kF32, {uint64_t(b.size)}, *b.bias, b.size * sizeof(float));
   }
   return Status::Ok();
 }
@@ -428,8 +479,8 @@ inline StatusOr<LutraFile> ReadLutraFile(GgufFile file) {
   const auto fail = [&](const Status& s) { return s.WithContext(context); };
   StatusOr<uint32_t> version = g.GetU32("lutra.format_version");
   if (!version.ok()) return fail(version.status());
-  if (*version != kLutraFormatVersion) {
-    return fail(Unimplemented("format version %u, this build reads %u", *version,
+  if (*version < 1 || *version > kLutraFormatVersion) {
+    return fail(Unimplemented("format version %u, this build reads 1 to %u", *version,
                               kLutraFormatVersion));
   }
   ModelConfig& c = out.weights.config;
@@ -448,6 +499,23 @@ inline StatusOr<LutraFile> ReadLutraFile(GgufFile file) {
   c.rope_theta = *theta, c.norm_eps = *eps, c.tied_embedding = *tied;
   c.rope_dim = c.head_dim;
   c.rope_layout = RopeLayout::kAdjacentPairs;
+  if (g.Find("lutra.rope_layout") != nullptr) {
+    StatusOr<std::string_view> layout = g.GetString("lutra.rope_layout");
+    if (!layout.ok()) return fail(layout.status());
+    if (*layout != kHalfSplitName) {
+      return fail(DataLoss("lutra.rope_layout = '%s', expected '%s'",
+                           gguf_internal::Printable(*layout).c_str(), kHalfSplitName));
+    }
+    c.rope_layout = RopeLayout::kHalfSplit;
+  }
+  if (g.Find("lutra.rope_freq_factors") != nullptr) {
+    StatusOr<std::vector<float>> f = g.GetF32Array("lutra.rope_freq_factors");
+    if (!f.ok()) return fail(f.status());
+    c.rope_freq_factors = std::move(*f);
+  }
+  StatusOr<float> linear = g.GetF32("lutra.rope_linear_factor", 1.0f);
+  if (!linear.ok()) return fail(linear.status());
+  c.rope_linear_factor = *linear;
   const Status valid = ValidateConfig(c);
   if (!valid.ok()) return fail(DataLoss("%s", valid.message().c_str()));
   // Bound n_layers by what the file holds before allocating per layer.
@@ -494,6 +562,16 @@ inline StatusOr<LutraFile> ReadLutraFile(GgufFile file) {
                            ti.type_name(), ti.ShapeString().c_str(), c.dim));
     }
     *n.norm = reinterpret_cast<const float*>(ti.data);
+  }
+  for (const BiasSlot& b : BiasSlots(out.weights)) {
+    const GgufTensorInfo* ti = g.FindTensor(b.name);
+    if (ti == nullptr) continue;  // optional
+    if (ti->type != uint32_t(GgmlType::kF32) || ti->n_dims != 1 || ti->ne[0] != b.size ||
+        !AlignedForFloats(ti->data)) {
+      return fail(DataLoss("tensor %s is %s %s, expected aligned f32 [%zu]", b.name.c_str(),
+                           ti->type_name(), ti->ShapeString().c_str(), b.size));
+    }
+    *b.bias = reinterpret_cast<const float*>(ti->data);
   }
   if (g.Find("tokenizer.ggml.tokens") != nullptr) {
     StatusOr<Tokenizer> t = Tokenizer::FromGguf(g);

@@ -139,27 +139,35 @@ HWY_INLINE void RMSNorm(const float* x, const float* weight, size_t size,
 // RoPE
 
 // Rotates x[t][h][:] (num_tokens x num_heads x head_dim floats, row-major,
-// in place) for absolute positions first_pos + t. Use it for q (num_heads)
-// and k (num_kv_heads) separately; decode is num_tokens = 1.
-// base: 10000 for Llama 1/2 and llama2.c, 500000 for Llama 3.
-// The angle pos * freq is computed in double: at pos ~ 8K an f32 angle would
-// already be off by ~5e-4 rad. cos/sin are computed once per token and
-// shared by all heads, then applied with vector FMAs.
-// Errors: head_dim odd, zero or > kRopeMaxHeadDim; base <= 0.
+// in place) for absolute positions first_pos + t: pair p (p < head_dim / 2,
+// laid out as `mode` says) turns by the angle (first_pos + t) * inv_freq[p].
+// Use it for q (num_heads) and k (num_kv_heads) separately; decode is
+// num_tokens = 1. inv_freq (head_dim / 2 values) is where a model's RoPE
+// variant lives: base^(-2p / head_dim) for plain RoPE, divided by Llama 3's
+// per-pair factors or a linear scaling factor (see RopeInverseFrequencies in
+// lutra/format/llama_model.h).
+// The angle is computed in double: at pos ~ 8K an f32 angle would already be
+// off by ~5e-4 rad. cos/sin are computed once per token and shared by all
+// heads, then applied with vector FMAs.
+// Errors: head_dim odd, zero or > kRopeMaxHeadDim; an inv_freq value that is
+// negative or not finite.
 template <class DF>
 HWY_INLINE Status RoPE(DF df, float* HWY_RESTRICT x, size_t num_tokens,
                        size_t num_heads, size_t head_dim, size_t first_pos,
-                       float base, RopeMode mode) {
+                       const double* HWY_RESTRICT inv_freq, RopeMode mode) {
   if (head_dim == 0 || head_dim % 2 != 0 || head_dim > kRopeMaxHeadDim) {
     return InvalidArgument("RoPE: head_dim = %zu, need an even value in [2, %zu]",
                            head_dim, kRopeMaxHeadDim);
   }
-  if (!(base > 0.0f)) {
-    return InvalidArgument("RoPE: base = %g, need base > 0", double(base));
+  const size_t half = head_dim / 2;
+  for (size_t p = 0; p < half; ++p) {
+    if (!(inv_freq[p] >= 0.0 && inv_freq[p] < HUGE_VAL)) {
+      return InvalidArgument("RoPE: inv_freq[%zu] = %g, need a finite value >= 0", p,
+                             inv_freq[p]);
+    }
   }
   using V = hn::Vec<DF>;
   const size_t N = hn::Lanes(df);
-  const size_t half = head_dim / 2;
   // kAdjacent: per-lane tables c[2p] = c[2p+1] = cos, s[2p] = -sin,
   // s[2p+1] = +sin, so out = x * c + Reverse2(x) * s.
   // kNeoX: c[p] = cos, s[p] = sin for p < half.
@@ -168,10 +176,7 @@ HWY_INLINE Status RoPE(DF df, float* HWY_RESTRICT x, size_t num_tokens,
   for (size_t t = 0; t < num_tokens; ++t) {
     const double pos = static_cast<double>(first_pos + t);
     for (size_t p = 0; p < half; ++p) {
-      const double freq =
-          std::pow(static_cast<double>(base),
-                   -2.0 * static_cast<double>(p) / static_cast<double>(head_dim));
-      const double angle = pos * freq;
+      const double angle = pos * inv_freq[p];
       const float cs = static_cast<float>(std::cos(angle));
       const float sn = static_cast<float>(std::sin(angle));
       if (mode == RopeMode::kAdjacent) {
@@ -212,11 +217,39 @@ HWY_INLINE Status RoPE(DF df, float* HWY_RESTRICT x, size_t num_tokens,
   return Status();
 }
 
+// Plain RoPE with `base` (10000 for Llama 1/2 and llama2.c, 500000 for
+// Llama 3): inv_freq[p] = base^(-2p / head_dim), in double.
+// Errors: as above, and base <= 0.
+template <class DF>
+HWY_INLINE Status RoPE(DF df, float* HWY_RESTRICT x, size_t num_tokens,
+                       size_t num_heads, size_t head_dim, size_t first_pos,
+                       float base, RopeMode mode) {
+  if (head_dim == 0 || head_dim % 2 != 0 || head_dim > kRopeMaxHeadDim) {
+    return InvalidArgument("RoPE: head_dim = %zu, need an even value in [2, %zu]",
+                           head_dim, kRopeMaxHeadDim);
+  }
+  if (!(base > 0.0f)) {
+    return InvalidArgument("RoPE: base = %g, need base > 0", double(base));
+  }
+  double inv_freq[kRopeMaxHeadDim / 2];
+  for (size_t p = 0; p < head_dim / 2; ++p) {
+    inv_freq[p] = std::pow(static_cast<double>(base),
+                           -2.0 * static_cast<double>(p) / static_cast<double>(head_dim));
+  }
+  return RoPE(df, x, num_tokens, num_heads, head_dim, first_pos, inv_freq, mode);
+}
+
 HWY_INLINE Status RoPE(float* HWY_RESTRICT x, size_t num_tokens, size_t num_heads,
                        size_t head_dim, size_t first_pos, float base,
                        RopeMode mode) {
   return RoPE(hn::ScalableTag<float>(), x, num_tokens, num_heads, head_dim,
               first_pos, base, mode);
+}
+HWY_INLINE Status RoPE(float* HWY_RESTRICT x, size_t num_tokens, size_t num_heads,
+                       size_t head_dim, size_t first_pos,
+                       const double* HWY_RESTRICT inv_freq, RopeMode mode) {
+  return RoPE(hn::ScalableTag<float>(), x, num_tokens, num_heads, head_dim,
+              first_pos, inv_freq, mode);
 }
 
 // ---------------------------------------------------------------------------
