@@ -214,7 +214,8 @@ StatusOr<const float*> Forward(const Model& model, RunState& s, const int* token
 
 Status Generate(const Model& model, RunState& state, const std::vector<int>& prompt,
                 size_t steps, Sampler& sampler, const std::vector<int>& stop_tokens,
-                const std::function<void(int, int)>& on_token, GenerateStats* stats) {
+                const std::function<void(int, int)>& on_token, GenerateStats* stats,
+                size_t start_pos) {
   using Clock = std::chrono::steady_clock;
   if (prompt.empty()) return InvalidArgument("generate: empty prompt (need at least BOS)");
   const size_t vocab = model.config.vocab_size;
@@ -226,36 +227,46 @@ Status Generate(const Model& model, RunState& state, const std::vector<int>& pro
   st.prompt_tokens = prompt.size();
   const auto t0 = Clock::now();
 
-  // Prefill: the prompt in chunks of max_batch tokens.
+  // Prefill: the prompt in chunks of max_batch tokens, after the cache's
+  // first start_pos positions.
   const float* logits = nullptr;
   for (size_t done = 0; done < prompt.size();) {
     const size_t n = std::min(state.max_batch, prompt.size() - done);
-    StatusOr<const float*> out = Forward(model, state, &prompt[done], n, done);
+    StatusOr<const float*> out = Forward(model, state, &prompt[done], n, start_pos + done);
     if (!out.ok()) return out.status();
     logits = *out;
     done += n;
   }
+  for (int t : prompt) sampler.Accept(t);
   int token = int(sampler.Sample(logits));
-  size_t pos = prompt.size();
+  size_t pos = start_pos + prompt.size();
   st.prefill_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
 
   // Decode: llama2.c counts `steps` positions including the prompt's, so
-  // steps + 1 - prompt tokens are generated; the last one is never forwarded.
+  // steps + 1 - prompt tokens are generated; the first comes from the
+  // prefill's logits and the last one is never forwarded, so there is one
+  // decode forward pass fewer than generated tokens.
   const auto t1 = Clock::now();
-  const size_t to_generate = steps + 1 > prompt.size() ? steps + 1 - prompt.size() : 0;
+  const size_t to_generate = steps + 1 > pos ? steps + 1 - pos : 0;
   int prev = prompt.back();
   for (size_t n = 0; n < to_generate; ++n) {
     if (n > 0) {
       StatusOr<const float*> out = Forward(model, state, &token, 1, pos++);
       if (!out.ok()) return out.status();
+      ++st.decode_forwards;
       prev = token;
       token = int(sampler.Sample(*out));
     }
-    if (std::find(stop_tokens.begin(), stop_tokens.end(), token) != stop_tokens.end()) break;
+    if (std::find(stop_tokens.begin(), stop_tokens.end(), token) != stop_tokens.end()) {
+      st.stop_token = token;
+      break;
+    }
+    sampler.Accept(token);
     if (on_token) on_token(prev, token);
-    ++st.decode_tokens;
+    ++st.generated_tokens;
   }
   st.decode_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
+  st.positions = pos;
   if (stats) *stats = st;
   return Status();
 }

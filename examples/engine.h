@@ -246,20 +246,37 @@ StatusOr<const float*> Forward(const Model& model, RunState& state, const int* t
 // Generation
 
 struct GenerateStats {
-  size_t prompt_tokens = 0;
-  size_t decode_tokens = 0;
-  double prefill_seconds = 0.0;    // prompt through the model, first token sampled
-  double decode_seconds = 0.0;
+  size_t prompt_tokens = 0;     // tokens prefilled
+  // Tokens passed to on_token; the first is sampled from the prefill's
+  // logits, each later one costs a decode forward pass.
+  size_t generated_tokens = 0;
+  // Single-token forward passes after the prefill (a stop token sampled
+  // after one is not generated, but its pass is counted).
+  size_t decode_forwards = 0;
+  double prefill_seconds = 0.0;  // prompt through the model, first token sampled
+  double decode_seconds = 0.0;   // the decode passes, their sampling and on_token
+  size_t positions = 0;          // cache positions filled: start_pos + prompt + decode passes
+  int stop_token = -1;           // the stop token sampled (not fed to the model), or -1
+
+  // Decode speed: forward passes per second (not generated tokens, which
+  // include the one sampled during the prefill).
+  double DecodeTokensPerSecond() const {
+    return decode_seconds > 0.0 ? double(decode_forwards) / decode_seconds : 0.0;
+  }
 };
 
-// Feeds `prompt` (token ids, starting with BOS) and samples until `steps`
-// positions in total (prompt included, like llama2.c) or one of `stop_tokens`. Calls
-// on_token(prev, token) for each generated token as soon as it is sampled.
-// `sampler` (lutra/runtime/sampling.h) must be made for the model's vocab_size.
+// Feeds `prompt` at positions start_pos.. (0: a new sequence, starting with
+// BOS; > 0: continuing the cache's first start_pos positions, e.g. the next
+// chat turn) and samples until position `steps` (counted from 0, prompt
+// included, like llama2.c: at most steps + 1 - start_pos - prompt tokens)
+// or one of `stop_tokens`. Calls on_token(prev, token) for each generated
+// token as soon as it is sampled. The prompt and generated tokens are
+// Accept()ed by the sampler (repetition penalty). `sampler`
+// (lutra/runtime/sampling.h) must be made for the model's vocab_size.
 Status Generate(const Model& model, RunState& state, const std::vector<int>& prompt,
                 size_t steps, Sampler& sampler, const std::vector<int>& stop_tokens,
                 const std::function<void(int prev, int token)>& on_token,
-                GenerateStats* stats);
+                GenerateStats* stats, size_t start_pos = 0);
 
 // ----------------------------------------------------------------------------
 // Quality of a quantized model against its reference

@@ -2,19 +2,26 @@
 // (or random weights at a named shape), with weights palettized at load.
 // The model code lives in engine.h/.cc and model.cc; this file is the
 // command line: options, loading, then generate / evaluate / save.
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "examples/dispatch.h"
 #include "examples/engine.h"
+#include "lutra/format/gguf.h"
+#include "lutra/format/lutra_file.h"
 #include "lutra/format/tokenizer.h"
+#include "lutra/runtime/chat_template.h"
 #include "lutra/runtime/lora_manager.h"
 #include "lutra/runtime/sampling.h"
 
@@ -24,42 +31,68 @@ using lutra::Status;
 using lutra::StatusOr;
 namespace engine = lutra::engine;
 
+// The KV cache's largest capacity (--ctx).
+constexpr size_t kMaxContext = size_t(1) << 20;
+// -n when neither -n nor --steps is given: up to this many new tokens,
+// silently fewer when the context is shorter.
+constexpr long long kDefaultNewTokens = 256;
+
+struct LoraSpec {
+  std::string path;
+  double scale = 1.0;
+};
+
 struct Options {
   std::string model;        // .bin (llama2.c), .gguf or .lutra
   std::string synthetic;    // tiny | 1b | afm | <shape>:<layers>
   std::string tokenizer;    // llama2.c tokenizer.bin (GGUF/.lutra carry their own)
   std::string prompt;
-  size_t steps = 256;
+  long long n_predict = -2;  // -n: new tokens; -1 until EOS or full context; -2 not given
+  size_t steps = 0;          // --steps (llama2.c): positions including the prompt; 0 not given
   float temperature = 1.0f;
   float top_p = 0.9f;
-  uint64_t seed = 0;        // 0: from the clock
+  size_t top_k = 0;
+  float min_p = 0.0f;
+  float repeat_penalty = 1.0f;
+  long long repeat_last_n = 64;  // -1: the context length
+  long long seed = -1;           // -1: from the clock
   size_t threads = 1;
   engine::LoadOptions load;
   lutra::ElementType kv_type = lutra::ElementType::kF32;
+  std::string kv_type_k, kv_type_v;  // -ctk / -ctv as given (must agree)
   lutra::MatmulPrecision precision = lutra::MatmulPrecision::kInt8;
   std::string save;         // write a .lutra file and exit
   bool eval = false;
   std::string eval_text;
   size_t eval_tokens = 256;
   size_t batch = 64;        // prefill chunk
-  std::vector<std::string> loras;  // FILE[:SCALE]
+  std::vector<LoraSpec> loras;
   std::string prompts_file;        // lines "[ADAPTER<TAB>]PROMPT"
   size_t recover_rank = 0;         // > 0: build a recovery adapter
   std::string calib_file;          // --calib-text FILE
   bool show_map = false;           // print the per-tensor table
   bool group_given = false, groups_given = false, calib_given = false;
+  std::string stats_json;          // --stats-json FILE
+  bool tokenize = false;           // --tokenize / --tokenize-file: print ids, exit
+  std::string tokenize_text;
+  bool add_bos = false;
+  bool chat = false;               // --chat / -cnv
+  std::string system_prompt;
+  std::string chat_template;       // chatml | llama3 | llama2 (empty: from the model)
 };
 
 void PrintUsage(FILE* out) {
   fprintf(out,
-          "Usage: lutra-generate (--model FILE | --synthetic SHAPE) [options]\n"
+          "Usage: lutra-generate (-m FILE | --synthetic SHAPE) [options]\n"
+          "Options taking a value accept --flag VALUE and --flag=VALUE.\n"
           "\n"
           "Model:\n"
-          "  --model FILE        llama2.c checkpoint (.bin), GGUF v3 Llama model (.gguf:\n"
+          "  -m, --model FILE    llama2.c checkpoint (.bin), GGUF v3 Llama model (.gguf:\n"
           "                      F32/F16/BF16/Q8_0 tensors) or palettized .lutra file\n"
           "  --synthetic SHAPE   random weights: tiny, 1b, afm (or SHAPE:LAYERS, e.g. afm:4)\n"
           "  --tokenizer FILE    llama2.c tokenizer.bin (GGUF/.lutra carry their own)\n"
-          "  --ctx N             context length / KV cache capacity (default: the model's)\n"
+          "  -c, --ctx-size N    context length / KV cache capacity, up to 2^20 (default\n"
+          "                      or 0: the model's; --ctx N is the same)\n"
           "Palettization at load (default: f32 weights):\n"
           "  --bits B            index width 1, 2, 3, 4, 6 or 8\n"
           "  --mixed BPW         widths 2/3/4/6/8 and G chosen per tensor within BPW bits\n"
@@ -80,15 +113,41 @@ void PrintUsage(FILE* out) {
           "  --save FILE.lutra   write the (palettized) model to FILE.lutra and exit;\n"
           "                      later runs map it with --model FILE.lutra\n"
           "Generation:\n"
-          "  --prompt TEXT       prompt (default: empty, i.e. BOS only)\n"
-          "  --steps N           positions including the prompt's (default 256)\n"
+          "  -p, --prompt TEXT   prompt (default: empty, i.e. BOS only)\n"
+          "  -f, --file FILE     prompt from a file\n"
+          "  -n, --n-predict N   new tokens to generate; -1: until end of sequence or the\n"
+          "                      context is full (default 256, fewer if the context is\n"
+          "                      shorter); prompt + N beyond the context is an error\n"
+          "  --steps N           llama2.c's count instead of -n: positions including the\n"
+          "                      prompt's; may run past the context over a sliding window\n"
           "  --temp T            temperature, 0 = greedy (default 1.0)\n"
-          "  --topp P            nucleus sampling mass (default 0.9)\n"
-          "  --seed S            random seed (default: time)\n"
-          "  --threads N         worker threads (default 1)\n"
+          "  --top-k K           keep the K most probable tokens, 0 = all (default 0)\n"
+          "  --top-p P           nucleus sampling mass, 1 = off (default 0.9; --topp too)\n"
+          "  --min-p P           keep tokens with probability >= P x the top one's\n"
+          "                      (before temperature), 0 = off (default 0)\n"
+          "  --repeat-penalty R  penalize the last --repeat-last-n tokens: positive logits\n"
+          "                      / R, negative x R; 1 = off (default 1)\n"
+          "  --repeat-last-n N   tokens the penalty looks back, 0 = off, -1 = context\n"
+          "                      (default 64)\n"
+          "  -s, --seed S        random seed, -1 = from the clock (default -1)\n"
+          "  -t, --threads N     worker threads (default 1)\n"
           "  --kv-type T         KV cache element type: f32 (default), f16, bf16, int8\n"
+          "  -ctk, --cache-type-k T, -ctv, --cache-type-v T\n"
+          "                      the same for llama.cpp users: f32, f16, bf16, q8_0 (=\n"
+          "                      int8); lutra has one type for K and V, so they must match\n"
           "  --precision P       palettized matmuls: int8 (default: u8 codebooks x int8\n"
           "                      activations, fast) or f32 (exact codebook values)\n"
+          "  --stats-json FILE   also write the stats line's figures as a JSON object\n"
+          "Chat:\n"
+          "  -cnv, --chat        chat with an instruction-tuned model through its chat\n"
+          "                      template: one turn with -p, else turns read from stdin\n"
+          "  --system TEXT       system prompt\n"
+          "  --chat-template T   chatml, llama3 or llama2, instead of the family detected\n"
+          "                      from the model's tokenizer.chat_template\n"
+          "Tokenize (loads only the vocabulary; vocab-only GGUFs work):\n"
+          "  --tokenize TEXT     print the token ids of TEXT, one per line, and exit\n"
+          "  --tokenize-file F   the same for the text of file F\n"
+          "  --add-bos           start with BOS (default: no BOS)\n"
           "Quality (--eval): KL divergence, top-1 agreement and perplexity of the\n"
           "palettized model against the f32 model on --eval-text, or on text sampled\n"
           "from the f32 model when absent:\n"
@@ -98,16 +157,18 @@ void PrintUsage(FILE* out) {
           "  --eval-tokens N     tokens to evaluate (default 256)\n"
           "LoRA adapters (lutra/format/lora_file.h: llama.cpp GGUF adapter layout):\n"
           "  --lora FILE[:SCALE] load an adapter (repeatable); the first one is active\n"
+          "  --lora-scaled FILE SCALE\n"
+          "                      the same with a scale, as llama.cpp spells it\n"
           "  --recover-rank R    build a rank-R accuracy-recovery adapter for the\n"
           "                      palettized weights (needs --bits/--mixed; named\n"
           "                      'recovery', active unless a --lora is given)\n"
           "  --prompts-file FILE one prompt per line, optionally 'ADAPTER<TAB>PROMPT' to\n"
           "                      switch adapters per prompt ('-' for none)\n"
-          "  --help              this text\n");
+          "  -h, --help          this text\n");
 }
 
-// The whole file at `path` as text; an error for a missing or empty file.
-StatusOr<std::string> ReadTextFile(const std::string& path) {
+// The bytes of the file at `path`, exactly.
+StatusOr<std::string> ReadFileBytes(const std::string& path) {
   FILE* f = fopen(path.c_str(), "rb");
   if (f == nullptr) return lutra::NotFound("cannot open %s", path.c_str());
   std::string text;
@@ -117,16 +178,31 @@ StatusOr<std::string> ReadTextFile(const std::string& path) {
   const bool failed = ferror(f) != 0;
   fclose(f);
   if (failed) return lutra::DataLoss("cannot read %s", path.c_str());
-  while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
-  if (text.empty()) return lutra::InvalidArgument("%s is empty", path.c_str());
+  return text;
+}
+
+// The whole file at `path` as text without trailing newlines; an error for
+// a missing or empty file.
+StatusOr<std::string> ReadTextFile(const std::string& path) {
+  StatusOr<std::string> text = ReadFileBytes(path);
+  if (!text.ok()) return text.status();
+  while (!text->empty() && (text->back() == '\n' || text->back() == '\r')) text->pop_back();
+  if (text->empty()) return lutra::InvalidArgument("%s is empty", path.c_str());
   return text;
 }
 
 // Parses a whole-string number; false on garbage or out of range.
-bool ParseSize(const char* s, size_t lo, size_t hi, size_t* out) {
+bool ParseInt(const char* s, long long lo, long long hi, long long* out) {
   char* end = nullptr;
+  errno = 0;
   const long long v = strtoll(s, &end, 10);
-  if (end == s || *end != '\0' || v < (long long)lo || v > (long long)hi) return false;
+  if (end == s || *end != '\0' || errno == ERANGE || v < lo || v > hi) return false;
+  *out = v;
+  return true;
+}
+bool ParseSize(const char* s, size_t lo, size_t hi, size_t* out) {
+  long long v = 0;
+  if (!ParseInt(s, (long long)lo, (long long)hi, &v)) return false;
   *out = size_t(v);
   return true;
 }
@@ -138,27 +214,106 @@ bool ParseFloat(const char* s, double lo, double hi, double* out) {
   return true;
 }
 
+// Short and llama.cpp spellings -> the name ParseArgs handles.
+std::string CanonicalFlag(const std::string& flag) {
+  static const char* const kAliases[][2] = {
+      {"-m", "--model"},          {"-p", "--prompt"},         {"-f", "--file"},
+      {"-n", "--n-predict"},      {"-t", "--threads"},        {"-c", "--ctx"},
+      {"--ctx-size", "--ctx"},    {"-s", "--seed"},           {"--topp", "--top-p"},
+      {"-ctk", "--cache-type-k"}, {"-ctv", "--cache-type-v"}, {"-cnv", "--chat"},
+      {"--conversation", "--chat"}, {"-h", "--help"}};
+  for (const auto& a : kAliases) {
+    if (flag == a[0]) return a[1];
+  }
+  return flag;
+}
+
+// --kv-type, or llama.cpp's -ctk/-ctv names (q8_0: lutra's int8, one scale
+// per position and KV head rather than per 32 values).
+bool ParseKvType(const std::string& v, bool llama_names, lutra::ElementType* out) {
+  if (v == "f32") {
+    *out = lutra::ElementType::kF32;
+  } else if (v == "f16") {
+    *out = lutra::ElementType::kF16;
+  } else if (v == "bf16") {
+    *out = lutra::ElementType::kBF16;
+  } else if (v == (llama_names ? "q8_0" : "int8")) {
+    *out = lutra::ElementType::kI8;
+  } else {
+    return false;
+  }
+  return true;
+}
+
+// Whether `path` names a GGUF container (.gguf or .lutra).
+bool HasGgufName(const std::string& path) {
+  const auto ends = [&path](const char* ext) {
+    const size_t n = strlen(ext);
+    return path.size() >= n && strcasecmp(path.c_str() + path.size() - n, ext) == 0;
+  };
+  return ends(".gguf") || ends(".lutra");
+}
+
+// Formats are told apart by content, but a file named .gguf/.lutra that
+// is not GGUF would otherwise be read as a llama2.c checkpoint and blamed
+// for that format's errors: name the real problem instead.
+Status CheckGgufMagic(const std::string& path) {
+  if (!HasGgufName(path)) return Status();
+  FILE* f = fopen(path.c_str(), "rb");
+  if (f == nullptr) return lutra::NotFound("cannot open %s", path.c_str());
+  unsigned char magic[4] = {0, 0, 0, 0};
+  const size_t n = fread(magic, 1, 4, f);
+  fclose(f);
+  if (n == 4 && memcmp(magic, "GGUF", 4) == 0) return Status();
+  if (n < 4) {
+    return lutra::InvalidArgument("%s: not a GGUF file (%zu bytes, shorter than the magic "
+                                  "'GGUF')",
+                                  path.c_str(), n);
+  }
+  char text[5] = {0, 0, 0, 0, 0};
+  for (size_t i = 0; i < 4; ++i) text[i] = isprint(magic[i]) ? char(magic[i]) : '.';
+  return lutra::InvalidArgument("%s: not a GGUF file (bad magic %02x %02x %02x %02x '%s', "
+                                "expected 'GGUF')",
+                                path.c_str(), magic[0], magic[1], magic[2], magic[3], text);
+}
+
 Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
+  bool steps_given = false;
   for (int i = 1; i < argc; ++i) {
-    const std::string flag = argv[i];
-    if (flag == "--help" || flag == "-h") {
-      *help = true;
-      return Status();
+    // --flag=value is --flag value.
+    std::string given = argv[i];
+    std::string inline_value;
+    bool has_inline = false;
+    if (given.size() > 2 && given.compare(0, 2, "--") == 0) {
+      const size_t eq = given.find('=');
+      if (eq != std::string::npos) {
+        inline_value = given.substr(eq + 1);
+        given.resize(eq);
+        has_inline = true;
+      }
     }
-    if (flag == "--eval") {
-      o->eval = true;
+    const std::string flag = CanonicalFlag(given);
+    bool* const boolean = flag == "--help"       ? help
+                          : flag == "--eval"     ? &o->eval
+                          : flag == "--show-map" ? &o->show_map
+                          : flag == "--chat"     ? &o->chat
+                          : flag == "--add-bos"  ? &o->add_bos
+                                                 : nullptr;
+    if (boolean != nullptr) {
+      if (has_inline) return lutra::InvalidArgument("%s takes no value", given.c_str());
+      *boolean = true;
+      if (*help) return Status();
       continue;
     }
-    if (flag == "--show-map") {
-      o->show_map = true;
-      continue;
+    if (!has_inline && i + 1 >= argc) {
+      return lutra::InvalidArgument("%s needs a value", given.c_str());
     }
-    if (i + 1 >= argc) return lutra::InvalidArgument("%s needs a value", flag.c_str());
-    const char* value = argv[++i];
+    const std::string value_text = has_inline ? inline_value : std::string(argv[++i]);
+    const char* value = value_text.c_str();
     size_t n = 0;
     double d = 0.0;
     auto bad = [&](const char* what) {
-      return lutra::InvalidArgument("%s %s: expected %s", flag.c_str(), value, what);
+      return lutra::InvalidArgument("%s %s: expected %s", given.c_str(), value, what);
     };
     if (flag == "--model") {
       o->model = value;
@@ -168,17 +323,39 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
       o->tokenizer = value;
     } else if (flag == "--prompt") {
       o->prompt = value;
+    } else if (flag == "--file") {
+      StatusOr<std::string> text = ReadTextFile(value);
+      if (!text.ok()) return text.status().WithContext(given);
+      o->prompt = std::move(*text);
+    } else if (flag == "--n-predict") {
+      if (!ParseInt(value, -1, 1 << 24, &o->n_predict)) {
+        return bad("-1 (until end of sequence or full context) or a count >= 0");
+      }
     } else if (flag == "--steps") {
       if (!ParseSize(value, 1, 1 << 24, &o->steps)) return bad("an integer >= 1");
+      steps_given = true;
     } else if (flag == "--temp") {
       if (!ParseFloat(value, 0.0, 100.0, &d)) return bad("a number in [0, 100]");
       o->temperature = float(d);
-    } else if (flag == "--topp") {
+    } else if (flag == "--top-p") {
       if (!ParseFloat(value, 0.0, 1.0, &d)) return bad("a number in [0, 1]");
       o->top_p = float(d);
+    } else if (flag == "--top-k") {
+      if (!ParseSize(value, 0, size_t(1) << 32, &o->top_k)) return bad("an integer >= 0");
+    } else if (flag == "--min-p") {
+      if (!ParseFloat(value, 0.0, 1.0, &d)) return bad("a number in [0, 1]");
+      o->min_p = float(d);
+    } else if (flag == "--repeat-penalty") {
+      if (!ParseFloat(value, 1e-3, 100.0, &d)) return bad("a number in [0.001, 100]");
+      o->repeat_penalty = float(d);
+    } else if (flag == "--repeat-last-n") {
+      if (!ParseInt(value, -1, 1 << 20, &o->repeat_last_n)) {
+        return bad("-1 (the context), 0 (off) or a count up to 2^20");
+      }
     } else if (flag == "--seed") {
-      if (!ParseSize(value, 0, size_t(1) << 62, &n)) return bad("an integer >= 0");
-      o->seed = n;
+      if (!ParseInt(value, -1, (long long)1 << 62, &o->seed)) {
+        return bad("-1 (random) or an integer >= 0");
+      }
     } else if (flag == "--threads") {
       if (!ParseSize(value, 1, 256, &o->threads)) return bad("an integer in [1, 256]");
     } else if (flag == "--bits") {
@@ -233,21 +410,18 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
         return bad("auto, measured or weighted");
       }
     } else if (flag == "--ctx") {
-      if (!ParseSize(value, 1, 1 << 20, &n)) return bad("an integer >= 1");
+      if (!ParseSize(value, 0, kMaxContext, &n)) {
+        return bad("an integer in [1, 1048576] (2^20, the largest KV cache), or 0 for the "
+                   "model's");
+      }
       o->load.seq_len = int(n);
     } else if (flag == "--kv-type") {
-      const std::string v = value;
-      if (v == "f32") {
-        o->kv_type = lutra::ElementType::kF32;
-      } else if (v == "f16") {
-        o->kv_type = lutra::ElementType::kF16;
-      } else if (v == "bf16") {
-        o->kv_type = lutra::ElementType::kBF16;
-      } else if (v == "int8") {
-        o->kv_type = lutra::ElementType::kI8;
-      } else {
-        return bad("f32, f16, bf16 or int8");
+      if (!ParseKvType(value, false, &o->kv_type)) return bad("f32, f16, bf16 or int8");
+    } else if (flag == "--cache-type-k" || flag == "--cache-type-v") {
+      if (!ParseKvType(value, true, &o->kv_type)) {
+        return bad("f32, f16, bf16 or q8_0 (lutra's int8 KV cache)");
       }
+      (flag == "--cache-type-k" ? o->kv_type_k : o->kv_type_v) = value;
     } else if (flag == "--precision") {
       const std::string v = value;
       if (v != "int8" && v != "f32") return bad("int8 or f32");
@@ -255,7 +429,22 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
     } else if (flag == "--save") {
       o->save = value;
     } else if (flag == "--lora") {
-      o->loras.push_back(value);
+      // FILE[:SCALE]: the suffix is a scale only when it parses as one.
+      LoraSpec spec{value, 1.0};
+      const size_t colon = value_text.rfind(':');
+      if (colon != std::string::npos &&
+          ParseFloat(value + colon + 1, -100.0, 100.0, &spec.scale)) {
+        spec.path = value_text.substr(0, colon);
+      }
+      o->loras.push_back(spec);
+    } else if (flag == "--lora-scaled") {
+      if (i + 1 >= argc) return lutra::InvalidArgument("%s needs FILE SCALE", given.c_str());
+      const char* scale = argv[++i];
+      if (!ParseFloat(scale, -100.0, 100.0, &d)) {
+        return lutra::InvalidArgument("%s %s %s: expected a scale in [-100, 100]",
+                                      given.c_str(), value, scale);
+      }
+      o->loras.push_back({value, d});
     } else if (flag == "--prompts-file") {
       o->prompts_file = value;
     } else if (flag == "--recover-rank") {
@@ -270,12 +459,55 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
       o->eval_text = std::move(*text);
     } else if (flag == "--eval-tokens") {
       if (!ParseSize(value, 2, 1 << 20, &o->eval_tokens)) return bad("an integer >= 2");
+    } else if (flag == "--stats-json") {
+      o->stats_json = value;
+    } else if (flag == "--tokenize") {
+      o->tokenize = true;
+      o->tokenize_text = value;
+    } else if (flag == "--tokenize-file") {
+      // Exactly the file's bytes: trailing newlines are tokens too.
+      StatusOr<std::string> text = ReadFileBytes(value);
+      if (!text.ok()) return text.status().WithContext(given);
+      o->tokenize = true;
+      o->tokenize_text = std::move(*text);
+    } else if (flag == "--system") {
+      o->system_prompt = value;
+    } else if (flag == "--chat-template") {
+      StatusOr<lutra::ChatFormat> f = lutra::ParseChatFormat(value);
+      if (!f.ok()) return f.status().WithContext(given);
+      o->chat_template = value;
     } else {
-      return lutra::InvalidArgument("unknown option %s (see --help)", flag.c_str());
+      return lutra::InvalidArgument("unknown option %s (see --help)", given.c_str());
     }
+  }
+  if (o->tokenize) {
+    if (o->model.empty() && o->tokenizer.empty()) {
+      return lutra::InvalidArgument("--tokenize needs -m FILE (GGUF or .lutra) or --tokenizer "
+                                    "FILE (llama2.c)");
+    }
+    return Status();
   }
   if (o->model.empty() == o->synthetic.empty()) {
     return lutra::InvalidArgument("give exactly one of --model FILE or --synthetic SHAPE");
+  }
+  if (steps_given && o->n_predict != -2) {
+    return lutra::InvalidArgument("-n and --steps are exclusive (-n counts new tokens, --steps "
+                                  "positions including the prompt's)");
+  }
+  if (!o->kv_type_k.empty() && !o->kv_type_v.empty() && o->kv_type_k != o->kv_type_v) {
+    return lutra::InvalidArgument("-ctk %s and -ctv %s differ: lutra's KV cache has one element "
+                                  "type for keys and values",
+                                  o->kv_type_k.c_str(), o->kv_type_v.c_str());
+  }
+  if (o->chat && (o->eval || !o->prompts_file.empty() || !o->save.empty())) {
+    return lutra::InvalidArgument("--chat does not combine with --eval, --prompts-file or "
+                                  "--save");
+  }
+  if (o->chat && steps_given) {
+    return lutra::InvalidArgument("--chat counts each reply's tokens with -n, not --steps");
+  }
+  if (!o->chat && (!o->system_prompt.empty() || !o->chat_template.empty())) {
+    return lutra::InvalidArgument("--system and --chat-template need --chat");
   }
   if (o->load.bits != 0 && o->load.mixed_bits != 0.0) {
     return lutra::InvalidArgument("--bits and --mixed are exclusive");
@@ -322,25 +554,141 @@ void PrintPiece(std::string_view piece) {
   fflush(stdout);
 }
 
-// The sampler for --temp/--topp/--seed at `temperature` (0: greedy). --topp 0
-// or 1 turns the nucleus off, as in llama2.c.
-StatusOr<lutra::Sampler> MakeSampler(const Options& o, float temperature, size_t vocab) {
+// The sampler for the sampling options at `temperature` (0: greedy).
+// --top-p 0 or 1 turns the nucleus off, as in llama2.c. `context`: what
+// --repeat-last-n -1 means.
+StatusOr<lutra::Sampler> MakeSampler(const Options& o, float temperature, size_t vocab,
+                                     size_t context) {
   lutra::SamplingConfig config;
   config.temperature = temperature;
   config.top_p = o.top_p > 0.0f && o.top_p < 1.0f ? o.top_p : 1.0f;
-  config.seed = o.seed;
+  config.top_k = o.top_k;
+  config.min_p = o.min_p;
+  config.repeat_penalty = o.repeat_penalty;
+  config.repeat_last_n = o.repeat_last_n < 0 ? context : size_t(o.repeat_last_n);
+  config.seed = uint64_t(o.seed);
   return lutra::Sampler::Create(vocab, config);
 }
+
+// What a generation (or a whole chat) did, for the stats line and JSON.
+struct RunFigures {
+  engine::GenerateStats gen;
+  const engine::Model* model = nullptr;
+  const lutra::Adapter* adapter = nullptr;
+  size_t adapter_bytes = 0;
+  size_t threads = 1;
+};
+
+// A JSON string literal of `s` (quotes, backslashes and controls escaped).
+std::string JsonString(const std::string& s) {
+  std::string out = "\"";
+  for (unsigned char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += char(c);
+    } else if (c < 0x20) {
+      char buf[8];
+      snprintf(buf, sizeof(buf), "\\u%04x", c);
+      out += buf;
+    } else {
+      out += char(c);
+    }
+  }
+  return out + "\"";
+}
+
+// Prints the stats line on stderr and, with --stats-json, writes the same
+// figures to that file as one JSON object (replacing it).
+Status ReportStats(const Options& o, const RunFigures& f) {
+  const engine::GenerateStats& st = f.gen;
+  const double ttft_ms = st.prefill_seconds * 1e3;
+  const double ms_per_prompt_token = st.prompt_tokens ? ttft_ms / double(st.prompt_tokens) : 0.0;
+  const double weights_mib = f.model->WeightBytes() / 1048576.0;
+  const double adapters_kib = f.adapter_bytes / 1024.0;
+  const std::string active = f.adapter ? f.adapter->name() : "none";
+  const char* target = lutra::dispatch::TargetName();
+  fprintf(stderr,
+          "stats: prompt %zu tokens, time to first token %.1f ms (%.2f ms/prompt token), "
+          "generated %zu tokens, decode %zu tokens at %.1f tokens/s (forward passes after "
+          "the first token), weights %.1f MiB at %.2f bits/weight, adapters %.1f KiB "
+          "(active: %s), %zu thread%s, %s\n",
+          st.prompt_tokens, ttft_ms, ms_per_prompt_token, st.generated_tokens,
+          st.decode_forwards, st.DecodeTokensPerSecond(), weights_mib,
+          f.model->BitsPerWeight(), adapters_kib, active.c_str(), f.threads,
+          f.threads == 1 ? "" : "s", target);
+  if (o.stats_json.empty()) return Status();
+  FILE* out = fopen(o.stats_json.c_str(), "w");
+  if (out == nullptr) {
+    return lutra::NotFound("--stats-json: cannot open %s for writing: %s", o.stats_json.c_str(),
+                           strerror(errno));
+  }
+  fprintf(out,
+          "{\"prompt_tokens\": %zu, \"time_to_first_token_ms\": %.3f, "
+          "\"ms_per_prompt_token\": %.4f, \"generated_tokens\": %zu, \"decode_tokens\": %zu, "
+          "\"decode_seconds\": %.6f, \"decode_tokens_per_second\": %.3f, "
+          "\"weights_mib\": %.3f, \"bits_per_weight\": %.4f, \"adapters_kib\": %.3f, "
+          "\"active_adapter\": %s, \"threads\": %zu, \"target\": %s}\n",
+          st.prompt_tokens, ttft_ms, ms_per_prompt_token, st.generated_tokens,
+          st.decode_forwards, st.decode_seconds, st.DecodeTokensPerSecond(), weights_mib,
+          f.model->BitsPerWeight(), adapters_kib, JsonString(active).c_str(), f.threads,
+          JsonString(target).c_str());
+  const bool write_failed = ferror(out) != 0;
+  if (fclose(out) != 0 || write_failed) {
+    return lutra::DataLoss("--stats-json: cannot write %s: %s", o.stats_json.c_str(),
+                           strerror(errno));
+  }
+  return Status();
+}
+
+// The last position generation may reach for a `prompt_tokens` prompt at
+// `start` (Generate's `steps`): -n new tokens, until the context is full
+// (-1, and the default 256 when the context is shorter), or --steps as
+// given. An explicit -n past the context is an error (with `clamp`, as in a
+// chat reply, it stops at the context's end instead).
+StatusOr<size_t> LastPosition(const Options& o, size_t start, size_t prompt_tokens,
+                              size_t context, bool clamp) {
+  if (o.steps != 0) return o.steps;
+  const size_t used = start + prompt_tokens;
+  const size_t room = context > used ? context - used : 0;
+  size_t n = room;
+  if (o.n_predict >= 0) {
+    n = size_t(o.n_predict);
+    if (n > room && !clamp) {
+      return lutra::InvalidArgument(
+          "-n %zu: the prompt's %zu tokens + %zu new tokens exceed the context of %zu "
+          "positions; use -n -1 to stop when the context is full, -c N for a larger context "
+          "(up to 2^20), or --steps N to run past it over a sliding window",
+          n, used, n, context);
+    }
+    n = std::min(n, room);
+  } else if (o.n_predict == -2) {
+    n = std::min<size_t>(size_t(kDefaultNewTokens), room);
+  }
+  // n new tokens: the first from the prefill, then n - 1 forward passes.
+  return n == 0 ? used - 1 : used + n - 1;
+}
+
+// Streams generated text to stdout.
+struct PieceWriter {
+  const lutra::Tokenizer& tok;
+  void operator()(int prev, int token) const {
+    StatusOr<std::string_view> piece = tok.Decode(prev, token);
+    if (piece.ok()) PrintPiece(*piece);
+  }
+};
 
 int RunGenerate(const Options& o, const engine::Model& model, const lutra::Tokenizer& tok,
                 lutra::ThreadPool* pool, const std::string& prompt_text,
                 const lutra::Adapter* adapter, size_t adapter_bytes) {
   StatusOr<std::vector<int>> prompt = tok.Encode(prompt_text, /*add_bos=*/true);
   if (!prompt.ok()) return Fail(prompt.status());
-  if (prompt->size() > size_t(model.config.seq_len)) {
-    return Fail(lutra::InvalidArgument("prompt of %zu tokens exceeds the context of %d",
-                                       prompt->size(), model.config.seq_len));
+  const size_t context = size_t(model.config.seq_len);
+  if (prompt->size() > context) {
+    return Fail(lutra::InvalidArgument("prompt of %zu tokens exceeds the context of %zu",
+                                       prompt->size(), context));
   }
+  StatusOr<size_t> steps = LastPosition(o, 0, prompt->size(), context, /*clamp=*/false);
+  if (!steps.ok()) return Fail(steps.status());
   StatusOr<engine::RunState> state = engine::MakeRunState(model.config, o.batch, o.kv_type);
   if (!state.ok()) return Fail(state.status());
   state->pool = pool;
@@ -350,35 +698,187 @@ int RunGenerate(const Options& o, const engine::Model& model, const lutra::Token
   // The prompt is echoed first, as llama2.c does.
   int prev = -1;
   for (int t : *prompt) {
-    StatusOr<std::string_view> piece = tok.Decode(prev, t);
-    if (piece.ok()) PrintPiece(*piece);
+    PieceWriter{tok}(prev, t);
     prev = t;
   }
-  StatusOr<lutra::Sampler> sampler = MakeSampler(o, o.temperature, model.config.vocab_size);
+  StatusOr<lutra::Sampler> sampler = MakeSampler(o, o.temperature, model.config.vocab_size, context);
   if (!sampler.ok()) return Fail(sampler.status());
   std::vector<int> stop = {tok.bos_id()};
   if (tok.eos_id() >= 0) stop.push_back(tok.eos_id());
-  engine::GenerateStats st;
-  Status status = engine::Generate(
-      model, *state, *prompt, o.steps, *sampler, stop,
-      [&](int prev_token, int token) {
-        StatusOr<std::string_view> piece = tok.Decode(prev_token, token);
-        if (piece.ok()) PrintPiece(*piece);
-      },
-      &st);
+  RunFigures figures{{}, &model, adapter, adapter_bytes, o.threads};
+  Status status = engine::Generate(model, *state, *prompt, *steps, *sampler, stop,
+                                   PieceWriter{tok}, &figures.gen);
   printf("\n");
   fflush(stdout);
   if (!status.ok()) return Fail(status);
-  const double ttft_ms = st.prefill_seconds * 1e3;
-  fprintf(stderr,
-          "stats: prompt %zu tokens, time to first token %.1f ms (%.2f ms/prompt token), "
-          "decode %zu tokens at %.1f tokens/s, weights %.1f MiB at %.2f bits/weight, "
-          "adapters %.1f KiB (active: %s), %zu thread%s, %s\n",
-          st.prompt_tokens, ttft_ms, ttft_ms / double(st.prompt_tokens), st.decode_tokens,
-          st.decode_seconds > 0 ? double(st.decode_tokens) / st.decode_seconds : 0.0,
-          model.WeightBytes() / 1048576.0, model.BitsPerWeight(), adapter_bytes / 1024.0,
-          adapter ? adapter->name().c_str() : "none", o.threads, o.threads == 1 ? "" : "s",
-          lutra::dispatch::TargetName());
+  Status reported = ReportStats(o, figures);
+  return reported.ok() ? 0 : Fail(reported);
+}
+
+// Reads one line of stdin without its newline; false at the end of input.
+bool ReadLine(std::string* line) {
+  line->clear();
+  int c;
+  while ((c = getchar()) != EOF && c != '\n') line->push_back(char(c));
+  if (!line->empty() && line->back() == '\r') line->pop_back();
+  return c != EOF || !line->empty();
+}
+
+// tokenizer.chat_template of the model file, "" when it has none; an error
+// where the file kind cannot keep one.
+StatusOr<std::string> ReadChatTemplate(const Options& o) {
+  if (!o.synthetic.empty()) {
+    return lutra::InvalidArgument("--synthetic models have no chat template: give "
+                                  "--chat-template chatml|llama3|llama2");
+  }
+  StatusOr<lutra::MappedFile> file = lutra::MappedFile::Open(o.model);
+  if (!file.ok()) return file.status();
+  if (file->size() < 4 || memcmp(file->data(), "GGUF", 4) != 0) {
+    return lutra::InvalidArgument("%s: llama2.c checkpoints carry no chat template: give "
+                                  "--chat-template chatml|llama3|llama2",
+                                  o.model.c_str());
+  }
+  StatusOr<lutra::GgufFile> gguf = lutra::GgufFile::FromMapped(std::move(*file));
+  if (!gguf.ok()) return gguf.status();
+  if (lutra::IsLutraFile(gguf->reader())) {
+    return lutra::InvalidArgument("%s: .lutra files do not keep the chat template: give "
+                                  "--chat-template chatml|llama3|llama2",
+                                  o.model.c_str());
+  }
+  if (gguf->reader().Find("tokenizer.chat_template") == nullptr) return std::string();
+  StatusOr<std::string_view> t = gguf->reader().GetString("tokenizer.chat_template");
+  if (!t.ok()) return t.status().WithContext(o.model);
+  return std::string(*t);
+}
+
+// --chat: one turn with -p, else turns read from stdin until its end. The KV
+// cache and the sampler's history carry over between turns, so each turn
+// prefills only its own tokens; the conversation ends when the context is
+// full.
+int RunChat(const Options& o, const engine::Model& model, const lutra::Tokenizer& tok,
+            lutra::ThreadPool* pool, const lutra::Adapter* adapter, size_t adapter_bytes) {
+  StatusOr<lutra::ChatFormat> format = lutra::ChatFormat::kChatML;
+  if (!o.chat_template.empty()) {
+    format = lutra::ParseChatFormat(o.chat_template);
+  } else {
+    StatusOr<std::string> jinja = ReadChatTemplate(o);
+    if (!jinja.ok()) return Fail(jinja.status());
+    format = lutra::DetectChatFormat(*jinja);
+    if (!format.ok()) return Fail(format.status().WithContext(o.model));
+  }
+  if (!format.ok()) return Fail(format.status());
+  const lutra::ChatTokenizer chat(tok);
+  std::vector<int> stop;
+  const int end_of_turn = chat.Special(lutra::ChatEndOfTurn(*format));
+  if (end_of_turn >= 0) stop.push_back(end_of_turn);
+  if (tok.eos_id() >= 0) stop.push_back(tok.eos_id());
+  const size_t context = size_t(model.config.seq_len);
+  StatusOr<engine::RunState> state = engine::MakeRunState(model.config, o.batch, o.kv_type);
+  if (!state.ok()) return Fail(state.status());
+  state->pool = pool;
+  state->precision = o.precision;
+  state->adapter = adapter;
+  StatusOr<lutra::Sampler> sampler = MakeSampler(o, o.temperature, model.config.vocab_size, context);
+  if (!sampler.ok()) return Fail(sampler.status());
+  fprintf(stderr, "chat: %s template%s\n", lutra::ChatFormatName(*format),
+          o.chat_template.empty() ? " (from the model)" : "");
+
+  const bool single = !o.prompt.empty();
+  const bool terminal = !single && isatty(fileno(stdin));
+  RunFigures total{{}, &model, adapter, adapter_bytes, o.threads};
+  size_t pos = 0;
+  std::string user;
+  for (bool first = true;; first = false) {
+    if (single) {
+      if (!first) break;
+      user = o.prompt;
+    } else {
+      do {
+        if (terminal) {
+          printf("> ");
+          fflush(stdout);
+        }
+        if (!ReadLine(&user)) user.clear();
+      } while (user.empty() && !feof(stdin));
+      if (user.empty()) break;
+    }
+    StatusOr<std::vector<int>> ids =
+        chat.Encode(lutra::FormatChatTurn(*format, first, o.system_prompt, user));
+    if (!ids.ok()) return Fail(ids.status());
+    if (pos + ids->size() > context) {
+      fprintf(stderr, "chat: the context of %zu positions is full; ending the conversation "
+              "(-c N for a longer one)\n", context);
+      break;
+    }
+    StatusOr<size_t> steps = LastPosition(o, pos, ids->size(), context, /*clamp=*/true);
+    if (!steps.ok()) return Fail(steps.status());
+    engine::GenerateStats st;
+    Status status = engine::Generate(model, *state, *ids, *steps, *sampler, stop,
+                                     PieceWriter{tok}, &st, pos);
+    printf("\n");
+    fflush(stdout);
+    if (!status.ok()) return Fail(status);
+    pos = st.positions;
+    engine::GenerateStats& t = total.gen;
+    t.prompt_tokens += st.prompt_tokens;
+    t.generated_tokens += st.generated_tokens;
+    t.decode_forwards += st.decode_forwards;
+    t.prefill_seconds += st.prefill_seconds;
+    t.decode_seconds += st.decode_seconds;
+    if (st.stop_token < 0 && pos + 1 >= context) {
+      fprintf(stderr, "chat: the context of %zu positions is full; ending the conversation "
+              "(-c N for a longer one)\n", context);
+      break;
+    }
+  }
+  Status reported = ReportStats(o, total);
+  return reported.ok() ? 0 : Fail(reported);
+}
+
+// --tokenize: the ids of the text, one per line, from the vocabulary alone
+// (a vocab-only GGUF works; no weights are loaded from a GGUF model).
+int RunTokenize(const Options& o) {
+  std::shared_ptr<const lutra::Tokenizer> tok;
+  if (!o.tokenizer.empty()) {
+    StatusOr<lutra::Tokenizer> t = lutra::Tokenizer::FromLlama2cFile(o.tokenizer);
+    if (!t.ok()) return Fail(t.status());
+    tok = std::make_shared<const lutra::Tokenizer>(std::move(*t));
+  } else {
+    Status magic = CheckGgufMagic(o.model);
+    if (!magic.ok()) return Fail(magic);
+    StatusOr<lutra::MappedFile> file = lutra::MappedFile::Open(o.model);
+    if (!file.ok()) return Fail(file.status());
+    if (file->size() < 4 || memcmp(file->data(), "GGUF", 4) != 0) {
+      return Fail(lutra::InvalidArgument("%s: llama2.c checkpoints carry no vocabulary: give "
+                                         "--tokenizer FILE",
+                                         o.model.c_str()));
+    }
+    StatusOr<lutra::GgufFile> gguf = lutra::GgufFile::FromMapped(std::move(*file));
+    if (!gguf.ok()) return Fail(gguf.status());
+    if (lutra::IsLutraFile(gguf->reader())) {
+      // Mapped, not copied: cheap even for large models.
+      StatusOr<engine::Model> model = engine::OpenModel(o.model, engine::LoadOptions());
+      if (!model.ok()) return Fail(model.status());
+      if (!model->tokenizer) {
+        return Fail(lutra::NotFound("%s carries no vocabulary", o.model.c_str()));
+      }
+      tok = model->tokenizer;
+    } else {
+      if (gguf->reader().Find("tokenizer.ggml.tokens") == nullptr) {
+        return Fail(lutra::NotFound("%s carries no vocabulary (no tokenizer.ggml.tokens)",
+                                    o.model.c_str()));
+      }
+      StatusOr<lutra::Tokenizer> t = lutra::Tokenizer::FromGguf(gguf->reader());
+      if (!t.ok()) return Fail(t.status().WithContext(o.model));
+      tok = std::make_shared<const lutra::Tokenizer>(std::move(*t));
+    }
+  }
+  StatusOr<std::vector<int>> ids = tok->Encode(o.tokenize_text, o.add_bos);
+  if (!ids.ok()) return Fail(ids.status());
+  for (int id : *ids) printf("%d\n", id);
+  if (fflush(stdout) != 0 || ferror(stdout)) {
+    return Fail(lutra::DataLoss("cannot write to stdout: %s", strerror(errno)));
+  }
   return 0;
 }
 
@@ -397,8 +897,9 @@ int RunEval(const Options& o, const engine::Model& reference, const engine::Mode
     StatusOr<engine::RunState> state = engine::MakeRunState(reference.config, o.batch);
     if (!state.ok()) return Fail(state.status());
     state->pool = pool;
-    StatusOr<lutra::Sampler> sampler = MakeSampler(
-        o, o.temperature > 0.0f ? o.temperature : 1.0f, reference.config.vocab_size);
+    StatusOr<lutra::Sampler> sampler =
+        MakeSampler(o, o.temperature > 0.0f ? o.temperature : 1.0f, reference.config.vocab_size,
+                    size_t(reference.config.seq_len));
     if (!sampler.ok()) return Fail(sampler.status());
     StatusOr<std::vector<int>> prompt = tok.Encode(o.prompt, /*add_bos=*/true);
     if (!prompt.ok()) return Fail(prompt.status());
@@ -442,10 +943,16 @@ int main(int argc, char** argv) {
     PrintUsage(stderr);
     return 2;
   }
-  if (o.seed == 0) {
-    o.seed = uint64_t(std::chrono::system_clock::now().time_since_epoch().count());
+  if (o.tokenize) return RunTokenize(o);
+  if (o.seed < 0) {
+    o.seed = (long long)(uint64_t(std::chrono::system_clock::now().time_since_epoch().count()) >>
+                         2);
   }
   o.load.progress = true;
+  if (!o.model.empty()) {
+    Status magic = CheckGgufMagic(o.model);
+    if (!magic.ok()) return Fail(magic);
+  }
 
   // Load the model, f32 unless it is a palettized .lutra, then palettize it
   // here once the tokenizer is known (--calib-text needs it). --eval and
@@ -459,7 +966,7 @@ int main(int argc, char** argv) {
   if (!random_palettes) load.bits = 0, load.mixed_bits = 0.0;
   StatusOr<engine::Model> model =
       o.synthetic.empty() ? engine::OpenModel(o.model, load, o.threads)
-                          : engine::MakeSyntheticModel(o.synthetic, load, o.seed);
+                          : engine::MakeSyntheticModel(o.synthetic, load, uint64_t(o.seed));
   if (!model.ok()) return Fail(model.status());
   const bool already = model->weights.embedding.palettized() && !random_palettes;
   if (keep_f32 && already) {
@@ -508,15 +1015,9 @@ int main(int argc, char** argv) {
     if (!active) active = a;
     return adapters.Get(a->name()).status();
   };
-  for (const std::string& spec : o.loras) {
-    std::string path = spec;
-    double scale = 1.0;
-    const size_t colon = spec.rfind(':');
-    if (colon != std::string::npos && ParseFloat(spec.c_str() + colon + 1, -100.0, 100.0, &scale)) {
-      path = spec.substr(0, colon);
-    }
+  for (const LoraSpec& spec : o.loras) {
     StatusOr<std::shared_ptr<const lutra::Adapter>> a =
-        engine::LoadLora(path, float(scale), *model);
+        engine::LoadLora(spec.path, float(spec.scale), *model);
     if (!a.ok()) return Fail(a.status());
     Status added = add_adapter(*a);
     if (!added.ok()) return Fail(added);
@@ -532,6 +1033,9 @@ int main(int argc, char** argv) {
 
   lutra::ThreadPool pool(o.threads);
   if (o.eval) return RunEval(o, *f32, *model, **tokenizer, &pool, active.get());
+  if (o.chat) {
+    return RunChat(o, *model, **tokenizer, &pool, active.get(), adapters.resident_bytes());
+  }
   if (o.prompts_file.empty()) {
     return RunGenerate(o, *model, **tokenizer, &pool, o.prompt, active.get(),
                        adapters.resident_bytes());

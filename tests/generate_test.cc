@@ -5,6 +5,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -23,6 +24,7 @@
 #include <utility>
 
 #include "examples/engine.h"
+#include "lutra/format/gguf_writer.h"
 #include "lutra/format/lora_file.h"
 #include "tests/test_util.h"
 
@@ -734,6 +736,375 @@ TEST_CASE("stories260K as .lutra: same text, bad files rejected", "[generate][sh
   patched[bits_at] = 4;
   ExpectLoadError(WriteTemp("bits.lutra", patched), "token_embd");
 }
+
+
+// ----------------------------------------------------------------------------
+// Generation counts and chat continuation (engine), then lutra-generate's
+// command line (the built binary, when there is one).
+
+TEST_CASE("Generate: stats count forward passes; continuing the cache equals one run",
+          "[generate][shared]") {
+  LUTRA_REQUIRE_SHARED_MODELS();
+  StatusOr<Model> model = OpenModel(SharedPath("stories260K.bin"), LoadOptions());
+  REQUIRE(model.ok());
+  StatusOr<std::shared_ptr<const Tokenizer>> tok = LoadTokenizer(SharedPath("tok512.bin"), *model);
+  REQUIRE(tok.ok());
+  const std::vector<int> a = (*tok)->Encode("Zoo", true).value();
+  const std::vector<int> b = (*tok)->Encode(" Then the cat", false).value();
+  Sampler greedy = Sampler::Create(model->config.vocab_size, SamplingConfig{0.0f}).value();
+  StatusOr<RunState> state = MakeRunState(model->config, 8);
+  REQUIRE(state.ok());
+  // Turn 1: 10 new tokens; the first comes from the prefill, so 9 passes.
+  std::vector<int> first;
+  GenerateStats st;
+  REQUIRE(Generate(*model, *state, a, a.size() + 9, greedy, {}, [&](int, int t) { first.push_back(t); },
+                   &st)
+              .ok());
+  CHECK(st.prompt_tokens == a.size());
+  CHECK(st.generated_tokens == 10);
+  CHECK(st.decode_forwards == 9);
+  CHECK(st.positions == a.size() + 9);
+  CHECK(st.stop_token == -1);
+  REQUIRE(first.size() == 10);
+  // Turn 2 continues the cache at st.positions (the last token of turn 1
+  // was sampled, never fed) ...
+  std::vector<int> second;
+  GenerateStats st2;
+  REQUIRE(Generate(*model, *state, b, st.positions + b.size() + 7, greedy, {},
+                   [&](int, int t) { second.push_back(t); }, &st2, st.positions)
+              .ok());
+  CHECK(st2.prompt_tokens == b.size());
+  CHECK(st2.generated_tokens == 8);
+  // ... and gives what one run over the whole text gives.
+  std::vector<int> whole = a;
+  whole.insert(whole.end(), first.begin(), first.end() - 1);
+  whole.insert(whole.end(), b.begin(), b.end());
+  std::vector<int> once;
+  StatusOr<RunState> fresh = MakeRunState(model->config, 8);
+  REQUIRE(fresh.ok());
+  REQUIRE(Generate(*model, *fresh, whole, whole.size() + 7, greedy, {},
+                   [&](int, int t) { once.push_back(t); }, nullptr)
+              .ok());
+  CHECK(second == once);
+  // A stop token ends generation after its forward pass, unreported.
+  GenerateStats stopped;
+  REQUIRE(Generate(*model, *fresh, a, a.size() + 20, greedy, {first[3]}, nullptr, &stopped).ok());
+  CHECK(stopped.stop_token == first[3]);
+  CHECK(stopped.generated_tokens == 3);
+  CHECK(stopped.decode_forwards == 3);
+}
+
+#ifdef LUTRA_GENERATE_BIN
+struct CliResult {
+  int rc = -1;
+  std::string out;  // stdout and stderr together
+};
+
+// Runs lutra-generate with `args` (each one shell-quoted).
+CliResult RunCli(const std::vector<std::string>& args, const std::string& stdin_text = "") {
+  std::string cmd = "'" LUTRA_GENERATE_BIN "'";
+  for (const std::string& a : args) {
+    std::string q = "'";
+    for (char c : a) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+    cmd += " " + q + "'";
+  }
+  if (!stdin_text.empty()) {
+    const std::string in = TempPath("cli_stdin.txt");
+    std::ofstream(in, std::ios::binary) << stdin_text;
+    cmd += " < '" + in + "'";
+  } else {
+    cmd += " < /dev/null";
+  }
+  cmd += " 2>&1";
+  CliResult r;
+  FILE* p = popen(cmd.c_str(), "r");
+  REQUIRE(p != nullptr);
+  char buf[4096];
+  size_t n;
+  while ((n = fread(buf, 1, sizeof(buf), p)) > 0) r.out.append(buf, n);
+  const int status = pclose(p);
+  r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+// SKIPs when the binary cannot run here (e.g. a cross build under qemu).
+#define LUTRA_REQUIRE_CLI()                                                       \
+  LUTRA_REQUIRE_SHARED_MODELS();                                                  \
+  if (RunCli({"--help"}).rc != 0) SKIP("cannot run " LUTRA_GENERATE_BIN);
+
+TEST_CASE("lutra-generate: llama.cpp-style flags give the same greedy text", "[generate][cli]") {
+  LUTRA_REQUIRE_CLI();
+  const std::string bin = SharedPath("stories260K.bin"), tok = SharedPath("tok512.bin");
+  const std::string expected = std::string(kZooText) + "\n";
+  // Today's long names: --steps counts positions (4 prompt tokens + 56).
+  CliResult old = RunCli({"--model", bin, "--tokenizer", tok, "--temp", "0", "--steps", "60",
+                          "--prompt", "Zoo"});
+  INFO(old.out);
+  CHECK(old.rc == 0);
+  CHECK(old.out.compare(0, expected.size(), expected) == 0);
+  // -n counts new tokens: 57 of them (the last one sampled, never fed).
+  for (const std::vector<std::string>& args :
+       {std::vector<std::string>{"-m", bin, "--tokenizer", tok, "--temp", "0", "-n", "57", "-p",
+                                 "Zoo", "-t", "2", "-c", "512", "-s", "3"},
+        std::vector<std::string>{"--model=" + bin, "--tokenizer=" + tok, "--temp=0",
+                                 "--n-predict=57", "--prompt=Zoo", "--ctx-size=512",
+                                 "--top-k=40", "--top-p=0.5", "--min-p=0.1",
+                                 "--repeat-last-n=0", "-ctk", "f16", "-ctv", "f16"}}) {
+    CliResult r = RunCli(args);
+    INFO(r.out);
+    CHECK(r.rc == 0);
+    CHECK(r.out.compare(0, expected.size(), expected) == 0);
+    CHECK(test::Contains(r.out, "generated 57 tokens, decode 56 tokens at"));
+  }
+  // -f reads the prompt from a file.
+  const std::string prompt_file = TempPath("prompt.txt");
+  std::ofstream(prompt_file) << "Zoo\n";
+  CliResult f = RunCli({"-m", bin, "--tokenizer", tok, "--temp", "0", "-n", "57", "-f", prompt_file});
+  CHECK(f.out.compare(0, expected.size(), expected) == 0);
+  // Seed 0 is a seed like any other: two runs agree.
+  const std::vector<std::string> seeded = {"-m", bin, "--tokenizer", tok, "-n", "30", "-s", "0"};
+  const auto text = [](const std::string& out) { return out.substr(0, out.find("stats:")); };
+  const std::string s1 = text(RunCli(seeded).out);
+  CHECK(s1.size() > 10);
+  CHECK(s1 == text(RunCli(seeded).out));
+  // The repeat penalty changes greedy text.
+  CliResult rep = RunCli({"-m", bin, "--tokenizer", tok, "--temp", "0", "-n", "57", "-p", "Zoo",
+                          "--repeat-penalty", "1.5"});
+  CHECK(rep.rc == 0);
+  CHECK(rep.out.compare(0, expected.size(), expected) != 0);
+}
+
+TEST_CASE("lutra-generate: --lora-scaled FILE S is --lora FILE:S", "[generate][cli][lora]") {
+  LUTRA_REQUIRE_CLI();
+  // A rank-4 recovery adapter of 2-bit stories260K: large enough a delta to
+  // change the greedy text.
+  LoadOptions two_bit = Bits(2);
+  two_bit.calibrate = false;  // plain k-means: fast, and a large enough residual
+  StatusOr<Model> q2 = PalettizeModel(Stories(0), two_bit, 2);
+  REQUIRE(q2.ok());
+  StatusOr<std::shared_ptr<const Adapter>> rec = BuildRecoveryAdapter(Stories(0), *q2, 4, 2);
+  REQUIRE(rec.ok());
+  const std::string adapter = TempPath("cli_lora.gguf");
+  REQUIRE(SaveAdapter(adapter, **rec).ok());
+  const std::vector<std::string> base = {"-m", SharedPath("stories260K.bin"), "--tokenizer",
+                                         SharedPath("tok512.bin"), "--temp", "0", "-n", "40",
+                                         "-p", "Zoo"};
+  const auto run = [&base](std::vector<std::string> extra) {
+    extra.insert(extra.begin(), base.begin(), base.end());
+    CliResult r = RunCli(extra);
+    INFO(r.out);
+    CHECK(r.rc == 0);
+    CHECK(!test::Contains(r.out, "active: none"));
+    return r.out.substr(0, r.out.find("stats:"));
+  };
+  const std::string scaled = run({"--lora-scaled", adapter, "-3"});
+  CHECK(scaled == run({"--lora", adapter + ":-3"}));
+  CHECK(scaled == run({"--lora-scaled=" + adapter, "-3"}));
+  CHECK(scaled != run({"--lora", adapter}));  // scale 1
+}
+
+TEST_CASE("lutra-generate: bad input gets clear errors", "[generate][cli]") {
+  LUTRA_REQUIRE_CLI();
+  const std::string bin = SharedPath("stories260K.bin"), tok = SharedPath("tok512.bin");
+  const std::string gguf = SharedPath("stories260K.gguf");
+  struct Case {
+    std::vector<std::string> args;
+    const char* message;
+  };
+  const std::string text_gguf = TempPath("text.gguf");
+  std::ofstream(text_gguf) << "hello, not a model\n";
+  const Case cases[] = {
+      {{"-m", text_gguf}, "not a GGUF file (bad magic 68 65 6c 6c 'hell'"},
+      {{"-m", gguf, "--ctx", "100000000"}, "2^20"},
+      {{"-m", bin, "--tokenizer", tok, "-n", "1000", "-p", "Zoo"},
+       "exceed the context of 512 positions; use -n -1"},
+      {{"-m", gguf, "-n", "5", "--steps", "9"}, "exclusive"},
+      {{"-m", gguf, "-ctk", "f16", "-ctv", "q8_0"}, "one element type for keys and values"},
+      {{"-m", gguf, "-ctk", "q4_0"}, "q8_0"},
+      {{"-m", gguf, "--seed", "-2"}, "-1 (random)"},
+      {{"-m", gguf, "--eval=yes"}, "--eval takes no value"},
+      {{"-m", gguf, "--top-k"}, "--top-k needs a value"},
+      {{"-m", gguf, "--lora-scaled", "x.gguf"}, "needs FILE SCALE"},
+      {{"-m", gguf, "--lora-scaled", "missing.gguf", "0.5"}, "missing.gguf"},
+      {{"-m", gguf, "-n", "5", "--stats-json", "/nonexistent/dir/s.json"}, "--stats-json"},
+      {{"-m", gguf, "--chat"}, "no tokenizer.chat_template"},
+      {{"-m", gguf, "--chat", "--chat-template", "gemma"}, "expected chatml, llama3 or llama2"},
+      {{"-m", gguf, "-cnv", "--chat-template", "chatml", "-p", "Hi"}, "'<|im_start|>'"},
+      {{"-m", bin, "--tokenizer", tok, "-cnv", "-p", "Hi"}, "--chat-template"},
+      {{"-m", bin, "--tokenize", "Zoo"}, "give --tokenizer"},
+  };
+  for (const Case& c : cases) {
+    CliResult r = RunCli(c.args);
+    INFO(r.out);
+    CHECK(r.rc != 0);
+    CHECK(test::Contains(r.out, c.message));
+    CHECK(!test::Contains(r.out, "Segmentation"));
+  }
+}
+
+TEST_CASE("lutra-generate: --stats-json holds the stats line's figures", "[generate][cli]") {
+  LUTRA_REQUIRE_CLI();
+  const std::string json = TempPath("stats.json");
+  CliResult r = RunCli({"-m", SharedPath("stories260K.gguf"), "--temp", "0", "-n", "20", "-p",
+                        "Zoo", "--stats-json", json});
+  INFO(r.out);
+  REQUIRE(r.rc == 0);
+  std::ifstream in(json);
+  const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  INFO(text);
+  CHECK(text.front() == '{');
+  for (const char* field :
+       {"\"prompt_tokens\": 4,", "\"generated_tokens\": 20,", "\"decode_tokens\": 19,",
+        "\"time_to_first_token_ms\": ", "\"ms_per_prompt_token\": ", "\"decode_seconds\": ",
+        "\"decode_tokens_per_second\": ", "\"weights_mib\": ", "\"bits_per_weight\": 32.0000",
+        "\"adapters_kib\": 0.000", "\"active_adapter\": \"none\"", "\"threads\": 1,",
+        "\"target\": \""}) {
+    CHECK(test::Contains(text, field));
+  }
+  CHECK(test::Contains(r.out, "prompt 4 tokens"));
+  CHECK(test::Contains(r.out, "generated 20 tokens, decode 19 tokens at"));
+}
+
+TEST_CASE("lutra-generate --tokenize on a vocab-only GGUF matches llama.cpp's ids",
+          "[generate][cli]") {
+  LUTRA_REQUIRE_CLI();
+  const std::string vocab = test::SharedModelsDir() + "/../vocab/ggml-vocab-llama-spm.gguf";
+  if (!std::filesystem::exists(vocab)) SKIP(vocab + " not found");
+  const std::vector<char> inp = ReadFile(vocab + ".inp"), out = ReadFile(vocab + ".out");
+  const std::string inputs(inp.begin(), inp.end()), expected_all(out.begin(), out.end());
+  const std::string sep = "\n__ggml_vocab_test__\n";
+  size_t at = 0, line_at = 0, tests = 0;
+  // Every 5th test keeps the process count down; they cover spaces, tabs,
+  // newlines, multi-byte text and the empty string.
+  for (size_t i = 0; at < inputs.size(); ++i) {
+    const size_t end = inputs.find(sep, at);
+    REQUIRE(end != std::string::npos);
+    const std::string text = inputs.substr(at, end - at);
+    const size_t eol = expected_all.find('\n', line_at);
+    REQUIRE(eol != std::string::npos);
+    const std::string expected_line = expected_all.substr(line_at, eol - line_at);
+    at = end + sep.size();
+    line_at = eol + 1;
+    if (i % 5 != 0 && i != 2) continue;
+    const std::string file = TempPath("tokenize.txt");
+    std::ofstream(file, std::ios::binary) << text;
+    CliResult r = RunCli({"-m", vocab, "--tokenize-file", file});
+    REQUIRE(r.rc == 0);
+    std::string ids;  // " id id ..." as in the .out file
+    for (size_t p = 0; p < r.out.size();) {
+      const size_t nl = r.out.find('\n', p);
+      ids += " " + r.out.substr(p, nl - p);
+      p = nl + 1;
+    }
+    INFO("test " << i << " '" << text << "'");
+    CHECK(ids == expected_line);
+    ++tests;
+  }
+  CHECK(tests >= 10);
+  // --tokenize TEXT, and BOS only when asked for.
+  CHECK(RunCli({"-m", vocab, "--tokenize", "Hello world"}).out == "15043\n3186\n");
+  CHECK(RunCli({"-m", vocab, "--tokenize=Hello world", "--add-bos"}).out == "1\n15043\n3186\n");
+}
+
+// A copy of the GGUF model at `from` with tokenizer.chat_template = `jinja`.
+std::string WithChatTemplate(const std::string& from, const std::string& name,
+                             const std::string& jinja) {
+  StatusOr<GgufFile> in = GgufFile::Open(from);
+  REQUIRE(in.ok());
+  const GgufReader& r = in->reader();
+  GgufWriter w;
+  for (const GgufKeyValue& kv : r.metadata()) {
+    const std::string key(kv.key);
+    const GgufValue& v = kv.value;
+    auto get = [&v](auto x) {
+      std::memcpy(&x, v.data, sizeof(x));
+      return x;
+    };
+    switch (v.type) {
+      case GgufValueType::kU8: w.AddU8(key, get(uint8_t())); break;
+      case GgufValueType::kI8: w.AddI8(key, get(int8_t())); break;
+      case GgufValueType::kU16: w.AddU16(key, get(uint16_t())); break;
+      case GgufValueType::kI16: w.AddI16(key, get(int16_t())); break;
+      case GgufValueType::kU32: w.AddU32(key, get(uint32_t())); break;
+      case GgufValueType::kI32: w.AddI32(key, get(int32_t())); break;
+      case GgufValueType::kU64: w.AddU64(key, get(uint64_t())); break;
+      case GgufValueType::kI64: w.AddI64(key, get(int64_t())); break;
+      case GgufValueType::kF32: w.AddF32(key, get(float())); break;
+      case GgufValueType::kF64: w.AddF64(key, get(double())); break;
+      case GgufValueType::kBool: w.AddBool(key, get(uint8_t()) != 0); break;
+      case GgufValueType::kString: w.AddString(key, std::string(v.str())); break;
+      case GgufValueType::kArray:
+        if (v.array_type == GgufValueType::kString) {
+          const std::vector<std::string_view> views = r.GetStringArray(key).value();
+          w.AddStringArray(key, std::vector<std::string>(views.begin(), views.end()));
+        } else {
+          w.AddArray(key, v.array_type, v.data, v.count);
+        }
+        break;
+    }
+  }
+  w.AddString("tokenizer.chat_template", jinja);
+  for (const GgufTensorInfo& t : r.tensors()) {
+    w.AddTensor(std::string(t.name), t.ggml_type(), std::vector<uint64_t>(t.ne, t.ne + t.n_dims),
+                t.data, t.n_bytes);
+  }
+  const std::string path = TempPath(name);
+  REQUIRE(w.WriteFile(path).ok());
+  return path;
+}
+
+TEST_CASE("lutra-generate --chat: one turn with -p, turns from stdin", "[generate][cli]") {
+  LUTRA_REQUIRE_CLI();
+  const std::string gguf = SharedPath("stories260K.gguf");
+  const std::vector<std::string> base = {"-m", gguf, "--chat-template", "llama2", "--temp", "0",
+                                         "-n", "12"};
+  std::vector<std::string> single = base;
+  single.insert(single.end(), {"-cnv", "-p", "Tell me a story", "--system", "Be nice"});
+  CliResult one = RunCli(single);
+  INFO(one.out);
+  CHECK(one.rc == 0);
+  CHECK(test::Contains(one.out, "chat: llama2 template\n"));
+  CHECK(test::Contains(one.out, "generated 12 tokens"));
+  // Two turns from stdin (an empty line is skipped); the second turn
+  // prefills only its own tokens.
+  std::vector<std::string> loop = base;
+  loop.push_back("--chat");
+  CliResult two = RunCli(loop, "Hi\n\nOnce upon a time\n");
+  INFO(two.out);
+  CHECK(two.rc == 0);
+  CHECK(test::Contains(two.out, "generated 24 tokens"));
+  // The family comes from the file's tokenizer.chat_template ...
+  const std::string llama2 = WithChatTemplate(
+      gguf, "chat_llama2.gguf",
+      "{% for message in messages %}{{ bos_token + '[INST] ' + message['content'] + ' [/INST]' "
+      "}}{% endfor %}");
+  CliResult detected = RunCli({"-m", llama2, "-cnv", "-p", "Tell me a story", "--temp", "0",
+                               "-n", "12"});
+  INFO(detected.out);
+  CHECK(detected.rc == 0);
+  CHECK(test::Contains(detected.out, "chat: llama2 template (from the model)"));
+  // ... the same reply as with --chat-template llama2 ...
+  std::vector<std::string> forced = base;
+  forced.insert(forced.end(), {"-cnv", "-p", "Tell me a story"});
+  const auto reply = [](const std::string& out) {  // between the chat: and stats: lines
+    const size_t from = out.find('\n', out.find("chat:"));
+    return out.substr(from, out.find("stats:") - from);
+  };
+  const std::string forced_reply = reply(RunCli(forced).out);
+  CHECK(forced_reply.size() > 10);
+  CHECK(forced_reply == reply(detected.out));
+  // ... and a template of another family is an error naming it.
+  const std::string gemma = WithChatTemplate(
+      gguf, "chat_gemma.gguf", "{{ bos_token }}<start_of_turn>user\n{{ content }}<end_of_turn>");
+  CliResult unknown = RunCli({"-m", gemma, "-cnv", "-p", "Hi"});
+  INFO(unknown.out);
+  CHECK(unknown.rc != 0);
+  CHECK(test::Contains(unknown.out, "not recognised"));
+  CHECK(test::Contains(unknown.out, "<start_of_turn>user\\n{{ content }}"));
+  CHECK(test::Contains(unknown.out, "--chat-template chatml|llama3|llama2"));
+  CHECK(RunCli({"-m", gemma, "-cnv", "-p", "Hi", "--chat-template", "llama2", "-n", "3"}).rc == 0);
+}
+#endif  // LUTRA_GENERATE_BIN
 
 }  // namespace
 }  // namespace engine

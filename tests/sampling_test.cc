@@ -206,6 +206,117 @@ TEST_CASE("Sampling config errors", "[sampling]") {
   c.top_p = 1.0f;
   CHECK(!Sampler::Create(0, c).ok());
   CHECK(Sampler::Create(10, c).ok());
+  c.min_p = 1.5f;
+  CHECK(Sampler::Create(10, c).status().message().find("min_p") != std::string::npos);
+  c.min_p = -0.1f;
+  CHECK(!Sampler::Create(10, c).ok());
+  c.min_p = 0.05f;
+  c.repeat_penalty = 0.0f;
+  CHECK(Sampler::Create(10, c).status().message().find("repeat_penalty") != std::string::npos);
+  c.repeat_penalty = NAN;
+  CHECK(!Sampler::Create(10, c).ok());
+  c.repeat_penalty = 1.1f;
+  CHECK(Sampler::Create(10, c).ok());
+}
+
+// Probabilities() of a 4-token vocabulary under `c`, after Accept()ing
+// `history`.
+std::vector<float> Probs(const std::vector<float>& logits, const SamplingConfig& c,
+                         const std::vector<int>& history = {}) {
+  StatusOr<Sampler> s = Sampler::Create(logits.size(), c);
+  REQUIRE(s.ok());
+  for (int t : history) s->Accept(t);
+  std::vector<float> p(logits.size());
+  s->Probabilities(logits.data(), p.data());
+  return p;
+}
+
+void CheckProbs(const std::vector<float>& actual, const std::vector<double>& expected) {
+  REQUIRE(actual.size() == expected.size());
+  for (size_t i = 0; i < actual.size(); ++i) {
+    INFO("token " << i << ": " << actual[i] << " vs " << expected[i]);
+    CHECK(std::abs(double(actual[i]) - expected[i]) < 1e-6);
+  }
+}
+
+TEST_CASE("min-p keeps tokens within min_p of the most probable, before temperature",
+          "[sampling]") {
+  // Probabilities 4 : 2 : 1 : 0.5 (of 7.5) at temperature 1.
+  const std::vector<float> logits = {std::log(4.0f), std::log(2.0f), 0.0f, std::log(0.5f)};
+  SamplingConfig c;
+  CheckProbs(Probs(logits, c), {4 / 7.5, 2 / 7.5, 1 / 7.5, 0.5 / 7.5});
+  c.min_p = 0.3f;  // 1/4 < 0.3 <= 2/4: the first two
+  CheckProbs(Probs(logits, c), {2 / 3.0, 1 / 3.0, 0.0, 0.0});
+  c.min_p = 0.2f;  // 1/8 < 0.2 <= 1/4: three
+  CheckProbs(Probs(logits, c), {4 / 7.0, 2 / 7.0, 1 / 7.0, 0.0});
+  c.min_p = 1.0f;  // only the most probable
+  CheckProbs(Probs(logits, c), {1.0, 0.0, 0.0, 0.0});
+  // Temperature 2 flattens to 2 : sqrt 2 : 1 : sqrt 0.5, but the set kept by
+  // min-p 0.3 is still the untempered one (llama.cpp applies it first).
+  c.min_p = 0.3f;
+  c.temperature = 2.0f;
+  const double r2 = std::sqrt(2.0);
+  CheckProbs(Probs(logits, c), {2 / (2 + r2), r2 / (2 + r2), 0.0, 0.0});
+  // After top-p: 0.6 of the mass needs the first two (4/7.5 = 0.53 < 0.6),
+  // and min-p 0.6 then drops the second (2/4 < 0.6).
+  c.temperature = 1.0f;
+  c.top_p = 0.6f;
+  c.min_p = 0.0f;
+  CheckProbs(Probs(logits, c), {2 / 3.0, 1 / 3.0, 0.0, 0.0});
+  c.min_p = 0.6f;
+  CheckProbs(Probs(logits, c), {1.0, 0.0, 0.0, 0.0});
+  // Sampling draws only from the kept set.
+  c.top_p = 1.0f;
+  c.min_p = 0.3f;
+  c.seed = 5;
+  StatusOr<Sampler> s = Sampler::Create(logits.size(), c);
+  REQUIRE(s.ok());
+  size_t counts[4] = {0, 0, 0, 0};
+  for (int i = 0; i < 3000; ++i) ++counts[s->Sample(logits.data())];
+  CHECK(counts[2] == 0);
+  CHECK(counts[3] == 0);
+  CHECK(counts[0] > 1800);  // 2/3 of 3000 = 2000, sd 26
+  CHECK(counts[0] < 2200);
+}
+
+TEST_CASE("Repetition penalty: divide positive, multiply negative logits of recent tokens",
+          "[sampling]") {
+  const std::vector<float> logits = {2.0f, -1.0f, 1.0f, 0.5f};
+  const std::vector<float> before = logits;
+  auto softmax = [](std::vector<double> l) {
+    double sum = 0.0;
+    for (double& x : l) sum += (x = std::exp(x));
+    for (double& x : l) x /= sum;
+    return l;
+  };
+  SamplingConfig c;
+  c.repeat_penalty = 2.0f;
+  // Tokens 0 and 1 seen (0 twice, penalized once): logits 1, -2, 1, 0.5.
+  CheckProbs(Probs(logits, c, {0, 1, 0}), softmax({1.0, -2.0, 1.0, 0.5}));
+  CHECK(logits == before);  // the caller's logits are not modified
+  // No history, or penalty 1: unchanged.
+  CheckProbs(Probs(logits, c), softmax({2.0, -1.0, 1.0, 0.5}));
+  c.repeat_penalty = 1.0f;
+  CheckProbs(Probs(logits, c, {0, 1}), softmax({2.0, -1.0, 1.0, 0.5}));
+  // Only the last repeat_last_n tokens count: after 0, 1, 2, 3, 1 with a
+  // window of 2, tokens 3 and 1.
+  c.repeat_penalty = 2.0f;
+  c.repeat_last_n = 2;
+  CheckProbs(Probs(logits, c, {0, 1, 2, 3, 1}), softmax({2.0, -2.0, 1.0, 0.25}));
+  c.repeat_last_n = 0;  // off
+  CheckProbs(Probs(logits, c, {0, 1}), softmax({2.0, -1.0, 1.0, 0.5}));
+  // Greedy sees the penalty too: 2/4 = 0.5 < 1, so token 2 wins.
+  c.repeat_last_n = 64;
+  c.repeat_penalty = 4.0f;
+  c.temperature = 0.0f;
+  StatusOr<Sampler> g = Sampler::Create(logits.size(), c);
+  REQUIRE(g.ok());
+  CHECK(g->Sample(logits.data()) == 0);
+  g->Accept(0);
+  CHECK(g->Sample(logits.data()) == 2);
+  g->Accept(-1);  // ignored, as are ids past the vocabulary
+  g->Accept(4);
+  CHECK(g->Sample(logits.data()) == 2);
 }
 
 }  // namespace

@@ -40,7 +40,8 @@
 #include "lutra/kernels/kv_cache.h"
 #include "lutra/kernels/matmul.h"
 
-// runtime/: adapter cache, sampling.
+// runtime/: chat templates, adapter cache, sampling.
+#include "lutra/runtime/chat_template.h"
 #include "lutra/runtime/lora_manager.h"
 #include "lutra/runtime/sampling.h"
 

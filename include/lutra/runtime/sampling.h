@@ -1,5 +1,5 @@
-// Next-token sampling from logits: greedy (argmax), temperature, top-k and
-// top-p (nucleus), with a seeded RNG.
+// Next-token sampling from logits: repetition penalty, greedy (argmax),
+// temperature, top-k, top-p (nucleus) and min-p, with a seeded RNG.
 //
 // Plain scalar C++ on purpose: sampling touches the logits once per token
 // (a few microseconds against milliseconds of matrix work), and scalar code
@@ -69,6 +69,16 @@ struct SamplingConfig {
   // >= top_p (after top_k); 1 keeps all. In (0, 1].
   float top_p = 1.0f;
   uint64_t seed = 0;
+  // Keep only tokens whose probability is >= min_p times the most probable
+  // one's, measured before the temperature (llama.cpp's min-p, which runs
+  // after top-k and top-p); 0 keeps all. In [0, 1].
+  float min_p = 0.0f;
+  // llama.cpp's repetition penalty: each distinct token among the last
+  // repeat_last_n accepted ones (Accept) has its logit divided by
+  // repeat_penalty when positive and multiplied by it otherwise, before
+  // anything else, greedy included. 1 (or repeat_last_n 0) turns it off.
+  float repeat_penalty = 1.0f;
+  size_t repeat_last_n = 64;
 
   Status Validate() const {
     if (!(temperature >= 0.0f) || !std::isfinite(temperature)) {
@@ -78,6 +88,13 @@ struct SamplingConfig {
     if (!(top_p > 0.0f && top_p <= 1.0f)) {
       return InvalidArgument("SamplingConfig: top_p = %g, need 0 < top_p <= 1",
                              double(top_p));
+    }
+    if (!(min_p >= 0.0f && min_p <= 1.0f)) {
+      return InvalidArgument("SamplingConfig: min_p = %g, need 0 <= min_p <= 1", double(min_p));
+    }
+    if (!(repeat_penalty > 0.0f) || !std::isfinite(repeat_penalty)) {
+      return InvalidArgument("SamplingConfig: repeat_penalty = %g, need a finite value > 0",
+                             double(repeat_penalty));
     }
     return Status();
   }
@@ -101,15 +118,33 @@ class Sampler {
     s.rng_ = SamplerRng(config.seed);
     s.weights_.resize(vocab_size);
     s.order_.resize(vocab_size);
+    if (s.Penalizes()) {
+      s.penalized_.resize(vocab_size);
+      s.seen_.resize(vocab_size);
+    }
     return s;
   }
 
   const SamplingConfig& config() const { return config_; }
   size_t vocab_size() const { return vocab_; }
 
+  // Records a token of the text (prompt or generated) for the repetition
+  // penalty; only the last repeat_last_n are kept. Ids outside the
+  // vocabulary are ignored. A no-op when the penalty is off.
+  void Accept(int token) {
+    if (!Penalizes() || token < 0 || size_t(token) >= vocab_) return;
+    if (history_.size() < config_.repeat_last_n) {
+      history_.push_back(uint32_t(token));
+    } else {
+      history_[history_next_] = uint32_t(token);
+      history_next_ = (history_next_ + 1) % history_.size();
+    }
+  }
+
   // Returns a token id in [0, vocab_size). logits: vocab_size floats, not
   // modified. -inf and NaN logits are never drawn (unless all are: argmax).
   size_t Sample(const float* logits) {
+    logits = Penalize(logits);
     const size_t n = vocab_;
     const size_t best = ArgMax(logits, n);
     // Greedy; or all logits -inf/NaN; or a +inf logit (certain token).
@@ -130,6 +165,7 @@ class Sampler {
   // (zero outside the top-k / top-p set), summing to 1. For tests and for
   // callers that want the probabilities (e.g. speculative decoding).
   void Probabilities(const float* logits, float* probs) {
+    logits = Penalize(logits);
     std::fill(probs, probs + vocab_, 0.0f);
     const size_t best = ArgMax(logits, vocab_);
     if (config_.temperature == 0.0f || !std::isfinite(logits[best])) {
@@ -144,6 +180,25 @@ class Sampler {
   }
 
  private:
+  bool Penalizes() const { return config_.repeat_penalty != 1.0f && config_.repeat_last_n > 0; }
+
+  // `logits`, or a copy with the repetition penalty applied to each distinct
+  // token of the history (once per token however often it occurs, as in
+  // llama.cpp).
+  const float* Penalize(const float* logits) {
+    if (!Penalizes() || history_.empty()) return logits;
+    std::copy(logits, logits + vocab_, penalized_.begin());
+    const float penalty = config_.repeat_penalty;
+    for (uint32_t t : history_) {
+      if (seen_[t]) continue;
+      seen_[t] = 1;
+      float& l = penalized_[t];
+      l = l > 0.0f ? l / penalty : l * penalty;
+    }
+    for (uint32_t t : history_) seen_[t] = 0;
+    return penalized_.data();
+  }
+
   // Sets weights_[i] = e^((logit_i - max) / T), selects the candidates into
   // order_[0, *num) and returns their total weight.
   double Candidates(const float* logits, size_t* num) {
@@ -203,6 +258,22 @@ class Sampler {
       sum = 0.0;
       for (size_t j = 0; j < k; ++j) sum += weights_[order_[j]];
     }
+    if (config_.min_p > 0.0f) {
+      // p_i >= min_p p_max before the temperature is logit_i - max >=
+      // log(min_p); the most probable token always passes (log(1) = 0).
+      // Compacting keeps the candidates' order.
+      const double floor = std::log(double(config_.min_p));
+      size_t m = 0;
+      sum = 0.0;
+      for (size_t j = 0; j < k; ++j) {
+        const uint32_t i = order_[j];
+        if (double(logits[i]) - double(mx) >= floor) {
+          order_[m++] = i;
+          sum += weights_[i];
+        }
+      }
+      k = m;
+    }
     *num = k;
     return sum;
   }
@@ -212,6 +283,10 @@ class Sampler {
   SamplerRng rng_;
   std::vector<double> weights_;
   std::vector<uint32_t> order_;
+  std::vector<float> penalized_;    // vocab_size, when the penalty is on
+  std::vector<uint8_t> seen_;       // vocab_size flags, all 0 between calls
+  std::vector<uint32_t> history_;   // last repeat_last_n accepted tokens (ring)
+  size_t history_next_ = 0;         // oldest entry once history_ is full
 };
 
 }  // namespace lutra
