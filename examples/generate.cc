@@ -87,8 +87,9 @@ void PrintUsage(FILE* out) {
           "Options taking a value accept --flag VALUE and --flag=VALUE.\n"
           "\n"
           "Model:\n"
-          "  -m, --model FILE    llama2.c checkpoint (.bin), GGUF v3 Llama model (.gguf:\n"
-          "                      F32/F16/BF16/Q8_0 tensors) or palettized .lutra file\n"
+          "  -m, --model FILE    llama2.c checkpoint (.bin), GGUF v3 llama/qwen2 model\n"
+          "                      (.gguf: F32/F16/BF16, Q4_0..Q8_0, Q2_K..Q6_K, IQ4_NL/XS\n"
+          "                      tensors, see docs/models.md) or palettized .lutra file\n"
           "  --synthetic SHAPE   random weights: tiny, 1b, afm (or SHAPE:LAYERS, e.g. afm:4)\n"
           "  --tokenizer FILE    llama2.c tokenizer.bin (GGUF/.lutra carry their own)\n"
           "  -c, --ctx-size N    context length / KV cache capacity, up to 2^20 (default\n"
@@ -544,12 +545,13 @@ StatusOr<std::shared_ptr<const lutra::Tokenizer>> GetTokenizer(const Options& o,
   return t;
 }
 
-// Writes a piece to stdout, skipping unprintable single bytes (llama2.c's
-// safe_printf), so raw byte tokens cannot garble the terminal.
+// Writes a piece to stdout, skipping single ASCII control bytes (as
+// llama2.c's safe_printf does), so raw byte tokens cannot garble the
+// terminal. Bytes >= 0x80 are written: byte-level vocabularies and byte
+// fallback spell multi-byte UTF-8 characters one token per byte.
 void PrintPiece(std::string_view piece) {
-  if (piece.size() == 1 && !isprint((unsigned char)piece[0]) && !isspace((unsigned char)piece[0])) {
-    return;
-  }
+  const unsigned char c = static_cast<unsigned char>(piece.empty() ? 0 : piece[0]);
+  if (piece.size() == 1 && c < 0x80 && !isprint(c) && !isspace(c)) return;
   fwrite(piece.data(), 1, piece.size(), stdout);
   fflush(stdout);
 }
@@ -680,7 +682,7 @@ struct PieceWriter {
 int RunGenerate(const Options& o, const engine::Model& model, const lutra::Tokenizer& tok,
                 lutra::ThreadPool* pool, const std::string& prompt_text,
                 const lutra::Adapter* adapter, size_t adapter_bytes) {
-  StatusOr<std::vector<int>> prompt = tok.Encode(prompt_text, /*add_bos=*/true);
+  StatusOr<std::vector<int>> prompt = tok.Encode(prompt_text, tok.add_bos_token());
   if (!prompt.ok()) return Fail(prompt.status());
   const size_t context = size_t(model.config.seq_len);
   if (prompt->size() > context) {
@@ -889,7 +891,7 @@ int RunEval(const Options& o, const engine::Model& reference, const engine::Mode
   const size_t max_tokens = std::min(o.eval_tokens, size_t(reference.config.seq_len));
   std::vector<int> tokens;
   if (!o.eval_text.empty()) {
-    StatusOr<std::vector<int>> t = tok.Encode(o.eval_text, /*add_bos=*/true);
+    StatusOr<std::vector<int>> t = tok.Encode(o.eval_text, tok.add_bos_token());
     if (!t.ok()) return Fail(t.status());
     tokens = std::move(*t);
     if (tokens.size() > max_tokens) tokens.resize(max_tokens);
@@ -901,7 +903,9 @@ int RunEval(const Options& o, const engine::Model& reference, const engine::Mode
         MakeSampler(o, o.temperature > 0.0f ? o.temperature : 1.0f, reference.config.vocab_size,
                     size_t(reference.config.seq_len));
     if (!sampler.ok()) return Fail(sampler.status());
-    StatusOr<std::vector<int>> prompt = tok.Encode(o.prompt, /*add_bos=*/true);
+    // Sampling needs a first token: BOS even where prompts take none.
+    StatusOr<std::vector<int>> prompt =
+        tok.Encode(o.prompt, tok.add_bos_token() || o.prompt.empty());
     if (!prompt.ok()) return Fail(prompt.status());
     tokens = *prompt;
     Status s = engine::Generate(reference, *state, *prompt, max_tokens - 1, *sampler, {},
@@ -986,7 +990,7 @@ int main(int argc, char** argv) {
     if (!o.calib_file.empty()) {
       StatusOr<std::string> text = ReadTextFile(o.calib_file);
       if (!text.ok()) return Fail(text.status().WithContext("--calib-text"));
-      StatusOr<std::vector<int>> ids = (*tokenizer)->Encode(*text, /*add_bos=*/true);
+      StatusOr<std::vector<int>> ids = (*tokenizer)->Encode(*text, (*tokenizer)->add_bos_token());
       if (!ids.ok()) return Fail(ids.status().WithContext("--calib-text"));
       q.calib_text = std::move(*ids);
     }
