@@ -51,6 +51,21 @@ StatusOr<RunState> MakeRunState(const ModelConfig& c, size_t max_batch, ElementT
   return s;
 }
 
+uint64_t RunStateBytes(const ModelConfig& c, size_t max_batch, ElementType kv_type) {
+  // In double: a hostile config cannot overflow it; the result saturates.
+  const double b = double(max_batch);
+  const double activations =
+      4.0 * b * (2.0 * c.dim + 2.0 * c.q_dim() + 2.0 * c.kv_dim() + 2.0 * c.hidden_dim +
+                 double(c.vocab_size));
+  // KVCache::Create: per layer, K and V, per KV head a 64-byte-rounded run of
+  // capacity x head_dim elements, plus int8's per-position scales.
+  const double heads = double(c.n_layers) * 2.0 * double(c.n_kv_heads);
+  const double run = double(c.seq_len) * double(c.head_dim) * double(ElementBytes(kv_type));
+  const double scales = kv_type == ElementType::kI8 ? heads * double(c.seq_len) * 4.0 : 0.0;
+  const double total = activations + heads * (run + 64.0) + scales;
+  return total >= 1.8e19 ? ~uint64_t{0} : uint64_t(total);
+}
+
 // ----------------------------------------------------------------------------
 // Steps of the forward pass
 

@@ -77,6 +77,9 @@ struct Model {
   std::vector<PaletteMatrix> palettes;
   std::vector<std::unique_ptr<PreparedPalette>> prepared;
   std::shared_ptr<void> keep_alive;  // e.g. the loader's mapped file
+  // Heap bytes loading allocated for this model (the budget that
+  // LoadOptions::max_memory_bytes bounds); mapped pages are not counted.
+  size_t heap_bytes = 0;
   // How a palettized model was made (written to .lutra files as
   // lutra.quantization), and the per-tensor table of the choices made
   // (QuantizeReport); both empty for f32 models.
@@ -142,6 +145,17 @@ struct LoadOptions {
   ElementType codebook = ElementType::kF16;
   bool progress = false;     // progress bar on stderr
   int seq_len = 0;           // > 0: override the context length (KV capacity)
+  // Memory budget of loading: the most heap bytes OpenModel / PalettizeModel
+  // may allocate for the model (the file when read into memory, tensors
+  // converted to f32, the kernels' tables, a palettized copy; Model::
+  // heap_bytes). 0: no limit. A model that needs more is refused with
+  // ResourceExhausted before the large allocations are made. Mapped file
+  // pages are not heap and do not count. docs/reliability.md.
+  size_t max_memory_bytes = 0;
+  // false: read the model file into memory instead of mapping it, for hosts
+  // where the file may change or shrink while the model is in use (a mapped
+  // file that shrinks faults with SIGBUS; docs/model-files.md).
+  bool use_mmap = true;
 };
 
 // Opens a llama2.c checkpoint (.bin), GGUF v3 Llama model (both through
@@ -233,6 +247,11 @@ struct RunState {
 
 StatusOr<RunState> MakeRunState(const ModelConfig& config, size_t max_batch,
                                 ElementType kv_type = ElementType::kF32);
+
+// Bytes MakeRunState allocates (activations and KV cache), e.g. to check a
+// memory budget before making it; saturates instead of overflowing.
+uint64_t RunStateBytes(const ModelConfig& config, size_t max_batch,
+                       ElementType kv_type = ElementType::kF32);
 
 // Runs `num` tokens at positions pos..pos+num-1 through the model, appending
 // their keys/values to the cache. num <= state.max_batch; num > 1 is prefill

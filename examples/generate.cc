@@ -2,6 +2,7 @@
 // (or random weights at a named shape), with weights palettized at load.
 // The model code lives in engine.h/.cc and model.cc; this file is the
 // command line: options, loading, then generate / evaluate / save.
+#include <ctype.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,6 +12,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <memory>
 #include <string>
 #include <utility>
@@ -79,6 +81,8 @@ struct Options {
   bool chat = false;               // --chat / -cnv
   std::string system_prompt;
   std::string chat_template;       // chatml | llama3 | llama2 (empty: from the model)
+  bool no_mmap = false;            // --no-mmap: read the model into memory
+  bool max_memory_given = false;   // else DefaultMaxMemory()
 };
 
 void PrintUsage(FILE* out) {
@@ -94,6 +98,12 @@ void PrintUsage(FILE* out) {
           "  --tokenizer FILE    llama2.c tokenizer.bin (GGUF/.lutra carry their own)\n"
           "  -c, --ctx-size N    context length / KV cache capacity, up to 2^20 (default\n"
           "                      or 0: the model's; --ctx N is the same)\n"
+          "  --max-memory SIZE   most memory loading may allocate: model heap (file read\n"
+          "                      in, f32 conversions, tables, palettized copy) plus the\n"
+          "                      KV cache; e.g. 512M, 8G, or bytes; 0 = no limit (default:\n"
+          "                      physical RAM less 1/8, at least 256M less)\n"
+          "  --no-mmap           read the model file into memory instead of mapping it\n"
+          "                      (for files that may change or shrink while in use)\n"
           "Palettization at load (default: f32 weights):\n"
           "  --bits B            index width 1, 2, 3, 4, 6 or 8\n"
           "  --mixed BPW         widths 2/3/4/6/8 and G chosen per tensor within BPW bits\n"
@@ -207,6 +217,37 @@ bool ParseSize(const char* s, size_t lo, size_t hi, size_t* out) {
   *out = size_t(v);
   return true;
 }
+// A byte count: plain bytes or a number with K, M, G or T (powers of 1024,
+// e.g. 512M, 1.5G); false on garbage or above 2^62 (or SIZE_MAX).
+bool ParseBytes(const char* s, size_t* out) {
+  char* end = nullptr;
+  errno = 0;
+  const double v = strtod(s, &end);
+  if (end == s || errno == ERANGE || !(v >= 0.0)) return false;
+  double unit = 1.0;
+  if (*end != '\0') {
+    const char* units = "KMGT";
+    const char* u = strchr(units, toupper((unsigned char)*end));
+    if (u == nullptr || end[1] != '\0') return false;
+    unit = std::ldexp(1.0, 10 * int(u - units + 1));
+  }
+  const double bytes = v * unit;
+  const double max = std::min(std::ldexp(1.0, 62), double(SIZE_MAX));
+  if (bytes > max || (unit == 1.0 && bytes != std::floor(bytes))) return false;
+  *out = size_t(bytes);
+  return true;
+}
+
+// --max-memory's default: physical memory less a margin for the system and
+// other apps (1/8 of it, at least 256 MiB); 0 (no limit) where unknown.
+size_t DefaultMaxMemory() {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  if (pages <= 0 || page <= 0) return 0;
+  const uint64_t phys = uint64_t(pages) * uint64_t(page);
+  const uint64_t margin = std::max<uint64_t>(phys / 8, uint64_t{256} << 20);
+  return size_t(phys > 2 * margin ? phys - margin : phys / 2);
+}
+
 bool ParseFloat(const char* s, double lo, double hi, double* out) {
   char* end = nullptr;
   const double v = strtod(s, &end);
@@ -299,6 +340,7 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
                           : flag == "--show-map" ? &o->show_map
                           : flag == "--chat"     ? &o->chat
                           : flag == "--add-bos"  ? &o->add_bos
+                          : flag == "--no-mmap"  ? &o->no_mmap
                                                  : nullptr;
     if (boolean != nullptr) {
       if (has_inline) return lutra::InvalidArgument("%s takes no value", given.c_str());
@@ -416,6 +458,11 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
                    "model's");
       }
       o->load.seq_len = int(n);
+    } else if (flag == "--max-memory") {
+      if (!ParseBytes(value, &o->load.max_memory_bytes)) {
+        return bad("a size like 512M, 8G or a number of bytes (0: no limit)");
+      }
+      o->max_memory_given = true;
     } else if (flag == "--kv-type") {
       if (!ParseKvType(value, false, &o->kv_type)) return bad("f32, f16, bf16 or int8");
     } else if (flag == "--cache-type-k" || flag == "--cache-type-v") {
@@ -953,6 +1000,8 @@ int main(int argc, char** argv) {
                          2);
   }
   o.load.progress = true;
+  o.load.use_mmap = !o.no_mmap;
+  if (!o.max_memory_given) o.load.max_memory_bytes = DefaultMaxMemory();
   if (!o.model.empty()) {
     Status magic = CheckGgufMagic(o.model);
     if (!magic.ok()) return Fail(magic);
@@ -1034,6 +1083,15 @@ int main(int argc, char** argv) {
     if (!added.ok()) return Fail(added);
   }
   if (!o.eval) f32.reset();  // only the palettized weights stay in memory
+  // The run state (activations, KV cache of the whole context) counts
+  // against --max-memory too: refuse a context that cannot fit up front.
+  const uint64_t run_bytes = engine::RunStateBytes(model->config, o.batch, o.kv_type);
+  Status fits = lutra::CheckMemoryBudget(
+      uint64_t(model->heap_bytes) + (f32 ? uint64_t(f32->heap_bytes) : 0) + run_bytes,
+      o.load.max_memory_bytes,
+      "the model and its run state (a KV cache of " + std::to_string(model->config.seq_len) +
+          " positions: " + std::to_string(run_bytes >> 20) + " MiB; see -c)");
+  if (!fits.ok()) return Fail(fits.WithContext("--max-memory"));
 
   lutra::ThreadPool pool(o.threads);
   if (o.eval) return RunEval(o, *f32, *model, **tokenizer, &pool, active.get());

@@ -39,6 +39,40 @@ bool IsTied(const Model& m) {
          m.weights.output.palette.indices == m.weights.embedding.palette.indices;
 }
 
+// Heap bytes of the kernels' tables of one palettized matrix, as
+// PreparedPalette::Make allocates them: per group max(16, 2^b) f32 and u8
+// entries and two affine floats.
+uint64_t PreparedBytes(const PaletteShape& sh) {
+  return uint64_t(sh.num_groups()) * (std::max<uint64_t>(16, sh.num_entries()) * 5 + 8);
+}
+
+// Heap bytes of a palettized copy of `src` at the widths `o` asks for
+// (LoadOptions::max_memory_bytes): indices, codebooks and tables, plus the
+// f32 norms and biases. --mixed is estimated at its budget of bits per
+// weight (codebooks included) with tables at its smallest G.
+uint64_t PalettizedBytes(const Model& src, const LoadOptions& o) {
+  const ModelConfig& c = src.config;
+  double total = 4.0 * (2.0 * c.n_layers + 1.0) * c.dim +
+                 4.0 * c.n_layers * (double(c.q_dim()) + 2.0 * c.kv_dim());
+  size_t group = o.group;
+  if (o.mixed_bits > 0.0 && !o.groups.empty()) {
+    group = *std::min_element(o.groups.begin(), o.groups.end());
+  }
+  for (const Linear* w : src.Matrices()) {
+    PaletteShape sh;
+    sh.rows = w->rows, sh.cols = w->cols, sh.group_rows = std::max<size_t>(group, 1);
+    sh.codebook = o.codebook;
+    sh.bits = o.mixed_bits > 0.0 ? 8 : o.bits;
+    if (!sh.Validate().ok()) continue;  // PalettizeModel reports it
+    if (o.mixed_bits > 0.0) {
+      total += double(w->rows) * double(w->cols) * o.mixed_bits / 8.0 + double(PreparedBytes(sh));
+    } else {
+      total += double(sh.total_bytes()) + double(PreparedBytes(sh));
+    }
+  }
+  return total >= 1.8e19 ? ~uint64_t{0} : uint64_t(total);
+}
+
 }  // namespace
 
 std::vector<const Linear*> Model::Matrices() const {
@@ -301,6 +335,19 @@ StatusOr<Model> MakeSyntheticModel(const std::string& shape, const LoadOptions& 
       }
     }
   }
+  // The whole model is heap: check the budget before filling billions of weights.
+  double heap = 4.0 * double(num_norms) * c.dim;
+  for (const Spec& s : specs) {
+    PaletteShape sh;
+    sh.rows = s.rows, sh.cols = s.cols, sh.bits = s.bits, sh.group_rows = o.group;
+    sh.codebook = o.codebook;
+    heap += s.bits == 0 || !sh.Validate().ok()
+                ? 4.0 * double(s.rows) * double(s.cols)
+                : double(sh.total_bytes()) + double(PreparedBytes(sh));
+  }
+  m.heap_bytes = heap >= 1.8e19 ? ~size_t{0} : size_t(heap);
+  LUTRA_RETURN_IF_ERROR(CheckMemoryBudget(m.heap_bytes, o.max_memory_bytes,
+                                          "synthetic model '" + shape + "'"));
   // Reserve so PaletteMatrix moves never happen mid-build (views stay valid
   // either way, the storage is heap-allocated; this just avoids copies).
   m.palettes.reserve(specs.size());
@@ -497,9 +544,16 @@ StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t th
       return InvalidArgument("palettize: rows per codebook G = %zu, need 1 <= G <= 2^20", g);
     }
   }
+  // The copy comes on top of the source's heap (both live until the caller
+  // drops the source): refuse it before any k-means or allocation.
+  const uint64_t copy_bytes = PalettizedBytes(src, o);
+  LUTRA_RETURN_IF_ERROR(CheckMemoryBudget(uint64_t(src.heap_bytes) + copy_bytes,
+                                          o.max_memory_bytes,
+                                          "palettizing (the f32 model and its palettized copy)"));
   Model m;
   m.config = src.config;
   m.tokenizer = src.tokenizer;
+  m.heap_bytes = size_t(copy_bytes);
   const ModelConfig& c = m.config;
   // Norm weights are tiny and stay f32: copy them so `m` stands alone.
   m.f32_storage.emplace_back((2 * size_t(c.n_layers) + 1) * c.dim);
@@ -771,7 +825,8 @@ LutraWeights ToLutraWeights(const Model& m) {
 }
 
 // A mapped .lutra file as a Model (palettized at load only if it is f32).
-StatusOr<Model> FromLutraFile(LutraFile file, const LoadOptions& o) {
+// `heap` bytes are already spent (the file, when read into memory).
+StatusOr<Model> FromLutraFile(LutraFile file, const LoadOptions& o, uint64_t heap) {
   const std::string path = file.gguf.file().path();
   std::shared_ptr<const Tokenizer> tokenizer;
   if (file.tokenizer) tokenizer = std::make_shared<const Tokenizer>(std::move(*file.tokenizer));
@@ -782,6 +837,14 @@ StatusOr<Model> FromLutraFile(LutraFile file, const LoadOptions& o) {
   m->tokenizer = tokenizer;
   m->quantization = weights.quantization;
   if (o.seq_len > 0) m->config.seq_len = o.seq_len;
+  // The kernels' tables are the only large heap a mapped .lutra needs.
+  for (const Linear* w : m->Matrices()) {
+    if (w->palettized()) heap += PreparedBytes(w->palette.shape);
+  }
+  LUTRA_RETURN_IF_ERROR(CheckMemoryBudget(heap, o.max_memory_bytes,
+                                          path + ": loading (the file when read into memory, "
+                                                 "the kernels' tables)"));
+  m->heap_bytes = size_t(heap);
   LUTRA_RETURN_IF_ERROR(m->Prepare());
   if (o.bits != 0 || o.mixed_bits != 0.0) {
     if (m->weights.embedding.palettized()) {
@@ -795,8 +858,12 @@ StatusOr<Model> FromLutraFile(LutraFile file, const LoadOptions& o) {
 }  // namespace
 
 StatusOr<Model> OpenModel(const std::string& path, const LoadOptions& o, size_t threads) {
-  StatusOr<MappedFile> file = MappedFile::Open(path);
+  // Mapped, or read into memory (--no-mmap) within the budget.
+  StatusOr<MappedFile> file = MappedFile::Open(
+      path, o.use_mmap ? MappedFile::Mode::kMapOrRead : MappedFile::Mode::kRead,
+      o.max_memory_bytes);
   if (!file.ok()) return file.status();
+  uint64_t heap = file->is_mapped() ? 0 : file->size();
   StatusOr<ModelWeightsF32> weights = Status();
   std::shared_ptr<const Tokenizer> tokenizer;
   if (file->size() >= 4 && memcmp(file->data(), "GGUF", 4) == 0) {
@@ -805,8 +872,17 @@ StatusOr<Model> OpenModel(const std::string& path, const LoadOptions& o, size_t 
     if (IsLutraFile(gguf->reader())) {
       StatusOr<LutraFile> lutra = ReadLutraFile(std::move(*gguf));
       if (!lutra.ok()) return lutra.status();
-      return FromLutraFile(std::move(*lutra), o);
+      return FromLutraFile(std::move(*lutra), o, heap);
     }
+    // Tensors that are not f32 become f32 on the heap: check before any is
+    // converted (the config and layer count are checked first, so a hostile
+    // count gets its own message).
+    StatusOr<ModelConfig> config = ReadGgufLlamaConfig(gguf->reader());
+    if (!config.ok()) return config.status().WithContext(path);
+    heap += GgufConvertedBytes(gguf->reader());
+    LUTRA_RETURN_IF_ERROR(CheckMemoryBudget(heap, o.max_memory_bytes,
+                                            path + ": loading (the file when read into "
+                                                   "memory, tensors converted to f32)"));
     // The vocabulary travels in the metadata; a file without one can still
     // run with --tokenizer.
     if (gguf->reader().Find("tokenizer.ggml.tokens") != nullptr) {
@@ -824,6 +900,7 @@ StatusOr<Model> OpenModel(const std::string& path, const LoadOptions& o, size_t 
       FromWeights(views, std::make_shared<ModelWeightsF32>(std::move(*weights)));
   if (!model.ok()) return model.status().WithContext(path);
   model->tokenizer = tokenizer;
+  model->heap_bytes = size_t(heap);
   if (o.seq_len > 0) model->config.seq_len = o.seq_len;
   if (o.bits == 0 && o.mixed_bits == 0.0) return model;
   return PalettizeModel(*model, o, threads);

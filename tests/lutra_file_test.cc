@@ -428,6 +428,9 @@ TEST_CASE("Hostile .lutra files are rejected with a message naming the problem",
     ExpectRejected(Patched(f, b.Scalar("lutra.n_layers"), uint32_t{0}), "n_layers");
     ExpectRejected(Patched(f, b.Scalar("lutra.n_layers"), uint32_t{3}), "blk.2");
     ExpectRejected(Patched(f, b.Scalar("lutra.dim"), uint32_t{1} << 25), "implausibly large");
+    // Issue 18: 2^24 layers passed the per-value limit and asked for 10.6 GB.
+    ExpectRejected(Patched(f, b.Scalar("lutra.n_layers"), uint32_t{1} << 24),
+                   "n_layers = 16777216 needs at least 150994946 tensors");
     ExpectRejected(Patched(f, b.Scalar("lutra.n_heads"), uint32_t{3}), "n_kv_heads");
     ExpectRejected(Patched(f, b.Scalar("lutra.head_dim"), uint32_t{0}), "head_dim");
     ExpectRejected(Patched(f, b.Scalar("lutra.norm_eps"), 0.0f), "norm_eps");
@@ -448,6 +451,13 @@ TEST_CASE("Hostile .lutra files are rejected with a message naming the problem",
     ExpectRejected(Patched(f, b.Element(q, 3), (uint64_t{1} << 20) + 1),
                    "group_rows = 1048577, need 1 <= group_rows <= max(rows 40, 2^20)");
     ExpectRejected(Patched(f, b.Element(q, 3), kU64Max), "group_rows");
+    // Issue 18: the shape stored as an i64 array (any integer array is
+    // read) with group_rows = -1 once wrapped num_groups() to 0 and crashed
+    // the first decode step.
+    const std::vector<uint8_t> i64 = Patched(f, b.Scalar(q), uint32_t(GgufValueType::kI64));
+    REQUIRE(Read(i64).ok());
+    ExpectRejected(Patched(i64, b.Element(q, 3), int64_t{-1}),
+                   "blk.0.attn_q: group_rows = -1, need 1 <= group_rows");
     ExpectRejected(Patched(f, b.Element(q, 3), kU64Max >> 1), "group_rows");
     // Above rows means one group: the 3 groups of data no longer fit it.
     ExpectRejected(Patched(f, b.Element(q, 3), uint64_t{41}), "codebook buffer");

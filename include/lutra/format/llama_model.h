@@ -87,7 +87,40 @@ struct ModelConfig {
   int kv_dim() const { return n_kv_heads * head_dim; }
 };
 
-// Checks the invariants a forward pass relies on; messages name the field.
+// ---------------------------------------------------------------------------
+// Checks every loader shares (docs/reliability.md). A count read from a file
+// is trusted only after it passed these, before anything is sized by it.
+
+// Largest value of any ModelConfig count (dim, n_layers, vocab_size,
+// seq_len, ...) a file may state: far beyond any model (the largest
+// vocabularies are ~2^18, contexts ~2^20), and small enough that products of
+// two stay far from overflow.
+inline constexpr uint32_t kMaxConfigValue = uint32_t{1} << 24;
+
+// Fails unless a file with `tensors` tensors can hold `n_layers` layers of at
+// least `tensors_per_layer` tensors each plus `other_tensors` outside the
+// layers. `field` names the key that stated n_layers ("llama.block_count").
+// Called before the loaders size anything by n_layers, so a hostile count
+// is refused instead of allocated.
+inline Status CheckLayerCount(uint64_t n_layers, uint64_t tensors, uint64_t tensors_per_layer,
+                              uint64_t other_tensors, const char* field) {
+  uint64_t needed = 0;
+  if (!CheckedMul(n_layers, tensors_per_layer, &needed) ||
+      !CheckedAdd(needed, other_tensors, &needed) || needed > tensors) {
+    return DataLoss("%s = %llu needs at least %llu tensors, the file has %llu", field,
+                    static_cast<unsigned long long>(n_layers),
+                    static_cast<unsigned long long>(needed),
+                    static_cast<unsigned long long>(tensors));
+  }
+  return Status::Ok();
+}
+
+// Tensors a Llama layer has at least, in every format: two norms and seven
+// matrices (palettized .lutra matrices have two tensors each).
+inline constexpr uint64_t kMinTensorsPerLayer = 9;
+
+// Checks the invariants a forward pass relies on, and the hard limit
+// kMaxConfigValue on every count; messages name the field.
 inline Status ValidateConfig(const ModelConfig& c) {
   const struct { const char* name; int value; } fields[] = {
       {"dim", c.dim},           {"hidden_dim", c.hidden_dim}, {"n_layers", c.n_layers},
@@ -95,6 +128,9 @@ inline Status ValidateConfig(const ModelConfig& c) {
       {"vocab_size", c.vocab_size}, {"seq_len", c.seq_len},   {"rope_dim", c.rope_dim}};
   for (const auto& f : fields) {
     if (f.value <= 0) return InvalidArgument("model config: %s = %d, must be > 0", f.name, f.value);
+    if (uint32_t(f.value) > kMaxConfigValue) {
+      return InvalidArgument("model config: %s = %d exceeds the limit 2^24", f.name, f.value);
+    }
   }
   if (c.n_heads % c.n_kv_heads != 0) {
     return InvalidArgument("model config: n_heads %d is not a multiple of n_kv_heads %d",
@@ -354,8 +390,8 @@ inline StatusOr<ModelConfig> ReadGgufLlamaConfig(const GgufReader& g) {
   for (const auto& f : ints) {
     StatusOr<uint32_t> v = f.required ? g.GetU32(key(f.key)) : g.GetU32(key(f.key), 0);
     if (!v.ok()) return v.status();
-    if (*v > static_cast<uint32_t>(INT32_MAX)) {
-      return DataLoss("gguf: %s = %u is too large", key(f.key).c_str(), *v);
+    if (*v > kMaxConfigValue) {
+      return DataLoss("gguf: %s = %u exceeds the limit 2^24", key(f.key).c_str(), *v);
     }
     *f.out = static_cast<int>(*v);
   }
@@ -433,11 +469,34 @@ inline StatusOr<ModelConfig> ReadGgufLlamaConfig(const GgufReader& g) {
   return c;
 }
 
+// Heap bytes LoadGgufModel allocates for `g`'s tensors: each tensor that is
+// not f32, or not 4-byte aligned in memory, is converted to f32
+// (saturating at 2^64 - 1; n_elements is bounded by the file size already).
+inline uint64_t GgufConvertedBytes(const GgufReader& g) {
+  uint64_t total = 0;
+  for (const GgufTensorInfo& t : g.tensors()) {
+    if (t.type == static_cast<uint32_t>(GgmlType::kF32) &&
+        model_internal::AlignedFloats(t.data) != nullptr) {
+      continue;
+    }
+    uint64_t bytes = 0;
+    if (!CheckedMul(t.n_elements, sizeof(float), &bytes) || !CheckedAdd(total, bytes, &total)) {
+      return ~uint64_t{0};
+    }
+  }
+  return total;
+}
+
 // Loads a GGUF llama or qwen2 model; `file` is kept alive in the result.
-inline StatusOr<ModelWeightsF32> LoadGgufModel(GgufFile file) {
+// max_bytes (0: no limit) bounds the f32 conversions (GgufConvertedBytes),
+// checked before any is made.
+inline StatusOr<ModelWeightsF32> LoadGgufModel(GgufFile file, uint64_t max_bytes = 0) {
   const GgufReader& g = file.reader();
   StatusOr<ModelConfig> config = ReadGgufLlamaConfig(g);
   if (!config.ok()) return config.status().WithContext(file.file().path());
+  const Status budget =
+      CheckMemoryBudget(GgufConvertedBytes(g), max_bytes, "gguf: converting tensors to f32");
+  if (!budget.ok()) return budget.WithContext(file.file().path());
   ModelWeightsF32 w;
   w.config = *config;
   const ModelConfig& c = w.config;
@@ -482,7 +541,17 @@ inline StatusOr<ModelWeightsF32> LoadGgufModel(GgufFile file) {
       s = get("output.weight", dim, V, &w.classifier);
     }
   }
-  w.layers.resize(c.n_layers);
+  // Each layer has two norms and seven matrices (token_embd and output_norm
+  // are outside them): a block_count the tensors cannot back is refused
+  // before anything is sized by it.
+  if (s.ok()) {
+    const char* block_count = c.rope_layout == RopeLayout::kHalfSplit ? "qwen2.block_count"
+                                                                       : "llama.block_count";
+    s = CheckLayerCount(uint64_t(c.n_layers), g.tensors().size(), kMinTensorsPerLayer, 2,
+                        block_count)
+            .WithContext("gguf");
+  }
+  if (s.ok()) w.layers.resize(c.n_layers);
   for (int l = 0; l < c.n_layers && s.ok(); ++l) {
     const std::string p = "blk." + std::to_string(l) + ".";
     LayerWeightsF32& y = w.layers[l];

@@ -273,6 +273,10 @@ inline StatusOr<Adapter> ParseAdapterBytes(const uint8_t* data, size_t size,
 // The adapter as GGUF bytes (see the top of this file): llama.cpp-compatible
 // tensors, adapter.lora.alpha = scale * rank of the first target (so that
 // alpha / r reproduces it), lutra.lora.scales when any target differs.
+// When scale * rank is not a finite float (|scale| near FLT_MAX) alpha is
+// written as 0 and every scale goes to lutra.lora.scales: the file reads
+// back with exactly the adapter's scales rather than an infinite alpha the
+// loader refuses (llama.cpp, which ignores lutra.lora.scales, would use 1).
 inline StatusOr<std::vector<uint8_t>> SerializeAdapter(const Adapter& adapter) {
   using namespace lora_file_detail;
   const size_t n = adapter.num_targets();
@@ -280,14 +284,17 @@ inline StatusOr<std::vector<uint8_t>> SerializeAdapter(const Adapter& adapter) {
     return InvalidArgument("lora: adapter '%s' has no targets to save", adapter.name().c_str());
   }
   const LoraFactors& first = adapter.target(0);
-  const float alpha = first.scale() * float(first.rank());
+  float alpha = first.scale() * float(first.rank());
+  if (!std::isfinite(alpha)) alpha = 0.0f;
   bool uniform = true;
   std::vector<float> scales(n);
   for (size_t i = 0; i < n; ++i) {
     const LoraFactors& f = adapter.target(i);
     scales[i] = f.scale();
-    // Exact float comparison: the loader computes alpha / r the same way.
-    if (alpha / float(f.rank()) != f.scale()) uniform = false;
+    // Exact float comparison with what the loader computes from alpha
+    // (alpha / r, or 1 for alpha 0, e.g. a scale of 0).
+    const float loaded = alpha != 0.0f ? alpha / float(f.rank()) : 1.0f;
+    if (loaded != f.scale()) uniform = false;
   }
   GgufWriter out(3);
   out.AddString("general.architecture", "llama");

@@ -148,18 +148,10 @@ struct LutraFile {
 
 namespace lutra_file_detail {
 
-// Largest hyper-parameter a file may state: far beyond any model, and small
-// enough that products of two stay far from overflow.
-inline constexpr uint32_t kMaxHyperParameter = uint32_t{1} << 24;
-
 // Largest group_rows above a matrix's rows a file may state. One group
 // either way; 2^20 is lutra-generate's --group limit, so every file it wrote
 // still loads, while a hostile value near 2^64 is refused.
 inline constexpr uint64_t kMaxGroupRows = uint64_t{1} << 20;
-
-// Tensors a layer has at least: two norms and seven matrices of one (f32) or
-// two (palettized) tensors each.
-inline constexpr uint64_t kMinTensorsPerLayer = 9;
 
 // A matrix of LutraWeights with its tensor name stem and the shape its config
 // implies, and a norm with its tensor name.
@@ -369,7 +361,7 @@ inline Status AddLutraFile(const LutraWeights& weights, const Tokenizer* tokeniz
   const ModelConfig& c = weights.config;
   LUTRA_RETURN_IF_ERROR(ValidateConfig(c).WithContext("lutra writer"));
   for (const HyperParameter& h : kHyperParameters) {
-    if (uint32_t(c.*h.field) > kMaxHyperParameter) {
+    if (uint32_t(c.*h.field) > kMaxConfigValue) {
       return InvalidArgument("lutra writer: %s = %d exceeds 2^24", h.key, c.*h.field);
     }
   }
@@ -487,7 +479,9 @@ inline StatusOr<LutraFile> ReadLutraFile(GgufFile file) {
   for (const HyperParameter& h : kHyperParameters) {
     StatusOr<uint32_t> v = g.GetU32(h.key);
     if (!v.ok()) return fail(v.status());
-    if (*v > kMaxHyperParameter) return fail(DataLoss("%s = %u is implausibly large", h.key, *v));
+    // The limit every loader shares (llama_model.h), on the u32 before it
+    // is narrowed to int.
+    if (*v > kMaxConfigValue) return fail(DataLoss("%s = %u is implausibly large", h.key, *v));
     c.*h.field = int(*v);
   }
   StatusOr<float> theta = g.GetF32("lutra.rope_theta");
@@ -518,12 +512,11 @@ inline StatusOr<LutraFile> ReadLutraFile(GgufFile file) {
   c.rope_linear_factor = *linear;
   const Status valid = ValidateConfig(c);
   if (!valid.ok()) return fail(DataLoss("%s", valid.message().c_str()));
-  // Bound n_layers by what the file holds before allocating per layer.
-  const uint64_t needed = uint64_t(c.n_layers) * kMinTensorsPerLayer + 2;
-  if (needed > g.tensors().size()) {
-    return fail(DataLoss("n_layers = %d needs at least %llu tensors, the file has %zu",
-                         c.n_layers, (unsigned long long)needed, g.tensors().size()));
-  }
+  // Bound n_layers by what the file holds before allocating per layer
+  // (token_embd and output_norm are outside the layers).
+  const Status layers = CheckLayerCount(uint64_t(c.n_layers), g.tensors().size(),
+                                        kMinTensorsPerLayer, 2, "n_layers");
+  if (!layers.ok()) return fail(layers);
   out.weights.layers.resize(size_t(c.n_layers));
   std::vector<MatrixSlot> mats;
   std::vector<NormSlot> norms;

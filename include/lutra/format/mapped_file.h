@@ -63,6 +63,18 @@ inline bool CheckedAdd(uint64_t a, uint64_t b, uint64_t* out) {
   return true;
 }
 
+// The one memory-budget check of the loaders (docs/reliability.md): fails
+// with ResourceExhausted naming `what` when `bytes` exceed `max_bytes`
+// (0: no limit). Callers check before they allocate.
+inline Status CheckMemoryBudget(uint64_t bytes, uint64_t max_bytes, const std::string& what) {
+  if (max_bytes != 0 && bytes > max_bytes) {
+    return ResourceExhausted("%s needs %llu bytes, above the memory budget of %llu bytes",
+                             what.c_str(), static_cast<unsigned long long>(bytes),
+                             static_cast<unsigned long long>(max_bytes));
+  }
+  return Status::Ok();
+}
+
 // A whole file, read-only. Move-only; data() stays valid (and at the same
 // address) until the object that holds it is destroyed.
 class MappedFile {
@@ -94,11 +106,19 @@ class MappedFile {
   MappedFile& operator=(const MappedFile&) = delete;
   ~MappedFile() { Release(); }
 
-  // Opens `path`. Errors: NotFound "open 'path': <strerror>" when the file
-  // cannot be opened, DataLoss for read errors, InvalidArgument for a
-  // directory or a file too large to address.
+  // Opens `path`. A mapping costs no heap; a file read into memory (kRead,
+  // or where mapping fails) may use at most `max_read_bytes` (0: no limit),
+  // checked before reading. Errors: NotFound "open 'path': <strerror>" when
+  // the file cannot be opened, DataLoss for read errors, InvalidArgument for
+  // a directory, ResourceExhausted for a file too large to address or above
+  // max_read_bytes.
+  //
+  // A mapped file must not shrink or change while mapped: pages past a new
+  // end fault with SIGBUS, changed pages may be seen (docs/model-files.md).
+  // kRead takes a private copy and is immune to both.
   static StatusOr<MappedFile> Open(const std::string& path,
-                                   Mode mode = Mode::kMapOrRead) {
+                                   Mode mode = Mode::kMapOrRead,
+                                   uint64_t max_read_bytes = 0) {
     MappedFile file;
     file.path_ = path;
 #if LUTRA_HAVE_MMAP
@@ -142,7 +162,7 @@ class MappedFile {
 #else
     (void)mode;
 #endif
-    LUTRA_RETURN_IF_ERROR(file.ReadAll());
+    LUTRA_RETURN_IF_ERROR(file.ReadAll(max_read_bytes));
     return file;
   }
 
@@ -165,18 +185,38 @@ class MappedFile {
   bool is_mapped() const { return map_ != nullptr; }
 
  private:
-  Status ReadAll() {
+  // Reads the whole file into buffer_, at most max_bytes (0: no limit).
+  Status ReadAll(uint64_t max_bytes) {
     std::FILE* f = std::fopen(path_.c_str(), "rb");
     if (f == nullptr) {
       const int err = errno;
       return NotFound("open '%s': %s", path_.c_str(), std::strerror(err));
     }
+    const std::string what = "reading '" + path_ + "' into memory";
+    std::vector<uint8_t> bytes;
+#if LUTRA_HAVE_MMAP
+    // A regular file's size is known: refuse it before reading, and reserve
+    // once so the buffer never holds more than the file (no doubling).
+    struct stat st;
+    if (::fstat(::fileno(f), &st) == 0 && S_ISREG(st.st_mode)) {
+      const Status budget = CheckMemoryBudget(uint64_t(st.st_size), max_bytes, what);
+      if (!budget.ok()) {
+        std::fclose(f);
+        return budget;
+      }
+      bytes.reserve(static_cast<size_t>(st.st_size));
+    }
+#endif
     // Read in chunks until EOF rather than trusting a seek-reported size, so
     // pipes and special files work and a file shrinking under us is caught.
-    std::vector<uint8_t> bytes;
     uint8_t chunk[1 << 16];
     for (;;) {
       const size_t got = std::fread(chunk, 1, sizeof(chunk), f);
+      const Status budget = CheckMemoryBudget(uint64_t(bytes.size()) + got, max_bytes, what);
+      if (!budget.ok()) {
+        std::fclose(f);
+        return budget;
+      }
       bytes.insert(bytes.end(), chunk, chunk + got);
       if (got < sizeof(chunk)) break;
     }

@@ -119,9 +119,10 @@ struct PaletteShape {
   size_t group_rows = 16; // G, rows sharing one codebook (1..N; G > N is ok)
   ElementType codebook = ElementType::kF16;
 
-  // OK if bits is in {1,2,3,4,6,8}, rows, cols, group_rows >= 1, codebook is
-  // a known type and total_bytes() fits in size_t (with headroom).
+  // OK if bits is in {1,2,3,4,6,8}, rows, cols, group_rows >= 1 (all <= 2^40),
+  // codebook is a known type and total_bytes() fits in size_t (with headroom).
   Status Validate() const {
+    const size_t kMaxDim = size_t{1} << 40;
     if (!IsValidPaletteBits(bits)) {
       return InvalidArgument("palette: bits = %d, need one of 1, 2, 3, 4, 6, 8",
                              bits);
@@ -130,8 +131,12 @@ struct PaletteShape {
       return InvalidArgument("palette: shape %zu x %zu, need rows >= 1 and cols >= 1",
                              rows, cols);
     }
-    if (group_rows == 0) {
-      return InvalidArgument("palette: group_rows = 0, need group_rows >= 1");
+    // group_rows above rows is one group (allowed), but a value near 2^64
+    // (e.g. -1 read from a file) would wrap num_groups() to 0 and leave the
+    // codebooks empty: bound it like the dimensions below.
+    if (group_rows == 0 || group_rows > kMaxDim) {
+      return InvalidArgument("palette: group_rows = %zu, need 1 <= group_rows <= 2^40",
+                             group_rows);
     }
     if (!IsFloatElement(codebook)) {
       return InvalidArgument("palette: codebook type %d (%s) is not f16 (0), bf16 (1) or f32 (2)",
@@ -139,7 +144,6 @@ struct PaletteShape {
     }
     // Keep every size computation far from overflow: 2^40 rows or columns is
     // beyond any model, and the product limit keeps total_bytes < 2^62.
-    const size_t kMaxDim = size_t{1} << 40;
     if (rows > kMaxDim || cols > kMaxDim ||
         (rows > 0 && padded_cols() > (size_t{1} << 62) / rows / 8)) {
       return InvalidArgument("palette: shape %zu x %zu is too large", rows, cols);
