@@ -24,7 +24,7 @@ configure_and_test() {  # build_dir, extra cmake args...
   cmake -S . -B "$dir" -G Ninja "${PREFIX_ARGS[@]}" "$@" >/dev/null
   cmake --build "$dir" -j "$JOBS"
   # -V shows each test's per-target lines ([targets] ...) and Catch2 summary.
-  (cd "$dir" && ctest -V -j1 ${CTEST_ARGS:-} 2>&1 | grep -E '^[0-9]+: (\[targets\]|All tests passed|test cases:|assertions:|Skipped|.*SKIPPED|.*FAILED|.*failed)|^[0-9]+/[0-9]+ Test|tests passed|tests failed|Total Test time|Errors while|The following tests' ; exit "${PIPESTATUS[0]}")
+  (cd "$dir" && ctest -V -j1 ${CTEST_ARGS:-} 2>&1 | grep -E '^[0-9]+: (\[targets\]|All tests passed|test cases:|assertions:|Skipped|.*SKIPPED|.*FAILED|.*failed)|^ *[0-9]+/[0-9]+ Test|tests passed|tests failed|Total Test time|Errors while|The following tests' ; exit "${PIPESTATUS[0]}")
 }
 
 # The 512-bit x86 targets on a host that cannot run them: the tests skip
