@@ -6,9 +6,11 @@
 #   bash cmake/test.sh headers    # every public header under -Werror -fno-exceptions -fno-rtti
 #   bash cmake/test.sh consume    # find_package and add_subdirectory consumers
 #   bash cmake/test.sh aarch64    # cross-built for aarch64, run under qemu (NEON, SVE, SVE2)
+#   bash cmake/test.sh tsan       # ThreadSanitizer build of the threaded tests
+#   bash cmake/test.sh fuzz       # each libFuzzer harness for 25 s (cmake/fuzz.sh)
 #   bash cmake/test.sh all        # all of the above (what .ci/run does)
 #
-# Build trees: build/ (Release), build-asan/. Extra ctest args via CTEST_ARGS.
+# Build trees: build/ (Release), build-asan/, build-tsan/, build-fuzz/. Extra ctest args via CTEST_ARGS.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -67,6 +69,46 @@ run_asan() {
       -DLUTRA_BUILD_BENCH=OFF -DCMAKE_CXX_FLAGS_DEBUG="-O0 -g1" \
       "-DLUTRA_DISABLED_TARGETS=$disabled" "${prebuilt[@]}"
 }
+run_tsan() {
+  echo "== TSan: the threaded tests"
+  # The tests that run work on several threads: the pool itself, the adapter
+  # manager (loads and evictions racing lookups), GEMV/GEMM split over a
+  # ThreadPool of 2-3 threads (the tests fix the counts), and two sessions
+  # generating from one model when that test exists.
+  local tests=(thread_pool_test lora_manager_test gemv_test gemm_test)
+  [ -f tests/sessions_test.cc ] && tests+=(sessions_test)
+  # One SIMD target, the baseline (HWY_COMPILE_ONLY_STATIC: SSE2 on x86,
+  # NEON on Arm): the threading is the same on every target, and each extra
+  # target adds the kernel tests' compile time once more (SSE2 + AVX2 took
+  # 4.5 min to build and 43 s to run here, the baseline alone 1.6 min and
+  # 28 s).
+  # Engine tests link the Release run's dispatch layer when there is one,
+  # as the ASan run does (its kernels are covered by their own tests here).
+  local prebuilt=("-DLUTRA_PREBUILT_DISPATCH=")
+  [ -f build/examples/liblutra_dispatch.a ] &&
+    prebuilt=("-DLUTRA_PREBUILT_DISPATCH=$ROOT/build/examples/liblutra_dispatch.a")
+  # -O1: TSan's usual setting (at -O0 the instrumented kernels run many
+  # times slower); -g1 gives race reports file:line stacks.
+  cmake -S . -B build-tsan -G Ninja "${PREFIX_ARGS[@]}" -DCMAKE_BUILD_TYPE=Debug \
+    -DCMAKE_CXX_FLAGS_DEBUG="-O1 -g1" \
+    -DCMAKE_CXX_FLAGS="-fsanitize=thread -DHWY_COMPILE_ONLY_STATIC=1" \
+    -DCMAKE_EXE_LINKER_FLAGS="-fsanitize=thread" -DLUTRA_BUILD_BENCH=OFF \
+    -DLUTRA_DISABLED_TARGETS= "${prebuilt[@]}" >/dev/null
+  cmake --build build-tsan -j "$JOBS" --target "${tests[@]}"
+  local regex
+  regex="^($(IFS='|'; echo "${tests[*]}"))\$"
+  # halt_on_error: the first race fails its test (ctest sees the exit code).
+  (cd build-tsan &&
+   TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" LUTRA_TEST_QUICK=1 \
+     ctest -V -j1 -R "$regex" ${CTEST_ARGS:-} 2>&1 |
+   grep -E '^[0-9]+: (\[targets\]|All tests passed|test cases:|assertions:|Skipped|.*SKIPPED|.*FAILED|.*failed|WARNING: ThreadSanitizer|SUMMARY: ThreadSanitizer)|^[0-9]+/[0-9]+ Test|tests passed|tests failed|Total Test time|Errors while|The following tests'
+   exit "${PIPESTATUS[0]}")
+}
+run_fuzz() {
+  echo "== libFuzzer harnesses, ${FUZZ_SECONDS:-25} s each"
+  # One harness per core: each libFuzzer process is single-threaded.
+  FUZZ_PARALLEL=${FUZZ_PARALLEL:-$JOBS} bash cmake/fuzz.sh "${FUZZ_SECONDS:-25}"
+}
 run_headers() {
   echo "== Public headers under -Wall -Wextra -Werror -fno-exceptions -fno-rtti"
   bash cmake/check-headers.sh ${HWY_PREFIX:+"$HWY_PREFIX"}
@@ -81,10 +123,12 @@ case "$MODE" in
   asan) run_asan ;;
   headers) run_headers ;;
   consume) run_consume ;;
+  tsan) run_tsan ;;
+  fuzz) run_fuzz ;;
   aarch64)
     echo "== aarch64 under qemu: NEON (SVE off) and SVE/SVE2 (128-bit SVE)"
     bash cmake/test-aarch64.sh --cpus 'max,sve=off max,sve128=on' ;;
-  all) run_headers; run_release; run_asan; run_consume
+  all) run_headers; run_release; run_asan; run_tsan; run_fuzz; run_consume
        bash "$0" aarch64 ;;
-  *) echo "usage: bash cmake/test.sh [release|asan|headers|consume|aarch64|all]" >&2; exit 2 ;;
+  *) echo "usage: bash cmake/test.sh [release|asan|headers|consume|aarch64|tsan|fuzz|all]" >&2; exit 2 ;;
 esac
