@@ -461,8 +461,14 @@ TEST_CASE("Palettized stories260K: KL divergence bounds", "[generate][shared]") 
                         {Bits(8), 0.02, 0.9, kInt8},
                         {Bits(4), 0.3, 0.65, kInt8},
                         {mixed, 1.8, 0.4, kInt8}};
+  // Under qemu and the sanitizers (LUTRA_TEST_QUICK) the mixed-bit case and
+  // the 2-bit check are skipped: the allocator's measured sensitivities took
+  // most of generate_test's time there (minutes under qemu), and they are
+  // scalar code that the Release run checks on every x86 target.
+  const bool quick = getenv("LUTRA_TEST_QUICK") != nullptr;
   double kl4 = 0.0;
   for (const Case& c : cases) {
+    if (quick && c.options.mixed_bits > 0.0) continue;
     const Model* q = nullptr;
     std::unique_ptr<Model> owned;
     if (c.options.bits == 8) {
@@ -490,6 +496,7 @@ TEST_CASE("Palettized stories260K: KL divergence bounds", "[generate][shared]") 
       CHECK(std::abs(r->perplexity_test / r->perplexity_reference - 1.0) < 0.02);
     }
   }
+  if (quick) return;
   // The measure can fail: 2 bits is clearly worse than 4 bits.
   StatusOr<Model> q2 = PalettizeModel(*f32, Bits(2));
   REQUIRE(q2.ok());
