@@ -101,7 +101,7 @@ run_tsan() {
   (cd build-tsan &&
    TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1" LUTRA_TEST_QUICK=1 \
      ctest -V -j1 -R "$regex" ${CTEST_ARGS:-} 2>&1 |
-   grep -E '^[0-9]+: (\[targets\]|All tests passed|test cases:|assertions:|Skipped|.*SKIPPED|.*FAILED|.*failed|WARNING: ThreadSanitizer|SUMMARY: ThreadSanitizer)|^[0-9]+/[0-9]+ Test|tests passed|tests failed|Total Test time|Errors while|The following tests'
+   grep -E '^[0-9]+: (\[targets\]|All tests passed|test cases:|assertions:|Skipped|.*SKIPPED|.*FAILED|.*failed|WARNING: ThreadSanitizer|SUMMARY: ThreadSanitizer)|^ *[0-9]+/[0-9]+ Test|tests passed|tests failed|Total Test time|Errors while|The following tests'
    exit "${PIPESTATUS[0]}")
 }
 run_fuzz() {
