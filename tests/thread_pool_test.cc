@@ -2,7 +2,13 @@
 // SplitRows partitions a range into aligned contiguous pieces.
 #include <stddef.h>
 
+#include <stdint.h>
+#include <stdlib.h>
+
 #include <atomic>
+#include <chrono>
+#include <random>
+#include <thread>
 #include <vector>
 
 #include <catch2/catch_test_macros.hpp>
@@ -50,6 +56,64 @@ TEST_CASE("SplitRows partitions aligned ranges", "[thread_pool]") {
         CHECK(expect_begin == n);
       }
     }
+  }
+}
+
+
+// The pool's workers spin, sleep and wake between calls; a lost wake-up
+// hangs, a missed happens-before shows under TSan (cmake/test.sh tsan), a
+// task run twice or not at all fails the sums. Calls come back to back (the
+// workers are spinning), after pauses long enough for them to sleep, and
+// with work sizes from nothing to more tasks than threads.
+TEST_CASE("ParallelFor survives many calls of random sizes", "[thread_pool]") {
+  // 2 * 10^5 calls by default (~1 s in Release), 2 * 10^4 under
+  // LUTRA_TEST_QUICK (ASan, qemu); cmake/test.sh tsan runs 10^6 through
+  // LUTRA_POOL_STRESS_CALLS.
+  size_t calls = getenv("LUTRA_TEST_QUICK") ? 20000 : 200000;
+  if (const char* env = getenv("LUTRA_POOL_STRESS_CALLS")) calls = strtoull(env, nullptr, 10);
+  for (size_t threads : {2, 3}) {
+    ThreadPool pool(threads);
+    std::mt19937_64 rng(threads);
+    std::vector<uint64_t> sums(64);
+    uint64_t expect = 0, total = 0;
+    for (size_t call = 0; call < calls / 2; ++call) {
+      const size_t num_tasks = rng() % 9;  // 0..8
+      const size_t work = rng() % 64;      // iterations per task
+      if (call % 100000 == 99999) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      pool.ParallelFor(num_tasks, [&](size_t task, size_t thread) {
+        uint64_t acc = task + 1;
+        for (size_t i = 0; i < work; ++i) acc = acc * 6364136223846793005ull + 1;
+        sums[task] = acc;  // each task owns its slot
+        (void)thread;
+      });
+      for (size_t task = 0; task < num_tasks; ++task) {
+        uint64_t acc = task + 1;
+        for (size_t i = 0; i < work; ++i) acc = acc * 6364136223846793005ull + 1;
+        expect += acc;
+        total += sums[task];
+        sums[task] = 0;
+      }
+    }
+    CHECK(total == expect);
+  }
+}
+
+TEST_CASE("ParallelFor wakes workers that went to sleep", "[thread_pool]") {
+  ThreadPool pool(3);
+  for (int rep = 0; rep < 5; ++rep) {
+    // Longer than the workers' spin, so they block on the condition variable.
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    // One task per thread that waits until all three run at once: it only
+    // finishes if both sleeping workers were woken.
+    std::atomic<int> arrived{0};
+    pool.ParallelFor(3, [&](size_t, size_t) {
+      arrived.fetch_add(1);
+      const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+      while (arrived.load() < 3 && std::chrono::steady_clock::now() < deadline) {
+        std::this_thread::yield();
+      }
+    });
+    CHECK(arrived.load() == 3);
   }
 }
 
