@@ -10,7 +10,8 @@ else()
     add_library(lutra_engine_sources STATIC
       ${PROJECT_SOURCE_DIR}/examples/dispatch.cc
       ${PROJECT_SOURCE_DIR}/examples/engine.cc
-      ${PROJECT_SOURCE_DIR}/examples/model.cc)
+      ${PROJECT_SOURCE_DIR}/examples/model.cc
+      ${PROJECT_SOURCE_DIR}/examples/tune.cc)
     target_link_libraries(lutra_engine_sources PUBLIC lutra::lutra)
     target_include_directories(lutra_engine_sources PUBLIC ${PROJECT_SOURCE_DIR})
     target_compile_options(lutra_engine_sources PRIVATE -Wall -Wextra)

@@ -113,13 +113,17 @@ void PrintUsage(FILE* out) {
           "  --groups G1,G2,..   --mixed: the G to choose from (default 1,2,4,8,16)\n"
           "  --calib-text FILE   calibration text (default: sampled from the f32 model)\n"
           "  --calib-tokens N    calibration tokens sampled when no file (default 2048;\n"
-          "                      64 above 100 M weights)\n"
+          "                      8192 with tuning, up to 2 M weights; 64 above 100 M)\n"
           "  --calib-seed S      seed of the sampled calibration text\n"
           "  --calib MODE        on (default): activation-weighted k-means; off: plain\n"
           "                      (--synthetic: random palettes unless --calib on)\n"
           "  --sensitivity MODE  --mixed: auto (default), measured or weighted\n"
           "  --gptq on|off       error feedback at <= 4 bits when the Gram matrices fit\n"
           "                      (default on)\n"
+          "  --tune-steps N      end-to-end codebook tuning steps against the f32 model\n"
+          "                      on the calibration text (default 300 up to 2 M\n"
+          "                      weights, else 0); --tune on|off: 300 / 0\n"
+          "  --tune-norms on|off also tune the RMSNorm weights (default on)\n"
           "  --show-map          print each tensor's bits, G and error (stderr)\n"
           "  --save FILE.lutra   write the (palettized) model to FILE.lutra and exit;\n"
           "                      later runs map it with --model FILE.lutra\n"
@@ -441,6 +445,18 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
       const std::string v = value;
       if (v != "on" && v != "off") return bad("on or off");
       o->load.gptq = v == "on";
+    } else if (flag == "--tune-steps") {
+      if (!ParseSize(value, 0, 1 << 20, &n)) return bad("an integer >= 0");
+      o->load.tune_steps = int(n);
+    } else if (flag == "--tune") {
+      const std::string v = value;
+      if (v != "on" && v != "off") return bad("on or off");
+      o->load.tune_steps =
+          v == "off" ? 0 : o->load.tune_steps > 0 ? o->load.tune_steps : engine::kTuneDefaultSteps;
+    } else if (flag == "--tune-norms") {
+      const std::string v = value;
+      if (v != "on" && v != "off") return bad("on or off");
+      o->load.tune_norms = v == "on";
     } else if (flag == "--sensitivity") {
       const std::string v = value;
       if (v == "auto") {

@@ -612,9 +612,15 @@ StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t th
   const std::vector<std::string> names = src.MatrixNames();
   if (o.calibrate) {
     if (o.calib_text.empty()) {
+      // Codebook tuning (below) fits the output on this text, and with
+      // 2048 tokens it overfits (docs/quality.md): where it runs, 8192.
+      const bool tunes = o.tune_steps != 0 && (o.mixed_bits > 0.0 || o.bits <= 4) &&
+                         src.MatrixWeights() <= kTuneAutoMaxWeights;
       StatusOr<std::vector<int>> t =
-          SampleTokens(src, o.calib_tokens != 0 ? o.calib_tokens
-                            : src.MatrixWeights() <= 100000000 ? 2048 : 64,
+          SampleTokens(src, o.calib_tokens != 0                    ? o.calib_tokens
+                            : tunes                                ? kTuneCalibTokens
+                            : src.MatrixWeights() <= 100000000 ? 2048
+                                                                   : 64,
                        src.tokenizer ? src.tokenizer->bos_id() : o.calib_bos,
                        o.calib_seed, &pool);
       if (!t.ok()) return t.status();
@@ -766,6 +772,36 @@ StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t th
            calib_s, plan_s, seconds_since(t_pal));
   m.quantization_table += buf;
   LUTRA_RETURN_IF_ERROR(m.Prepare());
+
+  // End-to-end codebook tuning against the f32 model on the calibration
+  // text (tune.cc): fits what the per-layer steps above cannot see, how the
+  // layers' errors add up at the output.
+  // By default only on models up to kTuneAutoMaxWeights and with at least
+  // kTuneMinTokens of text: on a few hundred tokens it fits the text, not
+  // the model (and the unit tests that calibrate on few tokens stay fast).
+  const bool small = src.MatrixWeights() <= kTuneAutoMaxWeights;
+  const int steps = o.tune_steps >= 0                            ? o.tune_steps
+                    : small && calib.size() >= kTuneMinTokens ? kTuneDefaultSteps
+                                                              : 0;
+  if (o.calibrate && steps > 0) {
+    TuneOptions to;
+    to.steps = size_t(steps);
+    to.norms = o.tune_norms;
+    to.pool = &pool;
+    StatusOr<TuneReport> r = TuneCodebooks(src, m, calib, to);
+    if (!r.ok()) return r.status().WithContext("palettize");
+    snprintf(buf, sizeof(buf), "; codebooks%s tuned end to end (KL distillation, %zu steps)",
+             o.tune_norms ? " and norms" : "", r->steps);
+    if (r->matrices > 0 || o.tune_norms) m.quantization += buf;
+    snprintf(buf, sizeof(buf),
+             "tuning: %zu matrices, calibration KL %.4f -> %.4f, %zu steps, %.1f s\n",
+             r->matrices, r->kl_before, r->kl_after, r->steps, r->seconds);
+    m.quantization_table += buf;
+  } else if (o.calibrate && o.tune_steps < 0) {
+    m.quantization_table += small ? "tuning: skipped, calibration text under 2048 tokens\n"
+                                  : "tuning: skipped above 2 M matrix weights "
+                                    "(--tune-steps N forces it)\n";
+  }
   return m;
 }
 
