@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include <algorithm>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -514,6 +515,69 @@ TEST_CASE("Speculative sampling runs and its verdicts follow the target on real 
     CHECK(r.stats.accepted_tokens <= r.stats.drafted_tokens);
     CHECK(r.stats.generated_tokens - 1 <= r.stats.decode_forwards + r.stats.accepted_tokens);
   }
+}
+
+// End to end: in a 3-token generation the second token comes from the first
+// verify pass (self-draft at 2 bits drafts it, the acceptance rule keeps or
+// replaces it). Grouped by the first token, its frequencies over many seeds
+// must follow the target's processed distribution after prompt + first.
+TEST_CASE("Speculative sampling on stories260K keeps the target's distribution",
+          "[speculative][shared]") {
+  LUTRA_REQUIRE_SHARED_MODELS();
+  const Models& m = Stories();
+  const size_t vocab = m.f32.config.vocab_size;
+  const std::vector<int> prompt = m.tok->Encode("Once upon a time, there was a", true).value();
+  const size_t runs = getenv("LUTRA_TEST_QUICK") != nullptr ? 150 : 600;
+  SamplingConfig sc;
+  sc.temperature = 1.0f;
+  sc.top_k = 5;  // few bins: the counts per bin stay large
+  RunState state = MakeRunState(m.f32.config, 16).value();
+  RunState draft_state = MakeRunState(m.q2.config, 16).value();
+  state.precision = draft_state.precision = MatmulPrecision::kF32;
+  SpeculativeOptions spec;
+  spec.draft_model = &m.q2;
+  spec.draft_state = &draft_state;
+  std::map<int, std::vector<size_t>> second;  // first token -> counts of the second
+  size_t drafted = 0, accepted = 0;
+  for (size_t run = 0; run < runs; ++run) {
+    sc.seed = run;
+    spec.seed = 1000 + run;
+    Sampler sampler = Sampler::Create(vocab, sc).value();
+    std::vector<int> out;
+    GenerateStats st;
+    const Status s = GenerateSpeculative(m.f32, state, prompt, prompt.size() + 2, sampler, {},
+                                         [&](int, int t) { out.push_back(t); }, &st, spec);
+    if (!s.ok() || out.size() != 3) FAIL(s.message() << ", " << out.size() << " tokens");
+    std::vector<size_t>& counts = second[out[0]];
+    counts.resize(vocab);
+    ++counts[out[1]];
+    drafted += st.drafted_tokens;
+    accepted += st.accepted_tokens;
+  }
+  CHECK(drafted == runs);  // one draft per run, some kept, some replaced
+  CHECK(accepted > 0);
+  CHECK(accepted < drafted);
+  double chi = 0.0;
+  size_t dof = 0, groups = 0;
+  for (const auto& [first, counts] : second) {
+    size_t n = 0;
+    for (size_t c : counts) n += c;
+    if (n < 60) continue;
+    std::vector<int> text = prompt;
+    text.push_back(first);
+    const float* l = Forward(m.f32, state, text.data(), text.size(), 0).value();
+    std::vector<float> p(vocab);
+    Sampler sampler = Sampler::Create(vocab, sc).value();
+    sampler.Probabilities(l, p.data());
+    size_t d = 0;
+    chi += ChiSquare(counts, std::vector<double>(p.begin(), p.end()), n, &d);
+    dof += d;
+    ++groups;
+  }
+  INFO(groups << " first tokens, chi-square " << chi << " with " << dof << " dof, bound "
+              << ChiSquareBound(dof));
+  CHECK(groups > 0);
+  CHECK(chi < ChiSquareBound(dof));
 }
 
 TEST_CASE("Speculative decoding rejects bad input", "[speculative][shared]") {
