@@ -11,6 +11,7 @@
 #include "examples/dispatch.h"
 #include "lutra/quantize/quality.h"
 #include "lutra/runtime/sampling.h"
+#include "lutra/runtime/speculative.h"
 
 namespace lutra {
 namespace engine {
@@ -227,10 +228,29 @@ StatusOr<const float*> Forward(const Model& model, RunState& s, const int* token
 // ----------------------------------------------------------------------------
 // Generation
 
-Status Generate(const Model& model, RunState& state, const std::vector<int>& prompt,
-                size_t steps, Sampler& sampler, const std::vector<int>& stop_tokens,
-                const std::function<void(int, int)>& on_token, GenerateStats* stats,
-                size_t start_pos) {
+namespace {
+
+// Runs tokens[0, num) at positions pos.. in chunks of state.max_batch
+// tokens; returns the logits of the last one.
+StatusOr<const float*> ForwardChunked(const Model& model, RunState& state, const int* tokens,
+                                      size_t num, size_t pos) {
+  const float* logits = nullptr;
+  for (size_t done = 0; done < num;) {
+    const size_t n = std::min(state.max_batch, num - done);
+    StatusOr<const float*> out = Forward(model, state, tokens + done, n, pos + done);
+    if (!out.ok()) return out.status();
+    logits = *out;
+    done += n;
+  }
+  return logits;
+}
+
+// The start of Generate and GenerateSpeculative: checks the prompt and the
+// sampler, runs the prompt at positions start_pos.., Accept()s it and
+// returns the first token, sampled from its logits. Sets st's
+// prompt_tokens and prefill_seconds.
+StatusOr<int> Prefill(const Model& model, RunState& state, const std::vector<int>& prompt,
+                      Sampler& sampler, size_t start_pos, GenerateStats* st) {
   using Clock = std::chrono::steady_clock;
   if (prompt.empty()) return InvalidArgument("generate: empty prompt (need at least BOS)");
   const size_t vocab = model.config.vocab_size;
@@ -238,24 +258,29 @@ Status Generate(const Model& model, RunState& state, const std::vector<int>& pro
     return InvalidArgument("generate: the sampler is made for %zu tokens, the model has %zu",
                            sampler.vocab_size(), vocab);
   }
-  GenerateStats st;
-  st.prompt_tokens = prompt.size();
+  st->prompt_tokens = prompt.size();
   const auto t0 = Clock::now();
-
-  // Prefill: the prompt in chunks of max_batch tokens, after the cache's
-  // first start_pos positions.
-  const float* logits = nullptr;
-  for (size_t done = 0; done < prompt.size();) {
-    const size_t n = std::min(state.max_batch, prompt.size() - done);
-    StatusOr<const float*> out = Forward(model, state, &prompt[done], n, start_pos + done);
-    if (!out.ok()) return out.status();
-    logits = *out;
-    done += n;
-  }
+  StatusOr<const float*> logits =
+      ForwardChunked(model, state, prompt.data(), prompt.size(), start_pos);
+  if (!logits.ok()) return logits.status();
   for (int t : prompt) sampler.Accept(t);
-  int token = int(sampler.Sample(logits));
+  const int token = int(sampler.Sample(*logits));
+  st->prefill_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+  return token;
+}
+
+}  // namespace
+
+Status Generate(const Model& model, RunState& state, const std::vector<int>& prompt,
+                size_t steps, Sampler& sampler, const std::vector<int>& stop_tokens,
+                const std::function<void(int, int)>& on_token, GenerateStats* stats,
+                size_t start_pos) {
+  using Clock = std::chrono::steady_clock;
+  GenerateStats st;
+  StatusOr<int> first = Prefill(model, state, prompt, sampler, start_pos, &st);
+  if (!first.ok()) return first.status();
+  int token = *first;
   size_t pos = start_pos + prompt.size();
-  st.prefill_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
 
   // Decode: llama2.c counts `steps` positions including the prompt's, so
   // steps + 1 - prompt tokens are generated; the first comes from the
@@ -279,6 +304,179 @@ Status Generate(const Model& model, RunState& state, const std::vector<int>& pro
     sampler.Accept(token);
     if (on_token) on_token(prev, token);
     ++st.generated_tokens;
+  }
+  st.decode_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
+  st.positions = pos;
+  if (stats) *stats = st;
+  return Status();
+}
+
+Status GenerateSpeculative(const Model& model, RunState& state, const std::vector<int>& prompt,
+                           size_t steps, Sampler& sampler, const std::vector<int>& stop_tokens,
+                           const std::function<void(int, int)>& on_token, GenerateStats* stats,
+                           const SpeculativeOptions& spec, size_t start_pos) {
+  using Clock = std::chrono::steady_clock;
+  const size_t vocab = model.config.vocab_size;
+  const Model* draft = spec.draft_model;
+  if ((spec.lookup > 0) == (draft != nullptr)) {
+    return InvalidArgument("speculative: give exactly one drafter (lookup > 0 or a draft "
+                           "model); lookup = %zu, draft model %s",
+                           spec.lookup, draft != nullptr ? "given" : "none");
+  }
+  if (state.max_batch < 2) {
+    return InvalidArgument("speculative: the run state's max_batch is %zu; verifying needs the "
+                           "last token and at least one draft in one batch (>= 2)",
+                           state.max_batch);
+  }
+  if (draft != nullptr) {
+    if (spec.draft_state == nullptr) {
+      return InvalidArgument("speculative: a draft model needs its own draft_state");
+    }
+    if (size_t(draft->config.vocab_size) != vocab) {
+      return InvalidArgument("speculative: the draft model's vocabulary has %d tokens, the "
+                             "target's %zu; they must share one vocabulary",
+                             draft->config.vocab_size, vocab);
+    }
+    if (spec.draft_max == 0) return InvalidArgument("speculative: draft_max must be >= 1");
+    // (Past the draft's context nothing is drafted, so its cache may lag.)
+    if (start_pos > 0 && start_pos < size_t(draft->config.seq_len) &&
+        spec.draft_state->cache.end(0) != start_pos) {
+      return InvalidArgument("speculative: the draft model's cache ends at position %zu, the "
+                             "target continues at %zu (keep the draft state between calls)",
+                             spec.draft_state->cache.end(0), start_pos);
+    }
+  }
+  GenerateStats st;
+  StatusOr<int> first = Prefill(model, state, prompt, sampler, start_pos, &st);
+  if (!first.ok()) return first.status();
+  int token = *first;
+  size_t pos = start_pos + prompt.size();
+
+  const auto t1 = Clock::now();
+  const bool greedy = sampler.config().temperature == 0.0f;
+  SamplerRng rng(spec.seed);
+  // The draft model's q: the target's sampling settings without the
+  // repetition penalty, whose history cannot be rolled back. Any q keeps
+  // the output distributed as the target's; a closer one is accepted more.
+  Sampler draft_sampler;
+  std::vector<float> p, q;
+  std::vector<double> residual;
+  if (!greedy) {
+    p.resize(vocab);
+    if (draft != nullptr) {
+      SamplingConfig dc = sampler.config();
+      dc.repeat_penalty = 1.0f;
+      StatusOr<Sampler> ds = Sampler::Create(vocab, dc);
+      if (!ds.ok()) return ds.status();
+      draft_sampler = std::move(*ds);
+      q.resize(spec.draft_max * vocab);
+    }
+  }
+  // text[i]: the token at position start_pos + i (prompt, then generated).
+  std::vector<int> text(prompt);
+  std::vector<int> batch;
+  size_t draft_end = start_pos;  // the draft cache's next position
+  const size_t target_context = size_t(model.config.seq_len);
+  const size_t draft_context = draft != nullptr ? size_t(draft->config.seq_len) : 0;
+  const size_t max_draft = draft != nullptr ? spec.draft_max : spec.lookup;
+
+  const size_t to_generate = steps + 1 > pos ? steps + 1 - pos : 0;
+  int prev = prompt.back();
+  bool done = to_generate == 0;
+  // Emits the next token (as Generate does); sets `done` at a stop token or
+  // when enough are generated.
+  const auto emit = [&](int t) {
+    if (std::find(stop_tokens.begin(), stop_tokens.end(), t) != stop_tokens.end()) {
+      st.stop_token = t;
+      done = true;
+      return;
+    }
+    sampler.Accept(t);
+    if (on_token) on_token(prev, t);
+    prev = t;
+    text.push_back(t);
+    done = ++st.generated_tokens >= to_generate;
+  };
+  if (!done) emit(token);
+  while (!done) {
+    // text.back() sits at position pos, not yet forwarded. Draft k tokens:
+    // the verify pass then yields up to k + 1.
+    token = text.back();
+    size_t k = std::min({max_draft, to_generate - st.generated_tokens - 1, state.max_batch - 1});
+    // No wrap: the target verifies positions pos..pos + k and the draft
+    // model forwards up to pos + k - 1, all below their ring's capacity, so
+    // every rejected position can be rolled back.
+    k = pos < target_context ? std::min(k, target_context - 1 - pos) : 0;
+    if (draft != nullptr) k = pos < draft_context ? std::min(k, draft_context - pos) : 0;
+    batch.assign(1, token);
+    if (k > 0 && draft == nullptr) {
+      PromptLookupDraft(text.data(), text.size(), spec.lookup_ngram, k, &batch);
+    } else if (k > 0) {
+      RunState& ds = *spec.draft_state;
+      // Catch up on the positions the draft cache lacks (the prompt, the
+      // last accepted draft, the target's token), then one pass per draft.
+      StatusOr<const float*> dl = ForwardChunked(*draft, ds, &text[draft_end - start_pos],
+                                                 pos + 1 - draft_end, draft_end);
+      for (size_t i = 0;; ++i) {
+        if (!dl.ok()) return dl.status();
+        ++st.draft_forwards;
+        int d;
+        if (greedy) {
+          d = int(ArgMax(*dl, vocab));
+        } else {
+          draft_sampler.Probabilities(*dl, &q[i * vocab]);
+          d = int(SampleFrom(&q[i * vocab], vocab, rng));
+        }
+        batch.push_back(d);
+        if (i + 1 == k) break;
+        dl = Forward(*draft, ds, &d, 1, pos + 1 + i);
+      }
+      draft_end = pos + k;
+    }
+    k = batch.size() - 1;
+    st.drafted_tokens += k;
+    StatusOr<const float*> out = Forward(model, state, batch.data(), k + 1, pos, true);
+    if (!out.ok()) return out.status();
+    ++st.decode_forwards;
+    // Row i holds the target's logits after batch[i]: the draft batch[i + 1]
+    // stands when the target would have produced it.
+    size_t kept = 0;  // rows whose input token stays in the cache
+    for (size_t i = 0; i <= k && !done; ++i) {
+      const float* row = *out + i * vocab;
+      kept = i + 1;
+      int next;
+      bool accepted;
+      if (i < k && !greedy) {
+        sampler.Probabilities(row, p.data());
+        const SpeculativeVerdict v =
+            SpeculativeAccept(p.data(), draft != nullptr ? &q[i * vocab] : nullptr, vocab,
+                              size_t(batch[i + 1]), rng, &residual);
+        next = int(v.token);
+        accepted = v.accepted;
+      } else {
+        next = int(sampler.Sample(row));
+        accepted = i < k && next == batch[i + 1];
+      }
+      st.accepted_tokens += accepted ? 1 : 0;
+      emit(next);
+      if (!accepted) break;
+    }
+    pos += kept;
+    // Roll back the rejected drafts' keys and values.
+    if (state.cache.end(0) > pos) LUTRA_RETURN_IF_ERROR(state.cache.Truncate(pos));
+    if (draft != nullptr && draft_end > pos) {
+      LUTRA_RETURN_IF_ERROR(spec.draft_state->cache.Truncate(pos));
+      draft_end = pos;
+    }
+  }
+  // Leave the draft cache holding the target's positions, for a next call
+  // that continues at st.positions (a chat turn) and may still draft.
+  if (draft != nullptr && draft_end < pos && pos < draft_context) {
+    StatusOr<const float*> dl = ForwardChunked(*draft, *spec.draft_state,
+                                               &text[draft_end - start_pos], pos - draft_end,
+                                               draft_end);
+    if (!dl.ok()) return dl.status();
+    ++st.draft_forwards;
   }
   st.decode_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
   st.positions = pos;

@@ -298,6 +298,24 @@ struct GenerateStats {
   double decode_seconds = 0.0;   // the decode passes, their sampling and on_token
   size_t positions = 0;          // cache positions filled: start_pos + prompt + decode passes
   int stop_token = -1;           // the stop token sampled (not fed to the model), or -1
+  // Speculative decoding (GenerateSpeculative; 0 for Generate): tokens
+  // drafted and drafts the target accepted. decode_forwards counts the
+  // target's verify passes.
+  size_t drafted_tokens = 0;
+  size_t accepted_tokens = 0;
+  size_t draft_forwards = 0;     // the draft model's forward passes
+
+  // Tokens generated per target forward pass after the prefill (1 for plain
+  // decoding, up to draft length + 1 with speculation): generated tokens
+  // but the prefill's first, over decode_forwards.
+  double TokensPerForward() const {
+    return decode_forwards > 0 && generated_tokens > 0
+               ? double(generated_tokens - 1) / double(decode_forwards)
+               : 0.0;
+  }
+  double AcceptanceRate() const {
+    return drafted_tokens > 0 ? double(accepted_tokens) / double(drafted_tokens) : 0.0;
+  }
 
   // Decode speed: forward passes per second (not generated tokens, which
   // include the one sampled during the prefill).
@@ -318,6 +336,54 @@ Status Generate(const Model& model, RunState& state, const std::vector<int>& pro
                 size_t steps, Sampler& sampler, const std::vector<int>& stop_tokens,
                 const std::function<void(int prev, int token)>& on_token,
                 GenerateStats* stats, size_t start_pos = 0);
+
+// ----------------------------------------------------------------------------
+// Speculative decoding (issue 15; docs/generate.md "Speculative decoding")
+
+// Where drafts come from: prompt lookup (lutra/runtime/speculative.h) or a
+// draft model with the target's vocabulary (another model, or the target
+// palettized at fewer bits: "self-draft"). Exactly one drafter.
+struct SpeculativeOptions {
+  // > 0: draft up to `lookup` tokens by prompt lookup, matching the last
+  // n-gram (n = lookup_ngram down to 1) against the prompt and the text
+  // generated so far. 0: off.
+  size_t lookup = 0;
+  size_t lookup_ngram = 3;
+  // Non-null: draft up to draft_max tokens with this model, one forward
+  // pass per token in draft_state (its own KV cache, made for
+  // draft_model->config; max_batch >= 1). Its cache holds the same
+  // positions as the target's: empty for start_pos 0, else the first
+  // start_pos positions (GenerateSpeculative leaves it so after each call
+  // that ends within the draft model's context).
+  const Model* draft_model = nullptr;
+  RunState* draft_state = nullptr;
+  size_t draft_max = 4;
+  // Seed of the acceptance rule's and the draft's random draws (sampling
+  // only; greedy decoding draws nothing).
+  uint64_t seed = 0x5EC;
+};
+
+// Generate (same arguments, same output contract) with speculation: each
+// step drafts k tokens, runs the target once on [last token, drafts] (one
+// batched Forward, all logits) and keeps the longest accepted prefix plus
+// one token from the target's own logits; the rejected positions are cut
+// from the KV caches (KVCache::Truncate). Greedy (temperature 0): a draft
+// is accepted when it is the target's argmax, so the output is token for
+// token that of Generate, provided the batched Forward gives each row the
+// logits a single-token Forward would. Sampling: speculative sampling
+// (SpeculativeAccept), whose output follows the target's distribution; the
+// draws differ from Generate's for the same seed.
+// Drafts never make the cache wrap: k shrinks so that the verified
+// positions stay below both models' context (ring capacity), so no live KV
+// entry is overwritten and rollback is always possible; past the context,
+// decoding continues one token per pass as in Generate. k is also at most
+// state.max_batch - 1 and the tokens still to generate - 1.
+// Fills stats' speculative fields (drafted_tokens, accepted_tokens).
+Status GenerateSpeculative(const Model& model, RunState& state, const std::vector<int>& prompt,
+                           size_t steps, Sampler& sampler, const std::vector<int>& stop_tokens,
+                           const std::function<void(int prev, int token)>& on_token,
+                           GenerateStats* stats, const SpeculativeOptions& spec,
+                           size_t start_pos = 0);
 
 // ----------------------------------------------------------------------------
 // Quality of a quantized model against its reference

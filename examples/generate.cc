@@ -83,6 +83,14 @@ struct Options {
   std::string chat_template;       // chatml | llama3 | llama2 (empty: from the model)
   bool no_mmap = false;            // --no-mmap: read the model into memory
   bool max_memory_given = false;   // else DefaultMaxMemory()
+  // Speculative decoding (docs/generate.md "Speculative decoding").
+  size_t lookup = 0;               // --lookup N: prompt-lookup drafts; 0 off
+  std::string draft;               // --draft FILE: draft model
+  int draft_bits = 0;              // --draft-bits B: draft palettized at B bits
+  size_t draft_max = 4;            // --draft-max K: draft model's tokens per step
+  bool draft_max_given = false;
+  bool compare = false;            // --compare: also run without speculation
+  bool Speculative() const { return lookup > 0 || !draft.empty() || draft_bits != 0; }
 };
 
 void PrintUsage(FILE* out) {
@@ -153,6 +161,14 @@ void PrintUsage(FILE* out) {
           "  --precision P       palettized matmuls: int8 (default: u8 codebooks x int8\n"
           "                      activations, fast) or f32 (exact codebook values)\n"
           "  --stats-json FILE   also write the stats line's figures as a JSON object\n"
+          "Speculative decoding (greedy output unchanged; sampling keeps the distribution):\n"
+          "  --lookup N          draft up to N tokens by prompt lookup (the last n-gram's\n"
+          "                      earlier continuation in prompt + text); 0 = off\n"
+          "  --draft FILE        draft with another model of the same vocabulary\n"
+          "  --draft-bits B      draft with the draft model (else the target's own f32\n"
+          "                      weights: self-draft) palettized at B bits\n"
+          "  --draft-max K       tokens a draft model drafts per step (default 4)\n"
+          "  --compare           also generate without speculation; print the speedup\n"
           "Chat:\n"
           "  -cnv, --chat        chat with an instruction-tuned model through its chat\n"
           "                      template: one turn with -p, else turns read from stdin\n"
@@ -345,6 +361,7 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
                           : flag == "--chat"     ? &o->chat
                           : flag == "--add-bos"  ? &o->add_bos
                           : flag == "--no-mmap"  ? &o->no_mmap
+                          : flag == "--compare"  ? &o->compare
                                                  : nullptr;
     if (boolean != nullptr) {
       if (has_inline) return lutra::InvalidArgument("%s takes no value", given.c_str());
@@ -525,6 +542,18 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
       if (!ParseSize(value, 2, 1 << 20, &o->eval_tokens)) return bad("an integer >= 2");
     } else if (flag == "--stats-json") {
       o->stats_json = value;
+    } else if (flag == "--lookup") {
+      if (!ParseSize(value, 0, 64, &o->lookup)) return bad("0 (off) or a draft length in [1, 64]");
+    } else if (flag == "--draft") {
+      o->draft = value;
+    } else if (flag == "--draft-bits") {
+      if (!ParseSize(value, 1, 8, &n) || !lutra::IsValidPaletteBits(int(n))) {
+        return bad("one of 1, 2, 3, 4, 6, 8");
+      }
+      o->draft_bits = int(n);
+    } else if (flag == "--draft-max") {
+      if (!ParseSize(value, 1, 63, &o->draft_max)) return bad("an integer in [1, 63]");
+      o->draft_max_given = true;
     } else if (flag == "--tokenize") {
       o->tokenize = true;
       o->tokenize_text = value;
@@ -580,6 +609,25 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
     return lutra::InvalidArgument("--group and --groups are exclusive");
   }
   if (o->group_given) o->load.groups = {o->load.group};
+  const bool draft_model = !o->draft.empty() || o->draft_bits != 0;
+  if (o->lookup > 0 && draft_model) {
+    return lutra::InvalidArgument("--lookup and --draft/--draft-bits are exclusive (one "
+                                  "drafter)");
+  }
+  if (o->draft_max_given && !draft_model) {
+    return lutra::InvalidArgument("--draft-max needs a draft model (--draft FILE or "
+                                  "--draft-bits B)");
+  }
+  if (o->compare && !o->Speculative()) {
+    return lutra::InvalidArgument("--compare needs speculation (--lookup, --draft or "
+                                  "--draft-bits)");
+  }
+  if (o->Speculative() && (o->chat || o->eval || !o->save.empty())) {
+    return lutra::InvalidArgument("speculative decoding (--lookup, --draft, --draft-bits) runs "
+                                  "with -p or --prompts-file, not with --chat, --eval or "
+                                  "--save");
+  }
+
   const bool palettize = o->load.bits != 0 || o->load.mixed_bits != 0.0;
   if ((o->eval || o->recover_rank > 0) && !palettize) {
     return lutra::InvalidArgument("%s needs --bits B or --mixed BPW (a palettized model)",
@@ -642,6 +690,9 @@ struct RunFigures {
   const lutra::Adapter* adapter = nullptr;
   size_t adapter_bytes = 0;
   size_t threads = 1;
+  // --compare: generated tokens per second after the first, with
+  // speculation over without (0: not measured).
+  double speedup = 0.0;
 };
 
 // A JSON string literal of `s` (quotes, backslashes and controls escaped).
@@ -681,6 +732,16 @@ Status ReportStats(const Options& o, const RunFigures& f) {
           st.decode_forwards, st.DecodeTokensPerSecond(), weights_mib,
           f.model->BitsPerWeight(), adapters_kib, active.c_str(), f.threads,
           f.threads == 1 ? "" : "s", target);
+  if (o.Speculative()) {
+    // "decode N tokens" above counts the target's verify passes.
+    fprintf(stderr,
+            "speculative: drafted %zu tokens, accepted %zu (%.1f%%), %.2f tokens per target "
+            "forward, %zu draft model forwards",
+            st.drafted_tokens, st.accepted_tokens, 100.0 * st.AcceptanceRate(),
+            st.TokensPerForward(), st.draft_forwards);
+    if (f.speedup > 0.0) fprintf(stderr, ", speedup %.2fx over plain decoding", f.speedup);
+    fprintf(stderr, "\n");
+  }
   if (o.stats_json.empty()) return Status();
   FILE* out = fopen(o.stats_json.c_str(), "w");
   if (out == nullptr) {
@@ -692,11 +753,14 @@ Status ReportStats(const Options& o, const RunFigures& f) {
           "\"ms_per_prompt_token\": %.4f, \"generated_tokens\": %zu, \"decode_tokens\": %zu, "
           "\"decode_seconds\": %.6f, \"decode_tokens_per_second\": %.3f, "
           "\"weights_mib\": %.3f, \"bits_per_weight\": %.4f, \"adapters_kib\": %.3f, "
-          "\"active_adapter\": %s, \"threads\": %zu, \"target\": %s}\n",
+          "\"active_adapter\": %s, \"threads\": %zu, \"target\": %s, "
+          "\"drafted_tokens\": %zu, \"accepted_tokens\": %zu, \"tokens_per_forward\": %.4f, "
+          "\"draft_forwards\": %zu, \"speedup\": %.4f}\n",
           st.prompt_tokens, ttft_ms, ms_per_prompt_token, st.generated_tokens,
           st.decode_forwards, st.decode_seconds, st.DecodeTokensPerSecond(), weights_mib,
           f.model->BitsPerWeight(), adapters_kib, JsonString(active).c_str(), f.threads,
-          JsonString(target).c_str());
+          JsonString(target).c_str(), st.drafted_tokens, st.accepted_tokens,
+          st.TokensPerForward(), st.draft_forwards, f.speedup);
   const bool write_failed = ferror(out) != 0;
   if (fclose(out) != 0 || write_failed) {
     return lutra::DataLoss("--stats-json: cannot write %s: %s", o.stats_json.c_str(),
@@ -742,9 +806,69 @@ struct PieceWriter {
   }
 };
 
+// With speculation (--lookup, or a draft model `draft`): GenerateSpeculative,
+// and with --compare a second, silent run without speculation for the
+// speedup and an identity check.
+Status RunSpeculative(const Options& o, const engine::Model& model, engine::RunState& state,
+                      const std::vector<int>& prompt, size_t steps, lutra::Sampler& sampler,
+                      const lutra::Tokenizer& tok, const std::vector<int>& stop,
+                      const engine::Model* draft, RunFigures* figures) {
+  engine::SpeculativeOptions spec;
+  spec.lookup = o.lookup;
+  spec.draft_max = o.draft_max;
+  spec.seed = uint64_t(o.seed);
+  engine::RunState draft_state;
+  if (draft != nullptr) {
+    StatusOr<engine::RunState> ds = engine::MakeRunState(draft->config, o.batch, o.kv_type);
+    if (!ds.ok()) return ds.status().WithContext("draft model");
+    draft_state = std::move(*ds);
+    draft_state.pool = state.pool;
+    draft_state.precision = state.precision;
+    spec.draft_model = draft;
+    spec.draft_state = &draft_state;
+  }
+  std::vector<int> tokens;
+  const PieceWriter write{tok};
+  LUTRA_RETURN_IF_ERROR(engine::GenerateSpeculative(
+      model, state, prompt, steps, sampler, stop,
+      [&](int prev, int token) {
+        write(prev, token);
+        tokens.push_back(token);
+      },
+      &figures->gen, spec));
+  printf("\n");
+  fflush(stdout);
+  if (!o.compare) return Status();
+  StatusOr<lutra::Sampler> plain_sampler =
+      MakeSampler(o, o.temperature, model.config.vocab_size, size_t(model.config.seq_len));
+  if (!plain_sampler.ok()) return plain_sampler.status();
+  std::vector<int> plain;
+  engine::GenerateStats st;
+  LUTRA_RETURN_IF_ERROR(engine::Generate(model, state, prompt, steps, *plain_sampler, stop,
+                                         [&](int, int token) { plain.push_back(token); }, &st));
+  // Generated tokens per second after the first (whose time is the
+  // prefill's): the runs may stop at different lengths when they differ.
+  const auto rate = [](const engine::GenerateStats& g) {
+    return g.generated_tokens > 1 && g.decode_seconds > 0.0
+               ? double(g.generated_tokens - 1) / g.decode_seconds
+               : 0.0;
+  };
+  const engine::GenerateStats& sp = figures->gen;
+  figures->speedup = rate(st) > 0.0 ? rate(sp) / rate(st) : 0.0;
+  fprintf(stderr,
+          "compare: without speculation %zu tokens at %.1f tokens/s, with it %zu tokens at "
+          "%.1f tokens/s: %.2fx; output %s\n",
+          st.generated_tokens, rate(st), sp.generated_tokens, rate(sp), figures->speedup,
+          plain == tokens ? "identical"
+          : o.temperature > 0.0f ? "differs (expected when sampling: other random draws)"
+                                 : "DIFFERS");
+  return Status();
+}
+
 int RunGenerate(const Options& o, const engine::Model& model, const lutra::Tokenizer& tok,
                 lutra::ThreadPool* pool, const std::string& prompt_text,
-                const lutra::Adapter* adapter, size_t adapter_bytes) {
+                const lutra::Adapter* adapter, size_t adapter_bytes,
+                const engine::Model* draft = nullptr) {
   StatusOr<std::vector<int>> prompt = tok.Encode(prompt_text, tok.add_bos_token());
   if (!prompt.ok()) return Fail(prompt.status());
   const size_t context = size_t(model.config.seq_len);
@@ -771,6 +895,13 @@ int RunGenerate(const Options& o, const engine::Model& model, const lutra::Token
   std::vector<int> stop = {tok.bos_id()};
   if (tok.eos_id() >= 0) stop.push_back(tok.eos_id());
   RunFigures figures{{}, &model, adapter, adapter_bytes, o.threads};
+  if (o.Speculative()) {
+    Status status =
+        RunSpeculative(o, model, *state, *prompt, *steps, *sampler, tok, stop, draft, &figures);
+    if (!status.ok()) return Fail(status);
+    Status reported = ReportStats(o, figures);
+    return reported.ok() ? 0 : Fail(reported);
+  }
   Status status = engine::Generate(model, *state, *prompt, *steps, *sampler, stop,
                                    PieceWriter{tok}, &figures.gen);
   printf("\n");
@@ -898,6 +1029,82 @@ int RunChat(const Options& o, const engine::Model& model, const lutra::Tokenizer
   }
   Status reported = ReportStats(o, total);
   return reported.ok() ? 0 : Fail(reported);
+}
+
+// --calib-text's tokens, empty without it.
+StatusOr<std::vector<int>> CalibText(const Options& o, const lutra::Tokenizer& tok) {
+  if (o.calib_file.empty()) return std::vector<int>();
+  StatusOr<std::string> text = ReadTextFile(o.calib_file);
+  if (!text.ok()) return text.status().WithContext("--calib-text");
+  StatusOr<std::vector<int>> ids = tok.Encode(*text, tok.add_bos_token());
+  if (!ids.ok()) return ids.status().WithContext("--calib-text");
+  return ids;
+}
+
+// The draft model of --draft FILE and/or --draft-bits B: FILE as is or
+// palettized at B bits, or without FILE the target's own f32 weights
+// (`target`, before it is palettized) at B bits (self-draft). Made in the
+// same way as the target (calibrated unless --calib off).
+StatusOr<std::unique_ptr<engine::Model>> MakeDraftModel(const Options& o,
+                                                        const engine::Model& target,
+                                                        const lutra::Tokenizer& tok) {
+  std::unique_ptr<engine::Model> owned;
+  const engine::Model* source = &target;
+  if (!o.draft.empty()) {
+    LUTRA_RETURN_IF_ERROR(CheckGgufMagic(o.draft));
+    engine::LoadOptions load;
+    load.seq_len = o.load.seq_len;
+    load.max_memory_bytes = o.load.max_memory_bytes;
+    load.use_mmap = o.load.use_mmap;
+    StatusOr<engine::Model> m = engine::OpenModel(o.draft, load, o.threads);
+    if (!m.ok()) return m.status().WithContext("--draft " + o.draft);
+    owned = std::make_unique<engine::Model>(std::move(*m));
+    source = owned.get();
+    // One vocabulary: the sizes, then the pieces where the draft file
+    // carries its own (a llama2.c checkpoint does not).
+    if (owned->config.vocab_size != target.config.vocab_size) {
+      return lutra::InvalidArgument("--draft %s: its vocabulary has %d tokens, the target's "
+                                    "(%s) %d; the draft model must share the target's vocabulary",
+                                    o.draft.c_str(), owned->config.vocab_size,
+                                    o.model.empty() ? o.synthetic.c_str() : o.model.c_str(),
+                                    target.config.vocab_size);
+    }
+    if (owned->tokenizer != nullptr) {
+      // Control tokens (BOS, EOS) decode to nothing and are spelled
+      // differently by the formats (llama2.c's "\n<s>\n", GGUF's "<s>").
+      const lutra::Tokenizer& dt = *owned->tokenizer;
+      const auto control = [](const lutra::Tokenizer& t, int id) {
+        return t.type(id) == lutra::TokenType::kControl;
+      };
+      for (int id = 0; id < std::min(dt.vocab_size(), tok.vocab_size()); ++id) {
+        if (dt.piece(id) != tok.piece(id) && !control(dt, id) && !control(tok, id)) {
+          return lutra::InvalidArgument(
+              "--draft %s: token %d is '%s' in the draft's vocabulary but '%s' in the "
+              "target's; the draft model must share the target's vocabulary",
+              o.draft.c_str(), id, dt.piece(id).c_str(), tok.piece(id).c_str());
+        }
+      }
+    }
+    owned->tokenizer = nullptr;  // the target's is used
+  }
+  if (o.draft_bits == 0) return owned;
+  if (source->weights.embedding.palettized()) {
+    return lutra::InvalidArgument(
+        "--draft-bits %d: %s is already palettized; self-draft needs f32 weights (a .bin, "
+        ".gguf or --synthetic without --bits)",
+        o.draft_bits, o.draft.empty() ? "the target" : o.draft.c_str());
+  }
+  engine::LoadOptions q = o.load;
+  q.bits = o.draft_bits;
+  q.mixed_bits = 0.0;
+  q.calib_bos = tok.bos_id();
+  StatusOr<std::vector<int>> calib = CalibText(o, tok);
+  if (!calib.ok()) return calib.status();
+  q.calib_text = std::move(*calib);
+  StatusOr<engine::Model> pal = engine::PalettizeModel(*source, q, o.threads);
+  if (!pal.ok()) return pal.status().WithContext("--draft-bits");
+  fprintf(stderr, "draft model: %s\n", pal->quantization.c_str());
+  return std::make_unique<engine::Model>(std::move(*pal));
 }
 
 // --tokenize: the ids of the text, one per line, from the vocabulary alone
@@ -1048,17 +1255,20 @@ int main(int argc, char** argv) {
   }
   StatusOr<std::shared_ptr<const lutra::Tokenizer>> tokenizer = GetTokenizer(o, *model);
   if (!tokenizer.ok()) return Fail(tokenizer.status());
+  // The draft model, made while the target's f32 weights are at hand.
+  std::unique_ptr<engine::Model> draft;
+  if (!o.draft.empty() || o.draft_bits != 0) {
+    StatusOr<std::unique_ptr<engine::Model>> d = MakeDraftModel(o, *model, **tokenizer);
+    if (!d.ok()) return Fail(d.status());
+    draft = std::move(*d);
+  }
   std::unique_ptr<engine::Model> f32;
   if (palettize && !random_palettes) {
     engine::LoadOptions q = o.load;
     q.calib_bos = (*tokenizer)->bos_id();
-    if (!o.calib_file.empty()) {
-      StatusOr<std::string> text = ReadTextFile(o.calib_file);
-      if (!text.ok()) return Fail(text.status().WithContext("--calib-text"));
-      StatusOr<std::vector<int>> ids = (*tokenizer)->Encode(*text, (*tokenizer)->add_bos_token());
-      if (!ids.ok()) return Fail(ids.status().WithContext("--calib-text"));
-      q.calib_text = std::move(*ids);
-    }
+    StatusOr<std::vector<int>> calib = CalibText(o, **tokenizer);
+    if (!calib.ok()) return Fail(calib.status());
+    q.calib_text = std::move(*calib);
     StatusOr<engine::Model> pal = engine::PalettizeModel(*model, q, o.threads);
     if (!pal.ok()) return Fail(pal.status());
     fprintf(stderr, "%s\n", pal->quantization.c_str());
@@ -1102,8 +1312,13 @@ int main(int argc, char** argv) {
   // The run state (activations, KV cache of the whole context) counts
   // against --max-memory too: refuse a context that cannot fit up front.
   const uint64_t run_bytes = engine::RunStateBytes(model->config, o.batch, o.kv_type);
+  const uint64_t draft_bytes =
+      draft ? uint64_t(draft->heap_bytes) +
+                  engine::RunStateBytes(draft->config, o.batch, o.kv_type)
+            : 0;
   Status fits = lutra::CheckMemoryBudget(
-      uint64_t(model->heap_bytes) + (f32 ? uint64_t(f32->heap_bytes) : 0) + run_bytes,
+      uint64_t(model->heap_bytes) + (f32 ? uint64_t(f32->heap_bytes) : 0) + run_bytes +
+          draft_bytes,
       o.load.max_memory_bytes,
       "the model and its run state (a KV cache of " + std::to_string(model->config.seq_len) +
           " positions: " + std::to_string(run_bytes >> 20) + " MiB; see -c)");
@@ -1116,7 +1331,7 @@ int main(int argc, char** argv) {
   }
   if (o.prompts_file.empty()) {
     return RunGenerate(o, *model, **tokenizer, &pool, o.prompt, active.get(),
-                       adapters.resident_bytes());
+                       adapters.resident_bytes(), draft.get());
   }
   // Batch mode: one generation per line, each with its own adapter.
   FILE* f = fopen(o.prompts_file.c_str(), "r");
@@ -1146,7 +1361,7 @@ int main(int argc, char** argv) {
     }
     fprintf(stderr, "[adapter: %s]\n", adapter ? adapter->name().c_str() : "none");
     rc = RunGenerate(o, *model, **tokenizer, &pool, text, adapter.get(),
-                     adapters.resident_bytes());
+                     adapters.resident_bytes(), draft.get());
   }
   fclose(f);
   return rc;

@@ -40,9 +40,10 @@
 #include "lutra/kernels/kv_cache.h"
 #include "lutra/kernels/matmul.h"
 
-// runtime/: chat templates, adapter cache, sampling.
+// runtime/: chat templates, adapter cache, sampling, speculative decoding.
 #include "lutra/runtime/chat_template.h"
 #include "lutra/runtime/lora_manager.h"
 #include "lutra/runtime/sampling.h"
+#include "lutra/runtime/speculative.h"
 
 #endif  // LUTRA_LUTRA_H_
