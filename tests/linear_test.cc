@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <new>
 #include <vector>
@@ -224,6 +226,41 @@ TEST_CASE("linear: no heap allocation per Prepare or Run") {
   const size_t before = g_allocations.load();
   std::vector<float> v(10);
   CHECK(g_allocations.load() > before);
+}
+
+// Not a check: prints the GEMM-vs-GEMV contract figures of docs/design.md.
+//   build/tests/linear_test "[.contract]"
+TEST_CASE("linear: GEMM of M tokens vs M GEMVs (figures)", "[.contract]") {
+  const size_t N = 512, K = 1024;
+  for (int bits : {2, 4}) {
+    const Matrix m = MakeMatrix(N, K, bits, 1, 21);
+    StatusOr<PreparedPalette> pw = PreparedPalette::Make(m.palette.view());
+    REQUIRE(pw.ok());
+    for (MatmulPrecision prec : {MatmulPrecision::kInt8, MatmulPrecision::kF32}) {
+      for (size_t M : {size_t{2}, size_t{8}, size_t{64}}) {
+        test::Rng rng(M);
+        const std::vector<float> x = rng.GaussianVector(M * K);
+        std::vector<float> gemv(M * N), gemm(M * N);
+        PreparedInput in;
+        for (size_t t = 0; t < M; ++t) {
+          REQUIRE(dispatch::Gemv(*pw, x.data() + t * K, nullptr, prec, gemv.data() + t * N,
+                                 nullptr, &in).ok());
+        }
+        REQUIRE(dispatch::Gemm(*pw, x.data(), M, nullptr, prec, gemm.data(), nullptr, &in).ok());
+        double max_diff = 0.0, max_y = 0.0;
+        size_t same = 0;
+        for (size_t i = 0; i < M * N; ++i) {
+          max_diff = std::max(max_diff, double(std::fabs(gemv[i] - gemm[i])));
+          max_y = std::max(max_y, double(std::fabs(gemv[i])));
+          same += gemv[i] == gemm[i];
+        }
+        std::printf("%s %d-bit %s M=%zu: max|GEMM - GEMV| = %.3g = %.2g * max|y|, "
+                    "%zu of %zu outputs bit-identical\n",
+                    dispatch::ActiveTarget(), bits, MatmulPrecisionName(prec), M, max_diff,
+                    max_diff / max_y, same, M * N);
+      }
+    }
+  }
 }
 
 }  // namespace
