@@ -21,6 +21,7 @@
 #include "lutra/linear.h"
 #include "lutra/quantize/palettize.h"
 #include "tests/support/rng.h"
+#include "tests/test_util.h"
 
 // ---- Allocation counting ---------------------------------------------------
 // operator delete frees what operator new got from malloc; GCC, seeing both
@@ -93,8 +94,10 @@ Matrix MakeMatrix(size_t N, size_t K, int bits, size_t rank, uint64_t seed) {
 }
 
 // Linear over num_tasks ranges of the engine's own scheduler (here: a
-// ThreadPool behind the hook) equals the one-shot dispatch::Gemv/Gemm bits.
-TEST_CASE("linear: equals dispatch Gemv/Gemm for any split and M") {
+// ThreadPool behind the hook) equals the one-shot dispatch::Gemv/Gemm bits,
+// on every target the library and the CPU have (ForEachTarget pins the
+// dispatch layer's choice).
+void CheckLinearMatchesFreeFunctions() {
   const size_t N = 77, K = 300, rank = 3;
   const Matrix m = MakeMatrix(N, K, 4, rank, 7);
   test::Rng rng(11);
@@ -150,6 +153,10 @@ TEST_CASE("linear: equals dispatch Gemv/Gemm for any split and M") {
   }
 }
 
+TEST_CASE("linear: equals dispatch Gemv/Gemm for any split and M") {
+  test::ForEachTarget(CheckLinearMatchesFreeFunctions);
+}
+
 TEST_CASE("linear: RangeAlignment is 4 for GEMV and one panel for GEMM") {
   const Matrix m = MakeMatrix(40, 64, 2, 1, 3);
   LinearOptions opt;
@@ -188,7 +195,7 @@ TEST_CASE("linear: errors are Status, not crashes") {
   CHECK(!empty.RunParallel(y.data(), nullptr).ok());
 }
 
-TEST_CASE("linear: no heap allocation per Prepare or Run") {
+void CheckNoAllocation() {
   const size_t N = 96, K = 520, rank = 4;
   const Matrix m = MakeMatrix(N, K, 4, rank, 9);
   test::Rng rng(13);
@@ -222,6 +229,10 @@ TEST_CASE("linear: no heap allocation per Prepare or Run") {
     CHECK(all_ok);
     CHECK(allocations == 0);
   }
+}
+
+TEST_CASE("linear: no heap allocation per Prepare or Run") {
+  test::ForEachTarget(CheckNoAllocation);
   // The counter counts: a vector allocates.
   const size_t before = g_allocations.load();
   std::vector<float> v(10);
