@@ -22,7 +22,7 @@
 #include <string>
 #include <vector>
 
-#include "examples/dispatch.h"
+#include "lutra/dispatch.h"
 #include "examples/engine.h"
 
 namespace {

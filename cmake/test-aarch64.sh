@@ -99,16 +99,16 @@ cmake -S . -B "$BUILD" -G Ninja "${CMAKE_CC[@]}" \
   -DLUTRA_BUILD_EXAMPLES=OFF -DLUTRA_INSTALL=OFF >/dev/null
 
 # Code size of lutra's kernels per way of dispatching on Arm (docs/mobile.md):
-# examples/dispatch.cc instantiates every kernel an engine calls, so its .text
+# src/dispatch.cc instantiates every kernel an engine calls, so its .text
 # is what lutra adds to an app (plus libhwy.a's, printed last).
 size_report() {
   local dir="$BUILD/size" mode name flags text
   mkdir -p "$dir"
-  printf '%-66s %10s\n' "examples/dispatch.cc, ${CXX_CMD[*]} -O2" ".text bytes"
+  printf '%-66s %10s\n' "src/dispatch.cc, ${CXX_CMD[*]} -O2" ".text bytes"
   while IFS='|' read -r name flags; do
     # shellcheck disable=SC2086  # $flags is a list of compiler flags
     "${CXX_CMD[@]}" -std=c++17 -O2 -fno-exceptions -fno-rtti -I include -I . \
-      -isystem "$HWY_PREFIX/include" $flags -c examples/dispatch.cc -o "$dir/dispatch.o"
+      -isystem "$HWY_PREFIX/include" $flags -c src/dispatch.cc -o "$dir/dispatch.o"
     text=$(aarch64-linux-gnu-size -A "$dir/dispatch.o" |
            awk '$1 ~ /^\.text/ {t += $2} END {print t}')
     printf '%-66s %10s\n' "$name" "$text"

@@ -59,10 +59,10 @@ run_asan() {
   # ones there. The Release run still compiles every target.
   [ -n "$(no_avx512)" ] && disabled="$disabled|HWY_AVX3_ZEN4|HWY_AVX3_SPR"
   # The dispatch layer of the examples is built once, by the Release run
-  # (examples/CMakeLists.txt says why), when that run came first.
+  # (the top-level CMakeLists.txt says why), when that run came first.
   local prebuilt=("-DLUTRA_PREBUILT_DISPATCH=")
-  [ -f build/examples/liblutra_dispatch.a ] &&
-    prebuilt=("-DLUTRA_PREBUILT_DISPATCH=$ROOT/build/examples/liblutra_dispatch.a")
+  [ -f build/src/liblutra_dispatch.a ] &&
+    prebuilt=("-DLUTRA_PREBUILT_DISPATCH=$ROOT/build/src/liblutra_dispatch.a")
   # LUTRA_TEST_QUICK: tests may skip quality figures the Release run checks.
   ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 LUTRA_TEST_QUICK=1 \
     configure_and_test build-asan -DCMAKE_BUILD_TYPE=Debug -DLUTRA_SANITIZE=ON \
@@ -85,8 +85,8 @@ run_tsan() {
   # Engine tests link the Release run's dispatch layer when there is one,
   # as the ASan run does (its kernels are covered by their own tests here).
   local prebuilt=("-DLUTRA_PREBUILT_DISPATCH=")
-  [ -f build/examples/liblutra_dispatch.a ] &&
-    prebuilt=("-DLUTRA_PREBUILT_DISPATCH=$ROOT/build/examples/liblutra_dispatch.a")
+  [ -f build/src/liblutra_dispatch.a ] &&
+    prebuilt=("-DLUTRA_PREBUILT_DISPATCH=$ROOT/build/src/liblutra_dispatch.a")
   # -O1: TSan's usual setting (at -O0 the instrumented kernels run many
   # times slower); -g1 gives race reports file:line stacks.
   cmake -S . -B build-tsan -G Ninja "${PREFIX_ARGS[@]}" -DCMAKE_BUILD_TYPE=Debug \

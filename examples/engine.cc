@@ -1,5 +1,5 @@
 // lutra engine: see engine.h. Every loop over weights or activations below is
-// a lutra kernel called through examples/dispatch.h.
+// a lutra kernel called through lutra/dispatch.h.
 #include "examples/engine.h"
 
 #include <math.h>
@@ -8,7 +8,7 @@
 #include <algorithm>
 #include <chrono>
 
-#include "examples/dispatch.h"
+#include "lutra/dispatch.h"
 #include "lutra/quantize/quality.h"
 #include "lutra/runtime/sampling.h"
 #include "lutra/runtime/speculative.h"

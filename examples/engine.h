@@ -1,5 +1,5 @@
 // lutra engine: a Llama forward pass, sampler loop and quality evaluation
-// composed of lutra kernels (through examples/dispatch.h), in the spirit of
+// composed of lutra kernels (through lutra/dispatch.h), in the spirit of
 // llama2.c's run.c: a config struct, a weights struct, a run-state struct and
 // one function per step. lutra-generate (generate.cc) is its command line.
 #ifndef LUTRA_EXAMPLES_ENGINE_H_

@@ -18,7 +18,7 @@
 #include <utility>
 #include <vector>
 
-#include "examples/dispatch.h"
+#include "lutra/dispatch.h"
 #include "examples/engine.h"
 #include "lutra/format/gguf.h"
 #include "lutra/format/lutra_file.h"

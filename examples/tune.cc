@@ -19,8 +19,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "examples/dispatch.h"
 #include "examples/engine.h"
+#include "lutra/dispatch.h"
 #include "lutra/quantize/codebook_tune.h"
 
 namespace lutra {

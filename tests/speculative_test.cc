@@ -16,8 +16,8 @@
 
 #include <catch2/catch_test_macros.hpp>
 
-#include "examples/dispatch.h"
 #include "examples/engine.h"
+#include "lutra/dispatch.h"
 #include "lutra/runtime/sampling.h"
 #include "lutra/runtime/speculative.h"
 #include "tests/test_util.h"

@@ -9,7 +9,7 @@
 #include "lutra/kernels/gemv-inl.h"  // per-target: after hwy/highway.h
 #include "lutra/lutra.h"             // every plain type: Palettize, PreparedPalette, ...
 
-namespace hn = lutra::HWY_NAMESPACE;
+namespace lk = lutra::HWY_NAMESPACE;
 
 int main() {
   const size_t N = 40, K = 100;
@@ -26,7 +26,7 @@ int main() {
   }
   auto prepared = lutra::PreparedPalette::Make(w->view());
   if (!prepared.ok()) return 1;
-  lutra::Status s = hn::Gemv(*prepared, x.data(), K, lutra::Epilogue(), y.data(), N);
+  lutra::Status s = lk::Gemv(*prepared, x.data(), K, lutra::Epilogue(), y.data(), N);
   if (!s.ok()) {
     std::fprintf(stderr, "%s\n", s.message().c_str());
     return 1;
@@ -42,7 +42,7 @@ int main() {
     max_ref = std::fmax(max_ref, std::fabs(ref));
   }
   // Bad input gets a Status, not a crash.
-  lutra::Status bad = hn::Gemv(*prepared, x.data(), K - 1, lutra::Epilogue(), y.data(), N);
+  lutra::Status bad = lk::Gemv(*prepared, x.data(), K - 1, lutra::Epilogue(), y.data(), N);
   const bool ok = max_err <= 0.05 * max_ref && !bad.ok();
   std::printf("consumer (%s): 4-bit GEMV %zux%zu max error %.4f of %.3f; bad shape -> \"%s\" %s\n",
               hwy::TargetName(HWY_TARGET), N, K, max_err, max_ref, bad.message().c_str(),

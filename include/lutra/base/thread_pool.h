@@ -20,6 +20,7 @@
 #include <condition_variable>
 #include <mutex>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "lutra/base/status.h"
@@ -212,10 +213,20 @@ template <class Fn>
 Status ParallelForRows(ThreadPool* pool, size_t n, size_t align, const Fn& fn) {
   if (pool == nullptr || pool->NumThreads() == 1) return fn(RowRange{0, n});
   const size_t T = pool->NumThreads();
-  std::vector<Status> status(T);
-  pool->ParallelFor(T, [&](size_t task, size_t) { status[task] = fn(SplitRows(n, T, task, align)); });
-  for (const Status& s : status) LUTRA_RETURN_IF_ERROR(s);
-  return Status::Ok();
+  // The lowest failing range's Status, without a per-call allocation.
+  std::mutex mu;
+  size_t first_task = T;
+  Status first;
+  pool->ParallelFor(T, [&](size_t task, size_t) {
+    Status s = fn(SplitRows(n, T, task, align));
+    if (s.ok()) return;
+    std::lock_guard<std::mutex> lock(mu);
+    if (task < first_task) {
+      first_task = task;
+      first = std::move(s);
+    }
+  });
+  return first;
 }
 
 }  // namespace lutra

@@ -115,12 +115,13 @@ HWY_INLINE void LoraRowDots(const LoraDelta& lora, const float* HWY_RESTRICT ax,
 class LoraPanel {
  public:
   void Init(const LoraDelta& lora, size_t n0, size_t n, size_t NR) {
-    rank_ = lora.rank;
-    nr_ = NR;
-    bt_.resize(rank_ * NR);
+    rank_ = lora.rank;  // <= kMaxLoraRank (ValidateLora)
+    nr_ = NR;           // 2 f32 vectors <= kMaxNR
+    if (!kFixed) heap_.resize(rank_ * NR);
+    float* bt = Storage();
     for (size_t j = 0; j < NR; ++j) {
       for (size_t k = 0; k < rank_; ++k) {
-        bt_[k * NR + j] = j < n ? LoadElement(lora.b, lora.type, (n0 + j) * rank_ + k) : 0.0f;
+        bt[k * NR + j] = j < n ? LoadElement(lora.b, lora.type, (n0 + j) * rank_ + k) : 0.0f;
       }
     }
   }
@@ -131,15 +132,22 @@ class LoraPanel {
     for (size_t j = 0; j < nr_; j += NF) {
       hn::Vec<DF> d = hn::Zero(df);
       for (size_t k = 0; k < rank_; ++k) {
-        d = hn::MulAdd(hn::Set(df, ax[k]), hn::LoadU(df, bt_.data() + k * nr_ + j), d);
+        d = hn::MulAdd(hn::Set(df, ax[k]), hn::LoadU(df, Storage() + k * nr_ + j), d);
       }
       hn::StoreU(d, df, dots + j);
     }
   }
 
  private:
+  // A fixed buffer (8 KiB on AVX-512, 32 KiB for 2048-bit SVE): no
+  // allocation per GemmRows call; wider targets (RVV) use the heap.
+  static constexpr size_t kMaxNR = 2 * hn::MaxLanes(hn::ScalableTag<float>());
+  static constexpr bool kFixed = kMaxNR <= 128;
+  const float* Storage() const { return kFixed ? fixed_ : heap_.data(); }
+  float* Storage() { return kFixed ? fixed_ : heap_.data(); }
   size_t rank_ = 0, nr_ = 0;
-  std::vector<float> bt_;
+  float fixed_[kFixed ? kMaxLoraRank * kMaxNR : 1];
+  std::vector<float> heap_;
 };
 
 // Outputs per FinishRows call: a few vectors, small enough for the stack.

@@ -23,6 +23,7 @@
 //                           size_t ldx, const Epilogue& ep,
 //                           const MatmulOptions& opt, PreparedInput* in);
 //                                                  (matmul_input-inl.h)
+//   size_t GemmRangeAlignment();  // output channels per panel on this target
 //   Status GemmRows(const PreparedPalette& w, const PreparedInput& in,
 //                   size_t n0, size_t n1, float* Y, size_t ldy);
 //   Status Gemm(const PreparedPalette& w, const float* X, size_t M, size_t ldx,
@@ -244,7 +245,7 @@ HWY_INLINE void MicroKernelI8(const PreparedInput& in, const EpilogueArgs& e, co
 
 template <int kBits>
 HWY_NOINLINE void GemmRowsImpl(const PreparedPalette& w, const PreparedInput& in, size_t n0,
-                               size_t n1, float* Y, size_t ldy) {
+                               size_t n1, float* Y, size_t ldy, GemmScratch* scratch) {
   const hn::ScalableTag<float> df;
   const size_t NF = hn::Lanes(df);
   const size_t NR = 2 * NF;
@@ -252,14 +253,12 @@ HWY_NOINLINE void GemmRowsImpl(const PreparedPalette& w, const PreparedInput& in
   const size_t G = w.shape().group_rows;
   const bool f32 = in.precision == MatmulPrecision::kF32;
   const EpilogueArgs e = EpilogueArgsOf(in, ldy);
-  hwy::AlignedFreeUniquePtr<uint8_t[]> tile;
-  hwy::AlignedFreeUniquePtr<float[]> rows;
-  if (f32) {
-    rows = hwy::AllocateAligned<float>(NR * P);
-  } else {
-    tile = hwy::AllocateAligned<uint8_t>(NR * P);
-  }
-  std::vector<float> step(NR), lo(NR);
+  GemmScratch local;
+  GemmScratch& s = scratch ? *scratch : local;
+  float* const rows = f32 ? s.Array<float>(0, NR * P) : nullptr;
+  uint8_t* const tile = f32 ? nullptr : s.Array<uint8_t>(1, NR * P);
+  float* const step = s.Array<float>(2, NR);
+  float* const lo = s.Array<float>(3, NR);
   LoraPanel lora;
   HWY_ALIGN float raw[2 * hn::MaxLanes(decltype(df)())];
   for (size_t n = n0; n < n1; n += NR) {
@@ -270,11 +269,11 @@ HWY_NOINLINE void GemmRowsImpl(const PreparedPalette& w, const PreparedInput& in
       lora.Init(in.lora, n, p.nr, NR);
       p.lora = &lora;
     }
-    if (f32) {
-      DecodePanelF32<kBits>(w, in, n, p.nr, NR, rows.get());
+    if (KernelPrecisionEnabled(MatmulPrecision::kF32) && f32) {  // LUTRA_KERNEL_PRECISIONS
+      DecodePanelF32<kBits>(w, in, n, p.nr, NR, rows);
       for (size_t m = 0; m < M; ++m) {
         const float* x = in.xf.data() + m * P;
-        for (size_t j = 0; j < p.nr; ++j) raw[j] = Dot(df, rows.get() + j * P, x, P);
+        for (size_t j = 0; j < p.nr; ++j) raw[j] = Dot(df, rows + j * P, x, P);
         FinishPanelRow(df, e, p, m, raw, Y, ldy);
       }
       continue;
@@ -284,10 +283,10 @@ HWY_NOINLINE void GemmRowsImpl(const PreparedPalette& w, const PreparedInput& in
       step[j] = j < p.nr ? w.step(g) : 0.0f;
       lo[j] = j < p.nr ? w.lo(g) : 0.0f;
     }
-    p.step = step.data();
-    p.lo = lo.data();
-    DecodePanelU8<kBits>(w, in, n, p.nr, NR, tile.get());
-    p.tile = tile.get();
+    p.step = step;
+    p.lo = lo;
+    DecodePanelU8<kBits>(w, in, n, p.nr, NR, tile);
+    p.tile = tile;
     size_t m = 0;
     for (; m + kGemmMR <= M; m += kGemmMR) MicroKernelI8<kGemmMR>(in, e, p, m, Y, ldy);
     for (; m < M; ++m) MicroKernelI8<1>(in, e, p, m, Y, ldy);
@@ -296,13 +295,18 @@ HWY_NOINLINE void GemmRowsImpl(const PreparedPalette& w, const PreparedInput& in
 
 }  // namespace detail
 
+// Output channels per panel on this target (2 f32 vectors): GemmRows ranges
+// that start at multiples of it decode no partial panel.
+HWY_INLINE size_t GemmRangeAlignment() { return detail::PanelRows(); }
+
 // Computes Y[m, n] for all M tokens and output channels n in [n0, n1)
 // (0 <= n0 <= n1 <= N) from an input made by PrepareGemmInput on this target.
 // Y is M x N at ldy >= N floats per token row; only columns [n0, n1) are
 // written. Single-threaded; threads may call it concurrently with disjoint
-// ranges (multiples of 2 * f32 lanes avoid partial panels).
+// ranges (multiples of GemmRangeAlignment() avoid partial panels), each with
+// its own scratch (null: allocated per call).
 HWY_INLINE Status GemmRows(const PreparedPalette& w, const PreparedInput& in, size_t n0,
-                           size_t n1, float* Y, size_t ldy) {
+                           size_t n1, float* Y, size_t ldy, GemmScratch* scratch = nullptr) {
   LUTRA_RETURN_IF_ERROR(detail::CheckInput(w, in, "gemm"));
   const size_t N = w.shape().rows;
   if (n0 > n1 || n1 > N) {
@@ -315,8 +319,8 @@ HWY_INLINE Status GemmRows(const PreparedPalette& w, const PreparedInput& in, si
   }
   if (n0 == n1) return Status::Ok();
   if (Y == nullptr) return InvalidArgument("gemm: null output");
-  return WithBits(in.bits, [&](auto bits) HWY_ATTR {
-    detail::GemmRowsImpl<decltype(bits)::value>(w, in, n0, n1, Y, ldy);
+  return WithKernelBits(in.bits, "gemm", [&](auto bits) HWY_ATTR {
+    detail::GemmRowsImpl<decltype(bits)::value>(w, in, n0, n1, Y, ldy, scratch);
   });
 }
 

@@ -329,12 +329,18 @@ HWY_INLINE Status GemvRows(const PreparedPalette& w, const PreparedInput& in, si
   if (r0 == r1) return Status::Ok();
   if (y == nullptr) return InvalidArgument("gemv: null output");
   const bool f32 = in.precision == MatmulPrecision::kF32;
-  return WithBits(in.bits, [&](auto bits) HWY_ATTR {
+  return WithKernelBits(in.bits, "gemv", [&](auto bits) HWY_ATTR {
     constexpr int kBits = decltype(bits)::value;
+    // Only the precisions LUTRA_KERNEL_PRECISIONS enables are instantiated
+    // (PrepareGemvInput refuses the others).
     if (f32) {
-      detail::GemvRowsF32<kBits>(w, in, r0, r1, y);
+      if constexpr (KernelPrecisionEnabled(MatmulPrecision::kF32)) {
+        detail::GemvRowsF32<kBits>(w, in, r0, r1, y);
+      }
     } else {
-      detail::GemvRowsI8<kBits>(w, in, r0, r1, y);
+      if constexpr (KernelPrecisionEnabled(MatmulPrecision::kInt8)) {
+        detail::GemvRowsI8<kBits>(w, in, r0, r1, y);
+      }
     }
   });
 }

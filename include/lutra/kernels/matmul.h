@@ -31,9 +31,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "hwy/aligned_allocator.h"
 #include "lutra/base/status.h"
 #include "lutra/format/lora.h"  // LoraDelta: the epilogue's LoRA view
 #include "lutra/format/palette.h"
@@ -67,6 +69,47 @@ inline const char* MatmulPrecisionName(MatmulPrecision p) {
 struct MatmulOptions {
   MatmulPrecision precision = MatmulPrecision::kInt8;
 };
+
+// Compile-time selection of what the GEMV/GEMM kernels instantiate, to cut
+// compile time and binary size (docs/mobile.md has the figures). Define
+// before including any kernel header (CMake: LUTRA_BITS, LUTRA_PRECISIONS):
+//   LUTRA_KERNEL_BITS: bit b set = b-bit indices (default: 1, 2, 3, 4, 6, 8),
+//     e.g. (1 << 2) | (1 << 4) for 2- and 4-bit models only;
+//   LUTRA_KERNEL_PRECISIONS: bit 0 = kInt8, bit 1 = kF32 (default: both).
+// Preparing an input for a disabled width or precision returns
+// Unimplemented naming the macro; palettizing, files and the scalar helpers
+// keep every width.
+#ifndef LUTRA_KERNEL_BITS
+#define LUTRA_KERNEL_BITS ((1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 6) | (1 << 8))
+#endif
+#ifndef LUTRA_KERNEL_PRECISIONS
+#define LUTRA_KERNEL_PRECISIONS 3
+#endif
+constexpr bool KernelBitsEnabled(int bits) {
+  return bits >= 1 && bits <= 8 && ((LUTRA_KERNEL_BITS) >> bits & 1) != 0;
+}
+constexpr bool KernelPrecisionEnabled(MatmulPrecision p) {
+  return ((LUTRA_KERNEL_PRECISIONS) >> static_cast<int>(p) & 1) != 0;
+}
+
+// WithBits (format/palette.h) for the kernels: calls fn only for the widths
+// LUTRA_KERNEL_BITS enables, so that only those are instantiated.
+template <class Fn>
+Status WithKernelBits(int bits, const char* caller, const Fn& fn) {
+  return WithBits(bits, [&](auto b) -> Status {
+    if constexpr (KernelBitsEnabled(decltype(b)::value)) {
+      if constexpr (std::is_void_v<decltype(fn(b))>) {
+        fn(b);
+        return Status::Ok();
+      } else {
+        return fn(b);
+      }
+    } else {
+      return Unimplemented("%s: %d-bit kernels are not compiled in this build (LUTRA_KERNEL_BITS)",
+                           caller, bits);
+    }
+  });
+}
 
 // A palettized matrix plus the small per-group tables the kernels read
 // instead of the stored codebooks: an f32 copy (exact path) and an affine u8
@@ -170,6 +213,7 @@ struct PreparedInput {
   std::vector<float> xsum;        // rows: sum_b xscale * sum(xq in block)
   std::vector<float> xf;          // rows x positions (kF32)
   std::vector<float> lora_ax;     // rows x rank: A x per token (unscaled)
+  std::vector<float> gather;      // one quantization block of f32 (kInt8 preparation)
   // The caller's bias and residual pointers (which must stay valid until the
   // row calls return); epilogue.lora is null: the kernels read `lora`, a copy
   // of the caller's LoraDelta (whose factors must stay valid likewise).
@@ -184,6 +228,30 @@ struct PreparedInput {
   PreparedInput& operator=(const PreparedInput&) = delete;
   PreparedInput(PreparedInput&&) = default;
   PreparedInput& operator=(PreparedInput&&) = default;
+};
+
+// Per-thread working memory of GemmRows (kernels/gemm-inl.h): decoded weight
+// panels and their per-row affine factors. Pass one per thread (e.g. indexed
+// by ParallelFor's thread argument) to make repeated calls allocation-free;
+// buffers only grow. Without one, GemmRows allocates per call.
+class GemmScratch {
+ public:
+  // An aligned array of at least n T in slot `slot` (< kSlots); contents are
+  // unspecified. Grows (reallocates) only when n exceeds the slot's size.
+  template <class T>
+  T* Array(size_t slot, size_t n) {
+    const size_t bytes = n * sizeof(T);
+    if (bytes > size_[slot]) {
+      buf_[slot] = hwy::AllocateAligned<uint8_t>(bytes);
+      size_[slot] = buf_[slot] ? bytes : 0;
+    }
+    return reinterpret_cast<T*>(buf_[slot].get());
+  }
+  static constexpr size_t kSlots = 4;
+
+ private:
+  hwy::AlignedFreeUniquePtr<uint8_t[]> buf_[kSlots];
+  size_t size_[kSlots] = {};
 };
 
 }  // namespace lutra

@@ -128,6 +128,10 @@ HWY_INLINE Status PrepareGemmInput(const PreparedPalette& w, const float* HWY_RE
   if (opt.precision != MatmulPrecision::kInt8 && opt.precision != MatmulPrecision::kF32) {
     return InvalidArgument("matmul: unknown precision %d", static_cast<int>(opt.precision));
   }
+  if (!KernelPrecisionEnabled(opt.precision)) {
+    return Unimplemented("matmul: %s kernels are not compiled in this build "
+                         "(LUTRA_KERNEL_PRECISIONS)", MatmulPrecisionName(opt.precision));
+  }
   if (ep.lora != nullptr) LUTRA_RETURN_IF_ERROR(ValidateLora(*ep.lora));
 
   in->precision = opt.precision;
@@ -139,7 +143,7 @@ HWY_INLINE Status PrepareGemmInput(const PreparedPalette& w, const float* HWY_RE
   in->epilogue.lora = nullptr;  // kernels read in->lora
   in->has_lora = ep.lora != nullptr;
   if (in->has_lora) in->lora = *ep.lora;
-  LUTRA_RETURN_IF_ERROR(WithBits(shape.bits, [&](auto bits) HWY_ATTR {
+  LUTRA_RETURN_IF_ERROR(WithKernelBits(shape.bits, "matmul", [&](auto bits) HWY_ATTR {
     detail::SetGeometry<decltype(bits)::value>(shape, in);
   }));
   const size_t P = in->geometry.positions();
@@ -158,7 +162,8 @@ HWY_INLINE Status PrepareGemmInput(const PreparedPalette& w, const float* HWY_RE
     in->xq.resize(M * P);
     in->xscale.resize(M * in->num_blocks);
     in->xsum.resize(M);
-    std::vector<float> tmp(block);
+    in->gather.resize(block);  // reused: no allocation once large enough
+    std::vector<float>& tmp = in->gather;
     for (size_t m = 0; m < M; ++m) {
       double total = 0.0;
       for (size_t b = 0; b < in->num_blocks; ++b) {

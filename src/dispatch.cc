@@ -1,11 +1,11 @@
 // Dynamic dispatch of lutra kernels: compiled once per Highway target.
-// See dispatch.h for why, and docs/design.md for static dispatch instead.
-#include "examples/dispatch.h"
+// See lutra/dispatch.h for why, and docs/design.md for static dispatch instead.
+#include "lutra/dispatch.h"
 
 #include <vector>
 
 #undef HWY_TARGET_INCLUDE
-#define HWY_TARGET_INCLUDE "examples/dispatch.cc"
+#define HWY_TARGET_INCLUDE "src/dispatch.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
 #include "lutra/kernels/attention-inl.h"
@@ -71,6 +71,20 @@ Status GemmT(const PreparedPalette& w, const float* x, size_t batch, const LoraD
   opt.precision = precision;
   return Gemm(w, x, batch, w.shape().cols, ep, y, w.shape().rows, pool, opt, scratch);
 }
+
+Status PrepareGemmT(const PreparedPalette& w, const float* X, size_t M, size_t ldx,
+                    const Epilogue& epilogue, const MatmulOptions& options, PreparedInput* in) {
+  return PrepareGemmInput(w, X, M, ldx, epilogue, options, in);
+}
+Status GemvRowsT(const PreparedPalette& w, const PreparedInput& in, size_t n0, size_t n1,
+                 float* y) {
+  return GemvRows(w, in, n0, n1, y);
+}
+Status GemmRowsT(const PreparedPalette& w, const PreparedInput& in, size_t n0, size_t n1,
+                 float* Y, size_t ldy, GemmScratch* scratch) {
+  return GemmRows(w, in, n0, n1, Y, ldy, scratch);
+}
+size_t GemmRangeAlignmentT() { return GemmRangeAlignment(); }
 
 // The kernels' epilogue (LoraAx, then FinishRows in place over y), so that
 // f32 weights round their LoRA term exactly like palettized ones.
@@ -154,6 +168,26 @@ Status Gemm(const PreparedPalette& w, const float* x, size_t batch, const LoraDe
   return HWY_DYNAMIC_DISPATCH(GemmT)(w, x, batch, lora, precision, y, pool, scratch);
 }
 
+HWY_EXPORT(PrepareGemmT);
+HWY_EXPORT(GemvRowsT);
+HWY_EXPORT(GemmRowsT);
+HWY_EXPORT(GemmRangeAlignmentT);
+
+Status PrepareGemm(const PreparedPalette& w, const float* X, size_t M, size_t ldx,
+                   const Epilogue& epilogue, const MatmulOptions& options, PreparedInput* in) {
+  return HWY_DYNAMIC_DISPATCH(PrepareGemmT)(w, X, M, ldx, epilogue, options, in);
+}
+Status GemvRows(const PreparedPalette& w, const PreparedInput& in, size_t n0, size_t n1,
+                float* y) {
+  return HWY_DYNAMIC_DISPATCH(GemvRowsT)(w, in, n0, n1, y);
+}
+Status GemmRows(const PreparedPalette& w, const PreparedInput& in, size_t n0, size_t n1,
+                float* Y, size_t ldy, GemmScratch* scratch) {
+  return HWY_DYNAMIC_DISPATCH(GemmRowsT)(w, in, n0, n1, Y, ldy, scratch);
+}
+size_t GemvRangeAlignment() { return 4; }
+size_t GemmRangeAlignment() { return HWY_DYNAMIC_DISPATCH(GemmRangeAlignmentT)(); }
+
 void LoraApply(const LoraDelta& lora, const float* x, size_t batch, size_t rows, size_t cols,
                float* ax, float* y) {
   HWY_DYNAMIC_DISPATCH(LoraApplyT)(lora, x, batch, rows, cols, ax, y);
@@ -193,7 +227,9 @@ Status Attention(const KVCache& cache, size_t layer, size_t pos, size_t num_toke
   return HWY_DYNAMIC_DISPATCH(AttentionT)(cache, layer, pos, num_tokens, q, num_heads, out);
 }
 
-const char* TargetName() {
+const char* TargetName() { return ActiveTarget(); }
+
+const char* ActiveTarget() {
   // The dispatch table picks the best of the targets this binary was built
   // for among those the CPU supports: the lowest set bit of the intersection
   // (Highway orders better targets first, with smaller bit values).

@@ -1,14 +1,21 @@
-// Plain C++ entry points to lutra kernels with dynamic dispatch.
+// Plain C++ entry points to lutra kernels with dynamic dispatch: the
+// lutra::dispatch library (CMake target lutra::dispatch, built from
+// src/dispatch.cc).
 //
-// This is the pattern an engine uses to ship one binary for every CPU: the
-// kernels are compiled once per Highway target in dispatch.cc (the only file
-// that includes hwy/foreach_target.h), and each call below jumps to the best
-// target of the running CPU. Callers include only this plain header.
+// An engine that ships one binary for every CPU links lutra::dispatch and
+// includes only this plain header: no Highway macros, no per-target code of
+// its own. The kernels are compiled once per Highway target in
+// src/dispatch.cc (the only file that includes hwy/foreach_target.h), and
+// each call below jumps to the best target of the running CPU, chosen on the
+// first call. CMake options: LUTRA_DISPATCH_DISABLED_TARGETS and
+// LUTRA_DISPATCH_COMPILE_OPTIONS pick the targets compiled,
+// LUTRA_BITS / LUTRA_PRECISIONS the kernels instantiated (README).
+// For a matmul that owns its weights and scratch, see lutra/linear.h.
 //
 // Layout conventions: matrices are row-major, sizes are in elements, a batch
 // of M activation vectors of length K is M contiguous rows (M x K).
-#ifndef LUTRA_EXAMPLES_DISPATCH_H_
-#define LUTRA_EXAMPLES_DISPATCH_H_
+#ifndef LUTRA_DISPATCH_H_
+#define LUTRA_DISPATCH_H_
 
 #include <stddef.h>
 #include <stdint.h>
@@ -19,6 +26,7 @@
 #include "lutra/format/palette.h"
 #include "lutra/kernels/kv_cache.h"
 #include "lutra/kernels/matmul.h"
+#include "lutra/quantize/palettize.h"
 
 namespace lutra {
 namespace dispatch {
@@ -45,6 +53,30 @@ Status Gemv(const PreparedPalette& w, const float* x, const LoraDelta* lora,
 // (lutra/kernels/gemm-inl.h).
 Status Gemm(const PreparedPalette& w, const float* x, size_t batch, const LoraDelta* lora,
             MatmulPrecision precision, float* y, ThreadPool* pool, PreparedInput* scratch);
+
+// The two steps of Gemv/Gemm, for engines that split rows over their own
+// threads (lutra/kernels/matmul.h "Call sequence"; lutra/linear.h wraps
+// them). PrepareGemm prepares M token rows X (row m at X + m * ldx) with the
+// epilogue into *in, once per call; then GemvRows (M = 1) or GemmRows fill
+// output channels [n0, n1) of Y (M x N at ldy floats per token), from any
+// number of threads with disjoint ranges. GemmRows takes one GemmScratch per
+// thread (null: allocated per call). Ranges starting at multiples of
+// GemvRangeAlignment() / GemmRangeAlignment() are fastest (any range is
+// correct).
+Status PrepareGemm(const PreparedPalette& w, const float* X, size_t M, size_t ldx,
+                   const Epilogue& epilogue, const MatmulOptions& options, PreparedInput* in);
+Status GemvRows(const PreparedPalette& w, const PreparedInput& in, size_t n0, size_t n1,
+                float* y);
+Status GemmRows(const PreparedPalette& w, const PreparedInput& in, size_t n0, size_t n1,
+                float* Y, size_t ldy, GemmScratch* scratch);
+// 4: GemvRows walks rows in blocks of 4.
+size_t GemvRangeAlignment();
+// Output channels per GEMM panel on the active target (2 f32 vectors).
+size_t GemmRangeAlignment();
+
+// Palettizing and dequantizing are plain code (lutra/quantize/palettize.h,
+// lutra/format/palette.h): the same on every target.
+using ::lutra::Palettize;
 
 // Y (batch x rows) += lora.scale * B (A X) for f32 weights, whose matvec has
 // no fused epilogue: A is rank x cols, B rows x rank (f32/f16/bf16), ax is
@@ -88,10 +120,13 @@ Status AppendKV(KVCache& cache, size_t layer, size_t pos, size_t num_tokens, con
 Status Attention(const KVCache& cache, size_t layer, size_t pos, size_t num_tokens,
                  const float* q, size_t num_heads, float* out);
 
-// Name of the Highway target these calls run on, e.g. "AVX3_ZEN4".
+// Name of the Highway target these calls run on, e.g. "AVX3_ZEN4": the
+// best of the targets compiled into the library that the CPU supports.
+const char* ActiveTarget();
+// The same (the name the example engine has always used).
 const char* TargetName();
 
 }  // namespace dispatch
 }  // namespace lutra
 
-#endif  // LUTRA_EXAMPLES_DISPATCH_H_
+#endif  // LUTRA_DISPATCH_H_
