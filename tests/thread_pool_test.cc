@@ -60,11 +60,11 @@ TEST_CASE("SplitRows partitions aligned ranges", "[thread_pool]") {
 }
 
 
-// The pool's workers spin, sleep and wake between calls; a lost wake-up
-// hangs, a missed happens-before shows under TSan (cmake/test.sh tsan), a
-// task run twice or not at all fails the sums. Calls come back to back (the
-// workers are spinning), after pauses long enough for them to sleep, and
-// with work sizes from nothing to more tasks than threads.
+// The pool's workers sleep and wake between calls (and would spin, in a
+// spinning pool: docs/benchmarks.md "Thread pool"); a lost wake-up hangs, a
+// missed happens-before shows under TSan (cmake/test.sh tsan), a task run
+// twice or not at all fails the sums. Calls come back to back, after pauses,
+// and with work sizes from nothing to more tasks than threads.
 TEST_CASE("ParallelFor survives many calls of random sizes", "[thread_pool]") {
   // 2 * 10^5 calls by default (~1 s in Release), 2 * 10^4 under
   // LUTRA_TEST_QUICK (ASan, qemu); cmake/test.sh tsan runs 10^6 through
@@ -101,7 +101,7 @@ TEST_CASE("ParallelFor survives many calls of random sizes", "[thread_pool]") {
 TEST_CASE("ParallelFor wakes workers that went to sleep", "[thread_pool]") {
   ThreadPool pool(3);
   for (int rep = 0; rep < 5; ++rep) {
-    // Longer than the workers' spin, so they block on the condition variable.
+    // Long enough for the workers to block (a spinning pool's spin included).
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
     // One task per thread that waits until all three run at once: it only
     // finishes if both sleeping workers were woken.

@@ -1,5 +1,4 @@
-// A small fixed-size thread pool with a blocking parallel-for whose workers
-// spin briefly between calls (a decode step makes hundreds of calls).
+// A small fixed-size thread pool with a blocking parallel-for.
 //
 // lutra's kernels are single-threaded per call and take a row range, so any
 // engine can split work with its own pool; this one exists so that the
@@ -12,11 +11,9 @@
 #define LUTRA_THREAD_POOL_H_
 
 #include <stddef.h>
-#include <stdint.h>
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -63,8 +60,12 @@ class ThreadPool {
     }
   }
   ~ThreadPool() {
-    stop_.store(true, std::memory_order_relaxed);
-    Publish();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+      ++generation_;
+    }
+    start_cv_.notify_all();
     for (std::thread& w : workers_) w.join();
   }
   ThreadPool(const ThreadPool&) = delete;
@@ -85,63 +86,26 @@ class ThreadPool {
       for (size_t task = 0; task < num_tasks; ++task) fn(task, size_t{0});
       return;
     }
-    // No worker touches the job fields now: each finished the previous job
-    // (pending_ reached 0) and reads them again only after Publish().
-    job_fn_ = &fn;
-    job_call_ = &CallFn<Fn>;
-    num_tasks_ = num_tasks;
-    next_task_.store(0, std::memory_order_relaxed);
-    pending_.store(workers_.size(), std::memory_order_relaxed);
-    Publish();
-    RunTasks(0);
-    // The workers finish within the time of their last task; spin, then
-    // yield so that an oversubscribed machine still makes progress.
-    for (size_t spin = 0; pending_.load(std::memory_order_acquire) != 0; ++spin) {
-      if (spin < kPausesBeforeYield) {
-        Pause();
-      } else {
-        std::this_thread::yield();
-      }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      job_fn_ = &fn;
+      job_call_ = &CallFn<Fn>;
+      num_tasks_ = num_tasks;
+      next_task_.store(0, std::memory_order_relaxed);
+      busy_workers_ = workers_.size();
+      ++generation_;
     }
+    start_cv_.notify_all();
+    RunTasks(0);
+    std::unique_lock<std::mutex> lock(mu_);
+    done_cv_.wait(lock, [this] { return busy_workers_ == 0; });
     job_fn_ = nullptr;
   }
 
  private:
-  // A decode step calls ParallelFor a few hundred times per token, with
-  // single-threaded work (norms, attention, sampling) in between. Workers
-  // spin on the generation counter for this long before they sleep, so a
-  // step's calls find them awake (a futex wake-up costs 5-50 us; a parallel
-  // GEMV at 1 ms per call loses several percent to it). Bounded, so that an
-  // idle pool or an oversubscribed machine does not burn a core for long.
-  static constexpr int64_t kSpinNanos = 200 * 1000;
-  // Pauses (~10-40 ns each) before a waiting thread starts yielding its
-  // core instead: long enough to catch a call that follows at once.
-  static constexpr size_t kPausesBeforeYield = 256;
-
-  static void Pause() {
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    asm volatile("yield");
-#endif
-  }
-
   template <class Fn>
   static void CallFn(const void* fn, size_t task, size_t thread) {
     (*static_cast<const Fn*>(fn))(task, thread);
-  }
-
-  // Starts a job (or shutdown): a new generation, and a wake-up for workers
-  // that went to sleep. Lost wake-ups cannot happen: a sleeper increments
-  // sleepers_ and re-reads generation_ under mu_ before it waits, both
-  // seq_cst, so either it sees the new generation or this sees it sleeping
-  // and notifies under mu_ (after it waits).
-  void Publish() {
-    generation_.fetch_add(1, std::memory_order_seq_cst);
-    if (sleepers_.load(std::memory_order_seq_cst) != 0) {
-      std::lock_guard<std::mutex> lock(mu_);
-      wake_cv_.notify_all();
-    }
   }
 
   void RunTasks(size_t thread) {
@@ -152,53 +116,33 @@ class ThreadPool {
     }
   }
 
-  // Returns the generation after `seen`, spinning (pausing, then yielding)
-  // for up to kSpinNanos and then sleeping on wake_cv_.
-  uint64_t AwaitGeneration(uint64_t seen) {
-    const auto start = std::chrono::steady_clock::now();
-    for (size_t spin = 1;; ++spin) {
-      const uint64_t g = generation_.load(std::memory_order_acquire);
-      if (g != seen) return g;
-      if (spin < kPausesBeforeYield) {
-        Pause();
-        continue;
-      }
-      // Yielding keeps the wait cheap where threads outnumber free cores.
-      std::this_thread::yield();
-      if (std::chrono::steady_clock::now() - start > std::chrono::nanoseconds(kSpinNanos)) break;
-    }
-    std::unique_lock<std::mutex> lock(mu_);
-    sleepers_.fetch_add(1, std::memory_order_seq_cst);
-    uint64_t g;
-    wake_cv_.wait(lock, [&] {
-      g = generation_.load(std::memory_order_seq_cst);
-      return g != seen;
-    });
-    sleepers_.fetch_sub(1, std::memory_order_relaxed);
-    return g;
-  }
-
   void WorkerLoop(size_t thread) {
-    uint64_t seen = 0;
+    size_t seen = 0;
     for (;;) {
-      seen = AwaitGeneration(seen);
-      if (stop_.load(std::memory_order_relaxed)) return;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        start_cv_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (stop_) return;
+      }
       RunTasks(thread);
-      pending_.fetch_sub(1, std::memory_order_release);
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        --busy_workers_;
+      }
+      done_cv_.notify_one();
     }
   }
 
   size_t num_threads_ = 1;
   std::vector<std::thread> workers_;
-  // Bumped (seq_cst) once per job and at shutdown; the job fields and stop_
-  // are written before it, so a worker that acquires the new value sees them.
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<size_t> pending_{0};   // workers still running the current job
-  std::atomic<size_t> sleepers_{0};  // workers blocked on wake_cv_
-  std::atomic<bool> stop_{false};
   std::mutex mu_;
-  std::condition_variable wake_cv_;
-  // The current job (see ParallelFor for why these need no lock).
+  std::condition_variable start_cv_, done_cv_;
+  size_t generation_ = 0;  // guarded by mu_; bumped per job and at shutdown
+  bool stop_ = false;
+  size_t busy_workers_ = 0;
+  // The current job; written under mu_ before generation_ is bumped, so
+  // workers that observe the new generation see it.
   const void* job_fn_ = nullptr;
   void (*job_call_)(const void*, size_t, size_t) = nullptr;
   size_t num_tasks_ = 0;
