@@ -12,16 +12,21 @@
 //   speedup over M GEMV calls;
 // - GEMV with a fused rank-16 LoRA delta: overhead over plain GEMV;
 // - rows per codebook G = 1 and 4 against G = 16 at 4096x4096: GEMV (bits 2
-//   and 4, cache-cold) and GEMM (M = 16, 64), the three G's calls interleaved.
+//   and 4, cache-cold) and GEMM (M = 16, 64), the three G's calls interleaved;
+// - small-M GEMM (M = 1, 2, 4, 8, 16, 32) against one GEMV, interleaved,
+//   cache-cold, 1 and 2 threads (issue 15).
 // Every figure is the median of repetitions. Usage:
-//   matmul_bench [--quick] [--gemv-only] [--groups-only] [--rows=4096|14336]
+//   matmul_bench [--quick] [--gemv-only] [--groups-only] [--small-m-only]
+//                [--rows=4096|14336]
 //   (--quick: fewer repetitions and smaller buffers, a smoke test only;
-//   --groups-only: just the rows-per-codebook section, no bandwidth runs)
+//   --groups-only: just the rows-per-codebook section, no bandwidth runs;
+//   --small-m-only: just the small-M sections, int8 and f32 paths)
 // Dispatches dynamically to the best target of this CPU.
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 #include <algorithm>
 #include <random>
@@ -154,9 +159,10 @@ Status RunGemv(const PreparedPalette& w, const float* x, const Epilogue& ep, flo
 }
 
 Status RunGemm(const PreparedPalette& w, const float* X, size_t M, float* Y, ThreadPool* pool,
-               PreparedInput* scratch) {
-  return Gemm(w, X, M, w.shape().cols, Epilogue(), Y, w.shape().rows, pool, MatmulOptions(),
-              scratch);
+               int precision, PreparedInput* scratch) {
+  MatmulOptions opt;
+  opt.precision = static_cast<MatmulPrecision>(precision);
+  return Gemm(w, X, M, w.shape().cols, Epilogue(), Y, w.shape().rows, pool, opt, scratch);
 }
 
 }  // namespace HWY_NAMESPACE
@@ -279,9 +285,10 @@ double TimeGemv(const MatrixSet& set, ThreadPool* pool, const Epilogue& ep, int 
 
 // Seconds for one GEMM call Y = X W^T (X: M x K).
 double TimeGemmCall(const PreparedPalette& w, const std::vector<float>& X, size_t M,
-                    std::vector<float>& Y, ThreadPool* pool, PreparedInput* scratch) {
+                    std::vector<float>& Y, ThreadPool* pool, PreparedInput* scratch,
+                    int precision = 0) {
   const double t0 = Now();
-  Check(HWY_DYNAMIC_DISPATCH(RunGemm)(w, X.data(), M, Y.data(), pool, scratch));
+  Check(HWY_DYNAMIC_DISPATCH(RunGemm)(w, X.data(), M, Y.data(), pool, precision, scratch));
   return Now() - t0;
 }
 
@@ -420,14 +427,70 @@ void CompareGroupSizes(const std::vector<uint8_t>& random, size_t set_bytes, int
   }
 }
 
+// Seconds of CPU time used by this process (all threads).
+double CpuNow() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
+
+// Small-M GEMM (issue 15: speculative verification) against one GEMV, at
+// 4096x4096 4-bit, cache-cold, 1 and 2 threads. Per row of the table, the
+// GEMV and every M's GEMM calls are interleaved (InterleavedMedians), each
+// on its own cold matrix, so the ratios compare calls under the same load.
+void CompareSmallM(const std::vector<uint8_t>& random, size_t set_bytes, int passes,
+                   ThreadPool& pool2, int precision) {
+  const size_t kMiB = size_t{1} << 20;
+  const size_t N = 4096, K = 4096;
+  const size_t kM[] = {1, 2, 4, 8, 16, 32};
+  constexpr size_t kNumM = 6;
+  const MatrixSet set = MakeSet(random, N, K, 4, set_bytes);
+  const size_t n = set.mats.size();
+  printf("\n## Small-M GEMM vs one GEMV, 4096x4096 4-bit, %s path, cache-cold\n\n",
+         MatmulPrecisionName(static_cast<MatmulPrecision>(precision)));
+  printf("M = 1 is Gemv; M >= 2 is Gemm. Every step times one call of each M back to back\n"
+         "(first M rotating by round), each on its own matrix of >= %zu MiB; %d rounds;\n"
+         "medians. GFLOP/s = 2 M N K / time.\n\n", set_bytes / kMiB, passes);
+  printf("Wall time overstates calls that outlast a scheduler time slice when the machine\n"
+         "is loaded, so each call's process CPU time / threads is reported too.\n\n");
+  printf("| M | threads | us/call | x one GEMV | GFLOP/s | CPU us/call | CPU x one GEMV |\n"
+         "|---|---|---|---|---|---|---|\n");
+  std::vector<std::vector<float>> X;
+  for (size_t M : kM) X.push_back(GemmInput(M, K));
+  std::vector<float> Y(kM[kNumM - 1] * N);
+  PreparedInput scratch[kNumM];
+  for (size_t threads : {size_t{1}, size_t{2}}) {
+    ThreadPool* pool = threads == 1 ? nullptr : &pool2;
+    std::vector<std::vector<double>> cpu(kNumM);
+    const std::vector<double> t = InterleavedMedians(kNumM, n, passes, [&](size_t v, size_t c) {
+      const PreparedPalette& w = set.mats[(c + v * n / kNumM) % n];
+      const double c0 = CpuNow();
+      const double wall = kM[v] == 1
+                              ? TimeGemvCall(w, X[v], Epilogue(), Y, pool, precision, &scratch[v])
+                              : TimeGemmCall(w, X[v], kM[v], Y, pool, &scratch[v], precision);
+      cpu[v].push_back((CpuNow() - c0) / double(threads));
+      return wall;
+    });
+    const double cpu1 = Median(cpu[0]);
+    for (size_t v = 0; v < kNumM; ++v) {
+      const double tc = Median(cpu[v]);
+      printf("| %zu | %zu | %.1f | **%.2fx** | %.1f | %.1f | **%.2fx** |\n", kM[v], threads,
+             t[v] * 1e6, t[v] / t[0], 2.0 * double(kM[v]) * N * K / t[v] / 1e9, tc * 1e6,
+             tc / cpu1);
+    }
+    fflush(stdout);
+  }
+}
+
 int Main(int argc, char** argv) {
-  bool quick = false, gemv_only = false, groups_only = false;
+  bool quick = false, gemv_only = false, groups_only = false, small_m_only = false;
   size_t only_rows = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
     if (arg == "--quick") quick = true;
     if (arg == "--gemv-only") gemv_only = true;
     if (arg == "--groups-only") groups_only = true;
+    if (arg == "--small-m-only") small_m_only = true;
     if (arg.rfind("--rows=", 0) == 0) only_rows = std::stoul(arg.substr(7));
   }
   const size_t kMiB = size_t{1} << 20;
@@ -442,6 +505,12 @@ int Main(int argc, char** argv) {
     return 0;
   }
   ThreadPool pool1(1), pool2(2);
+  if (small_m_only) {
+    const std::vector<uint8_t> random = RandomBytes(set_bytes + 64 * kMiB, 7);
+    CompareSmallM(random, set_bytes, passes, pool2, 0);
+    CompareSmallM(random, set_bytes, passes, pool2, 1);
+    return 0;
+  }
 
   // Bandwidth: the best stream count first, then (below) samples interleaved
   // with each GEMV measurement, so that both see the same machine load.
@@ -595,6 +664,7 @@ int Main(int argc, char** argv) {
     const double t2 = TimeGemm(set, 512, &pool2, quick ? 2 : 3);
     printf("%.1f GFLOP/s\n", 2.0 * 512 * N * K / t2 / 1e9);
   }
+  CompareSmallM(random, set_bytes, passes, pool2, 0);
   CompareGroupSizes(random, set_bytes, passes, quick);
   CompareTwoAndFourBits(random, set_bytes, passes, only_rows, pool2);
   return 0;

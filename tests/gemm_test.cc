@@ -3,6 +3,7 @@
 // epilogue, M = 1..33, strided X / Y, and channel ranges that split panels
 // and groups.
 #include <stddef.h>
+#include <stdlib.h>
 
 #include <cmath>
 #include <string>
@@ -155,6 +156,79 @@ void TestGemmMatchesGemv() {
   }
 }
 
+// The bit-exact contract (matmul.h): token row m of GEMM(M) is GEMV's result
+// on row m alone, bit for bit, for M <= kGemmSmallM (int8) and every M (f32),
+// whatever the channel split; every width, odd N, K with tails, every
+// epilogue. Above kGemmSmallM the int8 panel kernel agrees to rounding only.
+void TestGemmBitExactGemv() {
+  test::Rng rng(81);
+  const bool quick = getenv("LUTRA_TEST_QUICK") != nullptr;
+  const int all_bits[] = {1, 2, 3, 4, 6, 8};
+  const size_t shapes[3][3] = {{37, 300, 5}, {53, 1031, 16}, {9, 100, 1}};  // N, K, G
+  ThreadPool pool(2);
+  size_t variant = 0;
+  for (size_t M = 1; M <= kGemmSmallM + 1; ++M) {
+    if (quick && M > 3 && M != 8 && M != 17 && M != kGemmSmallM && M != kGemmSmallM + 1) continue;
+    for (int bits : all_bits) {
+      for (MatmulPrecision precision : {MatmulPrecision::kInt8, MatmulPrecision::kF32}) {
+        ++variant;
+        const size_t* sh = shapes[variant % 3];
+        const size_t N = sh[0], K = sh[1];
+        PaletteMatrix mat = test::RandomPalette(rng, N, K, bits, sh[2], ElementType::kF16);
+        StatusOr<PreparedPalette> pw = PreparedPalette::Make(mat.view());
+        REQUIRE(pw.ok());
+        const PreparedPalette& w = pw.value();
+        std::vector<float> X(M * K);
+        for (size_t m = 0; m < M; ++m) {
+          const std::vector<float> x = test::RandomActivations(rng, K);
+          std::copy(x.begin(), x.end(), X.begin() + m * K);
+        }
+        const int epilogue = static_cast<int>(variant % 5);  // as in Case
+        const std::vector<float> bias = rng.GaussianVector(N), residual = rng.GaussianVector(M * N);
+        test::LoraFactors lora;
+        Epilogue ep;
+        if (epilogue == 1 || epilogue == 4) ep.bias = bias.data();
+        if (epilogue == 2 || epilogue == 4) ep.residual = residual.data();
+        if (epilogue == 3 || epilogue == 4) {
+          lora = test::RandomLora(rng, N, K, 1 + rng.Below(40),
+                                  static_cast<ElementType>(rng.Below(3)));
+          ep.lora = &lora.delta;
+        }
+        MatmulOptions opt;
+        opt.precision = precision;
+        // GEMM twice: two GemmRows calls split at a random channel, and the
+        // one-shot Gemm over 2 threads.
+        std::vector<float> Y(M * N), Y2(M * N), y(N);
+        PreparedInput in;
+        REQUIRE(PrepareGemmInput(w, X.data(), M, K, ep, opt, &in).ok());
+        const size_t a = rng.Below(N + 1);
+        REQUIRE(GemmRows(w, in, 0, a, Y.data(), N).ok());
+        REQUIRE(GemmRows(w, in, a, N, Y.data(), N).ok());
+        REQUIRE(Gemm(w, X.data(), M, K, ep, Y2.data(), N, &pool, opt).ok());
+        const bool exact = precision == MatmulPrecision::kF32 || M <= kGemmSmallM;
+        INFO("M=" << M << " N=" << N << " K=" << K << " bits=" << bits << " precision="
+                  << MatmulPrecisionName(precision) << " epilogue=" << epilogue
+                  << " split=" << a << " target=" << test::CurrentTargetName());
+        size_t mismatches = 0;
+        for (size_t m = 0; m < M; ++m) {
+          Epilogue ep1 = ep;
+          if (ep.residual) ep1.residual = residual.data() + m * N;
+          REQUIRE(Gemv(w, X.data() + m * K, K, ep1, y.data(), N, nullptr, opt).ok());
+          for (size_t r = 0; r < N; ++r) {
+            const float g = Y[m * N + r];
+            if (exact) {
+              mismatches += !test::SameBits(g, y[r]) || !test::SameBits(Y2[m * N + r], y[r]);
+            } else {
+              mismatches += !(std::abs(g - y[r]) <= 1e-4f * (1.0f + std::abs(y[r])));
+            }
+          }
+        }
+        CHECK(mismatches == 0);
+      }
+    }
+  }
+}
+
 void TestGemmErrors() {
   test::Rng rng(80);
   const size_t N = 8, K = 40, M = 3;
@@ -184,6 +258,7 @@ HWY_EXPORT(TestGemmAllFormats);
 HWY_EXPORT(TestGemmAllM);
 HWY_EXPORT(TestGemmMatchesGemv);
 HWY_EXPORT(TestGemmErrors);
+HWY_EXPORT(TestGemmBitExactGemv);
 
 TEST_CASE("GEMM matches scalar reference for every format and epilogue", "[gemm]") {
   test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestGemmAllFormats)(); });
@@ -193,6 +268,9 @@ TEST_CASE("GEMM for every M in 1..33", "[gemm]") {
 }
 TEST_CASE("GEMM equals GEMV per token", "[gemm]") {
   test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestGemmMatchesGemv)(); });
+}
+TEST_CASE("GEMM rows are GEMV's bits for M <= kGemmSmallM", "[gemm]") {
+  test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestGemmBitExactGemv)(); });
 }
 TEST_CASE("GEMM rejects bad input", "[gemm]") {
   test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestGemmErrors)(); });

@@ -181,6 +181,15 @@ inline RefRow Int8ReferenceRow(const PreparedPalette& pw, const float* wrow, siz
   return {sum, RoundingTol(K, lora ? lora->delta.rank : 0, mag)};
 }
 
+// Bitwise equality of two floats (the GEMM/GEMV bit-exact contract; unlike
+// ==, distinguishes -0 from +0 and compares NaNs by payload).
+inline bool SameBits(float a, float b) {
+  uint32_t ua, ub;
+  memcpy(&ua, &a, 4);
+  memcpy(&ub, &b, 4);
+  return ua == ub;
+}
+
 }  // namespace test
 }  // namespace lutra
 

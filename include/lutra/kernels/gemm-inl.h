@@ -13,8 +13,14 @@
 //   per quantization block.
 // - kF32: the tile holds exact f32 weights; dot products per (token, row).
 //
-// Both paths finish each token's panel row with the shared epilogue
-// (epilogue-inl.h ApplyEpilogue, LoRA through a per-panel B^T: LoraPanel).
+// kInt8 finishes each token's panel row with the shared epilogue
+// (epilogue-inl.h ApplyEpilogue, LoRA through a per-panel B^T: LoraPanel);
+// kF32 with GEMV's FinishRows.
+//
+// For M <= kGemmSmallM int8 tokens (speculative verification) GemmRows runs
+// SmallMRowsI8 instead: weights decoded once per block of rows, GEMV's
+// summation order and epilogue per token, so every token's outputs are
+// GEMV's bits (the contract in matmul.h).
 //
 // Per-target code: include after hwy/highway.h (see dot-inl.h).
 //
@@ -46,6 +52,7 @@
 #include <vector>
 
 #include "hwy/aligned_allocator.h"
+#include "hwy/cache_control.h"
 #include "hwy/highway.h"
 #include "lutra/base/status.h"
 #include "lutra/base/thread_pool.h"
@@ -243,6 +250,241 @@ HWY_INLINE void MicroKernelI8(const PreparedInput& in, const EpilogueArgs& e, co
   if constexpr (kMR > 5) StorePanelRow(df, in, e, p, m + 5, f50, f51, Y, ldy);
 }
 
+// ---------------------------------------------------------------------------
+// Small-M int8 path (M <= kGemmSmallM: speculative verification, short
+// batches). The panel kernel above is built for large M: its decode into a
+// transposed tile costs as much as M = 16 GEMVs' worth of dot products. Here
+// the weights are streamed once in GEMV's layout instead: each block of
+// kSmallMRows rows is decoded once (the same DecodeLookupUnit as GEMV) into
+// an L1 buffer and multiplied with the same block of every token, whose
+// activations (M x 256 positions) also stay in L1. Every (row, token) keeps
+// GEMV's per-lane quad sums and AddBlockSum / ReduceSum / RawI8 order, and
+// the epilogue is GEMV's FinishRows, so each token's outputs are GEMV's bits.
+
+// Rows decoded per block: the decoded block (kSmallMRows x 256 codes, x2 as
+// i16 halves), the f32 accumulators (kSmallMRows x M vectors) and the
+// tokens' activations of one block fit in L1 for M <= 16, and every
+// activation vector loaded from L1 serves kSmallMRows rows.
+constexpr size_t kSmallMRows = 16;
+// Blocks ahead that SmallMRowsI8 prefetches each row's bytes.
+constexpr size_t kSmallMAhead = 2;
+
+// What the small-M micro-tiles of one block read and write.
+struct SmallMBlock {
+  const uint8_t* w;      // row j's vector v at w + (j * nv + v) * vec_bytes
+  size_t nv;             // vectors per row in this block
+  size_t vec_bytes;      // L (u8 codes) or 2L (i16 even lanes, i16 odd lanes)
+  const int8_t* xq;      // token 0's block of activations; tokens P apart
+  const int16_t* xq16;   // the same in xq16 (kSmallMSplitDot); tokens P apart
+  size_t P, M;           // P: positions of the block
+  const float* xscale;   // M: the tokens' scales of this block
+  float* accf;           // (row j, token t) at (j * M + t) * f32 lanes
+};
+
+// Rows [j0, j0 + kR) x tokens [t0, t0 + kT) of one block (kR in {1, 2},
+// kT in 1..4): i32 quad sums in registers, then AddBlockSum into accf. Two
+// rows x four tokens: each iteration loads 2 weight and 4 activation
+// vectors (x2 halves when split) for 8 products, which keeps the loads
+// (2 per cycle) below the multiplies. Accumulators are named variables
+// (a<row><token>), not arrays, because SVE vectors are sizeless types.
+template <size_t kR, size_t kT>
+HWY_INLINE void SmallMTile(const SmallMBlock& a, size_t j0, size_t t0) {
+  const DecodeTag du8;
+  const hn::Repartition<int32_t, DecodeTag> di32;
+  const hn::Repartition<int16_t, DecodeTag> di16;
+  const hn::Repartition<int8_t, DecodeTag> di8;
+  const hn::Repartition<float, DecodeTag> df;
+  using VI = hn::Vec<decltype(di32)>;
+  const size_t L = hn::Lanes(du8), NF = hn::Lanes(df);
+  static_assert((kR == 1 || kR == 2) && kT >= 1 && kT <= 4, "tile of 1|2 rows x 1..4 tokens");
+  VI a00 = hn::Zero(di32), a01 = a00, a02 = a00, a03 = a00;
+  VI a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+  const size_t row_step = a.nv * a.vec_bytes;
+  for (size_t v = 0; v < a.nv; ++v) {
+    const uint8_t* wv = a.w + (j0 * a.nv + v) * a.vec_bytes;
+    if constexpr (kSmallMSplitDot) {
+      const int16_t* w0 = reinterpret_cast<const int16_t*>(wv);
+      const int16_t* w1 = reinterpret_cast<const int16_t*>(wv + (kR > 1 ? row_step : 0));
+      const auto we0 = hn::Load(di16, w0), wo0 = hn::Load(di16, w0 + L / 2);
+      const auto we1 = hn::Load(di16, w1), wo1 = hn::Load(di16, w1 + L / 2);
+      // Token t's vector times both rows' vectors.
+      const auto token = [&](size_t t, VI& acc0, VI& acc1) HWY_ATTR {
+        const int16_t* x = a.xq16 + (t0 + t) * a.P + v * L;
+        // LoadedOnce: one load per vector; GCC otherwise folds the load into
+        // both rows' multiplies (20 loads for 16 multiplies per iteration).
+        const auto xe = LoadedOnce(hn::LoadU(di16, x)), xo = LoadedOnce(hn::LoadU(di16, x + L / 2));
+        acc0 = hn::Add(acc0, hn::Add(hn::WidenMulPairwiseAdd(di32, we0, xe),
+                                     hn::WidenMulPairwiseAdd(di32, wo0, xo)));
+        if constexpr (kR > 1) {
+          acc1 = hn::Add(acc1, hn::Add(hn::WidenMulPairwiseAdd(di32, we1, xe),
+                                       hn::WidenMulPairwiseAdd(di32, wo1, xo)));
+        }
+      };
+      token(0, a00, a10);
+      if constexpr (kT > 1) token(1, a01, a11);
+      if constexpr (kT > 2) token(2, a02, a12);
+      if constexpr (kT > 3) token(3, a03, a13);
+    } else {
+      const auto c0 = hn::Load(du8, wv);
+      const auto c1 = hn::Load(du8, wv + (kR > 1 ? row_step : 0));
+      const auto token = [&](size_t t, VI& acc0, VI& acc1) HWY_ATTR {
+        const auto x = hn::LoadU(di8, a.xq + (t0 + t) * a.P + v * L);
+        acc0 = hn::SumOfMulQuadAccumulate(di32, c0, x, acc0);
+        if constexpr (kR > 1) acc1 = hn::SumOfMulQuadAccumulate(di32, c1, x, acc1);
+      };
+      token(0, a00, a10);
+      if constexpr (kT > 1) token(1, a01, a11);
+      if constexpr (kT > 2) token(2, a02, a12);
+      if constexpr (kT > 3) token(3, a03, a13);
+    }
+  }
+  const auto finish = [&](size_t r, size_t t, VI acc) HWY_ATTR {
+    float* f = a.accf + ((j0 + r) * a.M + t0 + t) * NF;
+    hn::Store(AddBlockSum(df, acc, a.xscale[t0 + t], hn::Load(df, f)), df, f);
+  };
+  finish(0, 0, a00);
+  if constexpr (kT > 1) finish(0, 1, a01);
+  if constexpr (kT > 2) finish(0, 2, a02);
+  if constexpr (kT > 3) finish(0, 3, a03);
+  if constexpr (kR > 1) {
+    finish(1, 0, a10);
+    if constexpr (kT > 1) finish(1, 1, a11);
+    if constexpr (kT > 2) finish(1, 2, a12);
+    if constexpr (kT > 3) finish(1, 3, a13);
+  }
+}
+
+// Rows [j, j + kR) x all M tokens of one block, in tiles of 4 tokens.
+template <size_t kR>
+HWY_INLINE void SmallMRowTiles(const SmallMBlock& a, size_t j) {
+  size_t t = 0;
+  for (; t + 4 <= a.M; t += 4) SmallMTile<kR, 4>(a, j, t);
+  switch (a.M - t) {
+    case 3:
+      SmallMTile<kR, 3>(a, j, t);
+      break;
+    case 2:
+      SmallMTile<kR, 2>(a, j, t);
+      break;
+    case 1:
+      SmallMTile<kR, 1>(a, j, t);
+      break;
+    default:
+      break;
+  }
+}
+
+// Outputs [n0, n1) of all M <= kGemmSmallM tokens, int8 path.
+template <int kBits>
+HWY_NOINLINE void SmallMRowsI8(const PreparedPalette& w, const PreparedInput& in, size_t n0,
+                               size_t n1, float* Y, size_t ldy, GemmScratch* scratch) {
+  using D = DecodeTag;
+  const D d;
+  const hn::Repartition<int16_t, D> di16;
+  const hn::Repartition<uint16_t, D> du16;
+  const hn::Repartition<float, D> df;
+  const size_t L = hn::Lanes(d), NF = hn::Lanes(df);
+  const size_t M = in.rows, P = in.geometry.positions(), G = w.shape().group_rows;
+  const size_t row_bytes = w.shape().row_bytes(), unit_bytes = UnitBytes<kBits>(d);
+  const size_t UP = in.geometry.unit_positions, sub = in.geometry.sub_vectors;
+  const size_t upb = in.units_per_block, num_units = in.geometry.num_units;
+  const size_t vec_bytes = kSmallMSplitDot ? 2 * L : L;
+  const EpilogueArgs e = EpilogueArgsOf(in, ldy);
+  // Buffers from the caller's scratch (no allocation per call once it has
+  // grown; lutra::Linear relies on it), else a local one.
+  GemmScratch local;
+  GemmScratch& s = scratch ? *scratch : local;
+  uint8_t* const wbuf = s.Array<uint8_t>(0, kSmallMRows * upb * sub * vec_bytes);
+  float* const accf = s.Array<float>(1, kSmallMRows * M * NF);
+  // Non-split targets: the block's i8 activations of all tokens (see below).
+  int8_t* const xbuf = kSmallMSplitDot ? nullptr : s.Array<int8_t>(2, M * upb * UP);
+  LutU8<kBits, D> lut[kSmallMRows];
+  const uint8_t* rows[kSmallMRows];
+  size_t groups[kSmallMRows];
+  float xscale[kGemmSmallM];
+  HWY_ALIGN float raw[kSmallMRows];
+  SmallMBlock a;
+  a.w = wbuf;
+  a.vec_bytes = vec_bytes;
+  a.M = M;
+  a.xscale = xscale;
+  a.accf = accf;
+  for (size_t n = n0; n < n1; n += kSmallMRows) {
+    const size_t nr = HWY_MIN(kSmallMRows, n1 - n);
+    for (size_t j = 0; j < nr; ++j) {
+      rows[j] = w.view().row(n + j);
+      groups[j] = (n + j) / G;
+      lut[j].Init(d, w.table_u8(groups[j]));
+    }
+    memset(accf, 0, nr * M * NF * sizeof(float));
+    for (size_t b = 0; b < in.num_blocks; ++b) {
+      const size_t u0 = b * upb, u1 = HWY_MIN(u0 + upb, num_units);
+      a.nv = (u1 - u0) * sub;
+      // The rows are kSmallMRows strided streams of one block's bytes each,
+      // which the hardware prefetchers did not follow (a third of the time
+      // went to the first load of each unit): prefetch each row's block
+      // kSmallMAhead blocks ahead, continuing into the next group's rows.
+      const size_t ahead = b + kSmallMAhead;
+      const size_t pj = ahead < in.num_blocks ? 0 : kSmallMRows;
+      const size_t pu = (ahead < in.num_blocks ? ahead : ahead - in.num_blocks) * upb;
+      if (pu < num_units && n + pj < n1) {
+        const size_t pnr = HWY_MIN(kSmallMRows, n1 - n - pj);
+        const size_t bytes = HWY_MIN(upb * unit_bytes, row_bytes - pu * unit_bytes);
+        for (size_t j = 0; j < pnr; ++j) {
+          const uint8_t* pr = w.view().row(n + pj + j) + pu * unit_bytes;
+          for (size_t pb = 0; pb < bytes; pb += 64) hwy::Prefetch(pr + pb);
+        }
+      }
+      for (size_t j = 0; j < nr; ++j) {
+        uint8_t* dst = wbuf + j * a.nv * vec_bytes;
+        for (size_t u = u0; u < u1; ++u) {
+          const size_t off = u * unit_bytes;
+          DecodeLookupUnit<kBits>(d, lut[j], rows[j] + off, row_bytes - off,
+                                  [&](size_t s, hn::Vec<D> codes) HWY_ATTR {
+            uint8_t* o = dst + ((u - u0) * sub + s) * vec_bytes;
+            if constexpr (kSmallMSplitDot) {
+              // Even and odd u8 lanes zero-extended to i16 (the i16 lanes of
+              // the activations they meet in SmallMTile).
+              int16_t* o16 = reinterpret_cast<int16_t*>(o);
+              const auto c16 = hn::BitCast(du16, codes);
+              hn::Store(hn::BitCast(di16, hn::And(c16, hn::Set(du16, 0xFF))), di16, o16);
+              hn::Store(hn::BitCast(di16, hn::ShiftRight<8>(c16)), di16, o16 + L / 2);
+            } else {
+              hn::Store(codes, d, o);
+            }
+          });
+        }
+      }
+      // The block's activations of all M tokens must lie next to each
+      // other: token rows are P positions apart, a multiple of 4 KiB at
+      // large K, so M > 8 tokens' vectors would map to the same L1 sets and
+      // evict each other (the tiles ran 2x slower). xq16 is block-major
+      // already; the i8 rows are copied.
+      for (size_t t = 0; t < M; ++t) xscale[t] = in.xscale[t * in.num_blocks + b];
+      if constexpr (kSmallMSplitDot) {
+        a.P = upb * UP;
+        a.xq16 = in.xq16.data() + b * M * a.P;
+      } else {
+        a.P = a.nv * L;
+        for (size_t t = 0; t < M; ++t) {
+          memcpy(xbuf + t * a.P, in.xq.data() + t * P + u0 * UP, a.P);
+        }
+        a.xq = xbuf;
+      }
+      size_t j = 0;
+      for (; j + 2 <= nr; j += 2) SmallMRowTiles<2>(a, j);
+      if (j < nr) SmallMRowTiles<1>(a, j);
+    }
+    for (size_t t = 0; t < M; ++t) {
+      for (size_t j = 0; j < nr; ++j) {
+        const float dot = hn::ReduceSum(df, hn::Load(df, accf + (j * M + t) * NF));
+        raw[j] = RawI8(w, groups[j], dot, in.xsum[t]);
+      }
+      FinishRows(df, e, t, n, nr, raw, Y + t * ldy);
+    }
+  }
+}
+
 template <int kBits>
 HWY_NOINLINE void GemmRowsImpl(const PreparedPalette& w, const PreparedInput& in, size_t n0,
                                size_t n1, float* Y, size_t ldy, GemmScratch* scratch) {
@@ -265,18 +507,22 @@ HWY_NOINLINE void GemmRowsImpl(const PreparedPalette& w, const PreparedInput& in
     Panel p;
     p.n = n;
     p.nr = HWY_MIN(NR, n1 - n);
-    if (in.has_lora) {
-      lora.Init(in.lora, n, p.nr, NR);
-      p.lora = &lora;
-    }
     if (KernelPrecisionEnabled(MatmulPrecision::kF32) && f32) {  // LUTRA_KERNEL_PRECISIONS
+      // Dot sums in GEMV's DotRowF32 order, and FinishRows is GEMV's
+      // epilogue: every M gives GEMV's bits (matmul.h).
       DecodePanelF32<kBits>(w, in, n, p.nr, NR, rows);
       for (size_t m = 0; m < M; ++m) {
         const float* x = in.xf.data() + m * P;
         for (size_t j = 0; j < p.nr; ++j) raw[j] = Dot(df, rows + j * P, x, P);
-        FinishPanelRow(df, e, p, m, raw, Y, ldy);
+        for (size_t c = 0; c < p.nr; c += kEpilogueChunk) {
+          FinishRows(df, e, m, n + c, HWY_MIN(kEpilogueChunk, p.nr - c), raw + c, Y + m * ldy);
+        }
       }
       continue;
+    }
+    if (in.has_lora) {
+      lora.Init(in.lora, n, p.nr, NR);
+      p.lora = &lora;
     }
     for (size_t j = 0; j < NR; ++j) {
       const size_t g = (n + j) / G;
@@ -319,8 +565,18 @@ HWY_INLINE Status GemmRows(const PreparedPalette& w, const PreparedInput& in, si
   }
   if (n0 == n1) return Status::Ok();
   if (Y == nullptr) return InvalidArgument("gemm: null output");
+  const bool small_m = in.precision == MatmulPrecision::kInt8 && in.rows <= kGemmSmallM;
+  if (small_m && detail::kSmallMSplitDot &&
+      in.xq16.size() != in.num_blocks * in.rows * in.units_per_block * in.geometry.unit_positions) {
+    return InvalidArgument("gemm: input lacks the small-M activations (prepare it again)");
+  }
   return WithKernelBits(in.bits, "gemm", [&](auto bits) HWY_ATTR {
-    detail::GemmRowsImpl<decltype(bits)::value>(w, in, n0, n1, Y, ldy, scratch);
+    constexpr int kBits = decltype(bits)::value;
+    if (small_m) {
+      detail::SmallMRowsI8<kBits>(w, in, n0, n1, Y, ldy, scratch);
+    } else {
+      detail::GemmRowsImpl<kBits>(w, in, n0, n1, Y, ldy, scratch);
+    }
   });
 }
 

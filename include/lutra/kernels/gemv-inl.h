@@ -123,12 +123,11 @@ HWY_INLINE void BlockI8(D d, const BlockArgsI8<kBits, kRows, D>& a, size_t b, si
       RowUnitI8<kBits>(d, a.lut[3], a.rows[3] + off, avail, xu, acc3, odd3);
     }
   }
-  const VF sx = hn::Set(df, xscale);
-  accf0 = hn::MulAdd(hn::ConvertTo(df, hn::Add(acc0, odd0)), sx, accf0);
+  accf0 = AddBlockSum(df, hn::Add(acc0, odd0), xscale, accf0);
   if constexpr (kRows == 4) {
-    accf1 = hn::MulAdd(hn::ConvertTo(df, hn::Add(acc1, odd1)), sx, accf1);
-    accf2 = hn::MulAdd(hn::ConvertTo(df, hn::Add(acc2, odd2)), sx, accf2);
-    accf3 = hn::MulAdd(hn::ConvertTo(df, hn::Add(acc3, odd3)), sx, accf3);
+    accf1 = AddBlockSum(df, hn::Add(acc1, odd1), xscale, accf1);
+    accf2 = AddBlockSum(df, hn::Add(acc2, odd2), xscale, accf2);
+    accf3 = AddBlockSum(df, hn::Add(acc3, odd3), xscale, accf3);
   }
 }
 
@@ -215,9 +214,7 @@ HWY_NOINLINE void GemvRowsI8(const PreparedPalette& w, const PreparedInput& in, 
   const EpilogueArgs e = EpilogueArgsOf(in, 0);
   const float xsum = in.xsum[0];
   constexpr size_t kRows = 4;
-  // Explicit fma: the same rounding whichever path computed dot (the
-  // compiler would contract a*b+c differently per inlined copy).
-  const auto raw = [&](size_t g, float dot) { return std::fma(w.step(g), dot, w.lo(g) * xsum); };
+  const auto raw = [&](size_t g, float dot) { return RawI8(w, g, dot, xsum); };
   const size_t run = (r1 - r0) / kRows;
   RowStream st[kRows];
   EpilogueChunk chunk[kRows];

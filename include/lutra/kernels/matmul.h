@@ -23,6 +23,16 @@
 // - kF32 (reference precision): exact codebook values (f16/bf16 widen
 //   exactly to f32) times f32 x, accumulated in f32: error is f32 rounding
 //   only (<= ~K * eps * |w_r| |x|).
+//
+// Bit-exact contract (speculative decoding's greedy identity rests on it):
+// on one SIMD target and precision, token row m of Gemm / GemmRows with
+// M <= kGemmSmallM token rows is bit-identical to Gemv / GemvRows on row m
+// alone, with the same epilogue - so it does not depend on M, on the other
+// rows, or on how output channels are split across threads or calls. The
+// kF32 path keeps this for every M. Above kGemmSmallM the int8 path switches
+// to the panel kernel (prefill), whose f32 summation order differs: its
+// results agree with GEMV to rounding only. Different targets (AVX2 vs
+// AVX-512, ...) may differ from each other by rounding.
 #ifndef LUTRA_MATMUL_H_
 #define LUTRA_MATMUL_H_
 
@@ -65,6 +75,11 @@ enum class MatmulPrecision : uint8_t {
 inline const char* MatmulPrecisionName(MatmulPrecision p) {
   return p == MatmulPrecision::kF32 ? "f32" : "int8";
 }
+
+// Largest token count M for which the int8 GEMM runs the small-M kernel
+// (kernels/gemm-inl.h: weights streamed once, GEMV's summation order per
+// token) and therefore matches GEMV bit for bit.
+constexpr size_t kGemmSmallM = 32;
 
 struct MatmulOptions {
   MatmulPrecision precision = MatmulPrecision::kInt8;
@@ -211,6 +226,11 @@ struct PreparedInput {
   std::vector<int8_t> xq;         // rows x positions (kInt8)
   std::vector<float> xscale;      // rows x num_blocks (kInt8)
   std::vector<float> xsum;        // rows: sum_b xscale * sum(xq in block)
+  // xq as i16 for the small-M GEMM on targets without a native u8 x i8 dot
+  // product (kInt8, M <= kGemmSmallM; matmul_input-inl.h SplitActivations):
+  // block-major, num_blocks x rows x block positions, each L-lane vector as
+  // its L/2 even lanes then its L/2 odd lanes.
+  std::vector<int16_t> xq16;
   std::vector<float> xf;          // rows x positions (kF32)
   std::vector<float> lora_ax;     // rows x rank: A x per token (unscaled)
   std::vector<float> gather;      // one quantization block of f32 (kInt8 preparation)

@@ -32,6 +32,7 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <cmath>
 #include <vector>
 
 #include "hwy/highway.h"
@@ -53,6 +54,43 @@ namespace detail {
 // units): int32 sums per block stay far from overflow (256 * 255 * 127) and
 // an activation outlier only coarsens the scale of its own block.
 constexpr size_t kBlockPositions = 256;
+
+// Whether this target's small-M GEMM multiplies i16 halves of the u8 codes
+// and i8 activations (WidenMulPairwiseAdd = vpmaddwd) instead of calling
+// SumOfMulQuadAccumulate. x86 before AVX3_DL has no u8 x i8 dot
+// instruction, and Highway's emulation splits both operands into even and
+// odd i16 lanes on every call (9 ops per vector); with the activations split
+// once here and each decoded weight vector split once for all M tokens, a
+// token costs two multiply-adds and two adds per vector. Both give the same
+// i32 sum of each 4-position quad, so results do not depend on this choice.
+#if HWY_ARCH_X86 && HWY_TARGET > HWY_AVX3_DL
+constexpr bool kSmallMSplitDot = true;
+#else
+constexpr bool kSmallMSplitDot = false;
+#endif
+
+// in->xq16 from in->xq (see PreparedInput): block-major (block b's
+// positions of token t at (b * M + t) * block positions, so that one block
+// of all M tokens is contiguous: token rows P apart, a multiple of 4 KiB at
+// large K, would map to the same L1 sets), and per vector of L i8 lanes the
+// even lanes then the odd lanes, sign-extended to i16.
+HWY_INLINE void SplitActivations(PreparedInput* in) {
+  const DecodeTag d;
+  const hn::Repartition<int8_t, DecodeTag> di8;
+  const hn::Repartition<int16_t, DecodeTag> di16;
+  const size_t L = hn::Lanes(d), M = in->rows, P = in->geometry.positions();
+  const size_t block = in->units_per_block * in->geometry.unit_positions;
+  in->xq16.resize(in->num_blocks * M * block);
+  for (size_t t = 0; t < M; ++t) {
+    for (size_t p = 0; p < P; p += L) {
+      const size_t b = p / block;
+      int16_t* out = in->xq16.data() + (b * M + t) * block + (p - b * block);
+      const auto v = hn::BitCast(di16, hn::LoadU(di8, in->xq.data() + t * P + p));
+      hn::StoreU(hn::ShiftRight<8>(hn::ShiftLeft<8>(v)), di16, out);
+      hn::StoreU(hn::ShiftRight<8>(v), di16, out + L / 2);
+    }
+  }
+}
 
 template <int kBits>
 HWY_INLINE void SetGeometry(const PaletteShape& shape, PreparedInput* in) {
@@ -77,6 +115,26 @@ HWY_INLINE void GatherPositions(const PreparedInput& in, const float* HWY_RESTRI
     if (valid) memcpy(out + 16 * t, x + c0, valid * sizeof(float));
     for (size_t j = valid; j < 16; ++j) out[16 * t + j] = 0.0f;
   }
+}
+
+// The int8 path's summation order, shared by GEMV and the small-M GEMM so
+// that both give the same bits (matmul.h, bit-exact contract). Per row and
+// token, an f32 vector accf accumulates, block by block, lane l's exact i32
+// sum of the block's 4-position quads l (positions p with p % L in
+// [4l, 4l + 4), L = DecodeTag lanes) times the block's activation scale;
+// the dot product is ReduceSum(accf) after the last block, and RawI8 turns
+// it into W x.
+template <class DF, class VI, class VF = hn::Vec<DF>>
+HWY_INLINE VF AddBlockSum(DF df, VI block_sum, float xscale, VF accf) {
+  return hn::MulAdd(hn::ConvertTo(df, block_sum), hn::Set(df, xscale), accf);
+}
+
+// W x of one output row of group g from its dot product of u8 codes and i8
+// activations: w ~= lo + step * q, so W x = step * dot + lo * sum(x). An
+// explicit fma: the same rounding in every caller (the compiler would
+// contract a * b + c differently per inlined copy).
+HWY_INLINE float RawI8(const PreparedPalette& w, size_t g, float dot, float xsum) {
+  return std::fma(w.step(g), dot, w.lo(g) * xsum);
 }
 
 // Checks that `in` was prepared for w by this target.
@@ -187,6 +245,7 @@ HWY_INLINE Status PrepareGemmInput(const PreparedPalette& w, const float* HWY_RE
       }
       in->xsum[m] = static_cast<float>(total);
     }
+    if (detail::kSmallMSplitDot && M <= kGemmSmallM) detail::SplitActivations(in);
   }
   if (in->has_lora) {
     in->lora_ax.resize(M * in->lora.rank);
