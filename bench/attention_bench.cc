@@ -1,28 +1,36 @@
-// Decode attention throughput at the AFM on-device shape (head_dim 128,
-// 24 query heads, 8 KV heads), per KV storage type and context length,
-// against the single-thread memory read bandwidth measured by this binary.
+// Attention throughput at the AFM on-device shape (head_dim 128, 24 query
+// heads, 8 KV heads), per KV storage type, context length and thread count.
 //
-// Decode attention reads every cached K and V row once per token, so its
-// roofline is memory bandwidth: the figure of merit is GB/s of KV read and
-// its ratio to a STREAM-like read/sum of >= 1 GiB on the same thread.
+// Decode: attention reads every cached K and V row once per token, so its
+// roofline is memory bandwidth. The figure of merit is the share of the read
+// bandwidth: GB/s of KV read over the GB/s of a STREAM-like read/sum by the
+// same number of threads, the two measured alternately in the same run (a
+// shared machine drifts), median of the per-repetition ratios. One call per
+// layer, rotating through enough layers that the KV set (>= 512 MiB) cannot
+// stay in any cache, as in a real forward pass.
 //
-// "cold": one call per layer, rotating through enough layers that the KV
-// set (>= 512 MiB) cannot stay in any cache, as in a real forward pass where
-// the other layers' weights and caches evict it. "hot": the same layer
-// again and again (upper bound; the KV of small contexts stays in L2/L3).
+// Prefill: ms per prompt token of blocked causal attention over a prompt of
+// T tokens (all layers' worth of one layer: one call, num_tokens = T).
 //
-// Usage: attention_bench [--quick]   (--quick: fewer repetitions)
-// Prints one line per (type, context) and a markdown table.
+// Timing: the machine this was written on is shared and oversubscribed, so
+// by default a call's time is the process CPU time it used divided by the
+// thread count (both threads run the whole call: the pool blocks, it does
+// not spin), which measures the code while it holds its cores.
+// LUTRA_BENCH_WALL=1 switches to wall time for quiet machines.
+// Usage: attention_bench [--quick] [--only f16|bf16|int8]
+//   --quick: fewer repetitions; --only: the decode rows of one KV type.
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <algorithm>
 #include <cmath>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #undef HWY_TARGET_INCLUDE
@@ -30,6 +38,7 @@
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "bench/bench_util.h"
 #include "hwy/highway.h"
+#include "lutra/base/thread_pool.h"
 #include "lutra/kernels/attention-inl.h"
 #include "lutra/kernels/kv_cache-inl.h"
 #include "lutra/kernels/kv_cache.h"
@@ -69,9 +78,14 @@ Status Append(KVCache& cache, size_t layer, size_t pos, size_t num,
   return AppendKV(cache, layer, pos, num, k, v);
 }
 
-Status Attend(const KVCache& cache, size_t layer, size_t pos, const float* q,
-              size_t num_heads, float* out) {
-  return Attention(cache, layer, pos, 1, q, num_heads, out);
+Status Attend(const KVCache& cache, size_t layer, size_t pos, size_t num_tokens,
+              const float* q, size_t num_heads, float* out, ThreadPool* pool) {
+#ifdef LUTRA_BENCH_OLD_ATTENTION  // A/B against a tree without the pool argument
+  (void)pool;
+  return Attention(cache, layer, pos, num_tokens, q, num_heads, out);
+#else
+  return Attention(cache, layer, pos, num_tokens, q, num_heads, out, AttentionOptions(), pool);
+#endif
 }
 
 const char* Target() { return hwy::TargetName(HWY_TARGET); }
@@ -89,92 +103,128 @@ HWY_EXPORT(Target);
 
 namespace {
 
-// Thread CPU time (bench::ThreadCpuNow): on a shared machine wall time
-// mostly measures other processes. LUTRA_BENCH_WALL=1 switches to wall time
-// for quiet machines.
-double Now() {
-  static const bool wall = getenv("LUTRA_BENCH_WALL") != nullptr;
-  return wall ? bench::Now() : bench::ThreadCpuNow();
-}
-// Every count of repetitions here is odd: the median is one measured run.
 using bench::Median;
+
+// Seconds of process CPU time (all threads).
+double ProcessCpuNow() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
+
+// Stopwatch for a call on `threads` threads: wall time, or (default) the
+// process CPU time divided by the thread count.
+struct Timer {
+  explicit Timer(size_t threads) : div(wall ? 1.0 : double(threads)) {}
+  double Now() const { return wall ? bench::Now() : ProcessCpuNow() / div; }
+  static inline const bool wall = getenv("LUTRA_BENCH_WALL") != nullptr;
+  double div;
+};
 
 volatile float g_sink;
 
-// GB/s of a single-thread read/sum over `bytes` (>= 1 GiB), median of reps.
-double MeasureReadBandwidth(size_t bytes, int reps) {
-  const size_t n = bytes / sizeof(float);
-  hwy::AlignedFreeUniquePtr<float[]> buf = hwy::AllocateAligned<float>(n);
-  for (size_t i = 0; i < n; ++i) buf[i] = float(i & 1023);  // touch all pages
-  std::vector<double> gbs;
-  for (int r = 0; r < reps; ++r) {
-    const double t0 = Now();
-    g_sink = HWY_DYNAMIC_DISPATCH(SumArray)(buf.get(), n);
-    gbs.push_back(double(bytes) / (Now() - t0) * 1e-9);
-  }
-  return Median(gbs);
+constexpr size_t kKVHeads = 8, kHeads = 24, kHeadDim = 128;
+
+// Seconds for `pool`'s threads to read/sum buf[0, n) (each its own part).
+double TimeRead(const float* buf, size_t n, ThreadPool& pool) {
+  const size_t T = pool.NumThreads();
+  const Timer timer(T);
+  std::vector<float> sums(T);
+  const double t0 = timer.Now();
+  pool.ParallelFor(T, [&](size_t task, size_t) {
+    const RowRange r = SplitRows(n, T, task, 1024);
+    sums[task] = HWY_DYNAMIC_DISPATCH(SumArray)(buf + r.begin, r.size());
+  });
+  const double dt = timer.Now() - t0;
+  g_sink = sums[0];
+  return dt;
 }
 
-struct Result {
-  double us_cold, us_hot, gbs_cold, gbs_hot;
-};
-
-Result BenchDecode(ElementType type, size_t ctx, int reps) {
-  const size_t kv_heads = 8, heads = 24, hd = 128;
+// Cache of `ctx` positions per layer and enough layers for >= 512 MiB.
+KVCache MakeCache(ElementType type, size_t ctx, size_t min_layers) {
   KVCacheConfig cfg;
-  cfg.num_kv_heads = kv_heads;
-  cfg.head_dim = hd;
+  cfg.num_kv_heads = kKVHeads;
+  cfg.head_dim = kHeadDim;
   cfg.capacity = ctx;
   cfg.type = type;
-  const size_t per_layer = ctx * 2 * kv_heads * hd * ElementBytes(type);
-  // >= 512 MiB in total, at least 4 layers.
-  cfg.num_layers = std::max<size_t>(4, ((size_t{512} << 20) + per_layer - 1) / per_layer);
+  const size_t per_layer = ctx * 2 * kKVHeads * kHeadDim * ElementBytes(type);
+  cfg.num_layers =
+      std::max<size_t>(min_layers, ((size_t{512} << 20) + per_layer - 1) / per_layer);
   StatusOr<KVCache> c = KVCache::Create(cfg);
   bench::Check(c.status());
-  KVCache& cache = *c;
-  // Fill every layer with random rows (one random chunk, appended again and
-  // again: contents do not change the speed, only realistic magnitudes do).
+  return std::move(*c);
+}
+
+// Appends ctx random positions to every layer (one random chunk, appended
+// again and again: contents do not change the speed, only realistic
+// magnitudes do).
+void Fill(KVCache& cache, size_t ctx) {
   std::mt19937 rng(123);
   std::normal_distribution<float> nd(0.0f, 1.0f);
   const size_t chunk = 256;
-  std::vector<float> k(chunk * kv_heads * hd), v(k.size());
+  std::vector<float> k(chunk * kKVHeads * kHeadDim), v(k.size());
   for (float& x : k) x = nd(rng);
   for (float& x : v) x = nd(rng);
-  for (size_t l = 0; l < cfg.num_layers; ++l) {
+  for (size_t l = 0; l < cache.num_layers(); ++l) {
     for (size_t p = 0; p < ctx; p += chunk) {
       const size_t num = std::min(chunk, ctx - p);
       bench::Check(HWY_DYNAMIC_DISPATCH(Append)(cache, l, p, num, k.data(), v.data()));
     }
   }
-  std::vector<float> q(heads * hd), out(heads * hd);
+}
+
+struct DecodeResult {
+  double us, gbs, share, bw;  // medians: us/token/layer, KV GB/s, KV / read
+};
+
+// Alternates one read-bandwidth measurement (512 MiB) with one sweep of
+// decode attention over all layers, `reps` times.
+DecodeResult BenchDecode(ElementType type, size_t ctx, ThreadPool& pool, const float* buf,
+                         size_t buf_n, int reps) {
+  KVCache cache = MakeCache(type, ctx, 4);
+  Fill(cache, ctx);
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> q(kHeads * kHeadDim), out(q.size());
   for (float& x : q) x = nd(rng);
   const double bytes = double(cache.BytesPerPosition()) * double(ctx);
-  const auto attend = [&](size_t layer) {
-    bench::Check(
-        HWY_DYNAMIC_DISPATCH(Attend)(cache, layer, ctx - 1, q.data(), heads, out.data()));
-  };
-  // Cold: sweep all layers per repetition.
-  std::vector<double> cold;
-  attend(0);
-  for (int r = 0; r < reps; ++r) {
-    const double t0 = Now();
-    for (size_t l = 0; l < cfg.num_layers; ++l) attend(l);
-    cold.push_back((Now() - t0) / double(cfg.num_layers));
+  const size_t L = cache.num_layers();
+  const Timer timer(pool.NumThreads());
+  std::vector<double> us, gbs, share, bw;
+  for (int r = -1; r < reps; ++r) {  // r = -1: warm-up
+    const double read_gbs = double(buf_n * sizeof(float)) / TimeRead(buf, buf_n, pool) * 1e-9;
+    const double t0 = timer.Now();
+    for (size_t l = 0; l < L; ++l) {
+      bench::Check(HWY_DYNAMIC_DISPATCH(Attend)(cache, l, ctx - 1, 1, q.data(), kHeads,
+                                                out.data(), &pool));
+    }
+    const double dt = (timer.Now() - t0) / double(L);
+    if (r < 0) continue;
+    us.push_back(dt * 1e6);
+    gbs.push_back(bytes / dt * 1e-9);
+    share.push_back(bytes / dt * 1e-9 / read_gbs);
+    bw.push_back(read_gbs);
   }
-  // Hot: one layer, repeated calls, batches long enough for the timer.
-  std::vector<double> hot;
-  const int inner = std::max(1, int(2e6 / bytes));
+  return {Median(us), Median(gbs), Median(share), Median(bw)};
+}
+
+// ms per prompt token of causal attention over a T-token prompt.
+double BenchPrefill(size_t T, ThreadPool& pool, int reps) {
+  KVCache cache = MakeCache(ElementType::kF16, T, 1);
+  Fill(cache, T);
+  std::mt19937 rng(6);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> q(T * kHeads * kHeadDim), out(q.size());
+  for (float& x : q) x = nd(rng);
+  const Timer timer(pool.NumThreads());
+  std::vector<double> ms;
   for (int r = 0; r < reps; ++r) {
-    const double t0 = Now();
-    for (int i = 0; i < inner; ++i) attend(0);
-    hot.push_back((Now() - t0) / inner);
+    const double t0 = timer.Now();
+    bench::Check(HWY_DYNAMIC_DISPATCH(Attend)(cache, 0, 0, T, q.data(), kHeads, out.data(),
+                                              &pool));
+    ms.push_back((timer.Now() - t0) * 1e3 / double(T));
   }
-  Result res;
-  res.us_cold = Median(cold) * 1e6;
-  res.us_hot = Median(hot) * 1e6;
-  res.gbs_cold = bytes / Median(cold) * 1e-9;
-  res.gbs_hot = bytes / Median(hot) * 1e-9;
-  return res;
+  return Median(ms);
 }
 
 }  // namespace
@@ -182,38 +232,56 @@ Result BenchDecode(ElementType type, size_t ctx, int reps) {
 
 int main(int argc, char** argv) {
   using namespace lutra;
-  const bool quick = argc > 1 && strcmp(argv[1], "--quick") == 0;
-  const int reps = quick ? 5 : 15;
-  printf("target %s; decode attention, head_dim 128, 24 heads, 8 kv heads, 1 thread; "
-         "%s time\n",
+  bool quick = false;
+  const char* only = nullptr;  // --only TYPE: decode rows of one KV type
+  for (int i = 1; i < argc; ++i) {
+    if (strcmp(argv[i], "--quick") == 0) quick = true;
+    if (strcmp(argv[i], "--only") == 0 && i + 1 < argc) only = argv[++i];
+  }
+  const int reps = quick ? 5 : 9;
+  printf("target %s; attention, head_dim 128, 24 heads, 8 kv heads; %s; %u cores\n",
          HWY_DYNAMIC_DISPATCH(Target)(),
-         getenv("LUTRA_BENCH_WALL") ? "wall" : "thread CPU");
-  const double bw = MeasureReadBandwidth(size_t{1} << 30, quick ? 5 : 9);
-  printf("read bandwidth (1 GiB sum, 1 thread, median): %.2f GB/s\n", bw);
-  const ElementType types[] = {ElementType::kF32, ElementType::kF16, ElementType::kBF16, ElementType::kI8};
-  const size_t contexts[] = {512, 2048, 8192};
+         Timer::wall ? "wall time" : "process CPU time / threads",
+         std::thread::hardware_concurrency());
+  const size_t buf_n = (size_t{512} << 20) / sizeof(float);
+  hwy::AlignedFreeUniquePtr<float[]> buf = hwy::AllocateAligned<float>(buf_n);
+  for (size_t i = 0; i < buf_n; ++i) buf[i] = float(i & 1023);  // touch all pages
+  const ElementType types[] = {ElementType::kF16, ElementType::kBF16, ElementType::kI8};
+  const size_t contexts[] = {512, 2048, 8192, 32768};
   std::string table =
-      "| KV | context | KV bytes/token | cold us/token | cold GB/s | cold / read BW | "
-      "hot us/token | hot GB/s |\n|---|---|---|---|---|---|---|---|\n";
+      "| KV | context | threads | us/token/layer | KV GB/s | read GB/s | share of read BW |\n"
+      "|---|---|---|---|---|---|---|\n";
   for (ElementType type : types) {
+    if (only != nullptr && strcmp(only, ElementTypeName(type)) != 0) continue;
     for (size_t ctx : contexts) {
-      const Result r = BenchDecode(type, ctx, reps);
-      const double mb = double(ctx) * 2 * 8 * (128 * ElementBytes(type) +
-                                               (type == ElementType::kI8 ? 4 : 0)) /
-                        (1 << 20);
-      printf("%-5s ctx %5zu: cold %8.1f us %6.2f GB/s (%.2f of read BW) | hot %8.1f us "
-             "%6.2f GB/s\n",
-             ElementTypeName(type), ctx, r.us_cold, r.gbs_cold, r.gbs_cold / bw, r.us_hot,
-             r.gbs_hot);
-      fflush(stdout);
-      char line[256];
-      snprintf(line, sizeof(line), "| %s | %zu | %.2f MiB | %.1f | %.2f | %.2f | %.1f | %.2f |\n",
-               ElementTypeName(type), ctx, mb, r.us_cold, r.gbs_cold, r.gbs_cold / bw,
-               r.us_hot, r.gbs_hot);
-      table += line;
+      for (size_t threads : {size_t{1}, size_t{2}}) {
+        ThreadPool pool(threads);
+        const DecodeResult r = BenchDecode(type, ctx, pool, buf.get(), buf_n, reps);
+        printf("%-5s ctx %5zu, %zu thr: %8.1f us %6.2f GB/s, read %6.2f GB/s: %.2f\n",
+               ElementTypeName(type), ctx, threads, r.us, r.gbs, r.bw, r.share);
+        fflush(stdout);
+        char line[256];
+        snprintf(line, sizeof(line), "| %s | %zu | %zu | %.1f | %.2f | %.2f | %.2f |\n",
+                 ElementTypeName(type), ctx, threads, r.us, r.gbs, r.bw, r.share);
+        table += line;
+      }
     }
   }
   printf("\n%s", table.c_str());
+  if (only != nullptr) return 0;
+  std::string ptable = "| prompt tokens | threads | ms/token (f16 KV) |\n|---|---|---|\n";
+  for (size_t T : {size_t{64}, size_t{512}, size_t{2048}, size_t{8192}}) {
+    for (size_t threads : {size_t{1}, size_t{2}}) {
+      ThreadPool pool(threads);
+      const double ms = BenchPrefill(T, pool, T >= 8192 ? 3 : reps);
+      printf("prefill %5zu tokens, %zu thr: %.3f ms/token\n", T, threads, ms);
+      fflush(stdout);
+      char line[128];
+      snprintf(line, sizeof(line), "| %zu | %zu | %.3f |\n", T, threads, ms);
+      ptable += line;
+    }
+  }
+  printf("\n%s", ptable.c_str());
   return 0;
 }
 #endif  // HWY_ONCE

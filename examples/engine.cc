@@ -124,7 +124,7 @@ Status Attend(const ModelConfig& c, RunState& s, size_t layer, size_t num, size_
     LUTRA_RETURN_IF_ERROR(dispatch::AppendKV(s.cache, layer, pos + i, step, &s.k[i * kv_dim],
                                              &s.v[i * kv_dim]));
     LUTRA_RETURN_IF_ERROR(dispatch::Attention(s.cache, layer, pos + i, step, &s.q[i * q_dim],
-                                              c.n_heads, &s.att[i * q_dim]));
+                                              c.n_heads, &s.att[i * q_dim], s.pool));
   }
   return Status();
 }
@@ -490,7 +490,7 @@ Status GenerateSpeculative(const Model& model, RunState& state, const std::vecto
 StatusOr<EvalResult> Evaluate(const Model& reference, const Model& test,
                               const std::vector<int>& tokens, size_t max_batch,
                               ThreadPool* pool, MatmulPrecision precision,
-                              const Adapter* test_adapter) {
+                              const Adapter* test_adapter, ElementType test_kv_type) {
   const ModelConfig& c = reference.config;
   const ModelConfig& t = test.config;
   if (c.dim != t.dim || c.n_layers != t.n_layers || c.vocab_size != t.vocab_size ||
@@ -504,7 +504,7 @@ StatusOr<EvalResult> Evaluate(const Model& reference, const Model& test,
   }
   StatusOr<RunState> ref_state = MakeRunState(c, max_batch);
   if (!ref_state.ok()) return ref_state.status();
-  StatusOr<RunState> test_state = MakeRunState(t, max_batch);
+  StatusOr<RunState> test_state = MakeRunState(t, max_batch, test_kv_type);
   if (!test_state.ok()) return test_state.status();
   ref_state->pool = test_state->pool = pool;
   ref_state->precision = test_state->precision = precision;

@@ -398,12 +398,14 @@ struct EvalResult {
 
 // Teacher-forces `tokens` through both models (same ModelConfig) and compares the
 // next-token distributions at every position but the last. test_adapter
-// (may be null) runs on `test`, e.g. a recovery adapter.
+// (may be null) runs on `test`, e.g. a recovery adapter. The reference keeps
+// f32 K/V; `test` uses test_kv_type, so the KL includes the KV cache's cost.
 StatusOr<EvalResult> Evaluate(const Model& reference, const Model& test,
                               const std::vector<int>& tokens, size_t max_batch,
                               ThreadPool* pool = nullptr,
                               MatmulPrecision precision = MatmulPrecision::kInt8,
-                              const Adapter* test_adapter = nullptr);
+                              const Adapter* test_adapter = nullptr,
+                              ElementType test_kv_type = ElementType::kF32);
 
 // ----------------------------------------------------------------------------
 // LoRA adapters (lutra/format/lora.h)

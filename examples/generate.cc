@@ -15,6 +15,7 @@
 #include <cmath>
 #include <memory>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -58,9 +59,12 @@ struct Options {
   float repeat_penalty = 1.0f;
   long long repeat_last_n = 64;  // -1: the context length
   long long seed = -1;           // -1: from the clock
-  size_t threads = 1;
+  // Every core by default (0 from hardware_concurrency: unknown, 1).
+  size_t threads = std::max(1u, std::thread::hardware_concurrency());
   engine::LoadOptions load;
-  lutra::ElementType kv_type = lutra::ElementType::kF32;
+  // f16 halves the KV bytes that decode streams per token at a quality cost
+  // below the measurement noise of --eval (docs/attention.md).
+  lutra::ElementType kv_type = lutra::ElementType::kF16;
   std::string kv_type_k, kv_type_v;  // -ctk / -ctv as given (must agree)
   lutra::MatmulPrecision precision = lutra::MatmulPrecision::kInt8;
   std::string save;         // write a .lutra file and exit
@@ -153,8 +157,8 @@ void PrintUsage(FILE* out) {
           "  --repeat-last-n N   tokens the penalty looks back, 0 = off, -1 = context\n"
           "                      (default 64)\n"
           "  -s, --seed S        random seed, -1 = from the clock (default -1)\n"
-          "  -t, --threads N     worker threads (default 1)\n"
-          "  --kv-type T         KV cache element type: f32 (default), f16, bf16, int8\n"
+          "  -t, --threads N     worker threads (default: the number of cores)\n"
+          "  --kv-type T         KV cache element type: f32, f16 (default), bf16, int8\n"
           "  -ctk, --cache-type-k T, -ctv, --cache-type-v T\n"
           "                      the same for llama.cpp users: f32, f16, bf16, q8_0 (=\n"
           "                      int8); lutra has one type for K and V, so they must match\n"
@@ -1185,7 +1189,8 @@ int RunEval(const Options& o, const engine::Model& reference, const engine::Mode
   if (tokens.size() < 2) return Fail(lutra::InvalidArgument("--eval: need at least 2 tokens"));
   for (const lutra::Adapter* a : {static_cast<const lutra::Adapter*>(nullptr), adapter}) {
     StatusOr<engine::EvalResult> r =
-        engine::Evaluate(reference, test, tokens, o.batch, pool, o.precision, a);
+        engine::Evaluate(reference, test, tokens, o.batch, pool, o.precision, a,
+                         o.kv_type);
     if (!r.ok()) return Fail(r.status());
     printf("eval on %s: %zu positions, mean KL(f32 || palettized%s%s) %.4f nats, top-1 "
            "agreement %.1f%%, perplexity f32 %.3f -> palettized %.3f (%.2f bits/weight%s, %s "

@@ -121,8 +121,8 @@ Status AppendKVT(KVCache& cache, size_t layer, size_t pos, size_t num_tokens, co
   return AppendKV(cache, layer, pos, num_tokens, k, v);
 }
 Status AttentionT(const KVCache& cache, size_t layer, size_t pos, size_t num_tokens,
-                  const float* q, size_t num_heads, float* out) {
-  return Attention(cache, layer, pos, num_tokens, q, num_heads, out);
+                  const float* q, size_t num_heads, float* out, ThreadPool* pool) {
+  return Attention(cache, layer, pos, num_tokens, q, num_heads, out, AttentionOptions(), pool);
 }
 
 }  // namespace
@@ -223,8 +223,9 @@ Status AppendKV(KVCache& cache, size_t layer, size_t pos, size_t num_tokens, con
   return HWY_DYNAMIC_DISPATCH(AppendKVT)(cache, layer, pos, num_tokens, k, v);
 }
 Status Attention(const KVCache& cache, size_t layer, size_t pos, size_t num_tokens,
-                 const float* q, size_t num_heads, float* out) {
-  return HWY_DYNAMIC_DISPATCH(AttentionT)(cache, layer, pos, num_tokens, q, num_heads, out);
+                 const float* q, size_t num_heads, float* out, ThreadPool* pool) {
+  return HWY_DYNAMIC_DISPATCH(AttentionT)(cache, layer, pos, num_tokens, q, num_heads, out,
+                                          pool);
 }
 
 const char* TargetName() { return ActiveTarget(); }

@@ -3,6 +3,8 @@
 // buffer's wrap, with and without a sliding window.
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include <algorithm>
 #include <cmath>
@@ -14,6 +16,7 @@
 #define HWY_TARGET_INCLUDE "tests/attention_test.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
 #include "hwy/highway.h"
+#include "lutra/base/thread_pool.h"
 #include "lutra/kernels/attention-inl.h"
 #include "lutra/kernels/kv_cache-inl.h"
 #include "lutra/kernels/kv_cache.h"
@@ -74,6 +77,23 @@ inline double TypeRelError(ElementType type) {
   return 0.0;
 }
 
+// A one-layer cache config.
+inline KVCacheConfig OneLayer(size_t kv_heads, size_t head_dim, size_t capacity,
+                              ElementType type) {
+  KVCacheConfig cfg;
+  cfg.num_kv_heads = kv_heads;
+  cfg.head_dim = head_dim;
+  cfg.capacity = capacity;
+  cfg.type = type;
+  return cfg;
+}
+
+// Bitwise equality of two outputs (the determinism contracts are about
+// bits, not tolerances).
+inline bool SameBits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
 }  // namespace test
 }  // namespace lutra
 #endif  // LUTRA_TESTS_ATTENTION_TEST_ONCE_
@@ -84,6 +104,7 @@ namespace HWY_NAMESPACE {
 namespace {
 
 using test::History;
+using test::SameBits;
 
 struct Shape {
   size_t kv_heads, group, head_dim, capacity;
@@ -299,17 +320,14 @@ void TestDecode() {
 // with a window), and chunks that the ring cannot serve are rejected.
 void TestPrefill() {
   test::Rng rng(7);
+  ThreadPool pool(2);
   for (ElementType type : {ElementType::kF32, ElementType::kF16, ElementType::kI8}) {
     for (size_t g : {size_t{1}, size_t{3}, size_t{8}}) {
       for (size_t hd : {size_t{64}, size_t{80}}) {
         if (hd == 64 && type != ElementType::kF32) continue;  // test time
         for (size_t window : {size_t{0}, size_t{9}}) {
           const size_t cap = 70, kvh = 2, nh = kvh * g;
-          KVCacheConfig cfg;
-          cfg.num_kv_heads = kvh;
-          cfg.head_dim = hd;
-          cfg.capacity = cap;
-          cfg.type = type;
+          const KVCacheConfig cfg = test::OneLayer(kvh, hd, cap, type);
           StatusOr<KVCache> c1 = KVCache::Create(cfg), c2 = KVCache::Create(cfg);
           REQUIRE((c1.ok() && c2.ok()));
           KVCache& pre = *c1;
@@ -328,12 +346,13 @@ void TestPrefill() {
             hist.k.insert(hist.k.end(), k.begin(), k.end());
             hist.v.insert(hist.v.end(), v.begin(), v.end());
             REQUIRE(AppendKV(pre, 0, pos, T, k.data(), v.data()).ok());
-            std::vector<float> out_pre(T * nh * hd), out_dec(T * nh * hd);
+            std::vector<float> out_pre(T * nh * hd), out_dec(T * nh * hd), out_mt(T * nh * hd);
             AttentionOptions opt;
             opt.window = window;
             const Status st = Attention(pre, 0, pos, T, q.data(), nh, out_pre.data(), opt);
             INFO(Describe(sh, pos, window) << " T=" << T << " " << st.message());
             REQUIRE(st.ok());
+            REQUIRE(Attention(pre, 0, pos, T, q.data(), nh, out_mt.data(), opt, &pool).ok());
             for (size_t t = 0; t < T; ++t) {
               const size_t row = t * kvh * hd;
               REQUIRE(AppendKV(dec, 0, pos + t, 1, k.data() + row, v.data() + row).ok());
@@ -341,12 +360,10 @@ void TestPrefill() {
                                 out_dec.data() + t * nh * hd, opt)
                           .ok());
             }
-            // Same cache contents, different block boundaries: f32 rounding.
-            std::vector<double> expected(out_dec.begin(), out_dec.end());
-            double max_abs = 0.0;
-            for (float x : hist.v) max_abs = std::max(max_abs, double(std::abs(x)));
-            test::ExpectClose(out_pre.data(), expected.data(), 2e-5 * max_abs,
-                              out_pre.size(), "prefill vs decode " + Describe(sh, pos, window));
+            // The contract: each query's output is bit-identical whether
+            // computed alone or in the prefill call, on 1 or 2 threads.
+            CHECK(SameBits(out_pre, out_dec));
+            CHECK(SameBits(out_pre, out_mt));
             // Against the reference too (the last chunk: the wrapped one
             // when there is a window; the others are covered by decode).
             if (T == chunks.back()) {
@@ -427,6 +444,81 @@ void TestDetectsError() {
   }
 }
 
+// Split-KV and the determinism contracts, for every KV type, across the
+// ring's wrap, with and without a window, with chunks that cut blocks (16),
+// chunks that do not align with them (40) and the default (0 = 256):
+//  (a) outputs match the reference (the chunk merge is right);
+//  (b) no pool, 1 and 2 threads give the same bits;
+//  (c) a query computed alone (decode) and as a row of a call with
+//      num_tokens = k <= 16 (speculative verification) give the same bits.
+void TestSplitKV() {
+  test::Rng rng(11);
+  ThreadPool pool1(1), pool2(2);
+  const bool quick = getenv("LUTRA_TEST_QUICK") != nullptr;
+  const size_t batch_sizes[] = {16, 1, 5, 9, 16, 3, 13, 2, 7, 11};
+  for (ElementType type : {ElementType::kF32, ElementType::kF16, ElementType::kBF16,
+                           ElementType::kI8}) {
+    for (size_t chunk : {size_t{0}, size_t{16}, size_t{40}}) {
+      for (size_t window : {size_t{0}, size_t{23}}) {
+        // head_dim 36: full vector pairs plus a partial vector on every
+        // target. Capacity 100: the ring wraps mid-block and mid-chunk.
+        const size_t kvh = 2, g = 3, hd = 36, cap = 100, nh = kvh * g;
+        const Shape sh{kvh, g, hd, cap, type};
+        const KVCacheConfig cfg = test::OneLayer(kvh, hd, cap, type);
+        StatusOr<KVCache> c1 = KVCache::Create(cfg), c2 = KVCache::Create(cfg);
+        REQUIRE((c1.ok() && c2.ok()));
+        KVCache& seq = *c1;    // appended and attended one token at a time
+        KVCache& batch = *c2;  // appended and attended k tokens at a time
+        History hist{kvh, hd, {}, {}};
+        AttentionOptions opt;
+        opt.window = window;
+        opt.kv_chunk = chunk;
+        const size_t total = quick ? cap + 40 : 2 * cap + 37;
+        size_t pos = 0;
+        for (size_t step = 0; pos < total; ++step) {
+          size_t k = batch_sizes[step % 10];
+          // Without a window a wrapped ring serves single tokens only.
+          if (window == 0 && pos + k > cap) k = 1;
+          k = std::min(k, total - pos);
+          std::vector<float> kk = rng.GaussianVector(k * kvh * hd);
+          std::vector<float> vv = rng.GaussianVector(k * kvh * hd);
+          std::vector<float> q = rng.GaussianVector(k * nh * hd, 2.0f);
+          hist.k.insert(hist.k.end(), kk.begin(), kk.end());
+          hist.v.insert(hist.v.end(), vv.begin(), vv.end());
+          std::vector<float> single(k * nh * hd), one(nh * hd), two(nh * hd);
+          for (size_t t = 0; t < k; ++t) {
+            const size_t row = t * kvh * hd;
+            REQUIRE(AppendKV(seq, 0, pos + t, 1, kk.data() + row, vv.data() + row).ok());
+            const float* qt = q.data() + t * nh * hd;
+            const Status st = Attention(seq, 0, pos + t, 1, qt, nh, single.data() + t * nh * hd, opt);
+            INFO(Describe(sh, pos + t, window) << " chunk=" << chunk << " " << st.message());
+            REQUIRE(st.ok());
+            REQUIRE(Attention(seq, 0, pos + t, 1, qt, nh, one.data(), opt, &pool1).ok());
+            REQUIRE(Attention(seq, 0, pos + t, 1, qt, nh, two.data(), opt, &pool2).ok());
+            const std::vector<float> alone(single.begin() + t * nh * hd,
+                                           single.begin() + (t + 1) * nh * hd);
+            CHECK(SameBits(alone, one));
+            CHECK(SameBits(alone, two));
+            if ((pos + t) % 7 == 0 || pos + t + 1 == total) {
+              CheckOutputs(seq, hist, sh, pos + t, 1, window, qt, alone.data());
+            }
+          }
+          REQUIRE(AppendKV(batch, 0, pos, k, kk.data(), vv.data()).ok());
+          std::vector<float> rows1(single.size()), rows2(single.size());
+          const Status st = Attention(batch, 0, pos, k, q.data(), nh, rows1.data(), opt);
+          INFO(Describe(sh, pos, window) << " chunk=" << chunk << " k=" << k << " "
+                                         << st.message());
+          REQUIRE(st.ok());
+          REQUIRE(Attention(batch, 0, pos, k, q.data(), nh, rows2.data(), opt, &pool2).ok());
+          CHECK(SameBits(rows1, single));
+          CHECK(SameBits(rows2, single));
+          pos += k;
+        }
+      }
+    }
+  }
+}
+
 void TestErrors() {
   KVCacheConfig cfg;
   cfg.num_layers = 2;
@@ -463,6 +555,7 @@ HWY_AFTER_NAMESPACE();
 namespace lutra {
 HWY_EXPORT(TestDecode);
 HWY_EXPORT(TestPrefill);
+HWY_EXPORT(TestSplitKV);
 HWY_EXPORT(TestTruncate);
 HWY_EXPORT(TestErrors);
 HWY_EXPORT(TestDetectsError);
@@ -470,8 +563,12 @@ HWY_EXPORT(TestDetectsError);
 TEST_CASE("Decode attention matches full-softmax reference", "[attention]") {
   test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestDecode)(); });
 }
-TEST_CASE("Prefill equals decode steps; oversized chunks rejected", "[attention]") {
+TEST_CASE("Prefill is bit-identical to decode steps; oversized chunks rejected", "[attention]") {
   test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestPrefill)(); });
+}
+TEST_CASE("Split-KV matches the reference; bits independent of threads and batch",
+          "[attention]") {
+  test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestSplitKV)(); });
 }
 TEST_CASE("Truncate then re-append equals a clean history", "[attention]") {
   test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestTruncate)(); });

@@ -115,10 +115,12 @@ Status AppendKV(KVCache& cache, size_t layer, size_t pos, size_t num_tokens, con
                 const float* v);
 
 // Causal GQA attention of num_tokens queries (num_tokens x num_heads x
-// head_dim) at positions pos.. over the cache; out has q's shape.
+// head_dim) at positions pos.. over the cache; out has q's shape. pool (may
+// be null) splits the context (decode) or the heads x query tiles (prefill)
+// over its threads; the result does not depend on it.
 // lutra/kernels/attention-inl.h Attention.
 Status Attention(const KVCache& cache, size_t layer, size_t pos, size_t num_tokens,
-                 const float* q, size_t num_heads, float* out);
+                 const float* q, size_t num_heads, float* out, ThreadPool* pool = nullptr);
 
 // Name of the Highway target these calls run on, e.g. "AVX3_ZEN4": the
 // best of the targets compiled into the library that the CPU supports.

@@ -1,21 +1,37 @@
 // Grouped-query attention over a KVCache (kv_cache.h) for decode (one query
 // token) and prefill (T query tokens, causal), with online (streaming)
-// softmax, an optional sliding window, and ring-buffer wrap-around.
+// softmax, an optional sliding window, ring-buffer wrap-around, and split-KV
+// over a thread pool.
 //
 // Per-target code: include after hwy/highway.h (and, for dynamic dispatch,
 // from a .cc that includes hwy/foreach_target.h).
 //
 // How it works (why it is fast): query head h uses kv head h / g, where
-// g = num_heads / num_kv_heads. The kernel walks one kv head's rows in
-// blocks of kBlock positions; for every block it computes the scores of all
-// query rows that share the kv head (the g heads of every query token in a
-// tile), so each K and V row is read from memory once per group, not g times.
-// Softmax is streamed (flash-decoding style): per query row a running max m,
-// running sum l and an unnormalized output accumulator (kept in `out`
-// itself), rescaled by e^(m_old - m_new) when the max grows. No T x T (or
-// T x context) score matrix exists; the only scratch is a kBlock-sized score
-// tile per row on the stack. int8 rows are dequantized on the fly (their
-// scales multiply the score and the softmax weight, not every element).
+// g = num_heads / num_kv_heads. The positions are cut into chunks of
+// kv_chunk (256) positions by absolute position, and each chunk into blocks
+// that end at multiples of 32, at the ring's wrap and at the chunk's end.
+// For every block the kernel computes the scores of all query rows that
+// share the kv head (the g heads of every query token of a tile), so each K
+// and V row is read from memory once per group, not g times, and prefetches
+// the rows four blocks ahead into L2. Softmax is streamed per chunk: per
+// query row a running max m, running sum l and an unnormalized output,
+// rescaled by e^(m_old - m_new) when the max grows. Chunks give partial
+// results (m, l, out) that are merged in increasing chunk order
+// (flash-decoding). Decode runs the (kv head, chunk) pairs in parallel and
+// merges afterwards; prefill runs (kv head, query tile) groups in parallel,
+// each merging its chunks as it goes. No T x T (or T x context) score matrix
+// exists: the scratch is a 4 x 32 score tile on the stack plus one partial
+// row per (row, chunk) in decode. int8 rows are dequantized on the fly
+// (their scales multiply the score and the softmax weight, not every
+// element).
+//
+// Determinism (other code relies on it): every output element is the same
+// sequence of floating-point operations whatever the thread count and
+// whatever other queries share the call. Block and chunk boundaries depend
+// on positions only; per (row, key) and per (row, output lane) the FMA
+// chains run in a fixed order; a query's own range of positions (not its
+// tile's) drives its softmax lanes; keys a row does not attend get weight 0,
+// which leaves its sums unchanged exactly (for finite V).
 
 // Plain (target-independent) declarations, defined once.
 #ifndef LUTRA_ATTENTION_PLAIN_TYPES_H_
@@ -29,6 +45,12 @@ struct AttentionOptions {
   size_t window = 0;
   // Multiplier of q.k; 0 means 1 / sqrt(head_dim) (Llama).
   float scale = 0.0f;
+  // Split-KV chunk in positions; 0 means the default (256). Positions are
+  // cut into chunks [c * kv_chunk, (c + 1) * kv_chunk) by absolute position,
+  // each chunk's partial softmax is computed on its own (in parallel in
+  // decode) and the chunks are merged in increasing order. The result
+  // depends on kv_chunk but never on the thread count or on num_tokens.
+  size_t kv_chunk = 0;
 };
 
 }  // namespace lutra
@@ -46,12 +68,15 @@ struct AttentionOptions {
 #include <stdint.h>
 #include <string.h>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "hwy/cache_control.h"
 #include "hwy/highway.h"
 #include "lutra/base/element-inl.h"
 #include "lutra/base/status.h"
+#include "lutra/base/thread_pool.h"
 #include "lutra/kernels/kv_cache.h"
 #include "lutra/kernels/ops-inl.h"
 
@@ -72,60 +97,160 @@ constexpr size_t kAttnRowsPerPass = 4;
 // Query rows per tile (tokens x heads of a group) that share one walk over
 // the keys. Bounds the on-stack row state.
 constexpr size_t kAttnMaxTileRows = 64;
+// Default split-KV chunk (AttentionOptions::kv_chunk), in positions.
+constexpr size_t kAttnDefaultChunk = 256;
 
-// State of one query row (one query head of one token).
+// Blocks ahead that decode prefetches, into L2: 4 x 32 rows of K and V
+// (64 KiB of f16 at head_dim 128) stay well within L2 and cover the memory
+// latency; measured on attention_bench (Zen 3): distance 1 into L1 0.42, 4
+// into L2 0.48 of the read bandwidth, none 0.41.
+constexpr size_t kAttnPrefetchBlocks = 4;
+
+// Prefetch into L2 (not L1: the blocks ahead would evict the current one).
+HWY_INLINE void PrefetchL2(const uint8_t* p) {
+#if HWY_COMPILER_GCC  // also clang
+  __builtin_prefetch(p, 0, 2);
+#else
+  hwy::Prefetch(p);
+#endif
+}
+
+// State of one query row (one query head of one token) within one chunk.
 struct AttnRow {
   const float* q;  // head_dim
-  float* out;      // head_dim: unnormalized accumulator, then the result
+  float* out;      // head_dim: the chunk's unnormalized accumulator
   size_t lo, hi;   // attended positions [lo, hi]
   float m, l;      // running max and running sum of e^(s - m)
   float corr;      // rescale factor of `out` pending for this block
 };
 
-// scores[r * kAttnBlock + t] = q_r . k_t for t < nb, r < kNR (raw dots).
-// krows: nb rows of head_dim elements of T, the cache's element type (float,
-// float16_t, bfloat16_t or int8_t; element-inl.h loads them as f32).
+// scores[r * kAttnBlock + t] = q_r . k_t for t in [t0, t1), r < kNR (raw
+// dots). krows: the block's rows of head_dim elements of T, the cache's
+// element type (float, float16_t, bfloat16_t or int8_t; element-inl.h loads
+// them as f32). Two keys per iteration give 2 * kNR independent FMA chains
+// (one chain per row is latency-bound). Each score is the same sequence of
+// FMAs over head_dim whatever t0, t1 and kNR are: the determinism contract
+// of Attention rests on that.
 template <size_t kNR, class DF, typename T>
 HWY_INLINE void BlockScores(DF df, const AttnRow* rows, const T* HWY_RESTRICT krows,
-                            size_t head_dim, size_t nb,
-                            float* HWY_RESTRICT scores) {
+                            size_t head_dim, size_t t0, size_t t1,
+                            float* HWY_RESTRICT scores, const uint8_t* kpf,
+                            const uint8_t* vpf, size_t pf_rows) {
   using V = hn::Vec<DF>;
   const size_t N = hn::Lanes(df);
+  const size_t row_bytes = head_dim * sizeof(T);
+  // Prefetches row t of a later block's K and V (pf_rows = 0: none),
+  // spread over this block's keys: a burst of prefetches at the block start
+  // stalls on the fill buffers.
+  const auto prefetch = [&](size_t t) {
+    if (t >= pf_rows) return;
+    for (size_t off = 0; off < row_bytes; off += 64) {
+      PrefetchL2(kpf + t * row_bytes + off);
+      PrefetchL2(vpf + t * row_bytes + off);
+    }
+  };
   const float* q0 = rows[0].q;
   const float* q1 = rows[kNR > 1 ? 1 : 0].q;
   const float* q2 = rows[kNR > 2 ? 2 : 0].q;
   const float* q3 = rows[kNR > 3 ? 3 : 0].q;
-  for (size_t t = 0; t < nb; ++t) {
-    const T* kr = krows + t * head_dim;
-    V s0 = hn::Zero(df), s1 = hn::Zero(df), s2 = hn::Zero(df), s3 = hn::Zero(df);
+  size_t t = t0;
+  for (; t + 2 <= t1; t += 2) {
+    prefetch(t);
+    prefetch(t + 1);
+    const T* ka = krows + t * head_dim;
+    const T* kb = ka + head_dim;
+    V a0 = hn::Zero(df), a1 = hn::Zero(df), a2 = hn::Zero(df), a3 = hn::Zero(df);
+    V b0 = hn::Zero(df), b1 = hn::Zero(df), b2 = hn::Zero(df), b3 = hn::Zero(df);
     size_t i = 0;
     for (; i + N <= head_dim; i += N) {
-      const V k = LoadAsF32(df, kr + i);  // int8: unscaled
-      s0 = hn::MulAdd(hn::LoadU(df, q0 + i), k, s0);
-      if (kNR > 1) s1 = hn::MulAdd(hn::LoadU(df, q1 + i), k, s1);
-      if (kNR > 2) s2 = hn::MulAdd(hn::LoadU(df, q2 + i), k, s2);
-      if (kNR > 3) s3 = hn::MulAdd(hn::LoadU(df, q3 + i), k, s3);
+      const V k0 = LoadAsF32(df, ka + i);  // int8: unscaled
+      const V k1 = LoadAsF32(df, kb + i);
+      V q = hn::LoadU(df, q0 + i);
+      a0 = hn::MulAdd(q, k0, a0);
+      b0 = hn::MulAdd(q, k1, b0);
+      if (kNR > 1) {
+        q = hn::LoadU(df, q1 + i);
+        a1 = hn::MulAdd(q, k0, a1);
+        b1 = hn::MulAdd(q, k1, b1);
+      }
+      if (kNR > 2) {
+        q = hn::LoadU(df, q2 + i);
+        a2 = hn::MulAdd(q, k0, a2);
+        b2 = hn::MulAdd(q, k1, b2);
+      }
+      if (kNR > 3) {
+        q = hn::LoadU(df, q3 + i);
+        a3 = hn::MulAdd(q, k0, a3);
+        b3 = hn::MulAdd(q, k1, b3);
+      }
     }
     if (i < head_dim) {
       const size_t n = head_dim - i;
-      const V k = LoadNAsF32(df, kr + i, n);  // zero past the end
-      s0 = hn::MulAdd(hn::LoadN(df, q0 + i, n), k, s0);
-      if (kNR > 1) s1 = hn::MulAdd(hn::LoadN(df, q1 + i, n), k, s1);
-      if (kNR > 2) s2 = hn::MulAdd(hn::LoadN(df, q2 + i, n), k, s2);
-      if (kNR > 3) s3 = hn::MulAdd(hn::LoadN(df, q3 + i, n), k, s3);
+      const V k0 = LoadNAsF32(df, ka + i, n);  // zero past the end
+      const V k1 = LoadNAsF32(df, kb + i, n);
+      V q = hn::LoadN(df, q0 + i, n);
+      a0 = hn::MulAdd(q, k0, a0);
+      b0 = hn::MulAdd(q, k1, b0);
+      if (kNR > 1) {
+        q = hn::LoadN(df, q1 + i, n);
+        a1 = hn::MulAdd(q, k0, a1);
+        b1 = hn::MulAdd(q, k1, b1);
+      }
+      if (kNR > 2) {
+        q = hn::LoadN(df, q2 + i, n);
+        a2 = hn::MulAdd(q, k0, a2);
+        b2 = hn::MulAdd(q, k1, b2);
+      }
+      if (kNR > 3) {
+        q = hn::LoadN(df, q3 + i, n);
+        a3 = hn::MulAdd(q, k0, a3);
+        b3 = hn::MulAdd(q, k1, b3);
+      }
     }
-    scores[t] = hn::ReduceSum(df, s0);
-    if (kNR > 1) scores[kAttnBlock + t] = hn::ReduceSum(df, s1);
-    if (kNR > 2) scores[2 * kAttnBlock + t] = hn::ReduceSum(df, s2);
-    if (kNR > 3) scores[3 * kAttnBlock + t] = hn::ReduceSum(df, s3);
+    scores[t] = hn::ReduceSum(df, a0);
+    scores[t + 1] = hn::ReduceSum(df, b0);
+    if (kNR > 1) scores[kAttnBlock + t] = hn::ReduceSum(df, a1);
+    if (kNR > 1) scores[kAttnBlock + t + 1] = hn::ReduceSum(df, b1);
+    if (kNR > 2) scores[2 * kAttnBlock + t] = hn::ReduceSum(df, a2);
+    if (kNR > 2) scores[2 * kAttnBlock + t + 1] = hn::ReduceSum(df, b2);
+    if (kNR > 3) scores[3 * kAttnBlock + t] = hn::ReduceSum(df, a3);
+    if (kNR > 3) scores[3 * kAttnBlock + t + 1] = hn::ReduceSum(df, b3);
+  }
+  if (t < t1) {  // the odd key: the same per-score chain as above
+    prefetch(t);
+    const T* ka = krows + t * head_dim;
+    V a0 = hn::Zero(df), a1 = hn::Zero(df), a2 = hn::Zero(df), a3 = hn::Zero(df);
+    size_t i = 0;
+    for (; i + N <= head_dim; i += N) {
+      const V k0 = LoadAsF32(df, ka + i);
+      a0 = hn::MulAdd(hn::LoadU(df, q0 + i), k0, a0);
+      if (kNR > 1) a1 = hn::MulAdd(hn::LoadU(df, q1 + i), k0, a1);
+      if (kNR > 2) a2 = hn::MulAdd(hn::LoadU(df, q2 + i), k0, a2);
+      if (kNR > 3) a3 = hn::MulAdd(hn::LoadU(df, q3 + i), k0, a3);
+    }
+    if (i < head_dim) {
+      const size_t n = head_dim - i;
+      const V k0 = LoadNAsF32(df, ka + i, n);
+      a0 = hn::MulAdd(hn::LoadN(df, q0 + i, n), k0, a0);
+      if (kNR > 1) a1 = hn::MulAdd(hn::LoadN(df, q1 + i, n), k0, a1);
+      if (kNR > 2) a2 = hn::MulAdd(hn::LoadN(df, q2 + i, n), k0, a2);
+      if (kNR > 3) a3 = hn::MulAdd(hn::LoadN(df, q3 + i, n), k0, a3);
+    }
+    scores[t] = hn::ReduceSum(df, a0);
+    if (kNR > 1) scores[kAttnBlock + t] = hn::ReduceSum(df, a1);
+    if (kNR > 2) scores[2 * kAttnBlock + t] = hn::ReduceSum(df, a2);
+    if (kNR > 3) scores[3 * kAttnBlock + t] = hn::ReduceSum(df, a3);
   }
 }
 
-// out_r = out_r * corr_r + sum_t w[r * kAttnBlock + t] * v_t for r < kNR.
-// vrows: nb rows of head_dim elements; w already includes int8 V scales.
+// out_r = out_r * corr_r + sum_{t in [t0, t1)} w[r * kAttnBlock + t] * v_t
+// for r < kNR. vrows: the block's rows of head_dim elements; w already
+// includes int8 V scales. Two vectors of head_dim per pass (2 * kNR chains);
+// each output lane is the same chain (Mul, then FMAs in t order) whatever
+// kNR is, and a weight of exactly 0 leaves it unchanged (finite V).
 template <size_t kNR, class DF, typename T>
 HWY_INLINE void BlockAccumulateV(DF df, AttnRow* rows, const T* HWY_RESTRICT vrows,
-                                 size_t head_dim, size_t nb,
+                                 size_t head_dim, size_t t0, size_t t1,
                                  const float* HWY_RESTRICT w) {
   using V = hn::Vec<DF>;
   const size_t N = hn::Lanes(df);
@@ -137,20 +262,57 @@ HWY_INLINE void BlockAccumulateV(DF df, AttnRow* rows, const T* HWY_RESTRICT vro
   const V c1 = hn::Set(df, rows[kNR > 1 ? 1 : 0].corr);
   const V c2 = hn::Set(df, rows[kNR > 2 ? 2 : 0].corr);
   const V c3 = hn::Set(df, rows[kNR > 3 ? 3 : 0].corr);
-  for (size_t i = 0; i < head_dim; i += N) {
+  const float* w0 = w;
+  const float* w1 = w + (kNR > 1 ? kAttnBlock : 0);
+  const float* w2 = w + (kNR > 2 ? 2 * kAttnBlock : 0);
+  const float* w3 = w + (kNR > 3 ? 3 * kAttnBlock : 0);
+  size_t i = 0;
+  for (; i + 2 * N <= head_dim; i += 2 * N) {
+    V a0 = hn::Mul(hn::LoadU(df, o0 + i), c0), e0 = hn::Mul(hn::LoadU(df, o0 + i + N), c0);
+    V a1 = a0, e1 = e0, a2 = a0, e2 = e0, a3 = a0, e3 = e0;
+    if (kNR > 1) a1 = hn::Mul(hn::LoadU(df, o1 + i), c1), e1 = hn::Mul(hn::LoadU(df, o1 + i + N), c1);
+    if (kNR > 2) a2 = hn::Mul(hn::LoadU(df, o2 + i), c2), e2 = hn::Mul(hn::LoadU(df, o2 + i + N), c2);
+    if (kNR > 3) a3 = hn::Mul(hn::LoadU(df, o3 + i), c3), e3 = hn::Mul(hn::LoadU(df, o3 + i + N), c3);
+    for (size_t t = t0; t < t1; ++t) {
+      const T* vr = vrows + t * head_dim + i;
+      const V v0 = LoadAsF32(df, vr), v1 = LoadAsF32(df, vr + N);
+      V wt = hn::Set(df, w0[t]);
+      a0 = hn::MulAdd(wt, v0, a0);
+      e0 = hn::MulAdd(wt, v1, e0);
+      if (kNR > 1) {
+        wt = hn::Set(df, w1[t]);
+        a1 = hn::MulAdd(wt, v0, a1);
+        e1 = hn::MulAdd(wt, v1, e1);
+      }
+      if (kNR > 2) {
+        wt = hn::Set(df, w2[t]);
+        a2 = hn::MulAdd(wt, v0, a2);
+        e2 = hn::MulAdd(wt, v1, e2);
+      }
+      if (kNR > 3) {
+        wt = hn::Set(df, w3[t]);
+        a3 = hn::MulAdd(wt, v0, a3);
+        e3 = hn::MulAdd(wt, v1, e3);
+      }
+    }
+    hn::StoreU(a0, df, o0 + i);
+    hn::StoreU(e0, df, o0 + i + N);
+    if (kNR > 1) hn::StoreU(a1, df, o1 + i), hn::StoreU(e1, df, o1 + i + N);
+    if (kNR > 2) hn::StoreU(a2, df, o2 + i), hn::StoreU(e2, df, o2 + i + N);
+    if (kNR > 3) hn::StoreU(a3, df, o3 + i), hn::StoreU(e3, df, o3 + i + N);
+  }
+  for (; i < head_dim; i += N) {  // last vector(s), possibly partial
     const size_t n = HWY_MIN(N, head_dim - i);
-    const bool full = n == N;
     V a0 = hn::Mul(hn::LoadN(df, o0 + i, n), c0);
     V a1 = kNR > 1 ? hn::Mul(hn::LoadN(df, o1 + i, n), c1) : a0;
     V a2 = kNR > 2 ? hn::Mul(hn::LoadN(df, o2 + i, n), c2) : a0;
     V a3 = kNR > 3 ? hn::Mul(hn::LoadN(df, o3 + i, n), c3) : a0;
-    for (size_t t = 0; t < nb; ++t) {
-      const T* vr = vrows + t * head_dim + i;
-      const V v = full ? LoadAsF32(df, vr) : LoadNAsF32(df, vr, n);
-      a0 = hn::MulAdd(hn::Set(df, w[t]), v, a0);
-      if (kNR > 1) a1 = hn::MulAdd(hn::Set(df, w[kAttnBlock + t]), v, a1);
-      if (kNR > 2) a2 = hn::MulAdd(hn::Set(df, w[2 * kAttnBlock + t]), v, a2);
-      if (kNR > 3) a3 = hn::MulAdd(hn::Set(df, w[3 * kAttnBlock + t]), v, a3);
+    for (size_t t = t0; t < t1; ++t) {
+      const V v = LoadNAsF32(df, vrows + t * head_dim + i, n);
+      a0 = hn::MulAdd(hn::Set(df, w0[t]), v, a0);
+      if (kNR > 1) a1 = hn::MulAdd(hn::Set(df, w1[t]), v, a1);
+      if (kNR > 2) a2 = hn::MulAdd(hn::Set(df, w2[t]), v, a2);
+      if (kNR > 3) a3 = hn::MulAdd(hn::Set(df, w3[t]), v, a3);
     }
     hn::StoreN(a0, df, o0 + i, n);
     if (kNR > 1) hn::StoreN(a1, df, o1 + i, n);
@@ -163,6 +325,8 @@ HWY_INLINE void BlockAccumulateV(DF df, AttnRow* rows, const T* HWY_RESTRICT vro
 // [p0, p0 + nb): turns the raw dots in s[0, nb) into weights
 // e^(score - m_new) (times the V scale for int8), zero outside [lo, hi],
 // updates m and l, and sets row.corr = e^(m_old - m_new) for `out`.
+// The vectors start at the row's first attended position, so the lanes (and
+// the sum) do not depend on where the block starts.
 // Precondition: the row attends at least one position of the block.
 template <class DF>
 HWY_INLINE void BlockSoftmax(DF df, AttnRow& row, size_t p0, size_t nb,
@@ -198,15 +362,21 @@ HWY_INLINE void BlockSoftmax(DF df, AttnRow& row, size_t p0, size_t nb,
                df, s + i, n);
   }
   for (size_t i = b; i < nb; ++i) s[i] = 0.0f;
-  row.l = row.l * row.corr + hn::ReduceSum(df, sum);
+  // Explicit fma: no contraction choice left to the compiler.
+  row.l = std::fma(row.l, row.corr, hn::ReduceSum(df, sum));
 }
 
 // Attention of rows[0, num_rows) (all sharing kv head `kv_head`) over the
-// union of their position ranges.
+// positions of chunk [c_lo, c_hi) that they attend: each row's out, m and l
+// become that chunk's partial result (out unnormalized; m = -inf, l = 0 and
+// out = 0 for a row that attends nothing in the chunk).
+// Blocks end at absolute boundaries (multiples of kAttnBlock, of the
+// capacity: the ring's wrap, and the chunk's end), so a row meets the same
+// blocks whichever other rows share the call.
 template <typename T, class DF>
-HWY_NOINLINE void AttendKVHead(DF df, const KVCache& cache, size_t layer,
-                               size_t kv_head, AttnRow* rows, size_t num_rows,
-                               float scale) {
+HWY_NOINLINE void AttendChunk(DF df, const KVCache& cache, size_t layer,
+                              size_t kv_head, AttnRow* rows, size_t num_rows,
+                              float scale, size_t c_lo, size_t c_hi) {
   const size_t hd = cache.head_dim();
   const size_t cap = cache.capacity();
   const T* K = reinterpret_cast<const T*>(cache.K(layer, kv_head));
@@ -221,52 +391,58 @@ HWY_NOINLINE void AttendKVHead(DF df, const KVCache& cache, size_t layer,
     rows[r].m = -HUGE_VALF;
     rows[r].l = 0.0f;
   }
+  const size_t rows_hi = khi;
+  klo = HWY_MAX(klo, c_lo);
+  khi = HWY_MIN(khi, c_hi - 1);
+  // End (exclusive) of the block that starts at p.
+  const auto block_end = [&](size_t p) {
+    const size_t e = HWY_MIN(p - p % kAttnBlock + kAttnBlock, p - p % cap + cap);
+    return HWY_MIN(HWY_MIN(e, c_hi), khi + 1);
+  };
   HWY_ALIGN float scores[kAttnRowsPerPass * kAttnBlock];
   for (size_t p0 = klo; p0 <= khi;) {
-    const size_t slot = p0 % cap;
-    // A block never crosses the ring's wrap, so its rows are contiguous.
-    const size_t nb = HWY_MIN(HWY_MIN(kAttnBlock, khi + 1 - p0), cap - slot);
+    const size_t p1 = block_end(p0);
+    const size_t nb = p1 - p0;
+    const size_t slot = p0 % cap;  // rows [slot, slot + nb) are contiguous
     const T* kb = K + slot * hd;
     const T* vb = Vr + slot * hd;
     const float* ksb = ks ? ks + slot : nullptr;
     const float* vsb = vs ? vs + slot : nullptr;
-    if (sizeof(T) > 1) {
-      // Prefetch the next block's K and V rows while this block computes:
-      // with f16/bf16/f32 rows decode waits on memory, and the hardware
-      // prefetcher alone leaves the core idle (measured +16% GB/s on cold
-      // f16 caches). int8 rows carry 4x fewer bytes per FMA, so decode is
-      // compute-bound there and the extra instructions cost ~10%: skipped.
-      const size_t next = p0 + nb;
-      if (next <= khi) {
-        const size_t nslot = next % cap;
-        const size_t nnb = HWY_MIN(HWY_MIN(kAttnBlock, khi + 1 - next), cap - nslot);
-        const uint8_t* kn = reinterpret_cast<const uint8_t*>(K + nslot * hd);
-        const uint8_t* vn = reinterpret_cast<const uint8_t*>(Vr + nslot * hd);
-        const size_t bytes = nnb * hd * sizeof(T);
-        for (size_t off = 0; off < bytes; off += 64) {
-          hwy::Prefetch(kn + off);
-          hwy::Prefetch(vn + off);
-        }
-      }
+    size_t pf_rows = 0;
+    const uint8_t* kpf = nullptr;
+    const uint8_t* vpf = nullptr;
+    if (p0 + kAttnPrefetchBlocks * kAttnBlock <= rows_hi) {
+      // Rows kAttnPrefetchBlocks blocks ahead, by slot (wrapping like the
+      // ring; the next chunk's when near this chunk's end: usually the
+      // next task of this thread).
+      const size_t pslot = (p0 + kAttnPrefetchBlocks * kAttnBlock) % cap;
+      kpf = reinterpret_cast<const uint8_t*>(K + pslot * hd);
+      vpf = reinterpret_cast<const uint8_t*>(Vr + pslot * hd);
+      pf_rows = HWY_MIN(kAttnBlock, cap - pslot);
     }
     for (size_t r0 = 0; r0 < num_rows; r0 += kAttnRowsPerPass) {
       const size_t nr = HWY_MIN(kAttnRowsPerPass, num_rows - r0);
       AttnRow* pass = rows + r0;
-      // Skip a pass whose rows all miss this block (causal prefill tiles).
-      bool any = false;
+      // Keys [t0, t1) of the block that some row of the pass attends; skip
+      // the pass if none (causal prefill tiles).
+      size_t t0 = nb, t1 = 0;
       for (size_t r = 0; r < nr; ++r) {
-        any |= pass[r].lo < p0 + nb && pass[r].hi >= p0;
+        if (pass[r].lo < p1 && pass[r].hi >= p0) {
+          t0 = HWY_MIN(t0, pass[r].lo > p0 ? pass[r].lo - p0 : 0);
+          t1 = HWY_MAX(t1, HWY_MIN(nb, pass[r].hi + 1 - p0));
+        }
       }
-      if (!any) continue;
+      if (t0 >= t1) continue;
       switch (nr) {
-        case 1: BlockScores<1>(df, pass, kb, hd, nb, scores); break;
-        case 2: BlockScores<2>(df, pass, kb, hd, nb, scores); break;
-        case 3: BlockScores<3>(df, pass, kb, hd, nb, scores); break;
-        default: BlockScores<4>(df, pass, kb, hd, nb, scores); break;
+        case 1: BlockScores<1>(df, pass, kb, hd, t0, t1, scores, kpf, vpf, pf_rows); break;
+        case 2: BlockScores<2>(df, pass, kb, hd, t0, t1, scores, kpf, vpf, pf_rows); break;
+        case 3: BlockScores<3>(df, pass, kb, hd, t0, t1, scores, kpf, vpf, pf_rows); break;
+        default: BlockScores<4>(df, pass, kb, hd, t0, t1, scores, kpf, vpf, pf_rows); break;
       }
+      pf_rows = 0;  // the first pass prefetches for all
       for (size_t r = 0; r < nr; ++r) {
         float* s = scores + r * kAttnBlock;
-        if (pass[r].lo < p0 + nb && pass[r].hi >= p0) {
+        if (pass[r].lo < p1 && pass[r].hi >= p0) {
           BlockSoftmax(df, pass[r], p0, nb, scale, ksb, vsb, s);
         } else {
           pass[r].corr = 1.0f;
@@ -274,17 +450,54 @@ HWY_NOINLINE void AttendKVHead(DF df, const KVCache& cache, size_t layer,
         }
       }
       switch (nr) {
-        case 1: BlockAccumulateV<1>(df, pass, vb, hd, nb, scores); break;
-        case 2: BlockAccumulateV<2>(df, pass, vb, hd, nb, scores); break;
-        case 3: BlockAccumulateV<3>(df, pass, vb, hd, nb, scores); break;
-        default: BlockAccumulateV<4>(df, pass, vb, hd, nb, scores); break;
+        case 1: BlockAccumulateV<1>(df, pass, vb, hd, t0, t1, scores); break;
+        case 2: BlockAccumulateV<2>(df, pass, vb, hd, t0, t1, scores); break;
+        case 3: BlockAccumulateV<3>(df, pass, vb, hd, t0, t1, scores); break;
+        default: BlockAccumulateV<4>(df, pass, vb, hd, t0, t1, scores); break;
       }
     }
-    p0 += nb;
+    p0 = p1;
   }
-  for (size_t r = 0; r < num_rows; ++r) {
-    // l >= 1: the row's own maximum contributes e^0.
-    ScaleInPlace(df, rows[r].out, 1.0f / rows[r].l, hd);
+}
+
+// Folds a chunk's partial result (po, pm, pl) into a row's running result
+// (out, m, l), flash-decoding style. Chunks are merged in increasing order
+// starting from out = 0, m = -inf, l = 0; a chunk the row does not attend
+// (pm = -inf) is skipped.
+template <class DF>
+HWY_INLINE void MergeChunk(DF df, float* HWY_RESTRICT out, float& m, float& l,
+                           const float* HWY_RESTRICT po, float pm, float pl,
+                           size_t head_dim) {
+  if (pm == -HUGE_VALF) return;
+  const size_t N = hn::Lanes(df);
+  const float m_new = HWY_MAX(m, pm);
+  const float a = std::exp(m - m_new);  // 0 for the first chunk
+  const float b = std::exp(pm - m_new);
+  const hn::Vec<DF> va = hn::Set(df, a), vb = hn::Set(df, b);
+  for (size_t i = 0; i < head_dim; i += N) {
+    const size_t n = HWY_MIN(N, head_dim - i);
+    const auto o = hn::Mul(hn::LoadN(df, out + i, n), va);
+    hn::StoreN(hn::MulAdd(hn::LoadN(df, po + i, n), vb, o), df, out + i, n);
+  }
+  l = std::fma(pl, b, l * a);
+  m = m_new;
+}
+
+// Grows a per-thread scratch buffer (kept between calls: no allocation per
+// decode step once warm) and returns it.
+inline float* AttnScratch(size_t floats) {
+  static thread_local std::vector<float> buf;
+  if (buf.size() < floats) buf.resize(floats);
+  return buf.data();
+}
+
+// Runs fn(task) for task < n on `pool` (inline when null).
+template <class Fn>
+void AttnParallel(ThreadPool* pool, size_t n, const Fn& fn) {
+  if (pool == nullptr) {
+    for (size_t i = 0; i < n; ++i) fn(i);
+  } else {
+    pool->ParallelFor(n, [&](size_t task, size_t) { fn(task); });
   }
 }
 
@@ -292,37 +505,132 @@ template <typename T, class DF>
 HWY_INLINE void AttentionT(DF df, const KVCache& cache, size_t layer, size_t pos,
                            size_t num_tokens, const float* HWY_RESTRICT q,
                            size_t num_heads, float* HWY_RESTRICT out,
-                           size_t window, float scale) {
+                           size_t window, float scale, size_t chunk,
+                           ThreadPool* pool) {
   const size_t hd = cache.head_dim();
   const size_t num_kv = cache.num_kv_heads();
   const size_t g = num_heads / num_kv;
   const size_t start = cache.start(layer);
-  // Tile: tt tokens x gh heads of one group share one walk over the keys.
+  // Groups: tt tokens x gh heads of one kv head share one walk over the keys.
   const size_t gh = HWY_MIN(g, kAttnMaxTileRows);
   const size_t tt = HWY_MAX(size_t{1}, kAttnMaxTileRows / gh);
-  AttnRow rows[kAttnMaxTileRows];
-  for (size_t kvh = 0; kvh < num_kv; ++kvh) {
-    for (size_t t0 = 0; t0 < num_tokens; t0 += tt) {
-      const size_t nt = HWY_MIN(tt, num_tokens - t0);
-      for (size_t j0 = 0; j0 < g; j0 += gh) {
-        const size_t nj = HWY_MIN(gh, g - j0);
-        size_t n = 0;
-        for (size_t t = t0; t < t0 + nt; ++t) {
-          const size_t p = pos + t;
-          const size_t wlo = p + 1 >= window ? p + 1 - window : 0;
-          for (size_t j = j0; j < j0 + nj; ++j) {
-            const size_t head = kvh * g + j;
-            AttnRow& row = rows[n++];
-            row.q = q + (t * num_heads + head) * hd;
-            row.out = out + (t * num_heads + head) * hd;
-            row.lo = HWY_MAX(start, wlo);
-            row.hi = p;
-          }
-        }
-        AttendKVHead<T>(df, cache, layer, kvh, rows, n, scale);
+  const size_t num_tiles = (num_tokens + tt - 1) / tt;
+  const size_t num_sub = (g + gh - 1) / gh;
+  const size_t num_groups = num_kv * num_tiles * num_sub;
+  const size_t max_rows = HWY_MIN(num_tokens, tt) * gh;
+  // Fills rows (out = the final output rows) of group gi; returns the count.
+  const auto fill = [&](size_t gi, AttnRow* rows) {
+    const size_t kvh = gi / (num_tiles * num_sub);
+    const size_t t0 = (gi / num_sub) % num_tiles * tt;
+    const size_t j0 = gi % num_sub * gh;
+    const size_t nt = HWY_MIN(tt, num_tokens - t0), nj = HWY_MIN(gh, g - j0);
+    size_t n = 0;
+    for (size_t t = t0; t < t0 + nt; ++t) {
+      const size_t p = pos + t;
+      const size_t wlo = p + 1 >= window ? p + 1 - window : 0;
+      for (size_t j = j0; j < j0 + nj; ++j) {
+        const size_t head = kvh * g + j;
+        AttnRow& row = rows[n++];
+        row.q = q + (t * num_heads + head) * hd;
+        row.out = out + (t * num_heads + head) * hd;
+        row.lo = HWY_MAX(start, wlo);
+        row.hi = p;
       }
     }
+    return n;
+  };
+  // Rows' lo and hi grow with the token: the first row starts the group's
+  // range, the last ends it.
+  const auto chunks = [&](const AttnRow* rows, size_t n, size_t* c0, size_t* c1) {
+    *c0 = rows[0].lo / chunk;
+    *c1 = rows[n - 1].hi / chunk + 1;
+  };
+  const auto finish = [&](AttnRow* rows, size_t n, const float* l) {
+    // l >= 1: each row's own maximum contributes e^0.
+    for (size_t r = 0; r < n; ++r) ScaleInPlace(df, rows[r].out, 1.0f / l[r], hd);
+  };
+  const size_t threads = pool == nullptr ? 1 : pool->NumThreads();
+  if (threads > 1 && num_tokens * num_heads <= kAttnMaxTileRows) {
+    // Split-KV (decode, short verify batches; num_groups <= 64 here): one
+    // task per (group, chunk) writes its partial result, then each group
+    // merges its chunks in increasing order, the same merges as below.
+    size_t first[kAttnMaxTileRows + 1], cfirst[kAttnMaxTileRows];
+    first[0] = 0;
+    for (size_t gi = 0; gi < num_groups; ++gi) {
+      AttnRow rows[kAttnMaxTileRows];
+      size_t c0, c1;
+      chunks(rows, fill(gi, rows), &c0, &c1);
+      cfirst[gi] = c0;
+      first[gi + 1] = first[gi] + (c1 - c0);
+    }
+    const size_t num_tasks = first[num_groups];
+    // Per task: max_rows partial rows, then (m, l) per row.
+    const size_t stride = max_rows * (hd + 2);
+    float* parts = AttnScratch(num_tasks * stride);
+    pool->ParallelFor(num_tasks, [&](size_t task, size_t) {
+      const size_t gi = static_cast<size_t>(
+          std::upper_bound(first, first + num_groups + 1, task) - first - 1);
+      AttnRow rows[kAttnMaxTileRows];
+      const size_t n = fill(gi, rows);
+      float* p = parts + task * stride;
+      for (size_t r = 0; r < n; ++r) rows[r].out = p + r * hd;
+      const size_t c = cfirst[gi] + (task - first[gi]);
+      AttendChunk<T>(df, cache, layer, gi / (num_tiles * num_sub), rows, n, scale,
+                     c * chunk, (c + 1) * chunk);
+      float* ml = p + max_rows * hd;
+      for (size_t r = 0; r < n; ++r) {
+        ml[2 * r] = rows[r].m;
+        ml[2 * r + 1] = rows[r].l;
+      }
+    });
+    const auto merge = [&](size_t gi) {
+      AttnRow rows[kAttnMaxTileRows];
+      float m[kAttnMaxTileRows], l[kAttnMaxTileRows];
+      const size_t n = fill(gi, rows);
+      for (size_t r = 0; r < n; ++r) {
+        memset(rows[r].out, 0, hd * sizeof(float));
+        m[r] = -HUGE_VALF;
+        l[r] = 0.0f;
+      }
+      for (size_t task = first[gi]; task < first[gi + 1]; ++task) {
+        const float* p = parts + task * stride;
+        const float* ml = p + max_rows * hd;
+        for (size_t r = 0; r < n; ++r) {
+          MergeChunk(df, rows[r].out, m[r], l[r], p + r * hd, ml[2 * r], ml[2 * r + 1], hd);
+        }
+      }
+      finish(rows, n, l);
+    };
+    // The merge reads num_tasks * stride floats: on this thread unless that
+    // is large enough to pay for waking the pool again.
+    const bool parallel_merge = num_tasks * stride >= (size_t{1} << 17);
+    AttnParallel(parallel_merge ? pool : nullptr, num_groups, merge);
+    return;
   }
+  // Sequential chunks per group; groups in parallel.
+  AttnParallel(threads > 1 ? pool : nullptr, num_groups, [&](size_t gi) {
+    AttnRow rows[kAttnMaxTileRows], part[kAttnMaxTileRows];
+    float m[kAttnMaxTileRows], l[kAttnMaxTileRows];
+    const size_t n = fill(gi, rows);
+    float* buf = AttnScratch(n * hd);
+    for (size_t r = 0; r < n; ++r) {
+      memset(rows[r].out, 0, hd * sizeof(float));
+      m[r] = -HUGE_VALF;
+      l[r] = 0.0f;
+      part[r] = rows[r];
+      part[r].out = buf + r * hd;
+    }
+    size_t c0, c1;
+    chunks(rows, n, &c0, &c1);
+    const size_t kvh = gi / (num_tiles * num_sub);
+    for (size_t c = c0; c < c1; ++c) {
+      AttendChunk<T>(df, cache, layer, kvh, part, n, scale, c * chunk, (c + 1) * chunk);
+      for (size_t r = 0; r < n; ++r) {
+        MergeChunk(df, rows[r].out, m[r], l[r], part[r].out, part[r].m, part[r].l, hd);
+      }
+    }
+    finish(rows, n, l);
+  });
 }
 
 }  // namespace detail
@@ -333,6 +641,12 @@ HWY_INLINE void AttentionT(DF df, const KVCache& cache, size_t layer, size_t pos
 // positions' K/V first (AppendKV), then call with num_tokens = T.
 //  q:   [num_tokens][num_heads][head_dim] f32 (RoPE already applied)
 //  out: [num_tokens][num_heads][head_dim] f32, must not overlap q.
+// pool (may be null): decode splits the context into chunks over its
+// threads; prefill splits (kv head, query tile) groups over them.
+// Determinism: the output of a query at position p is bit-identical for any
+// pool (null, 1, 2, ... threads) and whether it is computed alone
+// (num_tokens = 1) or as a row of a larger call (speculative verification,
+// prefill), given the same cache contents, window, scale and kv_chunk.
 // Query head h uses kv head h / (num_heads / num_kv_heads). Token at position
 // p attends the held positions in [p - W + 1, p], W = min(window or inf,
 // capacity), i.e. [max(start(layer), p - W + 1), p].
@@ -346,7 +660,8 @@ template <class DF>
 HWY_INLINE Status Attention(DF df, const KVCache& cache, size_t layer, size_t pos,
                             size_t num_tokens, const float* HWY_RESTRICT q,
                             size_t num_heads, float* HWY_RESTRICT out,
-                            const AttentionOptions& options = AttentionOptions()) {
+                            const AttentionOptions& options = AttentionOptions(),
+                            ThreadPool* pool = nullptr) {
   if (cache.num_layers() == 0 || cache.head_dim() == 0) {
     return InvalidArgument("Attention: cache not created");
   }
@@ -384,25 +699,27 @@ HWY_INLINE Status Attention(DF df, const KVCache& cache, size_t layer, size_t po
         "most %zu tokens",
         pos, needed, cap, layer, end - cap, cap - window + 1);
   }
+  const size_t chunk =
+      options.kv_chunk == 0 ? detail::kAttnDefaultChunk : options.kv_chunk;
   const float scale = options.scale != 0.0f
                           ? options.scale
                           : 1.0f / std::sqrt(static_cast<float>(cache.head_dim()));
   switch (cache.type()) {
     case ElementType::kF32:
       detail::AttentionT<float>(df, cache, layer, pos, num_tokens, q, num_heads,
-                                out, window, scale);
+                                out, window, scale, chunk, pool);
       break;
     case ElementType::kF16:
       detail::AttentionT<hwy::float16_t>(df, cache, layer, pos, num_tokens, q,
-                                         num_heads, out, window, scale);
+                                         num_heads, out, window, scale, chunk, pool);
       break;
     case ElementType::kBF16:
       detail::AttentionT<hwy::bfloat16_t>(df, cache, layer, pos, num_tokens, q,
-                                          num_heads, out, window, scale);
+                                          num_heads, out, window, scale, chunk, pool);
       break;
     case ElementType::kI8:
       detail::AttentionT<int8_t>(df, cache, layer, pos, num_tokens, q,
-                                 num_heads, out, window, scale);
+                                 num_heads, out, window, scale, chunk, pool);
       break;
   }
   return Status();
@@ -411,9 +728,10 @@ HWY_INLINE Status Attention(DF df, const KVCache& cache, size_t layer, size_t po
 HWY_INLINE Status Attention(const KVCache& cache, size_t layer, size_t pos,
                             size_t num_tokens, const float* HWY_RESTRICT q,
                             size_t num_heads, float* HWY_RESTRICT out,
-                            const AttentionOptions& options = AttentionOptions()) {
+                            const AttentionOptions& options = AttentionOptions(),
+                            ThreadPool* pool = nullptr) {
   return Attention(hn::ScalableTag<float>(), cache, layer, pos, num_tokens, q,
-                   num_heads, out, options);
+                   num_heads, out, options, pool);
 }
 
 }  // namespace HWY_NAMESPACE
