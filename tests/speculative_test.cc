@@ -417,15 +417,12 @@ TEST_CASE("Greedy speculative output equals plain greedy: 4-bit, --precision f32
   CheckPath(Stories(), Paths(Stories())[1]);
 }
 
-// The int8 path rests on the int8 Gemm (num > 1) giving each row the int8
-// Gemv's result bit for bit. On main it does not yet: the per-block i32
-// sums are exact, but their f32 accumulation differs in the last bits
-// (GemmRowsDiffer reports how many outputs and by how much), which flips
-// near-ties of the greedy argmax. Issue 15's small-M GEMM makes the rows
-// identical; until it lands this case is [!mayfail]: the differences are
-// reported, not hidden, and the tag goes once it passes.
+// The int8 path rests on the int8 Gemm (num <= kGemmSmallM) giving each row
+// the int8 Gemv's result bit for bit (the small-M path's contract,
+// kernels/matmul.h): otherwise the last bits differ (GemmRowsDiffer reports
+// how many outputs and by how much) and flip near-ties of the greedy argmax.
 TEST_CASE("Greedy speculative output equals plain greedy: 4-bit, --precision int8",
-          "[speculative][shared][!mayfail]") {
+          "[speculative][shared]") {
   LUTRA_REQUIRE_SHARED_MODELS();
   CheckPath(Stories(), Paths(Stories())[2]);
 }
