@@ -30,7 +30,6 @@
 
 #include <algorithm>
 #include <memory>
-#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -140,20 +139,12 @@ class Linear {
   Status RunParallel(float* y, size_t num_tasks, const ParallelFor& parallel_for) {
     if (num_tasks == 0) num_tasks = 1;
     const size_t N = rows(), align = RangeAlignment();
-    std::mutex mu;  // no allocation: guards the first error only
-    size_t first_task = num_tasks;
-    Status first;
+    FirstError first(num_tasks);
     parallel_for(num_tasks, [&](size_t task, size_t thread) {
       const RowRange rr = SplitRows(N, num_tasks, task, align);
-      Status s = Run(rr.begin, rr.end, y, thread);
-      if (s.ok()) return;
-      std::lock_guard<std::mutex> lock(mu);
-      if (task < first_task) {
-        first_task = task;
-        first = std::move(s);
-      }
+      first.Record(task, Run(rr.begin, rr.end, y, thread));
     });
-    return first;
+    return first.Take();
   }
   // The same over `pool` (null: this thread), one range per thread.
   Status RunParallel(float* y, ThreadPool* pool) {

@@ -149,6 +149,29 @@ class ThreadPool {
   std::atomic<size_t> next_task_{0};
 };
 
+// The Status of the lowest-numbered failing task among tasks that run
+// concurrently, kept without allocating (a parallel call must not allocate
+// per call: lutra::Linear's contract).
+class FirstError {
+ public:
+  explicit FirstError(size_t num_tasks) : first_task_(num_tasks) {}
+  void Record(size_t task, Status s) {
+    if (s.ok()) return;
+    std::lock_guard<std::mutex> lock(mu_);
+    if (task < first_task_) {
+      first_task_ = task;
+      first_ = std::move(s);
+    }
+  }
+  // Ok when no task failed. Call once, after every task returned.
+  Status Take() { return std::move(first_); }
+
+ private:
+  std::mutex mu_;
+  size_t first_task_;
+  Status first_;
+};
+
 // Splits rows [0, n) into one range per thread of `pool` (SplitRows with
 // `align`) and runs fn(RowRange) -> Status on each, on this thread alone when
 // pool is null or has one thread (one range [0, n)). Returns the first error
@@ -157,20 +180,9 @@ template <class Fn>
 Status ParallelForRows(ThreadPool* pool, size_t n, size_t align, const Fn& fn) {
   if (pool == nullptr || pool->NumThreads() == 1) return fn(RowRange{0, n});
   const size_t T = pool->NumThreads();
-  // The lowest failing range's Status, without a per-call allocation.
-  std::mutex mu;
-  size_t first_task = T;
-  Status first;
-  pool->ParallelFor(T, [&](size_t task, size_t) {
-    Status s = fn(SplitRows(n, T, task, align));
-    if (s.ok()) return;
-    std::lock_guard<std::mutex> lock(mu);
-    if (task < first_task) {
-      first_task = task;
-      first = std::move(s);
-    }
-  });
-  return first;
+  FirstError first(T);
+  pool->ParallelFor(T, [&](size_t task, size_t) { first.Record(task, fn(SplitRows(n, T, task, align))); });
+  return first.Take();
 }
 
 }  // namespace lutra
