@@ -55,10 +55,12 @@ class [[nodiscard]] Status {
 };
 
 // printf-style message formatting for errors.
+// (A C++ attribute must come before GNU attributes for clang.)
+[[nodiscard]]
 #if defined(__GNUC__) || defined(__clang__)
 __attribute__((format(printf, 2, 3)))
 #endif
-[[nodiscard]] inline Status MakeError(StatusCode code, const char* format, ...) {
+inline Status MakeError(StatusCode code, const char* format, ...) {
   char buf[1024];
   va_list args;
   va_start(args, format);

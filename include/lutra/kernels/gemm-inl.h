@@ -374,9 +374,18 @@ HWY_INLINE void SmallMRowTiles(const SmallMBlock& a, size_t j) {
   }
 }
 
+// GCC 12 (aarch64) crashes (internal compiler error) in its SLP vectorizer
+// and then in ivopts on SmallMRowsI8 for SVE2_128; the function's loops are
+// explicit SIMD already, so those two passes are turned off for it.
+#if HWY_COMPILER_GCC_ACTUAL && HWY_ARCH_ARM_A64
+#define LUTRA_SMALL_M_ATTR __attribute__((optimize("no-tree-slp-vectorize", "no-ivopts")))
+#else
+#define LUTRA_SMALL_M_ATTR
+#endif
+
 // Outputs [n0, n1) of all M <= kGemmSmallM tokens, int8 path.
 template <int kBits>
-HWY_NOINLINE void SmallMRowsI8(const PreparedPalette& w, const PreparedInput& in, size_t n0,
+HWY_NOINLINE LUTRA_SMALL_M_ATTR void SmallMRowsI8(const PreparedPalette& w, const PreparedInput& in, size_t n0,
                                size_t n1, float* Y, size_t ldy, GemmScratch* scratch) {
   using D = DecodeTag;
   const D d;
