@@ -277,9 +277,7 @@ Status Generate(const Model& model, RunState& state, const std::vector<int>& pro
                 size_t start_pos) {
   using Clock = std::chrono::steady_clock;
   GenerateStats st;
-  StatusOr<int> first = Prefill(model, state, prompt, sampler, start_pos, &st);
-  if (!first.ok()) return first.status();
-  int token = *first;
+  LUTRA_ASSIGN_OR_RETURN(int token, Prefill(model, state, prompt, sampler, start_pos, &st));
   size_t pos = start_pos + prompt.size();
 
   // Decode: llama2.c counts `steps` positions including the prompt's, so
@@ -347,9 +345,7 @@ Status GenerateSpeculative(const Model& model, RunState& state, const std::vecto
     }
   }
   GenerateStats st;
-  StatusOr<int> first = Prefill(model, state, prompt, sampler, start_pos, &st);
-  if (!first.ok()) return first.status();
-  int token = *first;
+  LUTRA_ASSIGN_OR_RETURN(int token, Prefill(model, state, prompt, sampler, start_pos, &st));
   size_t pos = start_pos + prompt.size();
 
   const auto t1 = Clock::now();
