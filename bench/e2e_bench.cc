@@ -4,7 +4,7 @@
 // with 1 and 2 threads.
 //
 //   e2e_bench [--shape afm] [--f32-layers 2] [--prefill 64] [--decode 16]
-//             [--reps 3] [--threads 1,2] [--full-layers 26]
+//             [--reps 3] [--threads 1,2] [--full-layers 26] [--verify 1,2,4,8]
 //
 // Palettized models run at the full shape (afm: 26 layers); the f32
 // comparison runs at the same per-layer dims with --f32-layers layers (f32
@@ -13,6 +13,13 @@
 // runs; each run prefills --prefill tokens (GEMM) then decodes --decode
 // tokens (GEMV) one at a time. "GB/s" is weight bytes streamed per decoded
 // token times tokens/s (the head and embedding included).
+//
+// --verify K,...: the cost of speculative decoding's verify step on the
+// 4-bit model at full depth: after the prefill, one forward of K + 1 tokens
+// (the last token and K drafts, logits for all: what GenerateSpeculative
+// runs) against a plain one-token decode step at the same position, the two
+// alternating, medians of --reps x 5 pairs. With --verify only that table
+// is printed.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,6 +46,7 @@ struct Args {
   size_t decode = 16;
   int reps = 3;
   std::vector<size_t> threads = {1, 2};
+  std::vector<size_t> verify;  // drafted tokens per verify step (empty: skip)
 };
 
 struct Result {
@@ -76,6 +84,76 @@ StatusOr<Result> Measure(const engine::Model& model, const Args& a, size_t threa
     decode.push_back(double(a.decode) / std::chrono::duration<double>(t2 - t1).count());
   }
   return Result{Median(prefill), Median(decode)};
+}
+
+// Milliseconds of one forward of `n` tokens at position `pos` (all logits
+// when n > 1, as the verify step needs them).
+StatusOr<double> TimeForward(const engine::Model& model, engine::RunState& state, size_t n,
+                             size_t pos) {
+  using Clock = std::chrono::steady_clock;
+  std::vector<int> tokens(n);
+  for (size_t i = 0; i < n; ++i) tokens[i] = int((pos + i) * 31 % model.config.vocab_size);
+  const auto t0 = Clock::now();
+  StatusOr<const float*> out = engine::Forward(model, state, tokens.data(), n, pos, n > 1);
+  if (!out.ok()) return out.status();
+  return 1e3 * std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// The verify-step table (--verify): per thread count, a plain decode step
+// and each verify size, timed in alternation at the same position.
+int RunVerify(const Args& a) {
+  engine::LoadOptions q4;
+  q4.bits = 4;
+  const size_t max_k = *std::max_element(a.verify.begin(), a.verify.end());
+  q4.seq_len = int(a.prefill + max_k + 2);
+  const std::string shape = a.shape + ":" + std::to_string(a.full_layers);
+  StatusOr<engine::Model> model = engine::MakeSyntheticModel(shape, q4, 1);
+  if (!model.ok()) {
+    fprintf(stderr, "e2e_bench: %s\n", model.status().message().c_str());
+    return 1;
+  }
+  printf("\nVerify step, 4-bit, %d layers, after a %zu-token prefill (median of %d pairs):\n\n",
+         a.full_layers, a.prefill, 5 * a.reps);
+  printf("| threads | drafted k | tokens per forward | decode step ms | verify step ms | "
+         "verify / decode |\n|---|---|---|---|---|---|\n");
+  for (size_t threads : a.threads) {
+    lutra::ThreadPool pool(threads);
+    StatusOr<engine::RunState> state =
+        engine::MakeRunState(model->config, std::max(a.prefill, max_k + 1));
+    if (!state.ok()) {
+      fprintf(stderr, "e2e_bench: %s\n", state.status().message().c_str());
+      return 1;
+    }
+    state->pool = &pool;
+    std::vector<int> prompt(a.prefill);
+    for (size_t i = 0; i < prompt.size(); ++i) {
+      prompt[i] = int((i * 7919 + 3) % model->config.vocab_size);
+    }
+    StatusOr<const float*> out = engine::Forward(*model, *state, prompt.data(), prompt.size(), 0);
+    if (!out.ok()) {
+      fprintf(stderr, "e2e_bench: %s\n", out.status().message().c_str());
+      return 1;
+    }
+    for (size_t k : a.verify) {
+      std::vector<double> plain, verify;
+      for (int r = 0; r < 5 * a.reps; ++r) {
+        // Order swapped every pair so neither side always runs first.
+        for (int side = 0; side < 2; ++side) {
+          const bool is_verify = (side == 0) == (r % 2 == 0);
+          StatusOr<double> ms = TimeForward(*model, *state, is_verify ? k + 1 : 1, a.prefill);
+          if (!ms.ok()) {
+            fprintf(stderr, "e2e_bench: %s\n", ms.status().message().c_str());
+            return 1;
+          }
+          (is_verify ? verify : plain).push_back(*ms);
+        }
+      }
+      const double p = Median(plain), v = Median(verify);
+      printf("| %zu | %zu | %zu | %.2f | %.2f | %.2fx |\n", threads, k, k + 1, p, v, v / p);
+      fflush(stdout);
+    }
+  }
+  return 0;
 }
 
 struct Variant {
@@ -148,10 +226,14 @@ bool ParseArgs(int argc, char** argv, Args* a) {
       a->decode = size_t(atoi(v));
     } else if (flag == "--reps") {
       a->reps = atoi(v);
-    } else if (flag == "--threads") {
-      a->threads.clear();
+    } else if (flag == "--threads" || flag == "--verify") {
+      std::vector<size_t>& list = flag == "--threads" ? a->threads : a->verify;
+      list.clear();
       for (const char* p = v; *p;) {
-        a->threads.push_back(size_t(strtoul(p, const_cast<char**>(&p), 10)));
+        char* end = nullptr;
+        list.push_back(size_t(strtoul(p, &end, 10)));
+        if (end == p) return false;
+        p = end;
         if (*p == ',') ++p;
       }
     } else {
@@ -159,6 +241,9 @@ bool ParseArgs(int argc, char** argv, Args* a) {
     }
   }
   if ((argc - 1) % 2 != 0) return false;
+  for (size_t k : a->verify) {
+    if (k < 1 || k > 64) return false;
+  }
   return a->f32_layers >= 1 && a->prefill >= 1 && a->decode >= 1 && a->reps >= 1 &&
          !a->threads.empty();
 }
@@ -170,11 +255,12 @@ int main(int argc, char** argv) {
   if (!ParseArgs(argc, argv, &a)) {
     fprintf(stderr,
             "usage: e2e_bench [--shape afm|1b|tiny] [--full-layers L] [--f32-layers L] "
-            "[--prefill N] [--decode N] [--reps R] [--threads 1,2]\n");
+            "[--prefill N] [--decode N] [--reps R] [--threads 1,2] [--verify 1,2,4,8]\n");
     return 2;
   }
   if (a.full_layers == 0) {
     a.full_layers = a.shape == "afm" ? 26 : a.shape == "1b" ? 16 : 4;
   }
+  if (!a.verify.empty()) return RunVerify(a);
   return Run(a);
 }

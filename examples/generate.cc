@@ -547,7 +547,13 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
     } else if (flag == "--stats-json") {
       o->stats_json = value;
     } else if (flag == "--lookup") {
-      if (!ParseSize(value, 0, 64, &o->lookup)) return bad("0 (off) or a draft length in [1, 64]");
+      // At most kGemmSmallM - 1 drafts: a verify pass of up to kGemmSmallM
+      // tokens runs the small-M GEMM, whose rows are GEMV's bits, so greedy
+      // output stays that of plain decoding on the int8 path too.
+      static_assert(lutra::kGemmSmallM == 32, "the messages below say 31");
+      if (!ParseSize(value, 0, lutra::kGemmSmallM - 1, &o->lookup)) {
+        return bad("0 (off) or a draft length in [1, 31]");
+      }
     } else if (flag == "--draft") {
       o->draft = value;
     } else if (flag == "--draft-bits") {
@@ -556,7 +562,9 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
       }
       o->draft_bits = int(n);
     } else if (flag == "--draft-max") {
-      if (!ParseSize(value, 1, 63, &o->draft_max)) return bad("an integer in [1, 63]");
+      if (!ParseSize(value, 1, lutra::kGemmSmallM - 1, &o->draft_max)) {
+        return bad("an integer in [1, 31]");  // as --lookup
+      }
       o->draft_max_given = true;
     } else if (flag == "--tokenize") {
       o->tokenize = true;

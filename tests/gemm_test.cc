@@ -247,6 +247,57 @@ void TestGemmErrors() {
   CHECK(!GemvRows(pw.value(), in, 0, N, Y.data()).ok());  // M = 3 input
 }
 
+// The extremes of the int8 path's product: codebooks of only -1 and +1 give
+// u8 codes 0 and 255 (biased codes -128 and 127, CodeDot), and activations
+// of one magnitude quantize to -127 and 127, so pairs of products reach
+// 2 * 128 * 127. Any i16 step that could saturate (e.g. pmaddubsw of the
+// unbiased codes, up to 2 * 255 * 127) would be far off the exact integer
+// emulation. GEMV, the few-token and small-M GEMMs and the panel GEMM, every
+// width.
+void TestExtremeCodes() {
+  test::Rng rng(21);
+  const size_t N = 40, K = 300;
+  for (int bits : {1, 2, 3, 4, 6, 8}) {
+    PaletteMatrix mat = test::RandomPalette(rng, N, K, bits, 8, ElementType::kF16);
+    const size_t entries = mat.view().shape.num_entries();
+    for (size_t g = 0; g < mat.view().shape.num_groups(); ++g) {
+      for (size_t e = 0; e < entries; ++e) mat.set_entry(g, e, (e + g) % 2 ? 1.0f : -1.0f);
+    }
+    StatusOr<PreparedPalette> pw = PreparedPalette::Make(mat.view());
+    REQUIRE(pw.ok());
+    for (size_t g = 0; g < mat.view().shape.num_groups(); ++g) {
+      for (size_t e = 0; e < HWY_MIN(entries, size_t{2}); ++e) {
+        const uint8_t q = pw.value().table_u8(g)[e];
+        REQUIRE((q == 0 || q == 255));
+      }
+    }
+    std::vector<float> w(N * K);
+    REQUIRE(Dequantize(mat.view(), w.data(), w.size()).ok());
+    for (size_t M : {size_t{1}, size_t{3}, size_t{12}, size_t{40}}) {
+      // Runs of one sign, so that pairs of equal products occur.
+      std::vector<float> X(M * K);
+      for (size_t i = 0; i < X.size(); ++i) X[i] = (i / 3 + M) % 2 ? 0.5f : -0.5f;
+      std::vector<float> Y(M * N);
+      PreparedInput in;
+      REQUIRE(PrepareGemmInput(pw.value(), X.data(), M, K, Epilogue(), MatmulOptions(), &in).ok());
+      if (M == 1) {
+        REQUIRE(GemvRows(pw.value(), in, 0, N, Y.data()).ok());
+      } else {
+        REQUIRE(GemmRows(pw.value(), in, 0, N, Y.data(), N).ok());
+      }
+      for (size_t m = 0; m < M; ++m) {
+        std::vector<double> xhat, sx;
+        test::QuantizedActivations(in, m, &xhat, &sx);
+        for (size_t r = 0; r < N; ++r) {
+          const test::RefRow ref = test::Int8ReferenceRow(pw.value(), &w[r * K], r, &X[m * K], xhat,
+                                                          sx, Epilogue(), nullptr, nullptr);
+          CHECK(std::abs(Y[m * N + r] - ref.value) <= ref.tol);
+        }
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace HWY_NAMESPACE
 }  // namespace lutra
@@ -255,6 +306,7 @@ HWY_AFTER_NAMESPACE();
 #if HWY_ONCE
 namespace lutra {
 HWY_EXPORT(TestGemmAllFormats);
+HWY_EXPORT(TestExtremeCodes);
 HWY_EXPORT(TestGemmAllM);
 HWY_EXPORT(TestGemmMatchesGemv);
 HWY_EXPORT(TestGemmErrors);
@@ -271,6 +323,9 @@ TEST_CASE("GEMM equals GEMV per token", "[gemm]") {
 }
 TEST_CASE("GEMM rows are GEMV's bits for M <= kGemmSmallM", "[gemm]") {
   test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestGemmBitExactGemv)(); });
+}
+TEST_CASE("int8 products at the extremes of codes and activations", "[gemm][gemv]") {
+  test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestExtremeCodes)(); });
 }
 TEST_CASE("GEMM rejects bad input", "[gemm]") {
   test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestGemmErrors)(); });

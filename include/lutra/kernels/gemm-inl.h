@@ -8,9 +8,9 @@
 // register-blocked micro-kernel:
 // - kInt8: the tile holds u8 codes laid out [K/4][NR][4], so one vector load
 //   gives 4 consecutive positions of NR/2 rows; each token's 4 i8
-//   activations are broadcast and multiplied with vpdpbusd
-//   (SumOfMulQuadAccumulate) into MR x 2 i32 accumulators, converted to f32
-//   per quantization block.
+//   activations are broadcast and multiplied (CodeDot: vpdpbusd where the
+//   target has it) into MR x 2 i32 accumulators, converted to f32 per
+//   quantization block.
 // - kF32: the tile holds exact f32 weights; dot products per (token, row).
 //
 // kInt8 finishes each token's panel row with the shared epilogue
@@ -18,9 +18,11 @@
 // kF32 with GEMV's FinishRows.
 //
 // For M <= kGemmSmallM int8 tokens (speculative verification) GemmRows runs
-// SmallMRowsI8 instead: weights decoded once per block of rows, GEMV's
-// summation order and epilogue per token, so every token's outputs are
-// GEMV's bits (the contract in matmul.h).
+// FewTokensRowsI8 (M <= kFewTokens: GEMV's row loop, every token's product
+// with each code vector in registers) or SmallMRowsI8 (weights decoded once
+// per block of rows into an L1 tile) instead: GEMV's summation order and
+// epilogue per token, so every token's outputs are GEMV's bits (the
+// contract in matmul.h).
 //
 // Per-target code: include after hwy/highway.h (see dot-inl.h).
 //
@@ -208,19 +210,28 @@ HWY_INLINE void MicroKernelI8(const PreparedInput& in, const EpilogueArgs& e, co
   VF f00 = hn::Zero(df), f01 = f00, f10 = f00, f11 = f00, f20 = f00, f21 = f00;
   VF f30 = f00, f31 = f00, f40 = f00, f41 = f00, f50 = f00, f51 = f00;
   for (size_t b = 0, q = 0; b < in.num_blocks; ++b) {
-    VI a00 = hn::Zero(di32), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00;
-    VI a30 = a00, a31 = a00, a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+    // Token i's accumulators start at its block's code-bias correction
+    // (CodeDot; every lane is a row, so all lanes get the block's sum).
+    const auto start = [&](size_t i) HWY_ATTR {
+      return kCodeBias != 0 ? hn::Set(di32, in.xqsum[(m + i) * in.num_blocks + b])
+                            : hn::Zero(di32);
+    };
+    VI a00 = start(0), a01 = a00;
+    VI a10 = kMR > 1 ? start(1) : a00, a11 = a10, a20 = kMR > 2 ? start(2) : a00, a21 = a20;
+    VI a30 = kMR > 3 ? start(3) : a00, a31 = a30, a40 = kMR > 4 ? start(4) : a00, a41 = a40;
+    VI a50 = kMR > 5 ? start(5) : a00, a51 = a50;
     const size_t q_end = HWY_MIN(q + block_quads, num_quads);
     for (; q < q_end; ++q) {
       const auto w0 = hn::LoadU(du8, tile + q * NR * 4);
       const auto w1 = hn::LoadU(du8, tile + q * NR * 4 + NF * 4);
+      const auto m0 = CodeMagnitude(w0), m1 = CodeMagnitude(w1);
       // Token i's 4 activation bytes times both weight vectors.
       const auto token = [&](size_t i, VI& acc0, VI& acc1) HWY_ATTR {
         int32_t x4;
         memcpy(&x4, xq[i] + q * 4, 4);
         const auto xb = hn::BitCast(di8, hn::Set(di32, x4));
-        acc0 = hn::SumOfMulQuadAccumulate(di32, w0, xb, acc0);
-        acc1 = hn::SumOfMulQuadAccumulate(di32, w1, xb, acc1);
+        acc0 = CodeDot(di32, w0, m0, xb, acc0);
+        acc1 = CodeDot(di32, w1, m1, xb, acc1);
       };
       token(0, a00, a01);
       if constexpr (kMR > 1) token(1, a10, a11);
@@ -261,21 +272,21 @@ HWY_INLINE void MicroKernelI8(const PreparedInput& in, const EpilogueArgs& e, co
 // GEMV's per-lane quad sums and AddBlockSum / ReduceSum / RawI8 order, and
 // the epilogue is GEMV's FinishRows, so each token's outputs are GEMV's bits.
 
-// Rows decoded per block: the decoded block (kSmallMRows x 256 codes, x2 as
-// i16 halves), the f32 accumulators (kSmallMRows x M vectors) and the
-// tokens' activations of one block fit in L1 for M <= 16, and every
-// activation vector loaded from L1 serves kSmallMRows rows.
+// Rows decoded per block: the decoded block (kSmallMRows x 256 codes), the
+// f32 accumulators (kSmallMRows x M vectors) and the tokens' activations of
+// one block fit in L1 for M <= 16, and every activation vector loaded from
+// L1 serves kSmallMRows rows.
 constexpr size_t kSmallMRows = 16;
 // Blocks ahead that SmallMRowsI8 prefetches each row's bytes.
 constexpr size_t kSmallMAhead = 2;
 
 // What the small-M micro-tiles of one block read and write.
 struct SmallMBlock {
-  const uint8_t* w;      // row j's vector v at w + (j * nv + v) * vec_bytes
+  const uint8_t* w;      // row j's vector v at w + (j * nv + v) * L (codes, CodeDot)
   size_t nv;             // vectors per row in this block
-  size_t vec_bytes;      // L (u8 codes) or 2L (i16 even lanes, i16 odd lanes)
   const int8_t* xq;      // token 0's block of activations; tokens P apart
-  const int16_t* xq16;   // the same in xq16 (kSmallMSplitDot); tokens P apart
+  const PreparedInput* in;  // the tokens' block starts (BlockStart)
+  size_t b;                 // the block
   size_t P, M;           // P: positions of the block
   const float* xscale;   // M: the tokens' scales of this block
   float* accf;           // (row j, token t) at (j * M + t) * f32 lanes
@@ -284,59 +295,42 @@ struct SmallMBlock {
 // Rows [j0, j0 + kR) x tokens [t0, t0 + kT) of one block (kR in {1, 2},
 // kT in 1..4): i32 quad sums in registers, then AddBlockSum into accf. Two
 // rows x four tokens: each iteration loads 2 weight and 4 activation
-// vectors (x2 halves when split) for 8 products, which keeps the loads
-// (2 per cycle) below the multiplies. Accumulators are named variables
-// (a<row><token>), not arrays, because SVE vectors are sizeless types.
+// vectors for 8 products, which keeps the loads (2 per cycle) below the
+// multiplies. Accumulators are named variables (a<row><token>), not arrays,
+// because SVE vectors are sizeless types.
 template <size_t kR, size_t kT>
 HWY_INLINE void SmallMTile(const SmallMBlock& a, size_t j0, size_t t0) {
   const DecodeTag du8;
   const hn::Repartition<int32_t, DecodeTag> di32;
-  const hn::Repartition<int16_t, DecodeTag> di16;
   const hn::Repartition<int8_t, DecodeTag> di8;
   const hn::Repartition<float, DecodeTag> df;
   using VI = hn::Vec<decltype(di32)>;
   const size_t L = hn::Lanes(du8), NF = hn::Lanes(df);
   static_assert((kR == 1 || kR == 2) && kT >= 1 && kT <= 4, "tile of 1|2 rows x 1..4 tokens");
-  VI a00 = hn::Zero(di32), a01 = a00, a02 = a00, a03 = a00;
-  VI a10 = a00, a11 = a00, a12 = a00, a13 = a00;
-  const size_t row_step = a.nv * a.vec_bytes;
+  // Token t's accumulators start at its code-bias correction (CodeDot).
+  const auto start = [&](size_t t) HWY_ATTR {
+    return BlockStart(di32, *a.in, t0 + t, a.b);
+  };
+  VI a00 = start(0), a01 = kT > 1 ? start(1) : a00, a02 = kT > 2 ? start(2) : a00;
+  VI a03 = kT > 3 ? start(3) : a00;
+  VI a10 = a00, a11 = a01, a12 = a02, a13 = a03;
+  const size_t row_step = a.nv * L;
   for (size_t v = 0; v < a.nv; ++v) {
-    const uint8_t* wv = a.w + (j0 * a.nv + v) * a.vec_bytes;
-    if constexpr (kSmallMSplitDot) {
-      const int16_t* w0 = reinterpret_cast<const int16_t*>(wv);
-      const int16_t* w1 = reinterpret_cast<const int16_t*>(wv + (kR > 1 ? row_step : 0));
-      const auto we0 = hn::Load(di16, w0), wo0 = hn::Load(di16, w0 + L / 2);
-      const auto we1 = hn::Load(di16, w1), wo1 = hn::Load(di16, w1 + L / 2);
-      // Token t's vector times both rows' vectors.
-      const auto token = [&](size_t t, VI& acc0, VI& acc1) HWY_ATTR {
-        const int16_t* x = a.xq16 + (t0 + t) * a.P + v * L;
-        // LoadedOnce: one load per vector; GCC otherwise folds the load into
-        // both rows' multiplies (20 loads for 16 multiplies per iteration).
-        const auto xe = LoadedOnce(hn::LoadU(di16, x)), xo = LoadedOnce(hn::LoadU(di16, x + L / 2));
-        acc0 = hn::Add(acc0, hn::Add(hn::WidenMulPairwiseAdd(di32, we0, xe),
-                                     hn::WidenMulPairwiseAdd(di32, wo0, xo)));
-        if constexpr (kR > 1) {
-          acc1 = hn::Add(acc1, hn::Add(hn::WidenMulPairwiseAdd(di32, we1, xe),
-                                       hn::WidenMulPairwiseAdd(di32, wo1, xo)));
-        }
-      };
-      token(0, a00, a10);
-      if constexpr (kT > 1) token(1, a01, a11);
-      if constexpr (kT > 2) token(2, a02, a12);
-      if constexpr (kT > 3) token(3, a03, a13);
-    } else {
-      const auto c0 = hn::Load(du8, wv);
-      const auto c1 = hn::Load(du8, wv + (kR > 1 ? row_step : 0));
-      const auto token = [&](size_t t, VI& acc0, VI& acc1) HWY_ATTR {
-        const auto x = hn::LoadU(di8, a.xq + (t0 + t) * a.P + v * L);
-        acc0 = hn::SumOfMulQuadAccumulate(di32, c0, x, acc0);
-        if constexpr (kR > 1) acc1 = hn::SumOfMulQuadAccumulate(di32, c1, x, acc1);
-      };
-      token(0, a00, a10);
-      if constexpr (kT > 1) token(1, a01, a11);
-      if constexpr (kT > 2) token(2, a02, a12);
-      if constexpr (kT > 3) token(3, a03, a13);
-    }
+    const uint8_t* wv = a.w + (j0 * a.nv + v) * L;
+    const auto c0 = hn::Load(du8, wv);
+    const auto c1 = hn::Load(du8, wv + (kR > 1 ? row_step : 0));
+    const auto m0 = CodeMagnitude(c0), m1 = CodeMagnitude(c1);
+    const auto token = [&](size_t t, VI& acc0, VI& acc1) HWY_ATTR {
+      // LoadedOnce: one load per vector; GCC otherwise folds the load into
+      // both rows' multiplies.
+      const auto x = LoadedOnce(hn::LoadU(di8, a.xq + (t0 + t) * a.P + v * L));
+      acc0 = CodeDot(di32, c0, m0, x, acc0);
+      if constexpr (kR > 1) acc1 = CodeDot(di32, c1, m1, x, acc1);
+    };
+    token(0, a00, a10);
+    if constexpr (kT > 1) token(1, a01, a11);
+    if constexpr (kT > 2) token(2, a02, a12);
+    if constexpr (kT > 3) token(3, a03, a13);
   }
   const auto finish = [&](size_t r, size_t t, VI acc) HWY_ATTR {
     float* f = a.accf + ((j0 + r) * a.M + t0 + t) * NF;
@@ -389,24 +383,21 @@ HWY_NOINLINE LUTRA_SMALL_M_ATTR void SmallMRowsI8(const PreparedPalette& w, cons
                                size_t n1, float* Y, size_t ldy, GemmScratch* scratch) {
   using D = DecodeTag;
   const D d;
-  const hn::Repartition<int16_t, D> di16;
-  const hn::Repartition<uint16_t, D> du16;
   const hn::Repartition<float, D> df;
   const size_t L = hn::Lanes(d), NF = hn::Lanes(df);
   const size_t M = in.rows, P = in.geometry.positions(), G = w.shape().group_rows;
   const size_t row_bytes = w.shape().row_bytes(), unit_bytes = UnitBytes<kBits>(d);
   const size_t UP = in.geometry.unit_positions, sub = in.geometry.sub_vectors;
   const size_t upb = in.units_per_block, num_units = in.geometry.num_units;
-  const size_t vec_bytes = kSmallMSplitDot ? 2 * L : L;
   const EpilogueArgs e = EpilogueArgsOf(in, ldy);
   // Buffers from the caller's scratch (no allocation per call once it has
   // grown; lutra::Linear relies on it), else a local one.
   GemmScratch local;
   GemmScratch& s = scratch ? *scratch : local;
-  uint8_t* const wbuf = s.Array<uint8_t>(0, kSmallMRows * upb * sub * vec_bytes);
+  uint8_t* const wbuf = s.Array<uint8_t>(0, kSmallMRows * upb * sub * L);
   float* const accf = s.Array<float>(1, kSmallMRows * M * NF);
-  // Non-split targets: the block's i8 activations of all tokens (see below).
-  int8_t* const xbuf = kSmallMSplitDot ? nullptr : s.Array<int8_t>(2, M * upb * UP);
+  // The block's i8 activations of all tokens (see below).
+  int8_t* const xbuf = s.Array<int8_t>(2, M * upb * UP);
   LutU8<kBits, D> lut[kSmallMRows];
   const uint8_t* rows[kSmallMRows];
   size_t groups[kSmallMRows];
@@ -414,7 +405,7 @@ HWY_NOINLINE LUTRA_SMALL_M_ATTR void SmallMRowsI8(const PreparedPalette& w, cons
   HWY_ALIGN float raw[kSmallMRows];
   SmallMBlock a;
   a.w = wbuf;
-  a.vec_bytes = vec_bytes;
+  a.in = &in;
   a.M = M;
   a.xscale = xscale;
   a.accf = accf;
@@ -445,41 +436,26 @@ HWY_NOINLINE LUTRA_SMALL_M_ATTR void SmallMRowsI8(const PreparedPalette& w, cons
         }
       }
       for (size_t j = 0; j < nr; ++j) {
-        uint8_t* dst = wbuf + j * a.nv * vec_bytes;
+        uint8_t* dst = wbuf + j * a.nv * L;
         for (size_t u = u0; u < u1; ++u) {
           const size_t off = u * unit_bytes;
           DecodeLookupUnit<kBits>(d, lut[j], rows[j] + off, row_bytes - off,
                                   [&](size_t s, hn::Vec<D> codes) HWY_ATTR {
-            uint8_t* o = dst + ((u - u0) * sub + s) * vec_bytes;
-            if constexpr (kSmallMSplitDot) {
-              // Even and odd u8 lanes zero-extended to i16 (the i16 lanes of
-              // the activations they meet in SmallMTile).
-              int16_t* o16 = reinterpret_cast<int16_t*>(o);
-              const auto c16 = hn::BitCast(du16, codes);
-              hn::Store(hn::BitCast(di16, hn::And(c16, hn::Set(du16, 0xFF))), di16, o16);
-              hn::Store(hn::BitCast(di16, hn::ShiftRight<8>(c16)), di16, o16 + L / 2);
-            } else {
-              hn::Store(codes, d, o);
-            }
+            hn::Store(codes, d, dst + ((u - u0) * sub + s) * L);
           });
         }
       }
       // The block's activations of all M tokens must lie next to each
       // other: token rows are P positions apart, a multiple of 4 KiB at
       // large K, so M > 8 tokens' vectors would map to the same L1 sets and
-      // evict each other (the tiles ran 2x slower). xq16 is block-major
-      // already; the i8 rows are copied.
+      // evict each other (the tiles ran 2x slower), so they are copied.
       for (size_t t = 0; t < M; ++t) xscale[t] = in.xscale[t * in.num_blocks + b];
-      if constexpr (kSmallMSplitDot) {
-        a.P = upb * UP;
-        a.xq16 = in.xq16.data() + b * M * a.P;
-      } else {
-        a.P = a.nv * L;
-        for (size_t t = 0; t < M; ++t) {
-          memcpy(xbuf + t * a.P, in.xq.data() + t * P + u0 * UP, a.P);
-        }
-        a.xq = xbuf;
+      a.P = a.nv * L;
+      for (size_t t = 0; t < M; ++t) {
+        memcpy(xbuf + t * a.P, in.xq.data() + t * P + u0 * UP, a.P);
       }
+      a.xq = xbuf;
+      a.b = b;
       size_t j = 0;
       for (; j + 2 <= nr; j += 2) SmallMRowTiles<2>(a, j);
       if (j < nr) SmallMRowTiles<1>(a, j);
@@ -492,6 +468,108 @@ HWY_NOINLINE LUTRA_SMALL_M_ATTR void SmallMRowsI8(const PreparedPalette& w, cons
       FinishRows(df, e, t, n, nr, raw, Y + t * ldy);
     }
   }
+}
+
+// Few tokens (M <= kFewTokens): GEMV's loop over rows, with each decoded
+// code vector multiplied by every token's activations while it is in a
+// register. SmallMRowsI8's decode into an L1 buffer, per-block copies and
+// 16-row tiles cost ~3 GEMVs at M = 2 and 4 on AVX2 (matmul_bench); here
+// the cost is GEMV's plus one CodeDot per token and code vector. Per (row,
+// token) the i32 quad sums, AddBlockSum, ReduceSum and RawI8 are GEMV's, so
+// the outputs are GEMV's bits (matmul.h). The tokens' i32 accumulators stay
+// in registers (8, plus the table, codes and activations: AVX2's 16); their
+// f32 sums, updated once per block, live in an L1 array.
+constexpr size_t kFewTokens = 8;
+
+template <int kBits, size_t kM>
+HWY_NOINLINE LUTRA_SMALL_M_ATTR void FewTokensRowsI8(const PreparedPalette& w,
+                                                     const PreparedInput& in, size_t n0,
+                                                     size_t n1, float* Y, size_t ldy) {
+  static_assert(kM >= 1 && kM <= kFewTokens, "1 to kFewTokens tokens");
+  using D = DecodeTag;
+  const D d;
+  const hn::Repartition<int32_t, D> di32;
+  const hn::Repartition<int8_t, D> di8;
+  const hn::Repartition<float, D> df;
+  using VI = hn::Vec<decltype(di32)>;
+  const size_t L = hn::Lanes(d), NF = hn::Lanes(df);
+  const size_t P = in.geometry.positions(), G = w.shape().group_rows;
+  const size_t row_bytes = w.shape().row_bytes(), unit_bytes = UnitBytes<kBits>(d);
+  const size_t UP = in.geometry.unit_positions, upb = in.units_per_block;
+  const size_t num_units = in.geometry.num_units, nb = in.num_blocks;
+  const EpilogueArgs e = EpilogueArgsOf(in, ldy);
+  const int8_t* HWY_RESTRICT xq = in.xq.data();
+  HWY_ALIGN float raw[kFewTokens][kEpilogueChunk];
+  HWY_ALIGN float accf[kFewTokens * hn::MaxLanes(df)];
+  for (size_t n = n0; n < n1; n += kEpilogueChunk) {
+    const size_t nr = HWY_MIN(kEpilogueChunk, n1 - n);
+    for (size_t j = 0; j < nr; ++j) {
+      const size_t r = n + j;
+      LutU8<kBits, D> lut;
+      lut.Init(d, w.table_u8(r / G));
+      const uint8_t* row = w.view().row(r);
+      // The next row's bytes at the same offsets are prefetched as GEMV does.
+      const bool prefetch = r + 1 < n1;
+      for (size_t t = 0; t < kM; ++t) hn::Store(hn::Zero(df), df, accf + t * NF);
+      for (size_t b = 0; b < nb; ++b) {
+        // Token t's block starts at its code-bias correction (CodeDot).
+        const auto start = [&](size_t t) HWY_ATTR {
+          return BlockStart(di32, in, t, b);
+        };
+        VI a0 = start(0), a1 = kM > 1 ? start(1) : a0, a2 = kM > 2 ? start(2) : a0;
+        VI a3 = kM > 3 ? start(3) : a0, a4 = kM > 4 ? start(4) : a0, a5 = kM > 5 ? start(5) : a0;
+        VI a6 = kM > 6 ? start(6) : a0, a7 = kM > 7 ? start(7) : a0;
+        const size_t u_end = HWY_MIN((b + 1) * upb, num_units);
+        for (size_t u = b * upb; u < u_end; ++u) {
+          const size_t off = u * unit_bytes;
+          for (size_t pb = 0; prefetch && pb < unit_bytes; pb += 64) {
+            hwy::Prefetch(row + row_bytes + off + pb);
+          }
+          const int8_t* HWY_RESTRICT xu = xq + u * UP;
+          DecodeLookupUnit<kBits>(d, lut, row + off, row_bytes - off,
+                                  [&](size_t s, hn::Vec<D> codes) HWY_ATTR {
+            const auto mag = CodeMagnitude(codes);
+            const int8_t* HWY_RESTRICT x = xu + s * L;
+            a0 = CodeDot(di32, codes, mag, hn::LoadU(di8, x), a0);
+            if constexpr (kM > 1) a1 = CodeDot(di32, codes, mag, hn::LoadU(di8, x + P), a1);
+            if constexpr (kM > 2) a2 = CodeDot(di32, codes, mag, hn::LoadU(di8, x + 2 * P), a2);
+            if constexpr (kM > 3) a3 = CodeDot(di32, codes, mag, hn::LoadU(di8, x + 3 * P), a3);
+            if constexpr (kM > 4) a4 = CodeDot(di32, codes, mag, hn::LoadU(di8, x + 4 * P), a4);
+            if constexpr (kM > 5) a5 = CodeDot(di32, codes, mag, hn::LoadU(di8, x + 5 * P), a5);
+            if constexpr (kM > 6) a6 = CodeDot(di32, codes, mag, hn::LoadU(di8, x + 6 * P), a6);
+            if constexpr (kM > 7) a7 = CodeDot(di32, codes, mag, hn::LoadU(di8, x + 7 * P), a7);
+          });
+        }
+        const auto fold = [&](size_t t, VI acc) HWY_ATTR {
+          float* f = accf + t * NF;
+          hn::Store(AddBlockSum(df, acc, in.xscale[t * nb + b], hn::Load(df, f)), df, f);
+        };
+        fold(0, a0);
+        if constexpr (kM > 1) fold(1, a1);
+        if constexpr (kM > 2) fold(2, a2);
+        if constexpr (kM > 3) fold(3, a3);
+        if constexpr (kM > 4) fold(4, a4);
+        if constexpr (kM > 5) fold(5, a5);
+        if constexpr (kM > 6) fold(6, a6);
+        if constexpr (kM > 7) fold(7, a7);
+      }
+      const size_t g = r / G;
+      for (size_t t = 0; t < kM; ++t) {
+        raw[t][j] = RawI8(w, g, hn::ReduceSum(df, hn::Load(df, accf + t * NF)), in.xsum[t]);
+      }
+    }
+    for (size_t t = 0; t < kM; ++t) FinishRows(df, e, t, n, nr, raw[t], Y + t * ldy);
+  }
+}
+
+// Calls FewTokensRowsI8 with M = in.rows (<= kFewTokens) as a constant.
+template <int kBits, size_t kM = 1>
+HWY_INLINE void FewTokensRowsI8Dispatch(const PreparedPalette& w, const PreparedInput& in,
+                                        size_t n0, size_t n1, float* Y, size_t ldy) {
+  if constexpr (kM < kFewTokens) {
+    if (in.rows > kM) return FewTokensRowsI8Dispatch<kBits, kM + 1>(w, in, n0, n1, Y, ldy);
+  }
+  FewTokensRowsI8<kBits, kM>(w, in, n0, n1, Y, ldy);
 }
 
 template <int kBits>
@@ -575,13 +653,11 @@ HWY_INLINE Status GemmRows(const PreparedPalette& w, const PreparedInput& in, si
   if (n0 == n1) return Status::Ok();
   if (Y == nullptr) return InvalidArgument("gemm: null output");
   const bool small_m = in.precision == MatmulPrecision::kInt8 && in.rows <= kGemmSmallM;
-  if (small_m && detail::kSmallMSplitDot &&
-      in.xq16.size() != in.num_blocks * in.rows * in.units_per_block * in.geometry.unit_positions) {
-    return InvalidArgument("gemm: input lacks the small-M activations (prepare it again)");
-  }
   return WithKernelBits(in.bits, "gemm", [&](auto bits) HWY_ATTR {
     constexpr int kBits = decltype(bits)::value;
-    if (small_m) {
+    if (small_m && in.rows <= detail::kFewTokens) {
+      detail::FewTokensRowsI8Dispatch<kBits>(w, in, n0, n1, Y, ldy);
+    } else if (small_m) {
       detail::SmallMRowsI8<kBits>(w, in, n0, n1, Y, ldy, scratch);
     } else {
       detail::GemmRowsImpl<kBits>(w, in, n0, n1, Y, ldy, scratch);

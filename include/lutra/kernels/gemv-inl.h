@@ -55,9 +55,12 @@ namespace detail {
 // across blocks. Wider codes are bandwidth-bound; there two chains per row
 // (even and odd sub-vectors) measured faster cache-cold: fewer dependent dot
 // products wait on each late load, so the core keeps issuing loads.
+// Where CodeDot ends in a plain add (kCodeDotAddsLast: x86 without VNNI,
+// 16 vector registers), one chain suffices and a second one spilled the 4
+// rows' accumulators and tables to the stack.
 template <int kBits>
 constexpr int ChainsI8() {
-  return kBits <= 2 ? 1 : 2;
+  return (kBits <= 2 || kCodeDotAddsLast) ? 1 : 2;
 }
 
 // Accumulates one decode unit of a row (at p, `avail` bytes of the row from
@@ -71,7 +74,7 @@ HWY_INLINE void RowUnitI8(D d, const LutU8<kBits, D>& lut, const uint8_t* HWY_RE
   const size_t L = hn::Lanes(d);
   DecodeLookupUnit<kBits>(d, lut, p, avail, [&](size_t s, hn::Vec<D> codes) HWY_ATTR {
     VI& acc = (ChainsI8<kBits>() == 2 && (s & 1)) ? odd : even;
-    acc = hn::SumOfMulQuadAccumulate(di32, codes, hn::LoadU(di8, xu + s * L), acc);
+    acc = CodeDot(di32, codes, CodeMagnitude(codes), hn::LoadU(di8, xu + s * L), acc);
   });
 }
 
@@ -81,6 +84,7 @@ struct BlockArgsI8 {
   const uint8_t* const* rows;
   const LutU8<kBits, D>* lut;
   const int8_t* xq;
+  const PreparedInput* in;  // the token's (BlockStart)
   size_t row_bytes, units_per_block;
   bool prefetch;
 };
@@ -100,8 +104,10 @@ HWY_INLINE void BlockI8(D d, const BlockArgsI8<kBits, kRows, D>& a, size_t b, si
   using VI = hn::Vec<decltype(di32)>;
   const size_t unit_bytes = UnitBytes<kBits>(d);
   const size_t UP = hn::Lanes(d) * PaletteFormat<kBits>::kRunsPerBlock;
-  // Chains per row: ChainsI8 (odd* stay zero with one chain).
-  VI acc0 = hn::Zero(di32), acc1 = hn::Zero(di32), acc2 = hn::Zero(di32), acc3 = hn::Zero(di32);
+  // Chains per row: ChainsI8 (odd* stay zero with one chain). The even
+  // chains start at the block's code-bias correction (CodeDot).
+  const VI start = BlockStart(di32, *a.in, 0, b);
+  VI acc0 = start, acc1 = start, acc2 = start, acc3 = start;
   VI odd0 = hn::Zero(di32), odd1 = hn::Zero(di32), odd2 = hn::Zero(di32), odd3 = hn::Zero(di32);
   const size_t u0 = b * a.units_per_block;
   const size_t u_end = kFull ? u0 + a.units_per_block : HWY_MIN(u0 + a.units_per_block, num_units);
@@ -169,7 +175,8 @@ HWY_INLINE void DotRowsI8(const PreparedPalette& w, const PreparedInput& in,
   // Blocks made of full units only (all but possibly the last) decode
   // without bounds checks; the remaining block's last unit may be partial.
   const size_t full_blocks = (row_bytes / unit_bytes) / units_per_block;
-  const BlockArgsI8<kBits, kRows, D> args{rows, lut, xq, row_bytes, units_per_block, prefetch};
+  const BlockArgsI8<kBits, kRows, D> args{rows, lut, xq, &in, row_bytes, units_per_block,
+                                           prefetch};
   size_t b = 0;
   for (; b < full_blocks; ++b) {
     BlockI8<true>(d, args, b, num_units, xscale[b], accf0, accf1, accf2, accf3);

@@ -27,6 +27,8 @@
 //   DecodeUnit<b>(d, p, avail, fn(s, idx))  unit -> u8 index vectors
 //   LutU8<b, D>, DecodeLookupUnit<b>(d, lut, p, avail, fn(s, codes))
 //                                           unit -> u8 codes (int8 path)
+//   kCodeBias, CodeMagnitude(codes), CodeDot(di32, codes, mag, x, acc)
+//                                           codes times i8 activations
 //   LookupF32(df, table, entries, idx)      f32 codebook lookup (f32 path)
 
 #if defined(LUTRA_LUT_DECODE_INL_H_) == defined(HWY_TARGET_TOGGLE)
@@ -214,8 +216,76 @@ HWY_INLINE void DecodeUnit(D d, const uint8_t* HWY_RESTRICT p, size_t avail,
   }
 }
 
+// How the int8 path multiplies u8 codes q (codebook entries on a 256-level
+// grid, matmul.h) by i8 activations x in [-127, 127]: CodeDot adds, to each
+// i32 lane, the sum of its 4 bytes' products. Where the hardware has no u8 x
+// i8 dot product, Highway emulates SumOfMulQuadAccumulate by splitting both
+// operands into i16 halves (9 ops per vector on AVX2). With signed codes
+// s = q - 128 (kCodeBias) it takes 5: |s| x (x with the sign of s) in
+// pmaddubsw (pairs stay within i16: 2 * 128 * 127 < 2^15, so it never
+// saturates), pmaddwd by 1 to i32, add. SVE has a native i8 x i8 svdot but
+// emulates u8 x i8 with two. Since sum(q x) = sum(s x) + 128 sum(x), the
+// kernels start each block's i32 accumulators at 128 x their activation
+// sums (PreparedInput::xcorr / xqsum), so every i32 sum, and every output
+// bit, is the same as with unsigned codes.
+// LutU8 returns codes already biased (q ^ kCodeBias); callers pass them and
+// CodeMagnitude(codes), computed once per weight vector, to CodeDot.
+#if HWY_ARCH_X86 && HWY_TARGET >= HWY_AVX2 && HWY_TARGET <= HWY_SSSE3
+#define LUTRA_CODE_DOT_SIGN 1
+#define LUTRA_CODE_DOT_SDOT 0
+#elif HWY_TARGET_IS_SVE
+#define LUTRA_CODE_DOT_SIGN 0
+#define LUTRA_CODE_DOT_SDOT 1
+#else
+#define LUTRA_CODE_DOT_SIGN 0
+#define LUTRA_CODE_DOT_SDOT 0
+#endif
+constexpr uint8_t kCodeBias = (LUTRA_CODE_DOT_SIGN || LUTRA_CODE_DOT_SDOT) ? 0x80 : 0;
+// Whether CodeDot's accumulator depends on its previous value through one
+// integer add only (the products are independent of it), so that a single
+// accumulation chain does not stall, unlike a dot-product instruction's
+// multi-cycle latency.
+constexpr bool kCodeDotAddsLast = LUTRA_CODE_DOT_SIGN;
+
+// What CodeDot needs of a code vector besides the codes: |s| where codes are
+// signed (shared by every activation vector the codes meet), else unused.
+template <class V>
+HWY_INLINE V CodeMagnitude(V codes) {
+#if LUTRA_CODE_DOT_SIGN
+  const hn::DFromV<V> d;
+  const hn::RebindToSigned<decltype(d)> di8;
+  return hn::BitCast(d, hn::Abs(hn::BitCast(di8, codes)));
+#else
+  return codes;
+#endif
+}
+
+// acc + per i32 lane, the sum over its 4 bytes of code * x (codes from LutU8,
+// mag = CodeMagnitude(codes)).
+template <class DI32, class VU8, class VI8>
+HWY_INLINE hn::Vec<DI32> CodeDot(DI32 di32, VU8 codes, VU8 mag, VI8 x, hn::Vec<DI32> acc) {
+#if LUTRA_CODE_DOT_SIGN
+  const hn::Repartition<int8_t, DI32> di8;
+  const hn::Repartition<int16_t, DI32> di16;
+  // Where a code is 0 its magnitude is too, so the undefined lane is harmless.
+  const auto sx = hn::IfNegativeThenNegOrUndefIfZero(hn::BitCast(di8, codes), x);
+  const auto pairs = hn::SatWidenMulPairwiseAdd(di16, mag, sx);
+  return hn::Add(acc, hn::WidenMulPairwiseAdd(di32, pairs, hn::Set(di16, int16_t{1})));
+#elif LUTRA_CODE_DOT_SDOT
+  (void)mag;
+  const hn::Repartition<int8_t, DI32> di8;
+  return hn::SumOfMulQuadAccumulate(di32, hn::BitCast(di8, codes), x, acc);
+#else
+  (void)mag;
+  return hn::SumOfMulQuadAccumulate(di32, codes, x, acc);
+#endif
+}
+#undef LUTRA_CODE_DOT_SIGN
+#undef LUTRA_CODE_DOT_SDOT
+
 // Byte lookup in a table of 2^kBits u8 entries (one codebook group), loaded
-// once per row. b <= 4: one 16-byte table broadcast to every 128-bit block,
+// once per row; lookups return the entry ^ kCodeBias (CodeDot's codes).
+// b <= 4: one 16-byte table broadcast to every 128-bit block,
 // looked up with TableLookupBytes (pshufb / tbl) inside each block. b = 6, 8:
 // TableLookupLanes / TwoTablesLookupLanes (vpermb / vpermi2b on AVX3_ZEN4)
 // over pieces of 2L entries, selected by the index's high bits.
@@ -253,15 +323,15 @@ class LutU8 {
     (void)d;
     table_ = table;
 #else
-    for (size_t i = 0; i < num_; ++i) t_[i] = Table(d, table, i);
+    for (size_t i = 0; i < num_; ++i) t_[i] = hn::Xor(Table(d, table, i), hn::Set(d, kCodeBias));
 #endif
     if constexpr (kBits == 2) {
 #if LUTRA_LUT_SIZELESS
       // Nibble tables: a 4-bit nibble holds two 2-bit fields; pair_[0] maps
       // it to the entry of its low field, pair_[1] to that of its high field.
       for (size_t i = 0; i < 16; ++i) {
-        pair_[0][i] = table[i & 3];
-        pair_[1][i] = table[i >> 2];
+        pair_[0][i] = static_cast<uint8_t>(table[i & 3] ^ kCodeBias);
+        pair_[1][i] = static_cast<uint8_t>(table[i >> 2] ^ kCodeBias);
       }
 #else
       // The same nibble tables built in registers: this runs once per row,
@@ -318,7 +388,9 @@ class LutU8 {
     }
   }
 #if LUTRA_LUT_SIZELESS
-  HWY_INLINE V T(D d, size_t i) const { return Table(d, table_, i); }
+  HWY_INLINE V T(D d, size_t i) const {
+    return hn::Xor(Table(d, table_, i), hn::Set(d, kCodeBias));
+  }
   const uint8_t* table_ = nullptr;
 #else
   HWY_INLINE V T(D d, size_t i) const {

@@ -226,11 +226,13 @@ struct PreparedInput {
   std::vector<int8_t> xq;         // rows x positions (kInt8)
   std::vector<float> xscale;      // rows x num_blocks (kInt8)
   std::vector<float> xsum;        // rows: sum_b xscale * sum(xq in block)
-  // xq as i16 for the small-M GEMM on targets without a native u8 x i8 dot
-  // product (kInt8, M <= kGemmSmallM; matmul_input-inl.h SplitActivations):
-  // block-major, num_blocks x rows x block positions, each L-lane vector as
-  // its L/2 even lanes then its L/2 odd lanes.
-  std::vector<int16_t> xq16;
+  // Where the kernels' codes are biased (kCodeBias, lut_decode-inl.h), the
+  // i32 values their block accumulators start from: kCodeBias times, per
+  // token and block, the sum of xq over each i32 lane's quads (xcorr: rows x
+  // num_blocks x i32 lanes of DecodeTag) and over the whole block (xqsum:
+  // rows x num_blocks; the GEMM panel's lanes are rows). Empty otherwise.
+  std::vector<int32_t> xcorr;
+  std::vector<int32_t> xqsum;
   std::vector<float> xf;          // rows x positions (kF32)
   std::vector<float> lora_ax;     // rows x rank: A x per token (unscaled)
   std::vector<float> gather;      // one quantization block of f32 (kInt8 preparation)

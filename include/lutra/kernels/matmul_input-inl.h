@@ -55,43 +55,6 @@ namespace detail {
 // an activation outlier only coarsens the scale of its own block.
 constexpr size_t kBlockPositions = 256;
 
-// Whether this target's small-M GEMM multiplies i16 halves of the u8 codes
-// and i8 activations (WidenMulPairwiseAdd = vpmaddwd) instead of calling
-// SumOfMulQuadAccumulate. x86 before AVX3_DL has no u8 x i8 dot
-// instruction, and Highway's emulation splits both operands into even and
-// odd i16 lanes on every call (9 ops per vector); with the activations split
-// once here and each decoded weight vector split once for all M tokens, a
-// token costs two multiply-adds and two adds per vector. Both give the same
-// i32 sum of each 4-position quad, so results do not depend on this choice.
-#if HWY_ARCH_X86 && HWY_TARGET > HWY_AVX3_DL
-constexpr bool kSmallMSplitDot = true;
-#else
-constexpr bool kSmallMSplitDot = false;
-#endif
-
-// in->xq16 from in->xq (see PreparedInput): block-major (block b's
-// positions of token t at (b * M + t) * block positions, so that one block
-// of all M tokens is contiguous: token rows P apart, a multiple of 4 KiB at
-// large K, would map to the same L1 sets), and per vector of L i8 lanes the
-// even lanes then the odd lanes, sign-extended to i16.
-HWY_INLINE void SplitActivations(PreparedInput* in) {
-  const DecodeTag d;
-  const hn::Repartition<int8_t, DecodeTag> di8;
-  const hn::Repartition<int16_t, DecodeTag> di16;
-  const size_t L = hn::Lanes(d), M = in->rows, P = in->geometry.positions();
-  const size_t block = in->units_per_block * in->geometry.unit_positions;
-  in->xq16.resize(in->num_blocks * M * block);
-  for (size_t t = 0; t < M; ++t) {
-    for (size_t p = 0; p < P; p += L) {
-      const size_t b = p / block;
-      int16_t* out = in->xq16.data() + (b * M + t) * block + (p - b * block);
-      const auto v = hn::BitCast(di16, hn::LoadU(di8, in->xq.data() + t * P + p));
-      hn::StoreU(hn::ShiftRight<8>(hn::ShiftLeft<8>(v)), di16, out);
-      hn::StoreU(hn::ShiftRight<8>(v), di16, out + L / 2);
-    }
-  }
-}
-
 template <int kBits>
 HWY_INLINE void SetGeometry(const PaletteShape& shape, PreparedInput* in) {
   const UnitGeometry& g = in->geometry = UnitGeometryFor<kBits>(shape);
@@ -137,6 +100,14 @@ HWY_INLINE float RawI8(const PreparedPalette& w, size_t g, float dot, float xsum
   return std::fma(w.step(g), dot, w.lo(g) * xsum);
 }
 
+// The i32 lanes (those of DecodeTag) that token t's accumulators of block b
+// start from: the code-bias correction (CodeDot), or zero without a bias.
+template <class DI32>
+HWY_INLINE hn::Vec<DI32> BlockStart(DI32 di32, const PreparedInput& in, size_t t, size_t b) {
+  if (kCodeBias == 0) return hn::Zero(di32);
+  return hn::LoadU(di32, in.xcorr.data() + (t * in.num_blocks + b) * hn::Lanes(di32));
+}
+
 // Checks that `in` was prepared for w by this target.
 HWY_INLINE Status CheckInput(const PreparedPalette& w, const PreparedInput& in,
                              const char* caller) {
@@ -146,6 +117,13 @@ HWY_INLINE Status CheckInput(const PreparedPalette& w, const PreparedInput& in,
   if (in.geometry.lanes != hn::Lanes(DecodeTag())) {
     return InvalidArgument("%s: input was prepared by another SIMD target (%zu lanes, need %zu)",
                            caller, in.geometry.lanes, hn::Lanes(DecodeTag()));
+  }
+  // Targets of the same width may differ in their code bias (CodeDot).
+  if (in.precision == MatmulPrecision::kInt8 && kCodeBias != 0 &&
+      (in.xqsum.size() != in.rows * in.num_blocks ||
+       in.xcorr.size() != in.xqsum.size() * hn::Lanes(hn::Repartition<int32_t, DecodeTag>()))) {
+    return InvalidArgument("%s: input was prepared by another SIMD target (no code-bias sums)",
+                           caller);
   }
   return Status::Ok();
 }
@@ -220,6 +198,13 @@ HWY_INLINE Status PrepareGemmInput(const PreparedPalette& w, const float* HWY_RE
     in->xq.resize(M * P);
     in->xscale.resize(M * in->num_blocks);
     in->xsum.resize(M);
+    // The code-bias corrections (lut_decode-inl.h CodeDot) in the lanes of
+    // the decode's i32 accumulators.
+    const hn::Repartition<int32_t, DecodeTag> dci32;
+    const hn::Repartition<int8_t, DecodeTag> dci8;
+    const DecodeTag dcu8;
+    in->xcorr.resize(kCodeBias != 0 ? M * in->num_blocks * hn::Lanes(dci32) : 0);
+    in->xqsum.resize(kCodeBias != 0 ? M * in->num_blocks : 0);
     in->gather.resize(block);  // reused: no allocation once large enough
     std::vector<float>& tmp = in->gather;
     for (size_t m = 0; m < M; ++m) {
@@ -240,12 +225,23 @@ HWY_INLINE Status PrepareGemmInput(const PreparedPalette& w, const float* HWY_RE
           vsum = hn::Add(vsum, qi);
           hn::StoreU(hn::DemoteTo(di8, qi), di8, q + i);
         }
+        const int32_t block_sum = hn::ReduceSum(di32, vsum);
         in->xscale[m * in->num_blocks + b] = scale;
-        total += double(scale) * double(hn::ReduceSum(di32, vsum));
+        if (kCodeBias != 0) {
+          const size_t mb = m * in->num_blocks + b;
+          in->xqsum[mb] = kCodeBias * block_sum;
+          // n is a multiple of L: blocks are whole units.
+          auto corr = hn::Zero(dci32);
+          for (size_t i = 0; i < n; i += hn::Lanes(dcu8)) {
+            corr = hn::SumOfMulQuadAccumulate(dci32, hn::Set(dcu8, kCodeBias),
+                                              hn::LoadU(dci8, q + i), corr);
+          }
+          hn::StoreU(corr, dci32, in->xcorr.data() + mb * hn::Lanes(dci32));
+        }
+        total += double(scale) * double(block_sum);
       }
       in->xsum[m] = static_cast<float>(total);
     }
-    if (detail::kSmallMSplitDot && M <= kGemmSmallM) detail::SplitActivations(in);
   }
   if (in->has_lora) {
     in->lora_ax.resize(M * in->lora.rank);
