@@ -58,6 +58,13 @@ double Median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
+// The synthetic prompt of n token ids spread over the vocabulary.
+std::vector<int> Prompt(const engine::Model& model, size_t n) {
+  std::vector<int> prompt(n);
+  for (size_t i = 0; i < n; ++i) prompt[i] = int((i * 7919 + 3) % model.config.vocab_size);
+  return prompt;
+}
+
 // Median prefill and decode tokens/s of `model` with `threads` threads.
 StatusOr<Result> Measure(const engine::Model& model, const Args& a, size_t threads) {
   using Clock = std::chrono::steady_clock;
@@ -65,8 +72,7 @@ StatusOr<Result> Measure(const engine::Model& model, const Args& a, size_t threa
   StatusOr<engine::RunState> state = engine::MakeRunState(model.config, a.prefill);
   if (!state.ok()) return state.status();
   state->pool = &pool;
-  std::vector<int> prompt(a.prefill);
-  for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = int((i * 7919 + 3) % model.config.vocab_size);
+  const std::vector<int> prompt = Prompt(model, a.prefill);
   std::vector<double> prefill, decode;
   for (int rep = 0; rep < a.reps; ++rep) {
     const auto t0 = Clock::now();
@@ -125,10 +131,7 @@ int RunVerify(const Args& a) {
       return 1;
     }
     state->pool = &pool;
-    std::vector<int> prompt(a.prefill);
-    for (size_t i = 0; i < prompt.size(); ++i) {
-      prompt[i] = int((i * 7919 + 3) % model->config.vocab_size);
-    }
+    const std::vector<int> prompt = Prompt(*model, a.prefill);
     StatusOr<const float*> out = engine::Forward(*model, *state, prompt.data(), prompt.size(), 0);
     if (!out.ok()) {
       fprintf(stderr, "e2e_bench: %s\n", out.status().message().c_str());

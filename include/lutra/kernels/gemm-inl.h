@@ -499,14 +499,16 @@ HWY_NOINLINE LUTRA_SMALL_M_ATTR void FewTokensRowsI8(const PreparedPalette& w,
   const size_t num_units = in.geometry.num_units, nb = in.num_blocks;
   const EpilogueArgs e = EpilogueArgsOf(in, ldy);
   const int8_t* HWY_RESTRICT xq = in.xq.data();
-  HWY_ALIGN float raw[kFewTokens][kEpilogueChunk];
-  HWY_ALIGN float accf[kFewTokens * hn::MaxLanes(df)];
+  HWY_ALIGN float raw[kM][kEpilogueChunk];
+  HWY_ALIGN float accf[kM * hn::MaxLanes(df)];
+  RowStream st;
+  st.Init(n0, G);
   for (size_t n = n0; n < n1; n += kEpilogueChunk) {
     const size_t nr = HWY_MIN(kEpilogueChunk, n1 - n);
-    for (size_t j = 0; j < nr; ++j) {
-      const size_t r = n + j;
+    for (size_t j = 0; j < nr; ++j, st.Next(G)) {
+      const size_t r = st.row;
       LutU8<kBits, D> lut;
-      lut.Init(d, w.table_u8(r / G));
+      lut.Init(d, w.table_u8(st.group));
       const uint8_t* row = w.view().row(r);
       // The next row's bytes at the same offsets are prefetched as GEMV does.
       const bool prefetch = r + 1 < n1;
@@ -553,9 +555,8 @@ HWY_NOINLINE LUTRA_SMALL_M_ATTR void FewTokensRowsI8(const PreparedPalette& w,
         if constexpr (kM > 6) fold(6, a6);
         if constexpr (kM > 7) fold(7, a7);
       }
-      const size_t g = r / G;
       for (size_t t = 0; t < kM; ++t) {
-        raw[t][j] = RawI8(w, g, hn::ReduceSum(df, hn::Load(df, accf + t * NF)), in.xsum[t]);
+        raw[t][j] = RawI8(w, st.group, hn::ReduceSum(df, hn::Load(df, accf + t * NF)), in.xsum[t]);
       }
     }
     for (size_t t = 0; t < kM; ++t) FinishRows(df, e, t, n, nr, raw[t], Y + t * ldy);

@@ -192,22 +192,6 @@ HWY_INLINE void DotRowsI8(const PreparedPalette& w, const PreparedInput& in,
   }
 }
 
-// A run of consecutive rows whose codebook group is tracked incrementally.
-struct RowStream {
-  size_t row, group, group_end;  // group of `row`; first row of the next group
-  HWY_INLINE void Init(size_t r, size_t G) {
-    row = r;
-    group = r / G;
-    group_end = (group + 1) * G;
-  }
-  HWY_INLINE void Next(size_t G) {
-    if (++row >= group_end) {
-      ++group;
-      group_end += G;
-    }
-  }
-};
-
 // Rows [r0, r1) are split into kRows = 4 equal runs that are walked in
 // lockstep: each step computes one row of every run. Each run is then one
 // sequential address stream (row r + 1 follows row r in memory), which the

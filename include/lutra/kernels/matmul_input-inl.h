@@ -100,6 +100,24 @@ HWY_INLINE float RawI8(const PreparedPalette& w, size_t g, float dot, float xsum
   return std::fma(w.step(g), dot, w.lo(g) * xsum);
 }
 
+// A run of consecutive rows whose codebook group is tracked incrementally
+// (GEMV, few-token GEMM): a 64-bit division per row costs as much as a
+// tenth of a short row.
+struct RowStream {
+  size_t row, group, group_end;  // group of `row`; first row of the next group
+  HWY_INLINE void Init(size_t r, size_t G) {
+    row = r;
+    group = r / G;
+    group_end = (group + 1) * G;
+  }
+  HWY_INLINE void Next(size_t G) {
+    if (++row >= group_end) {
+      ++group;
+      group_end += G;
+    }
+  }
+};
+
 // The i32 lanes (those of DecodeTag) that token t's accumulators of block b
 // start from: the code-bias correction (CodeDot), or zero without a bias.
 template <class DI32>
