@@ -547,8 +547,13 @@ StatusOr<std::vector<int>> SampleTokens(const Model& model, size_t count, int bo
   std::vector<int> out;
   for (uint64_t sequence = 0; out.size() < count; ++sequence) {
     SamplingConfig sc;
+    // Plain sampling at temperature 1, without top-p: text drawn from the
+    // model's own distribution, tail tokens included. Text a person wrote
+    // goes through contexts that follow unlikely tokens, which top-p 0.9
+    // never produced: with it, the held-out KL of --mixed 4.0 stories260K
+    // was 0.19 against 0.10 now (docs/quality.md).
     sc.temperature = 1.0f;
-    sc.top_p = 0.9f;
+    sc.top_p = 1.0f;
     sc.seed = seed + sequence;
     StatusOr<Sampler> sampler = Sampler::Create(size_t(c.vocab_size), sc);
     if (!sampler.ok()) return sampler.status();

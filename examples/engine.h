@@ -178,6 +178,9 @@ struct LoadOptions {
   // Also tune the RMSNorm weights (f32, stored anyway): held-out KL of
   // 4-bit stories260K 0.103 -> 0.097 (docs/quality.md).
   bool tune_norms = true;
+  // Also tune the indices (TuneOptions::index_lr; off: the indices stay as
+  // palettizing chose them).
+  bool tune_indices = true;
 };
 
 // Opens a llama2.c checkpoint (.bin), GGUF v3 Llama model (both through
@@ -203,7 +206,7 @@ StatusOr<Tokenizer> ByteTokenizer(int vocab_size);
 StatusOr<Model> PalettizeModel(const Model& f32_model, const LoadOptions& options,
                                size_t threads = 1);
 
-// `count` tokens sampled from `model` (temperature 1, top-p 0.9, `seed`), in
+// `count` tokens sampled from `model` (temperature 1, no top-p, `seed`), in
 // sequences that start with `bos` and run to the model's context length or
 // an end of text, concatenated.
 StatusOr<std::vector<int>> SampleTokens(const Model& model, size_t count, int bos,
@@ -444,6 +447,12 @@ struct TuneOptions {
   size_t segment = 256;  // tokens per training sequence (<= the context length)
   size_t batch = 2;      // sequences per step
   bool norms = false;    // also tune the RMSNorm weights
+  // Index tuning (codebook_tune.h StepIndices): Adam step size of the
+  // weights' latent values relative to the codebook RMS, on the same cosine;
+  // 0 keeps the indices fixed. 3e-3: held-out KL of 4-bit stories260K
+  // 0.097 -> 0.073; 1e-2 moved too many indices and doubled it
+  // (docs/quality.md).
+  float index_lr = 3e-3f;
   uint64_t seed = 0x7E57;  // minibatch order: the result is deterministic
   ThreadPool* pool = nullptr;  // sequences of a batch in parallel
   // The f32 model's log-probabilities on the calibration text (tokens x
@@ -453,15 +462,16 @@ struct TuneOptions {
 
 struct TuneReport {
   size_t steps = 0, matrices = 0, tokens = 0;
+  size_t changed_indices = 0, indices = 0;  // index tuning: moved / all
   double kl_before = 0.0, kl_after = 0.0;  // mean KL on the calibration text
   double seconds = 0.0;
 };
 
 // Tunes the codebook entries of `palettized`'s matrices of width <= 4 (and
-// its norm weights with options.norms) to minimise the mean KL(P_f32 ||
-// P_palettized) over `calib`, cut into sequences of options.segment tokens;
-// the indices stay fixed. The entries are rounded to their stored type and
-// the kernels' tables rebuilt (Model::Prepare). The two models must have the
+// its norm weights with options.norms, its indices with options.index_lr)
+// to minimise the mean KL(P_f32 || P_palettized) over `calib`, cut into
+// sequences of options.segment tokens. The entries are rounded to their
+// stored type and the kernels' tables rebuilt (Model::Prepare). The two models must have the
 // same config; `f32_model` must be f32.
 StatusOr<TuneReport> TuneCodebooks(const Model& f32_model, Model& palettized,
                                    const std::vector<int>& calib, const TuneOptions& options);

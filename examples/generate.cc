@@ -136,6 +136,8 @@ void PrintUsage(FILE* out) {
           "                      on the calibration text (default 300 up to 2 M\n"
           "                      weights, else 0); --tune on|off: 300 / 0\n"
           "  --tune-norms on|off also tune the RMSNorm weights (default on)\n"
+          "  --tune-indices on|off also move weights to other codebook entries\n"
+          "                      (straight-through latents; default on)\n"
           "  --show-map          print each tensor's bits, G and error (stderr)\n"
           "  --save FILE.lutra   write the (palettized) model to FILE.lutra and exit;\n"
           "                      later runs map it with --model FILE.lutra\n"
@@ -478,6 +480,10 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
       const std::string v = value;
       if (v != "on" && v != "off") return bad("on or off");
       o->load.tune_norms = v == "on";
+    } else if (flag == "--tune-indices") {
+      const std::string v = value;
+      if (v != "on" && v != "off") return bad("on or off");
+      o->load.tune_indices = v == "on";
     } else if (flag == "--sensitivity") {
       const std::string v = value;
       if (v == "auto") {

@@ -788,15 +788,22 @@ StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t th
     to.steps = size_t(steps);
     to.norms = o.tune_norms;
     to.pool = &pool;
+    if (!o.tune_indices) to.index_lr = 0.0f;
     StatusOr<TuneReport> r = TuneCodebooks(src, m, calib, to);
     if (!r.ok()) return r.status().WithContext("palettize");
-    snprintf(buf, sizeof(buf), "; codebooks%s tuned end to end (KL distillation, %zu steps)",
+    snprintf(buf, sizeof(buf), "; codebooks%s%s tuned end to end (KL distillation, %zu steps)",
+             o.tune_indices ? (o.tune_norms ? ", indices" : " and indices") : "",
              o.tune_norms ? " and norms" : "", r->steps);
     if (r->matrices > 0 || o.tune_norms) m.quantization += buf;
     snprintf(buf, sizeof(buf),
-             "tuning: %zu matrices, calibration KL %.4f -> %.4f, %zu steps, %.1f s\n",
+             "tuning: %zu matrices, calibration KL %.4f -> %.4f, %zu steps, %.1f s",
              r->matrices, r->kl_before, r->kl_after, r->steps, r->seconds);
     m.quantization_table += buf;
+    if (r->indices > 0) {
+      snprintf(buf, sizeof(buf), ", %zu of %zu indices moved", r->changed_indices, r->indices);
+      m.quantization_table += buf;
+    }
+    m.quantization_table += "\n";
   } else if (o.calibrate && o.tune_steps < 0) {
     m.quantization_table += small ? "tuning: skipped, calibration text under 2048 tokens\n"
                                   : "tuning: skipped above 2 M matrix weights "

@@ -629,6 +629,7 @@ StatusOr<TuneReport> TuneCodebooks(const Model& f32_model, Model& m, const std::
     }
     StatusOr<CodebookTuner> t = CodebookTuner::Create(mats[i]->palette);
     if (!t.ok()) return t.status();
+    if (o.index_lr > 0.0f) t->EnableIndexTuning();
     tuner_of[i] = int(tuners.size());
     tuners.push_back(std::move(*t));
     stores.push_back(owner);
@@ -707,6 +708,8 @@ StatusOr<TuneReport> TuneCodebooks(const Model& f32_model, Model& m, const std::
       if (tuner_of[t] < 0) continue;
       CodebookTuner& tu = tuners[size_t(tuner_of[t])];
       tu.Step(grads[0][t].data(), lr);
+      // The latents' rate follows the same cosine, scaled to index_lr.
+      if (tu.tunes_indices()) tu.StepIndices(grads[0][t].data(), lr / o.lr * o.index_lr);
       tu.Dequantize(student->p[t].data());
     }
     for (size_t k = 0; k < norm_ids.size(); ++k) {
@@ -724,6 +727,11 @@ StatusOr<TuneReport> TuneCodebooks(const Model& f32_model, Model& m, const std::
   }
   report.kl_after = mean_kl();
   report.steps = o.steps;
+  for (const CodebookTuner& tu : tuners) {
+    if (!tu.tunes_indices()) continue;
+    report.changed_indices += tu.ChangedIndices();
+    report.indices += tu.shape().rows * tu.shape().cols;
+  }
   // Write back: codebooks, norms, then the kernels' tables.
   for (size_t k = 0; k < tuners.size(); ++k) LUTRA_RETURN_IF_ERROR(tuners[k].Store(stores[k]));
   const size_t dim = size_t(c.dim);

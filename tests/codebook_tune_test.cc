@@ -131,6 +131,52 @@ TEST_CASE("CodebookTuner's Adam fits the entries of a least-squares target") {
   }
 }
 
+TEST_CASE("Index tuning moves weights to the entry their gradient points at") {
+  Rng rng{19};
+  // Target: the same codebooks with other (random) indices. The loss
+  // 0.5 ||W - T||^2 cannot be fitted by the entries alone; with index tuning
+  // the latents walk to the target weights and each index becomes the
+  // target's (the entries are distinct, so the nearest entry is unique).
+  for (int bits : {2, 4}) {
+    INFO("bits " << bits);
+    const size_t rows = 6, cols = 45, group = 2;
+    PaletteMatrix pm = RandomPalette(rows, cols, bits, group, ElementType::kF32, rng);
+    const PaletteShape& sh = pm.shape();
+    for (size_t g = 0; g < sh.num_groups(); ++g) {  // spaced entries, 0.05 apart
+      for (size_t e = 0; e < sh.num_entries(); ++e) pm.set_entry(g, e, 0.05f * float(e) - 0.3f);
+    }
+    std::vector<uint8_t> want(rows * cols);
+    std::vector<float> t(rows * cols);
+    for (size_t r = 0; r < rows; ++r) {
+      for (size_t c = 0; c < cols; ++c) {
+        want[r * cols + c] = uint8_t(rng.Below(uint32_t(1) << bits));
+        t[r * cols + c] = pm.view().entry(r / group, want[r * cols + c]);
+      }
+    }
+    StatusOr<CodebookTuner> tu = CodebookTuner::Create(pm.view());
+    REQUIRE(tu.ok());
+    tu->EnableIndexTuning();
+    REQUIRE(tu->tunes_indices());
+    CHECK(tu->ChangedIndices() == 0);
+    std::vector<float> w(t.size()), g(t.size());
+    for (int step = 0; step < 400; ++step) {
+      tu->Dequantize(w.data());
+      for (size_t i = 0; i < w.size(); ++i) g[i] = w[i] - t[i];
+      // Latents only (lr 0 for the entries): the codebook stays the target's.
+      tu->Step(g.data(), 0.0f);
+      tu->StepIndices(g.data(), 0.04f * float(400 - step) / 400.0f);
+    }
+    size_t moved = 0;
+    for (size_t i = 0; i < want.size(); ++i) moved += pm.view().index(i / cols, i % cols) != want[i];
+    CHECK(tu->ChangedIndices() == moved);
+    // Store packs the new indices.
+    REQUIRE(tu->Store(&pm).ok());
+    for (size_t r = 0; r < rows; ++r) {
+      for (size_t c = 0; c < cols; ++c) CHECK(pm.view().index(r, c) == want[r * cols + c]);
+    }
+  }
+}
+
 TEST_CASE("Adam: unused parameters stay put, steps are about lr") {
   Adam adam(3);
   float p[3] = {1.0f, 2.0f, 3.0f};

@@ -391,9 +391,18 @@ std::string GemmRowsDiffer(const Models& m, MatmulPrecision precision) {
 
 // Identity of the batched rows (kernels, then the whole Forward) and of the
 // greedy output on `path`, on every target.
+// Under LUTRA_TEST_QUICK (qemu, the sanitizers) the greedy runs go on the
+// first (best) target only: the drafting and rollback logic is the same on
+// every target, and what differs per target, the batched rows' bits, is
+// checked on each. Under qemu's five aarch64 targets the greedy runs took
+// 240 of speculative_test's 330 s, and it took 514 s in CI's parallel ctest,
+// its longest test; with this, the test takes half the CPU time (329 s ->
+// 169 s).
 void CheckPath(const Models& m, const Path& path) {
   const std::vector<int> tokens =
       m.tok->Encode("Once upon a time, there was a big dog", true).value();
+  const bool quick = getenv("LUTRA_TEST_QUICK") != nullptr;
+  bool first = true;
   test::ForEachTarget([&] {
     INFO(path.name);
     if (path.model != &m.f32) CHECK(GemmRowsDiffer(m, path.precision) == "");
@@ -401,7 +410,8 @@ void CheckPath(const Models& m, const Path& path) {
       INFO("batch " << batch);
       CHECK(BatchedRowsDiffer(*path.model, path.precision, tokens, batch) == "");
     }
-    CheckGreedyIdentity(m, path);
+    if (first || !quick) CheckGreedyIdentity(m, path);
+    first = false;
   });
 }
 

@@ -189,11 +189,17 @@ TEST_CASE("Tuning lowers the calibration KL of 4-bit stories260K", "[tune][share
   to.steps = Quick() ? 4 : 20;
   to.segment = 128;
   to.lr = 3e-3f;
+  to.index_lr = 1e-2f;  // moves indices within 20 steps (none in 4)
   to.pool = &pool;
   StatusOr<TuneReport> r = TuneCodebooks(*f32, *q, *calib, to);
   REQUIRE(r.ok());
-  INFO("calibration KL " << r->kl_before << " -> " << r->kl_after << " in " << r->seconds << " s");
+  INFO("calibration KL " << r->kl_before << " -> " << r->kl_after << " in " << r->seconds
+                         << " s, " << r->changed_indices << " of " << r->indices
+                         << " indices moved");
   CHECK(r->matrices == q->Matrices().size());
+  CHECK(r->indices == q->MatrixWeights());
+  if (!Quick()) CHECK(r->changed_indices > 0);
+  CHECK(r->changed_indices < r->indices / 10);
   CHECK(r->kl_after < (Quick() ? 0.99 : 0.8) * r->kl_before);
   CHECK(q->BitsPerWeight() == bpw);
   // The kernels' tables were rebuilt: Forward sees the tuned codebooks.

@@ -11,7 +11,8 @@
 // model's output. The model's forward/backward lives with the engine; this
 // header holds what does not depend on the model: the gradient reduction from
 // dense weights to entries, and Adam over the entries (kept in f32 while
-// training, rounded to the stored codebook type by Store).
+// training, rounded to the stored codebook type by Store). Optionally the
+// indices move too (EnableIndexTuning: straight-through latents).
 //
 // Plain header: scalar C++, offline (load / conversion time).
 #ifndef LUTRA_QUANTIZE_CODEBOOK_TUNE_H_
@@ -142,8 +143,47 @@ class CodebookTuner {
     adam_.Step(grad_.data(), lr * scale_, entries_.data());
   }
 
+  // Index tuning (straight-through estimator, as in quantization-aware
+  // training): each weight gets a latent f32 value, started at its current
+  // entry so that no index moves at first. StepIndices moves the latents
+  // along the dense gradient and re-picks each index as the entry of its
+  // group nearest to the latent, so a weight whose gradient keeps pushing
+  // it past the midpoint to a neighbouring entry changes index.
+  void EnableIndexTuning() {
+    latent_.resize(indices_.size());
+    Dequantize(latent_.data());
+    start_indices_ = indices_;
+    latent_adam_ = Adam(latent_.size());
+  }
+  bool tunes_indices() const { return !latent_.empty(); }
+  // One Adam step on the latents (lr relative to scale()), then the
+  // nearest-entry indices. Ties keep the lower entry: deterministic.
+  void StepIndices(const float* grad_w, float lr) {
+    latent_adam_.Step(grad_w, lr * scale_, latent_.data());
+    const size_t cols = shape_.cols, e = shape_.num_entries();
+    for (size_t r = 0; r < shape_.rows; ++r) {
+      const float* cb = &entries_[(r / shape_.group_rows) * e];
+      for (size_t c = 0; c < cols; ++c) {
+        const float v = latent_[r * cols + c];
+        uint8_t best = 0;
+        float best_d = std::fabs(v - cb[0]);
+        for (size_t j = 1; j < e; ++j) {
+          const float d = std::fabs(v - cb[j]);
+          if (d < best_d) best_d = d, best = uint8_t(j);
+        }
+        indices_[r * cols + c] = best;
+      }
+    }
+  }
+  // How many indices differ from those at EnableIndexTuning.
+  size_t ChangedIndices() const {
+    size_t n = 0;
+    for (size_t i = 0; i < start_indices_.size(); ++i) n += indices_[i] != start_indices_[i];
+    return n;
+  }
+
   // Writes the entries, rounded to the matrix's codebook type, into `out`
-  // (same shape; its indices are left alone).
+  // (same shape), and the indices where they were tuned.
   Status Store(PaletteMatrix* out) const {
     const PaletteShape& s = out->shape();
     if (s.rows != shape_.rows || s.cols != shape_.cols || s.bits != shape_.bits ||
@@ -152,6 +192,11 @@ class CodebookTuner {
     }
     const size_t e = shape_.num_entries();
     for (size_t i = 0; i < entries_.size(); ++i) out->set_entry(i / e, i % e, entries_[i]);
+    if (tunes_indices()) {
+      for (size_t r = 0; r < shape_.rows; ++r) {
+        PackRow(shape_, &indices_[r * shape_.cols], out->mutable_row(r));
+      }
+    }
     return Status();
   }
 
@@ -162,6 +207,10 @@ class CodebookTuner {
   std::vector<float> grad_;
   float scale_ = 0.0f;
   Adam adam_;
+  // Index tuning: latents (rows x cols) and the indices they started from.
+  std::vector<float> latent_;
+  std::vector<uint8_t> start_indices_;
+  Adam latent_adam_;
 };
 
 }  // namespace lutra
