@@ -395,9 +395,9 @@ std::string GemmRowsDiffer(const Models& m, MatmulPrecision precision) {
 // first (best) target only: the drafting and rollback logic is the same on
 // every target, and what differs per target, the batched rows' bits, is
 // checked on each. Under qemu's five aarch64 targets the greedy runs took
-// 240 of speculative_test's 330 s, and it took 514 s in CI's parallel ctest,
-// its longest test; with this, the test takes half the CPU time (329 s ->
-// 169 s).
+// 240 of speculative_test's 330 s (514 s in the aarch64 stage's parallel
+// ctest, its longest test); with this, the test takes half the CPU time
+// (329 s -> 169 s).
 void CheckPath(const Models& m, const Path& path) {
   const std::vector<int> tokens =
       m.tok->Encode("Once upon a time, there was a big dog", true).value();
