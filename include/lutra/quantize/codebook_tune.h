@@ -157,7 +157,9 @@ class CodebookTuner {
   }
   bool tunes_indices() const { return !latent_.empty(); }
   // One Adam step on the latents (lr relative to scale()), then the
-  // nearest-entry indices. Ties keep the lower entry: deterministic.
+  // nearest-entry indices. Ties keep the lower entry: deterministic. A
+  // linear scan, not kmeans_1d::Nearest: that binary search needs ascending
+  // entries, and Adam may move tuned entries past each other.
   void StepIndices(const float* grad_w, float lr) {
     latent_adam_.Step(grad_w, lr * scale_, latent_.data());
     const size_t cols = shape_.cols, e = shape_.num_entries();
