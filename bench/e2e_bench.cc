@@ -5,6 +5,8 @@
 //
 //   e2e_bench [--shape afm] [--f32-layers 2] [--prefill 64] [--decode 16]
 //             [--reps 3] [--threads 1,2] [--full-layers 26] [--verify 1,2,4,8]
+//             [--context 64,512,2048,8192 [--kv f16,bf16,int8] [--chunk 512]]
+//             [--unfused] [--fusion-ab]
 //
 // Palettized models run at the full shape (afm: 26 layers); the f32
 // comparison runs at the same per-layer dims with --f32-layers layers (f32
@@ -13,6 +15,20 @@
 // runs; each run prefills --prefill tokens (GEMM) then decodes --decode
 // tokens (GEMV) one at a time. "GB/s" is weight bytes streamed per decoded
 // token times tokens/s (the head and embedding included).
+//
+// --context N,... [--kv f16,bf16,int8]: the context-length sweep of the
+// 4-bit model at full depth: per KV type and thread count, prefill N tokens
+// (in chunks of --chunk tokens, 512 by default, as lutra-generate does),
+// then decode --decode tokens; prefill ms per token (once: long runs are
+// steady) and decode tokens/s (median of --reps), with decode's ratio to
+// the first context's rate. With --context only that table is printed.
+//
+// --unfused runs q/k/v and gate/up as one parallel region per matrix, as
+// before dispatch::GemmGroup. --fusion-ab times the two on the 4-bit model
+// at full depth in one process: after the prefill, one-token decode steps at
+// the same position, fused and unfused alternating (the order swapped every
+// pair), medians of --reps x 10 pairs and the median of the per-pair
+// ratios; with --fusion-ab only that table is printed.
 //
 // --verify K,...: the cost of speculative decoding's verify step on the
 // 4-bit model at full depth: after the prefill, one forward of K + 1 tokens
@@ -26,6 +42,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -47,6 +64,11 @@ struct Args {
   int reps = 3;
   std::vector<size_t> threads = {1, 2};
   std::vector<size_t> verify;  // drafted tokens per verify step (empty: skip)
+  std::vector<size_t> context;  // prompt lengths of the context sweep (empty: skip)
+  std::vector<std::string> kv = {"f16", "bf16", "int8"};
+  size_t chunk = 512;  // prefill tokens per Forward in the context sweep
+  bool unfused = false;  // --unfused: q/k/v and gate/up one region per matrix
+  bool fusion_ab = false;  // --fusion-ab: fused against unfused decode steps
 };
 
 struct Result {
@@ -72,6 +94,7 @@ StatusOr<Result> Measure(const engine::Model& model, const Args& a, size_t threa
   StatusOr<engine::RunState> state = engine::MakeRunState(model.config, a.prefill);
   if (!state.ok()) return state.status();
   state->pool = &pool;
+  state->fuse_shared_input = !a.unfused;
   const std::vector<int> prompt = Prompt(model, a.prefill);
   std::vector<double> prefill, decode;
   for (int rep = 0; rep < a.reps; ++rep) {
@@ -105,19 +128,28 @@ StatusOr<double> TimeForward(const engine::Model& model, engine::RunState& state
   return 1e3 * std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
-// The verify-step table (--verify): per thread count, a plain decode step
-// and each verify size, timed in alternation at the same position.
-int RunVerify(const Args& a) {
+// The 4-bit synthetic model at full depth with a context of seq_len
+// positions (--verify, --fusion-ab, --context); prints the error and
+// returns null on failure.
+std::unique_ptr<engine::Model> FullDepth4Bit(const Args& a, size_t seq_len) {
   engine::LoadOptions q4;
   q4.bits = 4;
-  const size_t max_k = *std::max_element(a.verify.begin(), a.verify.end());
-  q4.seq_len = int(a.prefill + max_k + 2);
+  q4.seq_len = int(seq_len);
   const std::string shape = a.shape + ":" + std::to_string(a.full_layers);
   StatusOr<engine::Model> model = engine::MakeSyntheticModel(shape, q4, 1);
   if (!model.ok()) {
     fprintf(stderr, "e2e_bench: %s\n", model.status().message().c_str());
-    return 1;
+    return nullptr;
   }
+  return std::make_unique<engine::Model>(std::move(*model));
+}
+
+// The verify-step table (--verify): per thread count, a plain decode step
+// and each verify size, timed in alternation at the same position.
+int RunVerify(const Args& a) {
+  const size_t max_k = *std::max_element(a.verify.begin(), a.verify.end());
+  const std::unique_ptr<engine::Model> model = FullDepth4Bit(a, a.prefill + max_k + 2);
+  if (model == nullptr) return 1;
   printf("\nVerify step, 4-bit, %d layers, after a %zu-token prefill (median of %d pairs):\n\n",
          a.full_layers, a.prefill, 5 * a.reps);
   printf("| threads | drafted k | tokens per forward | decode step ms | verify step ms | "
@@ -131,6 +163,7 @@ int RunVerify(const Args& a) {
       return 1;
     }
     state->pool = &pool;
+    state->fuse_shared_input = !a.unfused;
     const std::vector<int> prompt = Prompt(*model, a.prefill);
     StatusOr<const float*> out = engine::Forward(*model, *state, prompt.data(), prompt.size(), 0);
     if (!out.ok()) {
@@ -154,6 +187,113 @@ int RunVerify(const Args& a) {
       const double p = Median(plain), v = Median(verify);
       printf("| %zu | %zu | %zu | %.2f | %.2f | %.2fx |\n", threads, k, k + 1, p, v, v / p);
       fflush(stdout);
+    }
+  }
+  return 0;
+}
+
+// The fused-against-unfused table (--fusion-ab): see the top of the file.
+int RunFusionAB(const Args& a) {
+  const std::unique_ptr<engine::Model> model = FullDepth4Bit(a, a.prefill + 2);
+  if (model == nullptr) return 1;
+  printf("\nDecode step, 4-bit, %d layers, q/k/v and gate/up fused (GemmGroup) or one region "
+         "per matrix (median of %d pairs):\n\n| threads | unfused ms | fused ms | fused / "
+         "unfused (median of pair ratios) |\n|---|---|---|---|\n",
+         a.full_layers, 10 * a.reps);
+  for (size_t threads : a.threads) {
+    lutra::ThreadPool pool(threads);
+    StatusOr<engine::RunState> state = engine::MakeRunState(model->config, a.prefill);
+    if (!state.ok()) {
+      fprintf(stderr, "e2e_bench: %s\n", state.status().message().c_str());
+      return 1;
+    }
+    state->pool = &pool;
+    const std::vector<int> prompt = Prompt(*model, a.prefill);
+    StatusOr<const float*> out = engine::Forward(*model, *state, prompt.data(), prompt.size(), 0);
+    if (!out.ok()) {
+      fprintf(stderr, "e2e_bench: %s\n", out.status().message().c_str());
+      return 1;
+    }
+    std::vector<double> fused, unfused, ratio;
+    for (int r = 0; r < 10 * a.reps; ++r) {
+      double ms[2];
+      for (int side = 0; side < 2; ++side) {
+        const bool is_fused = (side == 0) == (r % 2 == 0);
+        state->fuse_shared_input = is_fused;
+        StatusOr<double> t = TimeForward(*model, *state, 1, a.prefill);
+        if (!t.ok()) {
+          fprintf(stderr, "e2e_bench: %s\n", t.status().message().c_str());
+          return 1;
+        }
+        ms[is_fused ? 1 : 0] = *t;
+      }
+      unfused.push_back(ms[0]);
+      fused.push_back(ms[1]);
+      ratio.push_back(ms[1] / ms[0]);
+    }
+    printf("| %zu | %.2f | %.2f | %.3f |\n", threads, Median(unfused), Median(fused),
+           Median(ratio));
+    fflush(stdout);
+  }
+  return 0;
+}
+
+// The context-length table (--context): see the top of the file.
+int RunContext(const Args& a) {
+  using Clock = std::chrono::steady_clock;
+  const size_t max_ctx = *std::max_element(a.context.begin(), a.context.end());
+  const std::unique_ptr<engine::Model> model = FullDepth4Bit(a, max_ctx + a.decode);
+  if (model == nullptr) return 1;
+  printf("\nContext sweep, 4-bit, %d layers, prefill in chunks of %zu, %zu decoded tokens "
+         "(decode: median of %d), target %s:\n\n",
+         a.full_layers, a.chunk, a.decode, a.reps, lutra::dispatch::TargetName());
+  printf("| KV | threads | context | prefill ms/token | decode tok/s | decode vs %zu |\n"
+         "|---|---|---|---|---|---|\n", a.context[0]);
+  const auto fail = [](const Status& s) {
+    fprintf(stderr, "e2e_bench: %s\n", s.message().c_str());
+    return 1;
+  };
+  for (const std::string& kv_name : a.kv) {
+    const lutra::ElementType kv = kv_name == "f32"    ? lutra::ElementType::kF32
+                                  : kv_name == "f16"  ? lutra::ElementType::kF16
+                                  : kv_name == "bf16" ? lutra::ElementType::kBF16
+                                                      : lutra::ElementType::kI8;
+    for (size_t threads : a.threads) {
+      lutra::ThreadPool pool(threads);
+      StatusOr<engine::RunState> state = engine::MakeRunState(model->config, a.chunk, kv);
+      if (!state.ok()) return fail(state.status());
+      state->pool = &pool;
+      state->fuse_shared_input = !a.unfused;
+      double first_rate = 0.0;
+      for (size_t ctx : a.context) {
+        const std::vector<int> prompt = Prompt(*model, ctx);
+        const auto t0 = Clock::now();
+        for (size_t done = 0; done < ctx; done += a.chunk) {
+          const size_t n = std::min(a.chunk, ctx - done);
+          StatusOr<const float*> out = engine::Forward(*model, *state, &prompt[done], n, done);
+          if (!out.ok()) return fail(out.status());
+        }
+        const double prefill_ms =
+            1e3 * std::chrono::duration<double>(Clock::now() - t0).count() / double(ctx);
+        std::vector<double> rates;
+        for (int rep = 0; rep < a.reps; ++rep) {
+          // Each rep decodes at the same positions (Forward rewinds the cache).
+          int token = 1;
+          const auto t1 = Clock::now();
+          for (size_t i = 0; i < a.decode; ++i) {
+            StatusOr<const float*> out = engine::Forward(*model, *state, &token, 1, ctx + i);
+            if (!out.ok()) return fail(out.status());
+            token = int((ctx + i) * 31 % size_t(model->config.vocab_size));
+          }
+          rates.push_back(double(a.decode) /
+                          std::chrono::duration<double>(Clock::now() - t1).count());
+        }
+        const double rate = Median(rates);
+        if (first_rate == 0.0) first_rate = rate;
+        printf("| %s | %zu | %zu | %.2f | %.2f | %.2f |\n", kv_name.c_str(), threads, ctx,
+               prefill_ms, rate, rate / first_rate);
+        fflush(stdout);
+      }
     }
   }
   return 0;
@@ -214,8 +354,14 @@ int Run(const Args& a) {
 }
 
 bool ParseArgs(int argc, char** argv, Args* a) {
-  for (int i = 1; i + 1 < argc; i += 2) {
+  for (int i = 1; i < argc; i += 2) {
     const std::string flag = argv[i];
+    if (flag == "--unfused" || flag == "--fusion-ab") {  // the flags without a value
+      (flag == "--unfused" ? a->unfused : a->fusion_ab) = true;
+      --i;
+      continue;
+    }
+    if (i + 1 >= argc) return false;
     const char* v = argv[i + 1];
     if (flag == "--shape") {
       a->shape = v;
@@ -229,8 +375,18 @@ bool ParseArgs(int argc, char** argv, Args* a) {
       a->decode = size_t(atoi(v));
     } else if (flag == "--reps") {
       a->reps = atoi(v);
-    } else if (flag == "--threads" || flag == "--verify") {
-      std::vector<size_t>& list = flag == "--threads" ? a->threads : a->verify;
+    } else if (flag == "--chunk") {
+      a->chunk = size_t(atoi(v));
+    } else if (flag == "--kv") {
+      a->kv.clear();
+      for (std::string rest = v; !rest.empty();) {
+        const size_t comma = rest.find(',');
+        a->kv.push_back(rest.substr(0, comma));
+        rest = comma == std::string::npos ? "" : rest.substr(comma + 1);
+      }
+    } else if (flag == "--threads" || flag == "--verify" || flag == "--context") {
+      std::vector<size_t>& list =
+          flag == "--threads" ? a->threads : flag == "--verify" ? a->verify : a->context;
       list.clear();
       for (const char* p = v; *p;) {
         char* end = nullptr;
@@ -243,11 +399,16 @@ bool ParseArgs(int argc, char** argv, Args* a) {
       return false;
     }
   }
-  if ((argc - 1) % 2 != 0) return false;
   for (size_t k : a->verify) {
     if (k < 1 || k > 64) return false;
   }
-  return a->f32_layers >= 1 && a->prefill >= 1 && a->decode >= 1 && a->reps >= 1 &&
+  for (size_t n : a->context) {
+    if (n < 1) return false;
+  }
+  for (const std::string& kv : a->kv) {
+    if (kv != "f32" && kv != "f16" && kv != "bf16" && kv != "int8") return false;
+  }
+  return a->f32_layers >= 1 && a->chunk >= 1 && !a->kv.empty() && a->prefill >= 1 && a->decode >= 1 && a->reps >= 1 &&
          !a->threads.empty();
 }
 
@@ -258,12 +419,15 @@ int main(int argc, char** argv) {
   if (!ParseArgs(argc, argv, &a)) {
     fprintf(stderr,
             "usage: e2e_bench [--shape afm|1b|tiny] [--full-layers L] [--f32-layers L] "
-            "[--prefill N] [--decode N] [--reps R] [--threads 1,2] [--verify 1,2,4,8]\n");
+            "[--prefill N] [--decode N] [--reps R] [--threads 1,2] [--verify 1,2,4,8] "
+            "[--context 64,512,2048,8192 [--kv f16,bf16,int8] [--chunk N]] [--unfused] [--fusion-ab]\n");
     return 2;
   }
   if (a.full_layers == 0) {
     a.full_layers = a.shape == "afm" ? 26 : a.shape == "1b" ? 16 : 4;
   }
   if (!a.verify.empty()) return RunVerify(a);
+  if (!a.context.empty()) return RunContext(a);
+  if (a.fusion_ab) return RunFusionAB(a);
   return Run(a);
 }

@@ -94,6 +94,39 @@ Status Project(RunState& s, const Linear& w, const float* x, size_t num, float* 
   return Status();
 }
 
+// One product of a shared input (ProjectShared).
+struct SharedOut {
+  const Linear* w;
+  float* y;
+  Projection p;
+};
+
+// y_i = x W_i^T for the n <= 3 matrices that read the same input (q/k/v,
+// gate/up): one parallel region (dispatch::GemmGroup) when all are
+// palettized, else one Project each. The same bits either way.
+Status ProjectShared(RunState& s, const float* x, size_t num, int layer, const SharedOut* outs,
+                     size_t n) {
+  bool fused = s.fuse_shared_input && n <= s.group_in.size();
+  for (size_t i = 0; i < n; ++i) fused = fused && outs[i].w->palettized();
+  if (!fused) {
+    for (size_t i = 0; i < n; ++i) {
+      LUTRA_RETURN_IF_ERROR(Project(s, *outs[i].w, x, num, outs[i].y, layer, outs[i].p));
+    }
+    return Status();
+  }
+  dispatch::GroupJob jobs[3];
+  for (size_t i = 0; i < n; ++i) {
+    jobs[i].w = outs[i].w->prepared;
+    jobs[i].lora = s.adapter != nullptr ? s.adapter->Find(size_t(layer), outs[i].p) : nullptr;
+    jobs[i].y = outs[i].y;
+    jobs[i].in = &s.group_in[i];
+  }
+  const size_t threads = s.pool != nullptr ? s.pool->NumThreads() : 1;
+  if (num > 1 && s.gemm_scratch.size() < threads) s.gemm_scratch.resize(threads);
+  return dispatch::GemmGroup(jobs, n, x, num, s.precision, s.pool,
+                             num > 1 ? s.gemm_scratch.data() : nullptr);
+}
+
 // y (num x n) += bias (n floats) in every row; a null bias adds nothing.
 void AddBias(const float* bias, size_t num, size_t n, float* y) {
   if (bias == nullptr) return;
@@ -184,9 +217,10 @@ StatusOr<const float*> Forward(const Model& model, RunState& s, const int* token
       dispatch::RMSNorm(&s.x[i * dim], lw.attn_norm, dim, c.norm_eps, &s.xb[i * dim]);
     }
     LUTRA_RETURN_IF_ERROR(Observe(s, l, "attn_in", s.xb.data(), num, dim));
-    LUTRA_RETURN_IF_ERROR(Project(s, lw.wq, s.xb.data(), num, s.q.data(), l, Projection::kQ));
-    LUTRA_RETURN_IF_ERROR(Project(s, lw.wk, s.xb.data(), num, s.k.data(), l, Projection::kK));
-    LUTRA_RETURN_IF_ERROR(Project(s, lw.wv, s.xb.data(), num, s.v.data(), l, Projection::kV));
+    const SharedOut qkv[3] = {{&lw.wq, s.q.data(), Projection::kQ},
+                              {&lw.wk, s.k.data(), Projection::kK},
+                              {&lw.wv, s.v.data(), Projection::kV}};
+    LUTRA_RETURN_IF_ERROR(ProjectShared(s, s.xb.data(), num, l, qkv, 3));
     AddBias(lw.bq, num, c.q_dim(), s.q.data());
     AddBias(lw.bk, num, c.kv_dim(), s.k.data());
     AddBias(lw.bv, num, c.kv_dim(), s.v.data());
@@ -204,8 +238,9 @@ StatusOr<const float*> Forward(const Model& model, RunState& s, const int* token
       dispatch::RMSNorm(&s.x[i * dim], lw.ffn_norm, dim, c.norm_eps, &s.xb[i * dim]);
     }
     LUTRA_RETURN_IF_ERROR(Observe(s, l, "ffn_in", s.xb.data(), num, dim));
-    LUTRA_RETURN_IF_ERROR(Project(s, lw.w1, s.xb.data(), num, s.hb.data(), l, Projection::kW1));
-    LUTRA_RETURN_IF_ERROR(Project(s, lw.w3, s.xb.data(), num, s.hb2.data(), l, Projection::kW3));
+    const SharedOut gate_up[2] = {{&lw.w1, s.hb.data(), Projection::kW1},
+                                  {&lw.w3, s.hb2.data(), Projection::kW3}};
+    LUTRA_RETURN_IF_ERROR(ProjectShared(s, s.xb.data(), num, l, gate_up, 2));
     dispatch::SwiGLU(s.hb.data(), s.hb2.data(), num * hidden, s.hb.data());
     LUTRA_RETURN_IF_ERROR(Observe(s, l, "ffn_mid", s.hb.data(), num, hidden));
     LUTRA_RETURN_IF_ERROR(Project(s, lw.w2, s.hb.data(), num, s.xb.data(), l, Projection::kW2));

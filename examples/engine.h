@@ -8,6 +8,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <array>
 #include <functional>
 #include <map>
 #include <memory>
@@ -122,14 +123,31 @@ enum class Sensitivity {
 
 // Codebook tuning's default (LoadOptions::tune_steps = -1): steps, and the
 // largest model it runs on. A step is a forward and backward pass over 512
-// calibration tokens, about 3 GFLOP per million matrix weights (tune.cc),
-// ~1 s per million weights on 2 cores: 300 steps at this size take ~10 min.
-// It runs by default only on calibration text of at least kTuneMinTokens,
-// and where it runs the sampled calibration text is kTuneCalibTokens long.
+// calibration tokens; its cost grows with the matrix weights (about 0.23 s
+// per step on stories260K's 0.26 M weights, one core). The default spends
+// about kTuneWeightSteps (steps x matrix weights), within
+// [kTuneDefaultSteps, kTuneMaxSteps]: 1200 steps on stories260K (4.6 min on
+// one core), 300 from 1.1 M weights up. It runs by default only on
+// calibration text of at least kTuneMinTokens, and where it runs the
+// sampled calibration text is kTuneCalibTokens long. On stories260K,
+// 8192 -> 32768 tokens and 300 -> 1200 steps cut the held-out KL of
+// --mixed 3.5 from 0.295 to 0.171 (docs/quality.md): the tuned codebooks
+// and indices fit 8192 tokens far better than unseen text.
 constexpr int kTuneDefaultSteps = 300;
+constexpr int kTuneMaxSteps = 1200;
+constexpr double kTuneWeightSteps = 3.2e8;
 constexpr size_t kTuneAutoMaxWeights = 2000000;
 constexpr size_t kTuneMinTokens = 2048;
-constexpr size_t kTuneCalibTokens = 8192;
+constexpr size_t kTuneCalibTokens = 32768;
+
+// The default tuning steps of a model with `matrix_weights` weights in its
+// matrices (see kTuneWeightSteps).
+inline int TuneDefaultSteps(size_t matrix_weights) {
+  const double budget = kTuneWeightSteps / double(matrix_weights > 0 ? matrix_weights : 1);
+  return budget >= double(kTuneMaxSteps)     ? kTuneMaxSteps
+         : budget <= double(kTuneDefaultSteps) ? kTuneDefaultSteps
+                                                : int(budget);
+}
 
 // How to build the weights at load time.
 struct LoadOptions {
@@ -172,9 +190,11 @@ struct LoadOptions {
   // End-to-end codebook tuning (examples/tune.cc, docs/quality.md): after
   // palettizing, Adam steps on the codebook entries of the <= 4-bit
   // matrices against the f32 model's output distribution on the
-  // calibration text. -1: kTuneDefaultSteps for models up to
-  // kTuneAutoMaxWeights matrix weights, else off; 0: off. Needs calibration.
+  // calibration text. -1: TuneDefaultSteps() for models up to
+  // kTuneAutoMaxWeights matrix weights, else off (tune_always: on); 0: off.
+  // Needs calibration.
   int tune_steps = -1;
+  bool tune_always = false;
   // Also tune the RMSNorm weights (f32, stored anyway): held-out KL of
   // 4-bit stories260K 0.103 -> 0.097 (docs/quality.md).
   bool tune_norms = true;
@@ -254,6 +274,12 @@ struct RunState {
   ThreadPool* pool = nullptr;
   MatmulPrecision precision = MatmulPrecision::kInt8;
   PreparedInput scratch;
+  // q/k/v, and gate/up, in one parallel region each (dispatch::GemmGroup;
+  // false: one per matrix, as before, for e2e_bench --unfused), their
+  // prepared inputs and one GEMM scratch per pool thread (grown on first use).
+  bool fuse_shared_input = true;
+  std::array<PreparedInput, 3> group_in;
+  std::vector<GemmScratch> gemm_scratch;
   // LoRA adapter applied to the layer projections (null: none). Fused into
   // the palettized GEMV/GEMM epilogue: y = W x + scale * B (A x).
   const Adapter* adapter = nullptr;

@@ -125,7 +125,7 @@ void PrintUsage(FILE* out) {
           "  --groups G1,G2,..   --mixed: the G to choose from (default 1,2,4,8,16)\n"
           "  --calib-text FILE   calibration text (default: sampled from the f32 model)\n"
           "  --calib-tokens N    calibration tokens sampled when no file (default 2048;\n"
-          "                      8192 with tuning, up to 2 M weights; 64 above 100 M)\n"
+          "                      32768 with tuning, up to 2 M weights; 64 above 100 M)\n"
           "  --calib-seed S      seed of the sampled calibration text\n"
           "  --calib MODE        on (default): activation-weighted k-means; off: plain\n"
           "                      (--synthetic: random palettes unless --calib on)\n"
@@ -133,8 +133,9 @@ void PrintUsage(FILE* out) {
           "  --gptq on|off       error feedback at <= 4 bits when the Gram matrices fit\n"
           "                      (default on)\n"
           "  --tune-steps N      end-to-end codebook tuning steps against the f32 model\n"
-          "                      on the calibration text (default 300 up to 2 M\n"
-          "                      weights, else 0); --tune on|off: 300 / 0\n"
+          "                      on the calibration text (default 1200 on the smallest\n"
+          "                      models, 300 from 1.1 M weights, 0 above 2 M);\n"
+          "                      --tune on|off: the default count even above 2 M / 0\n"
           "  --tune-norms on|off also tune the RMSNorm weights (default on)\n"
           "  --tune-indices on|off also move weights to other codebook entries\n"
           "                      (straight-through latents; default on)\n"
@@ -474,8 +475,9 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
     } else if (flag == "--tune") {
       const std::string v = value;
       if (v != "on" && v != "off") return bad("on or off");
-      o->load.tune_steps =
-          v == "off" ? 0 : o->load.tune_steps > 0 ? o->load.tune_steps : engine::kTuneDefaultSteps;
+      o->load.tune_always = v == "on";
+      if (v == "off") o->load.tune_steps = 0;
+      if (v == "on" && o->load.tune_steps == 0) o->load.tune_steps = -1;
     } else if (flag == "--tune-norms") {
       const std::string v = value;
       if (v != "on" && v != "off") return bad("on or off");
@@ -640,10 +642,14 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
     return lutra::InvalidArgument("--compare needs speculation (--lookup, --draft or "
                                   "--draft-bits)");
   }
-  if (o->Speculative() && (o->chat || o->eval || !o->save.empty())) {
+  if (o->Speculative() && (o->eval || !o->save.empty())) {
     return lutra::InvalidArgument("speculative decoding (--lookup, --draft, --draft-bits) runs "
-                                  "with -p or --prompts-file, not with --chat, --eval or "
+                                  "with -p, --prompts-file or --chat, not with --eval or "
                                   "--save");
+  }
+  if (o->compare && o->chat) {
+    return lutra::InvalidArgument("--compare reruns one prompt without speculation: use it "
+                                  "with -p or --prompts-file, not --chat");
   }
 
   const bool palettize = o->load.bits != 0 || o->load.mixed_bits != 0.0;
@@ -711,6 +717,17 @@ struct RunFigures {
   // --compare: generated tokens per second after the first, with
   // speculation over without (0: not measured).
   double speedup = 0.0;
+  // Generate calls summed in `gen` (a chat's turns): each one's first token
+  // comes from its prefill, not from a decode pass.
+  size_t calls = 1;
+
+  // Tokens per target decode pass (GenerateStats::TokensPerForward over
+  // every call).
+  double TokensPerForward() const {
+    return gen.decode_forwards > 0 && gen.generated_tokens >= calls
+               ? double(gen.generated_tokens - calls) / double(gen.decode_forwards)
+               : 0.0;
+  }
 };
 
 // A JSON string literal of `s` (quotes, backslashes and controls escaped).
@@ -756,7 +773,7 @@ Status ReportStats(const Options& o, const RunFigures& f) {
             "speculative: drafted %zu tokens, accepted %zu (%.1f%%), %.2f tokens per target "
             "forward, %zu draft model forwards",
             st.drafted_tokens, st.accepted_tokens, 100.0 * st.AcceptanceRate(),
-            st.TokensPerForward(), st.draft_forwards);
+            f.TokensPerForward(), st.draft_forwards);
     if (f.speedup > 0.0) fprintf(stderr, ", speedup %.2fx over plain decoding", f.speedup);
     fprintf(stderr, "\n");
   }
@@ -778,7 +795,7 @@ Status ReportStats(const Options& o, const RunFigures& f) {
           st.decode_forwards, st.decode_seconds, st.DecodeTokensPerSecond(), weights_mib,
           f.model->BitsPerWeight(), adapters_kib, JsonString(active).c_str(), f.threads,
           JsonString(target).c_str(), st.drafted_tokens, st.accepted_tokens,
-          st.TokensPerForward(), st.draft_forwards, f.speedup);
+          f.TokensPerForward(), st.draft_forwards, f.speedup);
   const bool write_failed = ferror(out) != 0;
   if (fclose(out) != 0 || write_failed) {
     return lutra::DataLoss("--stats-json: cannot write %s: %s", o.stats_json.c_str(),
@@ -824,6 +841,29 @@ struct PieceWriter {
   }
 };
 
+// The speculation options of --lookup / --draft / --draft-bits; with a
+// draft model `draft`, its run state is made in *draft_state (which must
+// outlive the options) with `state`'s threads and precision.
+StatusOr<engine::SpeculativeOptions> SpeculationOptions(const Options& o,
+                                                        const engine::RunState& state,
+                                                        const engine::Model* draft,
+                                                        engine::RunState* draft_state) {
+  engine::SpeculativeOptions spec;
+  spec.lookup = o.lookup;
+  spec.draft_max = o.draft_max;
+  spec.seed = uint64_t(o.seed);
+  if (draft != nullptr) {
+    StatusOr<engine::RunState> ds = engine::MakeRunState(draft->config, o.batch, o.kv_type);
+    if (!ds.ok()) return ds.status().WithContext("draft model");
+    *draft_state = std::move(*ds);
+    draft_state->pool = state.pool;
+    draft_state->precision = state.precision;
+    spec.draft_model = draft;
+    spec.draft_state = draft_state;
+  }
+  return spec;
+}
+
 // With speculation (--lookup, or a draft model `draft`): GenerateSpeculative,
 // and with --compare a second, silent run without speculation for the
 // speedup and an identity check.
@@ -831,20 +871,9 @@ Status RunSpeculative(const Options& o, const engine::Model& model, engine::RunS
                       const std::vector<int>& prompt, size_t steps, lutra::Sampler& sampler,
                       const lutra::Tokenizer& tok, const std::vector<int>& stop,
                       const engine::Model* draft, RunFigures* figures) {
-  engine::SpeculativeOptions spec;
-  spec.lookup = o.lookup;
-  spec.draft_max = o.draft_max;
-  spec.seed = uint64_t(o.seed);
   engine::RunState draft_state;
-  if (draft != nullptr) {
-    StatusOr<engine::RunState> ds = engine::MakeRunState(draft->config, o.batch, o.kv_type);
-    if (!ds.ok()) return ds.status().WithContext("draft model");
-    draft_state = std::move(*ds);
-    draft_state.pool = state.pool;
-    draft_state.precision = state.precision;
-    spec.draft_model = draft;
-    spec.draft_state = &draft_state;
-  }
+  LUTRA_ASSIGN_OR_RETURN(engine::SpeculativeOptions spec,
+                         SpeculationOptions(o, state, draft, &draft_state));
   std::vector<int> tokens;
   const PieceWriter write{tok};
   LUTRA_RETURN_IF_ERROR(engine::GenerateSpeculative(
@@ -968,9 +997,12 @@ StatusOr<std::string> ReadChatTemplate(const Options& o) {
 // --chat: one turn with -p, else turns read from stdin until its end. The KV
 // cache and the sampler's history carry over between turns, so each turn
 // prefills only its own tokens; the conversation ends when the context is
-// full.
+// full. With speculation each reply is a GenerateSpeculative call that
+// continues the caches (the draft model's too), and the stats count every
+// turn's drafts.
 int RunChat(const Options& o, const engine::Model& model, const lutra::Tokenizer& tok,
-            lutra::ThreadPool* pool, const lutra::Adapter* adapter, size_t adapter_bytes) {
+            lutra::ThreadPool* pool, const lutra::Adapter* adapter, size_t adapter_bytes,
+            const engine::Model* draft) {
   StatusOr<lutra::ChatFormat> format = lutra::ChatFormat::kChatML;
   if (!o.chat_template.empty()) {
     format = lutra::ParseChatFormat(o.chat_template);
@@ -994,6 +1026,9 @@ int RunChat(const Options& o, const engine::Model& model, const lutra::Tokenizer
   state->adapter = adapter;
   StatusOr<lutra::Sampler> sampler = MakeSampler(o, o.temperature, model.config.vocab_size, context);
   if (!sampler.ok()) return Fail(sampler.status());
+  engine::RunState draft_state;
+  StatusOr<engine::SpeculativeOptions> spec = SpeculationOptions(o, *state, draft, &draft_state);
+  if (!spec.ok()) return Fail(spec.status());
   fprintf(stderr, "chat: %s template%s\n", lutra::ChatFormatName(*format),
           o.chat_template.empty() ? " (from the model)" : "");
 
@@ -1027,18 +1062,25 @@ int RunChat(const Options& o, const engine::Model& model, const lutra::Tokenizer
     StatusOr<size_t> steps = LastPosition(o, pos, ids->size(), context, /*clamp=*/true);
     if (!steps.ok()) return Fail(steps.status());
     engine::GenerateStats st;
-    Status status = engine::Generate(model, *state, *ids, *steps, *sampler, stop,
-                                     PieceWriter{tok}, &st, pos);
+    Status status = o.Speculative()
+                        ? engine::GenerateSpeculative(model, *state, *ids, *steps, *sampler,
+                                                      stop, PieceWriter{tok}, &st, *spec, pos)
+                        : engine::Generate(model, *state, *ids, *steps, *sampler, stop,
+                                           PieceWriter{tok}, &st, pos);
     printf("\n");
     fflush(stdout);
     if (!status.ok()) return Fail(status);
     pos = st.positions;
     engine::GenerateStats& t = total.gen;
+    total.calls = first ? 1 : total.calls + 1;
     t.prompt_tokens += st.prompt_tokens;
     t.generated_tokens += st.generated_tokens;
     t.decode_forwards += st.decode_forwards;
     t.prefill_seconds += st.prefill_seconds;
     t.decode_seconds += st.decode_seconds;
+    t.drafted_tokens += st.drafted_tokens;
+    t.accepted_tokens += st.accepted_tokens;
+    t.draft_forwards += st.draft_forwards;
     if (st.stop_token < 0 && pos + 1 >= context) {
       fprintf(stderr, "chat: the context of %zu positions is full; ending the conversation "
               "(-c N for a longer one)\n", context);
@@ -1346,7 +1388,8 @@ int main(int argc, char** argv) {
   lutra::ThreadPool pool(o.threads);
   if (o.eval) return RunEval(o, *f32, *model, **tokenizer, &pool, active.get());
   if (o.chat) {
-    return RunChat(o, *model, **tokenizer, &pool, active.get(), adapters.resident_bytes());
+    return RunChat(o, *model, **tokenizer, &pool, active.get(), adapters.resident_bytes(),
+                   draft.get());
   }
   if (o.prompts_file.empty()) {
     return RunGenerate(o, *model, **tokenizer, &pool, o.prompt, active.get(),

@@ -612,8 +612,9 @@ StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t th
   const std::vector<std::string> names = src.MatrixNames();
   if (o.calibrate) {
     if (o.calib_text.empty()) {
-      // Codebook tuning (below) fits the output on this text, and with
-      // 2048 tokens it overfits (docs/quality.md): where it runs, 8192.
+      // Codebook tuning (below) fits the output on this text, and on few
+      // tokens it fits the text rather than the model (docs/quality.md):
+      // where it runs, kTuneCalibTokens.
       const bool tunes = o.tune_steps != 0 && (o.mixed_bits > 0.0 || o.bits <= 4) &&
                          src.MatrixWeights() <= kTuneAutoMaxWeights;
       StatusOr<std::vector<int>> t =
@@ -780,9 +781,11 @@ StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t th
   // kTuneMinTokens of text: on a few hundred tokens it fits the text, not
   // the model (and the unit tests that calibrate on few tokens stay fast).
   const bool small = src.MatrixWeights() <= kTuneAutoMaxWeights;
-  const int steps = o.tune_steps >= 0                            ? o.tune_steps
-                    : small && calib.size() >= kTuneMinTokens ? kTuneDefaultSteps
-                                                              : 0;
+  const int steps =
+      o.tune_steps >= 0 ? o.tune_steps
+      : o.tune_always || (small && calib.size() >= kTuneMinTokens)
+          ? TuneDefaultSteps(src.MatrixWeights())
+          : 0;
   if (o.calibrate && steps > 0) {
     TuneOptions to;
     to.steps = size_t(steps);
@@ -804,7 +807,7 @@ StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t th
       m.quantization_table += buf;
     }
     m.quantization_table += "\n";
-  } else if (o.calibrate && o.tune_steps < 0) {
+  } else if (o.calibrate && o.tune_steps < 0 && !o.tune_always) {
     m.quantization_table += small ? "tuning: skipped, calibration text under 2048 tokens\n"
                                   : "tuning: skipped above 2 M matrix weights "
                                     "(--tune-steps N forces it)\n";

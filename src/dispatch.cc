@@ -72,6 +72,51 @@ Status GemmT(const PreparedPalette& w, const float* x, size_t batch, const LoraD
   return Gemm(w, x, batch, w.shape().cols, ep, y, w.shape().rows, pool, opt, scratch);
 }
 
+Status GemmGroupT(const dispatch::GroupJob* jobs, size_t num_jobs, const float* x,
+                  size_t batch, MatmulPrecision precision, ThreadPool* pool,
+                  GemmScratch* scratch) {
+  if (num_jobs == 0) return Status::Ok();
+  if (jobs == nullptr) return InvalidArgument("gemm group: null jobs");
+  MatmulOptions opt;
+  opt.precision = precision;
+  const size_t cols = jobs[0].w != nullptr ? jobs[0].w->shape().cols : 0;
+  for (size_t j = 0; j < num_jobs; ++j) {
+    const dispatch::GroupJob& job = jobs[j];
+    if (job.w == nullptr || job.y == nullptr || job.in == nullptr) {
+      return InvalidArgument("gemm group: job %zu has a null matrix, output or input", j);
+    }
+    if (job.w->shape().cols != cols) {
+      return InvalidArgument("gemm group: job %zu has %zu columns, job 0 has %zu", j,
+                             job.w->shape().cols, cols);
+    }
+    Epilogue ep;
+    ep.lora = job.lora;
+    LUTRA_RETURN_IF_ERROR(PrepareGemmInput(*job.w, x, batch, cols, ep, opt, job.in));
+  }
+  const size_t tasks = pool != nullptr ? pool->NumThreads() : 1;
+  // GemvRows walks 4-row blocks, GemmRows whole panels (ParallelForRows'
+  // alignments in Gemv and Gemm).
+  const size_t align = batch == 1 ? 4 : GemmRangeAlignment();
+  const auto run = [&](size_t task, size_t thread) -> Status {
+    for (size_t j = 0; j < num_jobs; ++j) {
+      const dispatch::GroupJob& job = jobs[j];
+      const size_t N = job.w->shape().rows;
+      const RowRange rr = SplitRows(N, tasks, task, align);
+      if (batch == 1) {
+        LUTRA_RETURN_IF_ERROR(GemvRows(*job.w, *job.in, rr.begin, rr.end, job.y));
+      } else {
+        LUTRA_RETURN_IF_ERROR(GemmRows(*job.w, *job.in, rr.begin, rr.end, job.y, N,
+                                       scratch != nullptr ? &scratch[thread] : nullptr));
+      }
+    }
+    return Status::Ok();
+  };
+  if (tasks == 1) return run(0, 0);
+  FirstError first(tasks);
+  pool->ParallelFor(tasks, [&](size_t task, size_t thread) { first.Record(task, run(task, thread)); });
+  return first.Take();
+}
+
 Status PrepareGemmT(const PreparedPalette& w, const float* X, size_t M, size_t ldx,
                     const Epilogue& epilogue, const MatmulOptions& options, PreparedInput* in) {
   return PrepareGemmInput(w, X, M, ldx, epilogue, options, in);
@@ -169,10 +214,15 @@ Status Gemm(const PreparedPalette& w, const float* x, size_t batch, const LoraDe
 }
 
 HWY_EXPORT(PrepareGemmT);
+HWY_EXPORT(GemmGroupT);
 HWY_EXPORT(GemvRowsT);
 HWY_EXPORT(GemmRowsT);
 HWY_EXPORT(GemmRangeAlignmentT);
 
+Status GemmGroup(const GroupJob* jobs, size_t num_jobs, const float* x, size_t batch,
+                 MatmulPrecision precision, ThreadPool* pool, GemmScratch* scratch) {
+  return HWY_DYNAMIC_DISPATCH(GemmGroupT)(jobs, num_jobs, x, batch, precision, pool, scratch);
+}
 Status PrepareGemm(const PreparedPalette& w, const float* X, size_t M, size_t ldx,
                    const Epilogue& epilogue, const MatmulOptions& options, PreparedInput* in) {
   return HWY_DYNAMIC_DISPATCH(PrepareGemmT)(w, X, M, ldx, epilogue, options, in);

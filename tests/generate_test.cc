@@ -1083,6 +1083,27 @@ TEST_CASE("lutra-generate --chat: one turn with -p, turns from stdin", "[generat
   INFO(two.out);
   CHECK(two.rc == 0);
   CHECK(test::Contains(two.out, "generated 24 tokens"));
+  // Speculation in a chat: greedy replies unchanged over both turns, every
+  // turn's drafts counted; --compare (one prompt, rerun) is refused.
+  const auto replies = [](const std::string& out) {  // between the chat: and stats: lines
+    const size_t from = out.find('\n', out.find("chat:"));
+    return out.substr(from, out.find("stats:") - from);
+  };
+  for (const char* drafter : {"--lookup", "--draft-bits"}) {
+    std::vector<std::string> spec = loop;
+    spec.insert(spec.end(), {drafter, std::string(drafter) == "--lookup" ? "4" : "8"});
+    CliResult sp = RunCli(spec, "Hi\n\nOnce upon a time\n");
+    INFO(drafter << ": " << sp.out);
+    CHECK(sp.rc == 0);
+    CHECK(test::Contains(sp.out, "generated 24 tokens"));
+    CHECK(test::Contains(sp.out, "speculative: drafted "));
+    CHECK(replies(sp.out) == replies(two.out));
+  }
+  std::vector<std::string> compare = single;
+  compare.insert(compare.end(), {"--lookup", "4", "--compare"});
+  CliResult refused = RunCli(compare);
+  CHECK(refused.rc != 0);
+  CHECK(test::Contains(refused.out, "--compare reruns one prompt"));
   // The family comes from the file's tokenizer.chat_template ...
   const std::string llama2 = WithChatTemplate(
       gguf, "chat_llama2.gguf",
@@ -1096,13 +1117,9 @@ TEST_CASE("lutra-generate --chat: one turn with -p, turns from stdin", "[generat
   // ... the same reply as with --chat-template llama2 ...
   std::vector<std::string> forced = base;
   forced.insert(forced.end(), {"-cnv", "-p", "Tell me a story"});
-  const auto reply = [](const std::string& out) {  // between the chat: and stats: lines
-    const size_t from = out.find('\n', out.find("chat:"));
-    return out.substr(from, out.find("stats:") - from);
-  };
-  const std::string forced_reply = reply(RunCli(forced).out);
+  const std::string forced_reply = replies(RunCli(forced).out);
   CHECK(forced_reply.size() > 10);
-  CHECK(forced_reply == reply(detected.out));
+  CHECK(forced_reply == replies(detected.out));
   // ... and a template of another family is an error naming it.
   const std::string gemma = WithChatTemplate(
       gguf, "chat_gemma.gguf", "{{ bos_token }}<start_of_turn>user\n{{ content }}<end_of_turn>");

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <new>
+#include <string>
 #include <vector>
 
 #include <catch2/catch_test_macros.hpp>
@@ -155,6 +156,70 @@ void CheckLinearMatchesFreeFunctions() {
 
 TEST_CASE("linear: equals dispatch Gemv/Gemm for any split and M") {
   test::ForEachTarget(CheckLinearMatchesFreeFunctions);
+}
+
+// dispatch::GemmGroup (q/k/v in one parallel region) equals one
+// dispatch::Gemv/Gemm per matrix, bit for bit: mixed widths and row counts
+// that split unevenly, LoRA on one job only, M on GEMV, the few-token, the
+// small-M and the panel path, no pool and pools of 2 and 3 threads.
+void CheckGroupMatchesSeparateCalls() {
+  const size_t K = 200;
+  Matrix q = MakeMatrix(61, K, 4, 2, 21), k = MakeMatrix(18, K, 2, 0, 22),
+         v = MakeMatrix(18, K, 3, 0, 23);
+  StatusOr<PreparedPalette> pq = PreparedPalette::Make(q.palette.view());
+  StatusOr<PreparedPalette> pk = PreparedPalette::Make(k.palette.view());
+  StatusOr<PreparedPalette> pv = PreparedPalette::Make(v.palette.view());
+  REQUIRE((pq.ok() && pk.ok() && pv.ok()));
+  const PreparedPalette* w[3] = {&*pq, &*pk, &*pv};
+  const LoraDelta* lora[3] = {&q.lora, nullptr, nullptr};
+  test::Rng rng(31);
+  const std::vector<float> x = rng.GaussianVector(40 * K);
+  ThreadPool pool2(2), pool3(3);
+  for (MatmulPrecision prec : {MatmulPrecision::kInt8, MatmulPrecision::kF32}) {
+    for (size_t M : {size_t{1}, size_t{3}, size_t{12}, size_t{40}}) {
+      std::vector<float> want[3], got[3];
+      for (size_t j = 0; j < 3; ++j) {
+        const size_t N = w[j]->shape().rows;
+        want[j].assign(M * N, 0.0f);
+        PreparedInput in;
+        REQUIRE((M == 1 ? dispatch::Gemv(*w[j], x.data(), lora[j], prec, want[j].data(), nullptr,
+                                         &in)
+                        : dispatch::Gemm(*w[j], x.data(), M, lora[j], prec, want[j].data(),
+                                         nullptr, &in))
+                    .ok());
+      }
+      for (ThreadPool* pool : {static_cast<ThreadPool*>(nullptr), &pool2, &pool3}) {
+        INFO("precision " << MatmulPrecisionName(prec) << " M " << M << " threads "
+                          << (pool ? pool->NumThreads() : 1) << " on "
+                          << dispatch::ActiveTarget());
+        PreparedInput in[3];
+        std::vector<GemmScratch> scratch(3);
+        dispatch::GroupJob jobs[3];
+        for (size_t j = 0; j < 3; ++j) {
+          got[j].assign(want[j].size(), -1.0f);
+          jobs[j] = dispatch::GroupJob{w[j], lora[j], got[j].data(), &in[j]};
+        }
+        REQUIRE(dispatch::GemmGroup(jobs, 3, x.data(), M, prec, pool, scratch.data()).ok());
+        for (size_t j = 0; j < 3; ++j) CHECK(got[j] == want[j]);
+      }
+    }
+  }
+  // A job whose columns differ from the first is refused, naming both.
+  Matrix wide = MakeMatrix(8, K + 1, 4, 0, 24);
+  StatusOr<PreparedPalette> pw = PreparedPalette::Make(wide.palette.view());
+  REQUIRE(pw.ok());
+  std::vector<float> y(64);
+  PreparedInput in[2];
+  const dispatch::GroupJob bad[2] = {{w[1], nullptr, y.data(), &in[0]},
+                                     {&*pw, nullptr, y.data(), &in[1]}};
+  const Status s = dispatch::GemmGroup(bad, 2, x.data(), 1, MatmulPrecision::kInt8, &pool2,
+                                       nullptr);
+  CHECK(!s.ok());
+  CHECK(s.message().find("201 columns") != std::string::npos);
+}
+
+TEST_CASE("linear: dispatch GemmGroup equals one call per matrix") {
+  test::ForEachTarget(CheckGroupMatchesSeparateCalls);
 }
 
 TEST_CASE("linear: RangeAlignment is 4 for GEMV and one panel for GEMM") {

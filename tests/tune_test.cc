@@ -160,6 +160,14 @@ TEST_CASE("Training gradient matches finite differences (tiny model, double)", "
   }
 }
 
+TEST_CASE("The default step count spends a fixed budget within [300, 1200]", "[tune]") {
+  CHECK(TuneDefaultSteps(0) == kTuneMaxSteps);
+  CHECK(TuneDefaultSteps(259328) == 1200);  // stories260K
+  CHECK(TuneDefaultSteps(1000000) == 320);
+  CHECK(TuneDefaultSteps(kTuneAutoMaxWeights) == kTuneDefaultSteps);
+  CHECK(TuneDefaultSteps(size_t{1} << 40) == kTuneDefaultSteps);
+}
+
 TEST_CASE("Tuning lowers the calibration KL of 4-bit stories260K", "[tune][shared]") {
   if (test::SharedModelsDir().empty()) SKIP("shared models not found (LUTRA_SHARED_MODELS_DIR)");
   const std::string dir = test::SharedModelsDir();

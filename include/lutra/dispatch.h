@@ -54,6 +54,26 @@ Status Gemv(const PreparedPalette& w, const float* x, const LoraDelta* lora,
 Status Gemm(const PreparedPalette& w, const float* x, size_t batch, const LoraDelta* lora,
             MatmulPrecision precision, float* y, ThreadPool* pool, PreparedInput* scratch);
 
+// One matrix of a GemmGroup: Y (batch x w->shape().rows) = X W^T [+ lora],
+// its input prepared into *in (kept by the caller and reused between calls).
+struct GroupJob {
+  const PreparedPalette* w = nullptr;
+  const LoraDelta* lora = nullptr;  // may be null
+  float* y = nullptr;
+  PreparedInput* in = nullptr;
+};
+
+// Several matmuls that read the same X (batch x cols): q/k/v, or gate/up.
+// Each job's input is prepared once, then ONE parallel region over `pool`
+// gives every thread an aligned, equal slice of every job's rows, so the
+// pool wakes once instead of num_jobs times (issue 17: a decode step paid
+// 7 wake-ups per layer). Each job's Y is bitwise equal to its own Gemv
+// (batch = 1) or Gemm call: the kernels' results do not depend on the row
+// split. scratch: one GemmScratch per pool thread, for batch > 1 (null:
+// allocated per call). All jobs must have X's cols.
+Status GemmGroup(const GroupJob* jobs, size_t num_jobs, const float* x, size_t batch,
+                 MatmulPrecision precision, ThreadPool* pool, GemmScratch* scratch);
+
 // The two steps of Gemv/Gemm, for engines that split rows over their own
 // threads (lutra/kernels/matmul.h "Call sequence"; lutra/linear.h wraps
 // them). PrepareGemm prepares M token rows X (row m at X + m * ldx) with the
