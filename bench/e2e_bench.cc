@@ -65,7 +65,8 @@ struct Args {
   std::vector<size_t> threads = {1, 2};
   std::vector<size_t> verify;  // drafted tokens per verify step (empty: skip)
   std::vector<size_t> context;  // prompt lengths of the context sweep (empty: skip)
-  std::vector<std::string> kv = {"f16", "bf16", "int8"};
+  std::vector<lutra::ElementType> kv = {lutra::ElementType::kF16, lutra::ElementType::kBF16,
+                                        lutra::ElementType::kI8};
   size_t chunk = 512;  // prefill tokens per Forward in the context sweep
   bool unfused = false;  // --unfused: q/k/v and gate/up one region per matrix
   bool fusion_ab = false;  // --fusion-ab: fused against unfused decode steps
@@ -74,6 +75,12 @@ struct Args {
 struct Result {
   double prefill_tps = 0.0, decode_tps = 0.0;
 };
+
+// Prints a failed step's message; the exit code of a failed table.
+int Fail(const Status& s) {
+  fprintf(stderr, "e2e_bench: %s\n", s.message().c_str());
+  return 1;
+}
 
 double Median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -128,6 +135,13 @@ StatusOr<double> TimeForward(const engine::Model& model, engine::RunState& state
   return 1e3 * std::chrono::duration<double>(Clock::now() - t0).count();
 }
 
+// Runs the --prefill prompt through `state` from position 0 (the start of
+// the --verify and --fusion-ab tables).
+Status PrefillPrompt(const engine::Model& model, const Args& a, engine::RunState& state) {
+  const std::vector<int> prompt = Prompt(model, a.prefill);
+  return engine::Forward(model, state, prompt.data(), prompt.size(), 0).status();
+}
+
 // The 4-bit synthetic model at full depth with a context of seq_len
 // positions (--verify, --fusion-ab, --context); prints the error and
 // returns null on failure.
@@ -138,7 +152,7 @@ std::unique_ptr<engine::Model> FullDepth4Bit(const Args& a, size_t seq_len) {
   const std::string shape = a.shape + ":" + std::to_string(a.full_layers);
   StatusOr<engine::Model> model = engine::MakeSyntheticModel(shape, q4, 1);
   if (!model.ok()) {
-    fprintf(stderr, "e2e_bench: %s\n", model.status().message().c_str());
+    Fail(model.status());
     return nullptr;
   }
   return std::make_unique<engine::Model>(std::move(*model));
@@ -158,18 +172,10 @@ int RunVerify(const Args& a) {
     lutra::ThreadPool pool(threads);
     StatusOr<engine::RunState> state =
         engine::MakeRunState(model->config, std::max(a.prefill, max_k + 1));
-    if (!state.ok()) {
-      fprintf(stderr, "e2e_bench: %s\n", state.status().message().c_str());
-      return 1;
-    }
+    if (!state.ok()) return Fail(state.status());
     state->pool = &pool;
     state->fuse_shared_input = !a.unfused;
-    const std::vector<int> prompt = Prompt(*model, a.prefill);
-    StatusOr<const float*> out = engine::Forward(*model, *state, prompt.data(), prompt.size(), 0);
-    if (!out.ok()) {
-      fprintf(stderr, "e2e_bench: %s\n", out.status().message().c_str());
-      return 1;
-    }
+    if (Status st = PrefillPrompt(*model, a, *state); !st.ok()) return Fail(st);
     for (size_t k : a.verify) {
       std::vector<double> plain, verify;
       for (int r = 0; r < 5 * a.reps; ++r) {
@@ -177,10 +183,7 @@ int RunVerify(const Args& a) {
         for (int side = 0; side < 2; ++side) {
           const bool is_verify = (side == 0) == (r % 2 == 0);
           StatusOr<double> ms = TimeForward(*model, *state, is_verify ? k + 1 : 1, a.prefill);
-          if (!ms.ok()) {
-            fprintf(stderr, "e2e_bench: %s\n", ms.status().message().c_str());
-            return 1;
-          }
+          if (!ms.ok()) return Fail(ms.status());
           (is_verify ? verify : plain).push_back(*ms);
         }
       }
@@ -203,17 +206,9 @@ int RunFusionAB(const Args& a) {
   for (size_t threads : a.threads) {
     lutra::ThreadPool pool(threads);
     StatusOr<engine::RunState> state = engine::MakeRunState(model->config, a.prefill);
-    if (!state.ok()) {
-      fprintf(stderr, "e2e_bench: %s\n", state.status().message().c_str());
-      return 1;
-    }
+    if (!state.ok()) return Fail(state.status());
     state->pool = &pool;
-    const std::vector<int> prompt = Prompt(*model, a.prefill);
-    StatusOr<const float*> out = engine::Forward(*model, *state, prompt.data(), prompt.size(), 0);
-    if (!out.ok()) {
-      fprintf(stderr, "e2e_bench: %s\n", out.status().message().c_str());
-      return 1;
-    }
+    if (Status st = PrefillPrompt(*model, a, *state); !st.ok()) return Fail(st);
     std::vector<double> fused, unfused, ratio;
     for (int r = 0; r < 10 * a.reps; ++r) {
       double ms[2];
@@ -221,10 +216,7 @@ int RunFusionAB(const Args& a) {
         const bool is_fused = (side == 0) == (r % 2 == 0);
         state->fuse_shared_input = is_fused;
         StatusOr<double> t = TimeForward(*model, *state, 1, a.prefill);
-        if (!t.ok()) {
-          fprintf(stderr, "e2e_bench: %s\n", t.status().message().c_str());
-          return 1;
-        }
+        if (!t.ok()) return Fail(t.status());
         ms[is_fused ? 1 : 0] = *t;
       }
       unfused.push_back(ms[0]);
@@ -249,19 +241,11 @@ int RunContext(const Args& a) {
          a.full_layers, a.chunk, a.decode, a.reps, lutra::dispatch::TargetName());
   printf("| KV | threads | context | prefill ms/token | decode tok/s | decode vs %zu |\n"
          "|---|---|---|---|---|---|\n", a.context[0]);
-  const auto fail = [](const Status& s) {
-    fprintf(stderr, "e2e_bench: %s\n", s.message().c_str());
-    return 1;
-  };
-  for (const std::string& kv_name : a.kv) {
-    const lutra::ElementType kv = kv_name == "f32"    ? lutra::ElementType::kF32
-                                  : kv_name == "f16"  ? lutra::ElementType::kF16
-                                  : kv_name == "bf16" ? lutra::ElementType::kBF16
-                                                      : lutra::ElementType::kI8;
+  for (const lutra::ElementType kv : a.kv) {
     for (size_t threads : a.threads) {
       lutra::ThreadPool pool(threads);
       StatusOr<engine::RunState> state = engine::MakeRunState(model->config, a.chunk, kv);
-      if (!state.ok()) return fail(state.status());
+      if (!state.ok()) return Fail(state.status());
       state->pool = &pool;
       state->fuse_shared_input = !a.unfused;
       double first_rate = 0.0;
@@ -271,7 +255,7 @@ int RunContext(const Args& a) {
         for (size_t done = 0; done < ctx; done += a.chunk) {
           const size_t n = std::min(a.chunk, ctx - done);
           StatusOr<const float*> out = engine::Forward(*model, *state, &prompt[done], n, done);
-          if (!out.ok()) return fail(out.status());
+          if (!out.ok()) return Fail(out.status());
         }
         const double prefill_ms =
             1e3 * std::chrono::duration<double>(Clock::now() - t0).count() / double(ctx);
@@ -282,7 +266,7 @@ int RunContext(const Args& a) {
           const auto t1 = Clock::now();
           for (size_t i = 0; i < a.decode; ++i) {
             StatusOr<const float*> out = engine::Forward(*model, *state, &token, 1, ctx + i);
-            if (!out.ok()) return fail(out.status());
+            if (!out.ok()) return Fail(out.status());
             token = int((ctx + i) * 31 % size_t(model->config.vocab_size));
           }
           rates.push_back(double(a.decode) /
@@ -290,8 +274,8 @@ int RunContext(const Args& a) {
         }
         const double rate = Median(rates);
         if (first_rate == 0.0) first_rate = rate;
-        printf("| %s | %zu | %zu | %.2f | %.2f | %.2f |\n", kv_name.c_str(), threads, ctx,
-               prefill_ms, rate, rate / first_rate);
+        printf("| %s | %zu | %zu | %.2f | %.2f | %.2f |\n", lutra::ElementTypeName(kv), threads,
+               ctx, prefill_ms, rate, rate / first_rate);
         fflush(stdout);
       }
     }
@@ -326,16 +310,10 @@ int Run(const Args& a) {
       engine::LoadOptions o = v.options;
       o.seq_len = int(a.prefill + a.decode);
       StatusOr<engine::Model> model = engine::MakeSyntheticModel(shape, o, 1);
-      if (!model.ok()) {
-        fprintf(stderr, "e2e_bench: %s\n", model.status().message().c_str());
-        return 1;
-      }
+      if (!model.ok()) return Fail(model.status());
       for (size_t ti = 0; ti < a.threads.size(); ++ti) {
         StatusOr<Result> r = Measure(*model, a, a.threads[ti]);
-        if (!r.ok()) {
-          fprintf(stderr, "e2e_bench: %s\n", r.status().message().c_str());
-          return 1;
-        }
+        if (!r.ok()) return Fail(r.status());
         if (v.options.bits == 0 && v.options.mixed_bits == 0.0) f32_results.push_back(*r);
         char vs_prefill[32] = "-", vs_decode[32] = "-";
         if (layers == a.f32_layers && ti < f32_results.size()) {
@@ -377,12 +355,21 @@ bool ParseArgs(int argc, char** argv, Args* a) {
       a->reps = atoi(v);
     } else if (flag == "--chunk") {
       a->chunk = size_t(atoi(v));
-    } else if (flag == "--kv") {
+    } else if (flag == "--kv") {  // names as ElementTypeName gives them
       a->kv.clear();
       for (std::string rest = v; !rest.empty();) {
         const size_t comma = rest.find(',');
-        a->kv.push_back(rest.substr(0, comma));
+        const std::string name = rest.substr(0, comma);
         rest = comma == std::string::npos ? "" : rest.substr(comma + 1);
+        bool known = false;
+        for (lutra::ElementType t : {lutra::ElementType::kF32, lutra::ElementType::kF16,
+                                     lutra::ElementType::kBF16, lutra::ElementType::kI8}) {
+          if (name == lutra::ElementTypeName(t)) {
+            a->kv.push_back(t);
+            known = true;
+          }
+        }
+        if (!known) return false;
       }
     } else if (flag == "--threads" || flag == "--verify" || flag == "--context") {
       std::vector<size_t>& list =
@@ -405,11 +392,8 @@ bool ParseArgs(int argc, char** argv, Args* a) {
   for (size_t n : a->context) {
     if (n < 1) return false;
   }
-  for (const std::string& kv : a->kv) {
-    if (kv != "f32" && kv != "f16" && kv != "bf16" && kv != "int8") return false;
-  }
-  return a->f32_layers >= 1 && a->chunk >= 1 && !a->kv.empty() && a->prefill >= 1 && a->decode >= 1 && a->reps >= 1 &&
-         !a->threads.empty();
+  return a->f32_layers >= 1 && a->chunk >= 1 && !a->kv.empty() && a->prefill >= 1 &&
+         a->decode >= 1 && a->reps >= 1 && !a->threads.empty();
 }
 
 }  // namespace
@@ -420,7 +404,8 @@ int main(int argc, char** argv) {
     fprintf(stderr,
             "usage: e2e_bench [--shape afm|1b|tiny] [--full-layers L] [--f32-layers L] "
             "[--prefill N] [--decode N] [--reps R] [--threads 1,2] [--verify 1,2,4,8] "
-            "[--context 64,512,2048,8192 [--kv f16,bf16,int8] [--chunk N]] [--unfused] [--fusion-ab]\n");
+            "[--context 64,512,2048,8192 [--kv f16,bf16,int8] [--chunk N]] [--unfused] "
+            "[--fusion-ab]\n");
     return 2;
   }
   if (a.full_layers == 0) {

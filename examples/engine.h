@@ -334,12 +334,16 @@ struct GenerateStats {
   size_t accepted_tokens = 0;
   size_t draft_forwards = 0;     // the draft model's forward passes
 
+  // Generate calls these figures add up (a chat sums its turns'): each
+  // call's first token comes from its prefill, not from a decode pass.
+  size_t calls = 1;
+
   // Tokens generated per target forward pass after the prefill (1 for plain
   // decoding, up to draft length + 1 with speculation): generated tokens
-  // but the prefill's first, over decode_forwards.
+  // but each call's first, over decode_forwards.
   double TokensPerForward() const {
-    return decode_forwards > 0 && generated_tokens > 0
-               ? double(generated_tokens - 1) / double(decode_forwards)
+    return decode_forwards > 0 && generated_tokens >= calls && calls > 0
+               ? double(generated_tokens - calls) / double(decode_forwards)
                : 0.0;
   }
   double AcceptanceRate() const {

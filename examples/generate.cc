@@ -476,8 +476,11 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
       const std::string v = value;
       if (v != "on" && v != "off") return bad("on or off");
       o->load.tune_always = v == "on";
-      if (v == "off") o->load.tune_steps = 0;
-      if (v == "on" && o->load.tune_steps == 0) o->load.tune_steps = -1;
+      if (v == "off") {
+        o->load.tune_steps = 0;
+      } else if (o->load.tune_steps == 0) {  // on after off: the default count again
+        o->load.tune_steps = -1;
+      }
     } else if (flag == "--tune-norms") {
       const std::string v = value;
       if (v != "on" && v != "off") return bad("on or off");
@@ -717,17 +720,6 @@ struct RunFigures {
   // --compare: generated tokens per second after the first, with
   // speculation over without (0: not measured).
   double speedup = 0.0;
-  // Generate calls summed in `gen` (a chat's turns): each one's first token
-  // comes from its prefill, not from a decode pass.
-  size_t calls = 1;
-
-  // Tokens per target decode pass (GenerateStats::TokensPerForward over
-  // every call).
-  double TokensPerForward() const {
-    return gen.decode_forwards > 0 && gen.generated_tokens >= calls
-               ? double(gen.generated_tokens - calls) / double(gen.decode_forwards)
-               : 0.0;
-  }
 };
 
 // A JSON string literal of `s` (quotes, backslashes and controls escaped).
@@ -773,7 +765,7 @@ Status ReportStats(const Options& o, const RunFigures& f) {
             "speculative: drafted %zu tokens, accepted %zu (%.1f%%), %.2f tokens per target "
             "forward, %zu draft model forwards",
             st.drafted_tokens, st.accepted_tokens, 100.0 * st.AcceptanceRate(),
-            f.TokensPerForward(), st.draft_forwards);
+            st.TokensPerForward(), st.draft_forwards);
     if (f.speedup > 0.0) fprintf(stderr, ", speedup %.2fx over plain decoding", f.speedup);
     fprintf(stderr, "\n");
   }
@@ -795,7 +787,7 @@ Status ReportStats(const Options& o, const RunFigures& f) {
           st.decode_forwards, st.decode_seconds, st.DecodeTokensPerSecond(), weights_mib,
           f.model->BitsPerWeight(), adapters_kib, JsonString(active).c_str(), f.threads,
           JsonString(target).c_str(), st.drafted_tokens, st.accepted_tokens,
-          f.TokensPerForward(), st.draft_forwards, f.speedup);
+          st.TokensPerForward(), st.draft_forwards, f.speedup);
   const bool write_failed = ferror(out) != 0;
   if (fclose(out) != 0 || write_failed) {
     return lutra::DataLoss("--stats-json: cannot write %s: %s", o.stats_json.c_str(),
@@ -1035,6 +1027,7 @@ int RunChat(const Options& o, const engine::Model& model, const lutra::Tokenizer
   const bool single = !o.prompt.empty();
   const bool terminal = !single && isatty(fileno(stdin));
   RunFigures total{{}, &model, adapter, adapter_bytes, o.threads};
+  total.gen.calls = 0;  // the turns' counts add up below
   size_t pos = 0;
   std::string user;
   for (bool first = true;; first = false) {
@@ -1072,7 +1065,7 @@ int RunChat(const Options& o, const engine::Model& model, const lutra::Tokenizer
     if (!status.ok()) return Fail(status);
     pos = st.positions;
     engine::GenerateStats& t = total.gen;
-    total.calls = first ? 1 : total.calls + 1;
+    t.calls += st.calls;
     t.prompt_tokens += st.prompt_tokens;
     t.generated_tokens += st.generated_tokens;
     t.decode_forwards += st.decode_forwards;
