@@ -89,6 +89,9 @@ struct Model {
   // The calibration statistics it was palettized with (null: none), e.g.
   // for the recovery adapter's activation weighting.
   std::shared_ptr<const CalibrationStats> calibration;
+  // The accuracy-recovery adapter made with it (LoadOptions::recover_rank;
+  // null: none). Not part of the weights: it runs as a LoRA adapter.
+  std::shared_ptr<const Adapter> recovery;
 
   // Builds the kernels' per-group tables of every palettized matrix (once,
   // after the weights are in place; a tied head shares the embedding's).
@@ -201,6 +204,11 @@ struct LoadOptions {
   // Also tune the indices (TuneOptions::index_lr; off: the indices stay as
   // palettizing chose them).
   bool tune_indices = true;
+  // > 0: also build a rank-r accuracy-recovery adapter (Model::recovery):
+  // the SVD of each projection's weighted residual (BuildRecoveryAdapter),
+  // then, where tuning runs, trained with the codebooks on the same loss
+  // (TuneOptions::adapter), so that base and adapter are fitted together.
+  size_t recover_rank = 0;
 };
 
 // Opens a llama2.c checkpoint (.bin), GGUF v3 Llama model (both through
@@ -488,9 +496,20 @@ struct TuneOptions {
   // The f32 model's log-probabilities on the calibration text (tokens x
   // vocab floats) are kept when they fit in this, else recomputed per step.
   size_t max_teacher_bytes = size_t{256} << 20;
+  // A LoRA adapter of the palettized model to train along (null: none),
+  // e.g. BuildRecoveryAdapter's: the student's projections are W_hat +
+  // scale B A, its factors start here, and the trained ones come back in
+  // TuneReport::adapter (same targets, ranks, scales and element type).
+  const Adapter* adapter = nullptr;
+  // Adam step size of the factors relative to each factor's RMS, on the
+  // same cosine as lr (so an all-zero factor stays zero: start from the SVD
+  // adapter). 3e-3: --mixed 3.35 --recover-rank 1 on stories260K, held-out
+  // KL 0.204; 1e-2: 0.210 (docs/lora.md).
+  float adapter_lr = 3e-3f;
 };
 
 struct TuneReport {
+  std::shared_ptr<const Adapter> adapter;  // TuneOptions::adapter, trained
   size_t steps = 0, matrices = 0, tokens = 0;
   size_t changed_indices = 0, indices = 0;  // index tuning: moved / all
   double kl_before = 0.0, kl_after = 0.0;  // mean KL on the calibration text
@@ -507,10 +526,11 @@ StatusOr<TuneReport> TuneCodebooks(const Model& f32_model, Model& palettized,
                                    const std::vector<int>& calib, const TuneOptions& options);
 
 // The training forward pass's logits (n x vocab, row-major) for tokens at
-// positions 0..n-1 (n <= the context length); f64: computed in double. For
+// positions 0..n-1 (n <= the context length); f64: computed in double;
+// adapter (may be null): its scale B A added to the layer projections. For
 // checking the training code against Forward.
 StatusOr<std::vector<float>> TrainingLogits(const Model& model, const int* tokens, size_t n,
-                                            bool f64 = false);
+                                            bool f64 = false, const Adapter* adapter = nullptr);
 
 // Mean over the n positions of KL(softmax(teacher_logits) || P_model) and,
 // when `grads` is non-null, its gradient w.r.t. every dense parameter:

@@ -22,6 +22,7 @@
 #include "lutra/dispatch.h"
 #include "examples/engine.h"
 #include "lutra/format/gguf.h"
+#include "lutra/format/lora_file.h"
 #include "lutra/format/lutra_file.h"
 #include "lutra/format/tokenizer.h"
 #include "lutra/runtime/chat_template.h"
@@ -199,7 +200,9 @@ void PrintUsage(FILE* out) {
           "                      the same with a scale, as llama.cpp spells it\n"
           "  --recover-rank R    build a rank-R accuracy-recovery adapter for the\n"
           "                      palettized weights (needs --bits/--mixed; named\n"
-          "                      'recovery', active unless a --lora is given)\n"
+          "                      'recovery', active unless a --lora is given), trained\n"
+          "                      with the codebooks where tuning runs; --save writes\n"
+          "                      it beside the model as FILE.recovery.gguf\n"
           "  --prompts-file FILE one prompt per line, optionally 'ADAPTER<TAB>PROMPT' to\n"
           "                      switch adapters per prompt ('-' for none)\n"
           "  -h, --help          this text\n");
@@ -1320,6 +1323,7 @@ int main(int argc, char** argv) {
   if (palettize && !random_palettes) {
     engine::LoadOptions q = o.load;
     q.calib_bos = (*tokenizer)->bos_id();
+    q.recover_rank = o.recover_rank;
     StatusOr<std::vector<int>> calib = CalibText(o, **tokenizer);
     if (!calib.ok()) return Fail(calib.status());
     q.calib_text = std::move(*calib);
@@ -1335,6 +1339,14 @@ int main(int argc, char** argv) {
     if (!saved.ok()) return Fail(saved);
     fprintf(stderr, "saved %s: %.1f MiB of weights at %.2f bits per weight\n", o.save.c_str(),
             model->WeightBytes() / 1048576.0, model->BitsPerWeight());
+    if (model->recovery) {
+      // A .lutra file holds weights only; the adapter goes beside it.
+      const std::string path = o.save + ".recovery.gguf";
+      Status s = lutra::SaveAdapter(path, *model->recovery);
+      if (!s.ok()) return Fail(s);
+      fprintf(stderr, "saved %s: the recovery adapter, %.1f KiB (run with --lora %s)\n",
+              path.c_str(), model->recovery->bytes() / 1024.0, path.c_str());
+    }
     return 0;
   }
 
@@ -1355,11 +1367,8 @@ int main(int argc, char** argv) {
     Status added = add_adapter(*a);
     if (!added.ok()) return Fail(added);
   }
-  if (o.recover_rank > 0) {
-    StatusOr<std::shared_ptr<const lutra::Adapter>> a =
-        engine::BuildRecoveryAdapter(*f32, *model, o.recover_rank, o.threads);
-    if (!a.ok()) return Fail(a.status());
-    Status added = add_adapter(*a);
+  if (model->recovery) {
+    Status added = add_adapter(model->recovery);
     if (!added.ok()) return Fail(added);
   }
   if (!o.eval) f32.reset();  // only the palettized weights stay in memory

@@ -786,14 +786,24 @@ StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t th
       : o.tune_always || (small && calib.size() >= kTuneMinTokens)
           ? TuneDefaultSteps(src.MatrixWeights())
           : 0;
+  // The recovery adapter starts from the SVD of the residual; tuning then
+  // trains it with the codebooks, so each fits what the other leaves.
+  if (o.recover_rank > 0) {
+    StatusOr<std::shared_ptr<const Adapter>> a =
+        BuildRecoveryAdapter(src, m, o.recover_rank, threads);
+    if (!a.ok()) return a.status().WithContext("palettize");
+    m.recovery = std::move(*a);
+  }
   if (o.calibrate && steps > 0) {
     TuneOptions to;
     to.steps = size_t(steps);
     to.norms = o.tune_norms;
     to.pool = &pool;
+    to.adapter = m.recovery.get();
     if (!o.tune_indices) to.index_lr = 0.0f;
     StatusOr<TuneReport> r = TuneCodebooks(src, m, calib, to);
     if (!r.ok()) return r.status().WithContext("palettize");
+    if (r->adapter) m.recovery = r->adapter;
     snprintf(buf, sizeof(buf), "; codebooks%s%s tuned end to end (KL distillation, %zu steps)",
              o.tune_indices ? (o.tune_norms ? ", indices" : " and indices") : "",
              o.tune_norms ? " and norms" : "", r->steps);
@@ -804,6 +814,11 @@ StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t th
     m.quantization_table += buf;
     if (r->indices > 0) {
       snprintf(buf, sizeof(buf), ", %zu of %zu indices moved", r->changed_indices, r->indices);
+      m.quantization_table += buf;
+    }
+    if (r->adapter) {
+      snprintf(buf, sizeof(buf), ", recovery adapter (%zu matrices) trained along",
+               r->adapter->num_targets());
       m.quantization_table += buf;
     }
     m.quantization_table += "\n";

@@ -108,6 +108,30 @@ void MatMulBackW(const T* dy, size_t n, size_t N, const T* x, size_t K, T* dw) {
   }
 }
 
+// One LoRA target's factors as f32: a (rank x cols), b (rows x rank).
+void FactorsF32(const LoraFactors& f, std::vector<float>* a, std::vector<float>* b) {
+  a->clear(), b->clear();
+  for (size_t r = 0; r < f.rank(); ++r) {
+    for (size_t k = 0; k < f.cols(); ++k) a->push_back(f.A(r, k));
+  }
+  for (size_t n = 0; n < f.rows(); ++n) {
+    for (size_t r = 0; r < f.rank(); ++r) b->push_back(f.B(n, r));
+  }
+}
+
+// w (rows x cols) += scale * b (rows x rank) a (rank x cols): the dense
+// form of what the LoRA epilogue adds (lora.h).
+template <typename T>
+void AddLowRank(const std::vector<float>& a, const std::vector<float>& b, size_t rank,
+                size_t rows, size_t cols, float scale, T* w) {
+  for (size_t n = 0; n < rows; ++n) {
+    for (size_t r = 0; r < rank; ++r) {
+      const T s = T(scale) * T(b[n * rank + r]);
+      for (size_t k = 0; k < cols; ++k) w[n * cols + k] += s * T(a[r * cols + k]);
+    }
+  }
+}
+
 // ----------------------------------------------------------------------------
 // The network: dense parameters and the forward/backward passes
 
@@ -131,8 +155,15 @@ struct Net {
 
 enum { kQ = 0, kK, kV, kO, kW1, kW2, kW3 };
 
+Status CheckAdapter(const Adapter* adapter, const ModelConfig& c) {
+  if (adapter->base() == AdapterShapes(c)) return Status();
+  return InvalidArgument("tuning: the adapter was made for another model shape");
+}
+
+// The dense network of `m`, its layer projections plus `adapter`'s scale
+// B A where it has factors (may be null).
 template <typename T>
-StatusOr<Net<T>> MakeNet(const Model& m) {
+StatusOr<Net<T>> MakeNet(const Model& m, const Adapter* adapter = nullptr) {
   LUTRA_RETURN_IF_ERROR(CheckSupported(m.config));
   Net<T> net;
   net.c = m.config;
@@ -164,6 +195,19 @@ StatusOr<Net<T>> MakeNet(const Model& m) {
     net.bq.push_back(l.bq), net.bk.push_back(l.bk), net.bv.push_back(l.bv);
   }
   net.p.emplace_back(m.weights.final_norm, m.weights.final_norm + dim);
+  if (adapter != nullptr) {
+    LUTRA_RETURN_IF_ERROR(CheckAdapter(adapter, m.config));
+    std::vector<float> a, b;
+    for (size_t l = 0; l < size_t(m.config.n_layers); ++l) {
+      for (size_t j = 0; j < kNumProjections; ++j) {
+        const LoraFactors* f = adapter->FindFactors(l, kAllProjections[j]);
+        if (f == nullptr) continue;
+        FactorsF32(*f, &a, &b);
+        AddLowRank(a, b, f->rank(), f->rows(), f->cols(), f->scale(),
+                   net.p[net.Mat(int(l), int(j))].data());
+      }
+    }
+  }
   return net;
 }
 
@@ -473,9 +517,10 @@ Status CheckTokens(const ModelConfig& c, const int* tokens, size_t n) {
 }
 
 template <typename T>
-StatusOr<std::vector<float>> LogitsT(const Model& model, const int* tokens, size_t n) {
+StatusOr<std::vector<float>> LogitsT(const Model& model, const int* tokens, size_t n,
+                                     const Adapter* adapter) {
   LUTRA_RETURN_IF_ERROR(CheckTokens(model.config, tokens, n));
-  StatusOr<Net<T>> net = MakeNet<T>(model);
+  StatusOr<Net<T>> net = MakeNet<T>(model, adapter);
   if (!net.ok()) return net.status();
   Acts<T> a;
   ForwardPass(*net, tokens, n, a);
@@ -525,8 +570,9 @@ float* OwnedF32(Model& m, const float* p, size_t n) {
 }  // namespace
 
 StatusOr<std::vector<float>> TrainingLogits(const Model& model, const int* tokens, size_t n,
-                                            bool f64) {
-  return f64 ? LogitsT<double>(model, tokens, n) : LogitsT<float>(model, tokens, n);
+                                            bool f64, const Adapter* adapter) {
+  return f64 ? LogitsT<double>(model, tokens, n, adapter)
+             : LogitsT<float>(model, tokens, n, adapter);
 }
 
 StatusOr<double> DistillationLoss(const Model& model, const int* tokens, size_t n,
@@ -647,11 +693,55 @@ StatusOr<TuneReport> TuneCodebooks(const Model& f32_model, Model& m, const std::
       norm_scale.push_back(float(std::sqrt(s / double(student->p[t].size()))));
     }
   }
+  // The adapter trained along: per adapted matrix, f32 copies of its
+  // factors with their Adam states, and the dense W_hat; the student's
+  // matrix is W_hat + scale B A.
+  struct Factors {
+    size_t layer, proj, t, rank, rows, cols;
+    float scale;
+    ElementType type;
+    std::vector<float> a, b, base, ga, gb;  // A: rank x cols, B: rows x rank
+    Adam adam_a, adam_b;
+    float rms_a = 0.0f, rms_b = 0.0f;
+  };
+  std::vector<Factors> lora;
+  std::vector<int> lora_of(student->p.size(), -1);
+  if (o.adapter != nullptr) {
+    LUTRA_RETURN_IF_ERROR(CheckAdapter(o.adapter, c));
+    for (size_t l = 0; l < size_t(c.n_layers); ++l) {
+      for (size_t j = 0; j < kNumProjections; ++j) {
+        const LoraFactors* f = o.adapter->FindFactors(l, kAllProjections[j]);
+        if (f == nullptr) continue;
+        Factors F{l, j, student->Mat(int(l), int(j)), f->rank(), f->rows(), f->cols(),
+                  f->scale(), f->type(), {}, {}, {}, {}, {}, Adam(f->a_elements()),
+                  Adam(f->b_elements())};
+        FactorsF32(*f, &F.a, &F.b);
+        const auto rms = [](const std::vector<float>& v) {
+          double s = 0.0;
+          for (float x : v) s += double(x) * x;
+          return float(std::sqrt(s / double(std::max<size_t>(v.size(), 1))));
+        };
+        F.rms_a = rms(F.a), F.rms_b = rms(F.b);
+        F.base = student->p[F.t];
+        F.ga.resize(F.a.size()), F.gb.resize(F.b.size());
+        lora_of[F.t] = int(lora.size());
+        lora.push_back(std::move(F));
+      }
+    }
+  }
+  // student->p[t] = W_hat + scale B A.
+  const auto apply_lora = [&](const Factors& F) {
+    float* w = student->p[F.t].data();
+    std::copy(F.base.begin(), F.base.end(), w);
+    AddLowRank(F.a, F.b, F.rank, F.rows, F.cols, F.scale, w);
+  };
+  for (const Factors& F : lora) apply_lora(F);
+
   TuneReport report;
   report.matrices = tuners.size();
   report.tokens = calib.size();
   report.kl_before = mean_kl();
-  if (tuners.empty() && norm_ids.empty()) {
+  if (tuners.empty() && norm_ids.empty() && lora.empty()) {
     report.kl_after = report.kl_before;
     report.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
     return report;
@@ -705,12 +795,31 @@ StatusOr<TuneReport> TuneCodebooks(const Model& f32_model, Model& m, const std::
     const float lr =
         o.lr * float(0.5 * (1.0 + std::cos(3.14159265358979323846 * double(step) / double(o.steps))));
     for (size_t t = 0; t < student->n_mats; ++t) {
-      if (tuner_of[t] < 0) continue;
-      CodebookTuner& tu = tuners[size_t(tuner_of[t])];
-      tu.Step(grads[0][t].data(), lr);
-      // The latents' rate follows the same cosine, scaled to index_lr.
-      if (tu.tunes_indices()) tu.StepIndices(grads[0][t].data(), lr / o.lr * o.index_lr);
-      tu.Dequantize(student->p[t].data());
+      Factors* F = lora_of[t] < 0 ? nullptr : &lora[size_t(lora_of[t])];
+      if (F != nullptr) {
+        // dL/dA = scale B^T dW, dL/dB = scale dW A^T, at the factors the
+        // forward pass used (before either moves).
+        const float* dw = grads[0][t].data();
+        std::fill(F->ga.begin(), F->ga.end(), 0.0f);
+        for (size_t n = 0; n < F->rows; ++n) {
+          for (size_t r = 0; r < F->rank; ++r) {
+            F->gb[n * F->rank + r] = F->scale * Dot(dw + n * F->cols, &F->a[r * F->cols], F->cols);
+            Axpy(F->scale * F->b[n * F->rank + r], dw + n * F->cols, F->cols,
+                 &F->ga[r * F->cols]);
+          }
+        }
+        const float adapter_lr = lr / o.lr * o.adapter_lr;
+        F->adam_a.Step(F->ga.data(), adapter_lr * F->rms_a, F->a.data());
+        F->adam_b.Step(F->gb.data(), adapter_lr * F->rms_b, F->b.data());
+      }
+      if (tuner_of[t] >= 0) {
+        CodebookTuner& tu = tuners[size_t(tuner_of[t])];
+        tu.Step(grads[0][t].data(), lr);
+        // The latents' rate follows the same cosine, scaled to index_lr.
+        if (tu.tunes_indices()) tu.StepIndices(grads[0][t].data(), lr / o.lr * o.index_lr);
+        tu.Dequantize(F != nullptr ? F->base.data() : student->p[t].data());
+      }
+      if (F != nullptr) apply_lora(*F);
     }
     for (size_t k = 0; k < norm_ids.size(); ++k) {
       norm_adam[k].Step(grads[0][norm_ids[k]].data(), lr * norm_scale[k],
@@ -723,7 +832,12 @@ StatusOr<TuneReport> TuneCodebooks(const Model& f32_model, Model& m, const std::
     if (tuner_of[t] < 0) continue;
     CodebookTuner& tu = tuners[size_t(tuner_of[t])];
     for (float& e : tu.mutable_entries()) e = RoundToElementType(e, tu.shape().codebook);
-    tu.Dequantize(student->p[t].data());
+    tu.Dequantize(lora_of[t] >= 0 ? lora[size_t(lora_of[t])].base.data() : student->p[t].data());
+  }
+  for (Factors& F : lora) {
+    for (float& e : F.a) e = RoundToElementType(e, F.type);
+    for (float& e : F.b) e = RoundToElementType(e, F.type);
+    apply_lora(F);
   }
   report.kl_after = mean_kl();
   report.steps = o.steps;
@@ -731,6 +845,16 @@ StatusOr<TuneReport> TuneCodebooks(const Model& f32_model, Model& m, const std::
     if (!tu.tunes_indices()) continue;
     report.changed_indices += tu.ChangedIndices();
     report.indices += tu.shape().rows * tu.shape().cols;
+  }
+  if (o.adapter != nullptr) {
+    StatusOr<Adapter> a = Adapter::Create(o.adapter->name(), o.adapter->base());
+    if (!a.ok()) return a.status();
+    a->set_kind(o.adapter->kind());
+    for (const Factors& F : lora) {
+      LUTRA_RETURN_IF_ERROR(a->AddF32(F.layer, kAllProjections[F.proj], F.rank, F.a.data(),
+                                      F.b.data(), F.scale, F.type));
+    }
+    report.adapter = std::make_shared<const Adapter>(std::move(*a));
   }
   // Write back: codebooks, norms, then the kernels' tables.
   for (size_t k = 0; k < tuners.size(); ++k) LUTRA_RETURN_IF_ERROR(tuners[k].Store(stores[k]));

@@ -912,6 +912,36 @@ TEST_CASE("lutra-generate: --lora-scaled FILE S is --lora FILE:S", "[generate][c
   CHECK(scaled != run({"--lora", adapter}));  // scale 1
 }
 
+TEST_CASE("lutra-generate: --save writes the recovery adapter beside the model",
+          "[generate][cli][lora]") {
+  LUTRA_REQUIRE_CLI();
+  const std::vector<std::string> make = {"-m", SharedPath("stories260K.bin"), "--tokenizer",
+                                         SharedPath("tok512.bin"), "--bits", "2",
+                                         "--recover-rank", "2", "--tune", "off"};
+  const std::vector<std::string> greedy = {"--temp", "0", "-n", "30", "-p", "Zoo"};
+  const std::string path = TempPath("recovered.lutra");
+  std::vector<std::string> save = make;
+  save.insert(save.end(), {"--save", path});
+  CliResult saved = RunCli(save);
+  INFO(saved.out);
+  REQUIRE(saved.rc == 0);
+  CHECK(test::Contains(saved.out, "saved " + path + ".recovery.gguf"));
+  // The saved pair runs as the palettized model with its adapter did.
+  std::vector<std::string> direct = make, loaded = {"-m", path, "--lora", path + ".recovery.gguf"};
+  direct.insert(direct.end(), greedy.begin(), greedy.end());
+  loaded.insert(loaded.end(), greedy.begin(), greedy.end());
+  CliResult a = RunCli(direct), b = RunCli(loaded);
+  INFO(a.out << "\n---\n" << b.out);
+  REQUIRE((a.rc == 0 && b.rc == 0));
+  CHECK(test::Contains(a.out, "active: recovery"));
+  const auto text = [](const std::string& out) {
+    const size_t zoo = out.find("Zoo");
+    return zoo == std::string::npos ? "" : out.substr(zoo, out.find("stats:") - zoo);
+  };
+  CHECK(text(a.out).size() > 10);
+  CHECK(text(a.out) == text(b.out));
+}
+
 TEST_CASE("lutra-generate: bad input gets clear errors", "[generate][cli]") {
   LUTRA_REQUIRE_CLI();
   const std::string bin = SharedPath("stories260K.bin"), tok = SharedPath("tok512.bin");

@@ -1,6 +1,7 @@
 // End-to-end codebook tuning (examples/tune.cc): the training forward pass
-// against the engine's Forward, its gradient against finite differences, and
-// tuning lowering the calibration KL of 4-bit stories260K.
+// against the engine's Forward, its gradient against finite differences,
+// tuning lowering the calibration KL of 4-bit stories260K, and a recovery
+// adapter trained along.
 #include <math.h>
 #include <stdlib.h>
 
@@ -89,10 +90,12 @@ double RelativeError(const std::vector<float>& a, const std::vector<float>& b) {
 
 // Logits of all positions of tokens[0..n) from the engine's Forward with
 // exact kernels.
-std::vector<float> EngineLogits(const Model& m, const std::vector<int>& tokens) {
+std::vector<float> EngineLogits(const Model& m, const std::vector<int>& tokens,
+                                const Adapter* adapter = nullptr) {
   StatusOr<RunState> s = MakeRunState(m.config, tokens.size());
   REQUIRE(s.ok());
   s->precision = MatmulPrecision::kF32;
+  s->adapter = adapter;
   StatusOr<const float*> out = Forward(m, *s, tokens.data(), tokens.size(), 0, true);
   REQUIRE(out.ok());
   return std::vector<float>(*out, *out + tokens.size() * size_t(m.config.vocab_size));
@@ -234,6 +237,79 @@ TEST_CASE("Tuning lowers the calibration KL of 4-bit stories260K", "[tune][share
   CHECK(test::Contains(TuneCodebooks(*q, *q, *calib, to).status().message(), "must be f32"));
   const std::vector<int> bad = {1, 100000};
   CHECK(test::Contains(TuneCodebooks(*f32, *q, bad, to).status().message(), "vocabulary"));
+}
+
+TEST_CASE("Tuning trains the recovery adapter with the codebooks (stories260K)",
+          "[tune][shared]") {
+  if (test::SharedModelsDir().empty()) SKIP("shared models not found (LUTRA_SHARED_MODELS_DIR)");
+  const std::string dir = test::SharedModelsDir();
+  StatusOr<Model> f32 = OpenModel(dir + "/stories260K.bin", LoadOptions());
+  REQUIRE(f32.ok());
+  LoadOptions o;
+  o.bits = 2;  // a residual worth an adapter
+  o.calib_tokens = Quick() ? 64 : 256;
+  o.gptq = false;
+  o.tune_steps = 0;
+  o.recover_rank = 2;
+  StatusOr<Model> q = PalettizeModel(*f32, o, 2);
+  REQUIRE(q.ok());
+  REQUIRE(q->recovery != nullptr);
+  const size_t targets = 7 * size_t(q->config.n_layers);
+  CHECK(q->recovery->num_targets() == targets);
+  // The training pass folds the adapter in as the LoRA epilogue applies it.
+  const std::vector<int> probe = {1, 403, 407, 261, 379, 275, 29, 281, 30, 350, 24, 1, 40};
+  const std::vector<float> plain = EngineLogits(*q, probe);
+  const std::vector<float> svd = EngineLogits(*q, probe, q->recovery.get());
+  StatusOr<std::vector<float>> folded =
+      TrainingLogits(*q, probe.data(), probe.size(), false, q->recovery.get());
+  REQUIRE(folded.ok());
+  CHECK(RelativeError(svd, plain) > 1e-3);
+  CHECK(RelativeError(*folded, svd) < 1e-4);
+
+  StatusOr<std::vector<int>> calib = SampleTokens(*f32, o.calib_tokens, 1, o.calib_seed);
+  REQUIRE(calib.ok());
+  ThreadPool pool(2);
+  TuneOptions to;
+  to.steps = Quick() ? 4 : 20;
+  to.segment = 128;
+  to.lr = 3e-3f;
+  to.adapter_lr = 1e-2f;
+  to.pool = &pool;
+  TuneOptions no_adapter = to;
+  to.adapter = q->recovery.get();
+  StatusOr<TuneReport> r = TuneCodebooks(*f32, *q, *calib, to);
+  REQUIRE(r.ok());
+  INFO("calibration KL with the adapter " << r->kl_before << " -> " << r->kl_after);
+  REQUIRE(r->adapter != nullptr);
+  CHECK(r->kl_after < (Quick() ? 0.99 : 0.8) * r->kl_before);
+  // Same targets, ranks, scales, type and name; other factors.
+  const Adapter& a = *r->adapter;
+  CHECK(a.name() == q->recovery->name());
+  CHECK(a.kind() == q->recovery->kind());
+  REQUIRE(a.num_targets() == targets);
+  size_t moved = 0;
+  for (size_t i = 0; i < targets; ++i) {
+    const LoraFactors& f = a.target(i);
+    const LoraFactors* g = q->recovery->FindFactors(f.layer(), f.projection());
+    REQUIRE(g != nullptr);
+    CHECK(f.rank() == g->rank());
+    CHECK(f.type() == g->type());
+    CHECK(f.scale() == g->scale());
+    moved += f.A(0, 0) != g->A(0, 0) || f.B(0, 0) != g->B(0, 0);
+  }
+  CHECK(moved > targets / 2);
+  // The engine runs the tuned base with the trained adapter as tuning saw it.
+  StatusOr<std::vector<float>> tuned =
+      TrainingLogits(*q, probe.data(), probe.size(), false, r->adapter.get());
+  REQUIRE(tuned.ok());
+  CHECK(RelativeError(*tuned, EngineLogits(*q, probe, r->adapter.get())) < 1e-4);
+
+  // An adapter of another shape is refused.
+  StatusOr<Adapter> other = Adapter::Create("other", BaseShapes::Llama(1, 8, 8, 8, 8));
+  REQUIRE(other.ok());
+  no_adapter.adapter = &*other;
+  CHECK(test::Contains(TuneCodebooks(*f32, *q, *calib, no_adapter).status().message(),
+                       "another model shape"));
 }
 
 }  // namespace

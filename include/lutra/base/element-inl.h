@@ -53,6 +53,37 @@ constexpr bool IsElement() {
   return hwy::IsSame<T, float>() || IsHalf<T>() || hwy::IsSame<T, int8_t>();
 }
 
+// f32 lanes -> bf16 lanes, rounded to nearest even as BF16BitsFromF32
+// (element.h) rounds, subnormals included; NaN stays NaN. Integer rounding
+// instead of DemoteTo, because the native conversion (AVX3_ZEN4 and
+// AVX3_SPR: vcvtneps2bf16) treats subnormal inputs as zero, where the
+// scalar rounding keeps them (element_test found it on a Zen 4 host).
+template <class DF>
+HWY_INLINE hn::Vec<hn::Rebind<hwy::bfloat16_t, DF>> DemoteToBF16(DF df, hn::Vec<DF> v) {
+  const hn::RebindToUnsigned<DF> du;
+  const hn::Rebind<uint16_t, DF> du16;
+  const hn::Rebind<hwy::bfloat16_t, DF> dbf;
+  const auto bits = hn::BitCast(du, v);
+  const auto odd = hn::And(hn::ShiftRight<16>(bits), hn::Set(du, 1u));
+  const auto rounded = hn::ShiftRight<16>(hn::Add(hn::Add(bits, hn::Set(du, 0x7FFFu)), odd));
+  // A NaN is truncated and made quiet instead: rounding could carry its
+  // mantissa into the exponent (Inf) or past the sign (0).
+  const auto nan = hn::Or(hn::ShiftRight<16>(bits), hn::Set(du, 0x0040u));
+  const auto out = hn::IfThenElse(hn::RebindMask(du, hn::IsNaN(v)), nan, rounded);
+  (void)df;
+  return hn::BitCast(dbf, hn::DemoteTo(du16, out));
+}
+
+// Narrows f32 lanes to the 16-bit element type T.
+template <typename T, class DF>
+HWY_INLINE hn::Vec<hn::Rebind<T, DF>> DemoteToHalf(DF df, hn::Vec<DF> v) {
+  if constexpr (hwy::IsSame<T, hwy::bfloat16_t>()) {
+    return DemoteToBF16(df, v);
+  } else {
+    return hn::DemoteTo(hn::Rebind<T, DF>(), v);
+  }
+}
+
 }  // namespace detail
 
 // Returns elements p[0, Lanes(df)) as f32. int8: the integers, unscaled.
@@ -96,7 +127,7 @@ HWY_INLINE void StoreFromF32(hn::Vec<DF> v, DF df, T* HWY_RESTRICT p) {
     hn::StoreU(hn::DemoteTo(d8, hn::NearestInt(v)), d8, p);
   } else {
     const hn::Rebind<T, DF> dh;
-    hn::StoreU(hn::DemoteTo(dh, v), dh, p);
+    hn::StoreU(detail::DemoteToHalf<T>(df, v), dh, p);
   }
 }
 
@@ -112,7 +143,7 @@ HWY_INLINE void StoreNFromF32(hn::Vec<DF> v, DF df, T* HWY_RESTRICT p, size_t n)
     hn::StoreN(hn::DemoteTo(d8, hn::NearestInt(v)), d8, p, n);
   } else {
     const hn::Rebind<T, DF> dh;
-    hn::StoreN(hn::DemoteTo(dh, v), dh, p, n);
+    hn::StoreN(detail::DemoteToHalf<T>(df, v), dh, p, n);
   }
 }
 

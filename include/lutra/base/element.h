@@ -19,7 +19,7 @@
 //    keeps one per row).
 //
 // Plain header: no Highway targets (hwy/base.h only: Highway's scalar f16/bf16
-// rounding, which the vector DemoteTo matches bit for bit).
+// rounding, which the vector stores of element-inl.h match bit for bit).
 #ifndef LUTRA_BASE_ELEMENT_H_
 #define LUTRA_BASE_ELEMENT_H_
 
@@ -118,7 +118,7 @@ inline float F32FromBF16Bits(uint16_t b) {
 // Narrowing: round to nearest even.
 
 // f32 -> IEEE binary16 bits; beyond +-65504 (after rounding) becomes +-Inf,
-// NaN stays NaN. The same bits as the vector DemoteTo (element-inl.h).
+// NaN stays NaN. The same bits as the vector stores (element-inl.h).
 inline uint16_t F16BitsFromF32(float v) {
   return hwy::BitCastScalar<uint16_t>(hwy::F16FromF32(v));
 }
