@@ -361,15 +361,9 @@ bool ParseArgs(int argc, char** argv, Args* a) {
         const size_t comma = rest.find(',');
         const std::string name = rest.substr(0, comma);
         rest = comma == std::string::npos ? "" : rest.substr(comma + 1);
-        bool known = false;
-        for (lutra::ElementType t : {lutra::ElementType::kF32, lutra::ElementType::kF16,
-                                     lutra::ElementType::kBF16, lutra::ElementType::kI8}) {
-          if (name == lutra::ElementTypeName(t)) {
-            a->kv.push_back(t);
-            known = true;
-          }
-        }
-        if (!known) return false;
+        lutra::ElementType t;
+        if (!lutra::ElementTypeFromName(name.c_str(), &t)) return false;
+        a->kv.push_back(t);
       }
     } else if (flag == "--threads" || flag == "--verify" || flag == "--context") {
       std::vector<size_t>& list =

@@ -346,6 +346,20 @@ struct GenerateStats {
   // call's first token comes from its prefill, not from a decode pass.
   size_t calls = 1;
 
+  // Adds another call's counts and times (a chat's turns); positions and
+  // stop_token stay this one's.
+  void Add(const GenerateStats& o) {
+    calls += o.calls;
+    prompt_tokens += o.prompt_tokens;
+    generated_tokens += o.generated_tokens;
+    decode_forwards += o.decode_forwards;
+    prefill_seconds += o.prefill_seconds;
+    decode_seconds += o.decode_seconds;
+    drafted_tokens += o.drafted_tokens;
+    accepted_tokens += o.accepted_tokens;
+    draft_forwards += o.draft_forwards;
+  }
+
   // Tokens generated per target forward pass after the prefill (1 for plain
   // decoding, up to draft length + 1 with speculation): generated tokens
   // but each call's first, over decode_forwards.

@@ -303,18 +303,12 @@ std::string CanonicalFlag(const std::string& flag) {
 // --kv-type, or llama.cpp's -ctk/-ctv names (q8_0: lutra's int8, one scale
 // per position and KV head rather than per 32 values).
 bool ParseKvType(const std::string& v, bool llama_names, lutra::ElementType* out) {
-  if (v == "f32") {
-    *out = lutra::ElementType::kF32;
-  } else if (v == "f16") {
-    *out = lutra::ElementType::kF16;
-  } else if (v == "bf16") {
-    *out = lutra::ElementType::kBF16;
-  } else if (v == (llama_names ? "q8_0" : "int8")) {
+  if (llama_names && v == "q8_0") {
     *out = lutra::ElementType::kI8;
-  } else {
-    return false;
+    return true;
   }
-  return true;
+  if (llama_names && v == "int8") return false;  // llama.cpp has no such name
+  return lutra::ElementTypeFromName(v.c_str(), out);
 }
 
 // Whether `path` names a GGUF container (.gguf or .lutra).
@@ -1067,16 +1061,7 @@ int RunChat(const Options& o, const engine::Model& model, const lutra::Tokenizer
     fflush(stdout);
     if (!status.ok()) return Fail(status);
     pos = st.positions;
-    engine::GenerateStats& t = total.gen;
-    t.calls += st.calls;
-    t.prompt_tokens += st.prompt_tokens;
-    t.generated_tokens += st.generated_tokens;
-    t.decode_forwards += st.decode_forwards;
-    t.prefill_seconds += st.prefill_seconds;
-    t.decode_seconds += st.decode_seconds;
-    t.drafted_tokens += st.drafted_tokens;
-    t.accepted_tokens += st.accepted_tokens;
-    t.draft_forwards += st.draft_forwards;
+    total.gen.Add(st);
     if (st.stop_token < 0 && pos + 1 >= context) {
       fprintf(stderr, "chat: the context of %zu positions is full; ending the conversation "
               "(-c N for a longer one)\n", context);

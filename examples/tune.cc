@@ -45,6 +45,13 @@ T Dot(const T* a, const T* b, size_t n) {
   return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + tail;
 }
 
+// Root mean square of v's elements (0 for an empty v).
+float Rms(const std::vector<float>& v) {
+  double s = 0.0;
+  for (float x : v) s += double(x) * x;
+  return float(std::sqrt(s / double(std::max<size_t>(v.size(), 1))));
+}
+
 // y[i] += alpha * x[i], i < n.
 template <typename T>
 void Axpy(T alpha, const T* x, size_t n, T* y) {
@@ -688,9 +695,7 @@ StatusOr<TuneReport> TuneCodebooks(const Model& f32_model, Model& m, const std::
     for (size_t t = student->n_mats; t < student->p.size(); ++t) {
       norm_ids.push_back(t);
       norm_adam.emplace_back(student->p[t].size());
-      double s = 0.0;
-      for (float v : student->p[t]) s += double(v) * v;
-      norm_scale.push_back(float(std::sqrt(s / double(student->p[t].size()))));
+      norm_scale.push_back(Rms(student->p[t]));
     }
   }
   // The adapter trained along: per adapted matrix, f32 copies of its
@@ -716,12 +721,7 @@ StatusOr<TuneReport> TuneCodebooks(const Model& f32_model, Model& m, const std::
                   f->scale(), f->type(), {}, {}, {}, {}, {}, Adam(f->a_elements()),
                   Adam(f->b_elements())};
         FactorsF32(*f, &F.a, &F.b);
-        const auto rms = [](const std::vector<float>& v) {
-          double s = 0.0;
-          for (float x : v) s += double(x) * x;
-          return float(std::sqrt(s / double(std::max<size_t>(v.size(), 1))));
-        };
-        F.rms_a = rms(F.a), F.rms_b = rms(F.b);
+        F.rms_a = Rms(F.a), F.rms_b = Rms(F.b);
         F.base = student->p[F.t];
         F.ga.resize(F.a.size()), F.gb.resize(F.b.size());
         lora_of[F.t] = int(lora.size());

@@ -94,9 +94,8 @@ Status GemmGroupT(const dispatch::GroupJob* jobs, size_t num_jobs, const float* 
     LUTRA_RETURN_IF_ERROR(PrepareGemmInput(*job.w, x, batch, cols, ep, opt, job.in));
   }
   const size_t tasks = pool != nullptr ? pool->NumThreads() : 1;
-  // GemvRows walks 4-row blocks, GemmRows whole panels (ParallelForRows'
-  // alignments in Gemv and Gemm).
-  const size_t align = batch == 1 ? 4 : GemmRangeAlignment();
+  // Gemv's and Gemm's alignments of their ParallelForRows ranges.
+  const size_t align = batch == 1 ? kGemvRangeAlignment : GemmRangeAlignment();
   const auto run = [&](size_t task, size_t thread) -> Status {
     for (size_t j = 0; j < num_jobs; ++j) {
       const dispatch::GroupJob& job = jobs[j];
@@ -235,7 +234,7 @@ Status GemmRows(const PreparedPalette& w, const PreparedInput& in, size_t n0, si
                 float* Y, size_t ldy, GemmScratch* scratch) {
   return HWY_DYNAMIC_DISPATCH(GemmRowsT)(w, in, n0, n1, Y, ldy, scratch);
 }
-size_t GemvRangeAlignment() { return 4; }
+size_t GemvRangeAlignment() { return kGemvRangeAlignment; }
 size_t GemmRangeAlignment() { return HWY_DYNAMIC_DISPATCH(GemmRangeAlignmentT)(); }
 
 void LoraApply(const LoraDelta& lora, const float* x, size_t batch, size_t rows, size_t cols,

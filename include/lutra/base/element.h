@@ -80,6 +80,20 @@ inline const char* ElementTypeName(ElementType type) {
   return "invalid";
 }
 
+// The inverse of ElementTypeName: sets *type and returns true for "f16",
+// "bf16", "f32" or "int8", else returns false.
+inline bool ElementTypeFromName(const char* name, ElementType* type) {
+  static constexpr ElementType kAll[] = {ElementType::kF16, ElementType::kBF16,
+                                         ElementType::kF32, ElementType::kI8};
+  for (ElementType t : kAll) {
+    if (strcmp(name, ElementTypeName(t)) == 0) {
+      *type = t;
+      return true;
+    }
+  }
+  return false;
+}
+
 // ---------------------------------------------------------------------------
 // Widening: exact.
 

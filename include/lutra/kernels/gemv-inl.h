@@ -347,7 +347,8 @@ HWY_INLINE Status Gemv(const PreparedPalette& w, const float* HWY_RESTRICT x, si
   PreparedInput local;
   PreparedInput* in = scratch ? scratch : &local;
   LUTRA_RETURN_IF_ERROR(PrepareGemvInput(w, x, x_size, ep, opt, in));
-  return ParallelForRows(pool, N, 4, [&](RowRange rr) { return GemvRows(w, *in, rr.begin, rr.end, y); });
+  return ParallelForRows(pool, N, kGemvRangeAlignment,
+                         [&](RowRange rr) { return GemvRows(w, *in, rr.begin, rr.end, y); });
 }
 
 }  // namespace HWY_NAMESPACE

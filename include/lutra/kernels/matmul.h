@@ -81,6 +81,10 @@ inline const char* MatmulPrecisionName(MatmulPrecision p) {
 // token) and therefore matches GEMV bit for bit.
 constexpr size_t kGemmSmallM = 32;
 
+// Row ranges that are multiples of this keep GEMV's 4-row steps whole
+// (kernels/gemv-inl.h GemvRowsI8); any range is correct.
+constexpr size_t kGemvRangeAlignment = 4;
+
 struct MatmulOptions {
   MatmulPrecision precision = MatmulPrecision::kInt8;
 };
