@@ -14,8 +14,9 @@
 //
 // Timing: the machine this was written on is shared and oversubscribed, so
 // by default a call's time is the process CPU time it used divided by the
-// thread count (both threads run the whole call: the pool blocks, it does
-// not spin), which measures the code while it holds its cores.
+// thread count, which measures the code while it holds its cores. A
+// worker that runs out of tasks polls for the next call (up to 50 us,
+// thread_pool.h), and that CPU time counts too, as the wall time would.
 // LUTRA_BENCH_WALL=1 switches to wall time for quiet machines.
 // Usage: attention_bench [--quick] [--only f16|bf16|int8]
 //   --quick: fewer repetitions; --only: the decode rows of one KV type.

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <random>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <catch2/catch_test_macros.hpp>
@@ -60,26 +61,31 @@ TEST_CASE("SplitRows partitions aligned ranges", "[thread_pool]") {
 }
 
 
-// The pool's workers sleep and wake between calls (and would spin, in a
-// spinning pool: docs/benchmarks.md "Thread pool"); a lost wake-up hangs, a
-// missed happens-before shows under TSan (cmake/test.sh tsan), a task run
-// twice or not at all fails the sums. Calls come back to back, after pauses,
-// and with work sizes from nothing to more tasks than threads.
+// The pool's workers poll for spin_us, then sleep, between calls (thread_pool.h);
+// a lost wake-up hangs, a missed happens-before shows under TSan
+// (cmake/test.sh tsan), a task run twice or not at all fails the sums.
+// Calls come back to back, after pauses, and with work sizes from nothing
+// to more tasks than threads, on pools that only block (spin 0), that block
+// almost at once (1 us: the spin-to-sleep hand-over is hit all the time)
+// and that spin the default time.
 TEST_CASE("ParallelFor survives many calls of random sizes", "[thread_pool]") {
   // 2 * 10^5 calls by default (~1 s in Release), 2 * 10^4 under
   // LUTRA_TEST_QUICK (ASan, qemu); cmake/test.sh tsan runs 10^6 through
   // LUTRA_POOL_STRESS_CALLS.
   size_t calls = getenv("LUTRA_TEST_QUICK") ? 20000 : 200000;
   if (const char* env = getenv("LUTRA_POOL_STRESS_CALLS")) calls = strtoull(env, nullptr, 10);
-  for (size_t threads : {2, 3}) {
-    ThreadPool pool(threads);
-    std::mt19937_64 rng(threads);
+  for (const auto& [threads, spin_us] :
+       {std::pair<size_t, unsigned>{2, 0}, {3, 1}, {2, ThreadPool::kDefaultSpinMicros},
+        {3, ThreadPool::kDefaultSpinMicros}}) {
+    INFO(threads << " threads, spin " << spin_us << " us");
+    ThreadPool pool(threads, spin_us);
+    std::mt19937_64 rng(threads + spin_us);
     std::vector<uint64_t> sums(64);
     uint64_t expect = 0, total = 0;
-    for (size_t call = 0; call < calls / 2; ++call) {
+    for (size_t call = 0; call < calls / 4; ++call) {
       const size_t num_tasks = rng() % 9;  // 0..8
       const size_t work = rng() % 64;      // iterations per task
-      if (call % 100000 == 99999) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      if (call % 20000 == 19999) std::this_thread::sleep_for(std::chrono::milliseconds(2));
       pool.ParallelFor(num_tasks, [&](size_t task, size_t thread) {
         uint64_t acc = task + 1;
         for (size_t i = 0; i < work; ++i) acc = acc * 6364136223846793005ull + 1;

@@ -1,10 +1,19 @@
-// A small fixed-size thread pool with a blocking parallel-for.
+// A small fixed-size thread pool with a parallel-for.
 //
 // lutra's kernels are single-threaded per call and take a row range, so any
 // engine can split work with its own pool; this one exists so that the
 // examples, tests and benchmarks need nothing else. The calling thread takes
 // part in the work, so ThreadPool(1) starts no threads and ParallelFor runs
 // inline.
+//
+// Waiting: idle workers poll for the next job, and the caller for the
+// workers' end, for spin_us (default 50 us), then block on a condition
+// variable. A decode step is ~100 parallel calls a few microseconds to a
+// few milliseconds apart; with blocking alone each call paid a futex
+// wake-up, 40-50 us per call on an idle 2-core host (pool_bench,
+// docs/benchmarks.md), several milliseconds per token. The spin is bounded
+// so that an oversubscribed machine, where a polling thread takes the time
+// slice of the thread it waits for, loses at most spin_us per call.
 //
 // Plain header (no per-target code).
 #ifndef LUTRA_THREAD_POOL_H_
@@ -14,6 +23,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -52,7 +62,10 @@ class ThreadPool {
  public:
   // num_threads >= 1 is the total parallelism including the caller, so
   // num_threads - 1 worker threads are started. 0 is treated as 1.
-  explicit ThreadPool(size_t num_threads) {
+  // spin_us: how long a worker polls for the next job, and the caller for
+  // the workers' end, before blocking on a condition variable (see below).
+  explicit ThreadPool(size_t num_threads, unsigned spin_us = kDefaultSpinMicros)
+      : spin_us_(spin_us) {
     num_threads_ = num_threads == 0 ? 1 : num_threads;
     workers_.reserve(num_threads_ - 1);
     for (size_t t = 1; t < num_threads_; ++t) {
@@ -63,13 +76,18 @@ class ThreadPool {
     {
       std::lock_guard<std::mutex> lock(mu_);
       stop_ = true;
-      ++generation_;
+      generation_.fetch_add(1, std::memory_order_release);
     }
     start_cv_.notify_all();
     for (std::thread& w : workers_) w.join();
   }
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
+
+  // Default spin before blocking. A decode step makes ~100 parallel calls
+  // separated by short single-threaded work; a worker that went to sleep
+  // costs a futex wake-up (10-30 us on the hosts measured) at the next call.
+  static constexpr unsigned kDefaultSpinMicros = 50;
 
   size_t NumThreads() const { return num_threads_; }
 
@@ -86,19 +104,23 @@ class ThreadPool {
       for (size_t task = 0; task < num_tasks; ++task) fn(task, size_t{0});
       return;
     }
+    job_fn_ = &fn;
+    job_call_ = &CallFn<Fn>;
+    num_tasks_ = num_tasks;
+    next_task_.store(0, std::memory_order_relaxed);
+    busy_workers_.store(workers_.size(), std::memory_order_relaxed);
     {
+      // Under the mutex: a worker about to block re-checks generation_
+      // under it, so it cannot miss this bump.
       std::lock_guard<std::mutex> lock(mu_);
-      job_fn_ = &fn;
-      job_call_ = &CallFn<Fn>;
-      num_tasks_ = num_tasks;
-      next_task_.store(0, std::memory_order_relaxed);
-      busy_workers_ = workers_.size();
-      ++generation_;
+      generation_.fetch_add(1, std::memory_order_release);
     }
-    start_cv_.notify_all();
+    if (sleepers_.load(std::memory_order_acquire) != 0) start_cv_.notify_all();
     RunTasks(0);
-    std::unique_lock<std::mutex> lock(mu_);
-    done_cv_.wait(lock, [this] { return busy_workers_ == 0; });
+    if (!SpinUntil([this] { return busy_workers_.load(std::memory_order_acquire) == 0; })) {
+      std::unique_lock<std::mutex> lock(mu_);
+      done_cv_.wait(lock, [this] { return busy_workers_.load(std::memory_order_acquire) == 0; });
+    }
     job_fn_ = nullptr;
   }
 
@@ -106,6 +128,29 @@ class ThreadPool {
   template <class Fn>
   static void CallFn(const void* fn, size_t task, size_t thread) {
     (*static_cast<const Fn*>(fn))(task, thread);
+  }
+
+  static void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    asm volatile("yield" ::: "memory");
+#endif
+  }
+
+  // Polls done() for up to spin_us_; true once it returned true.
+  template <class Done>
+  bool SpinUntil(const Done& done) const {
+    if (done()) return true;
+    if (spin_us_ == 0) return false;
+    const auto end = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_);
+    for (;;) {
+      for (int i = 0; i < 64; ++i) {
+        CpuRelax();
+        if (done()) return true;
+      }
+      if (std::chrono::steady_clock::now() >= end) return false;
+    }
   }
 
   void RunTasks(size_t thread) {
@@ -117,32 +162,38 @@ class ThreadPool {
   }
 
   void WorkerLoop(size_t thread) {
-    size_t seen = 0;
+    uint64_t seen = 0;
     for (;;) {
-      {
+      const auto started = [&] { return generation_.load(std::memory_order_acquire) != seen; };
+      if (!SpinUntil(started)) {
         std::unique_lock<std::mutex> lock(mu_);
-        start_cv_.wait(lock, [&] { return generation_ != seen; });
-        seen = generation_;
-        if (stop_) return;
+        sleepers_.fetch_add(1, std::memory_order_acq_rel);
+        start_cv_.wait(lock, started);
+        sleepers_.fetch_sub(1, std::memory_order_relaxed);
       }
+      seen = generation_.load(std::memory_order_acquire);
+      if (stop_.load(std::memory_order_acquire)) return;
       RunTasks(thread);
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        --busy_workers_;
+      if (busy_workers_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        // The caller may be blocked (or about to block) on done_cv_: taking
+        // the mutex orders this against its predicate check.
+        { std::lock_guard<std::mutex> lock(mu_); }
+        done_cv_.notify_one();
       }
-      done_cv_.notify_one();
     }
   }
 
   size_t num_threads_ = 1;
+  unsigned spin_us_;
   std::vector<std::thread> workers_;
   std::mutex mu_;
   std::condition_variable start_cv_, done_cv_;
-  size_t generation_ = 0;  // guarded by mu_; bumped per job and at shutdown
-  bool stop_ = false;
-  size_t busy_workers_ = 0;
-  // The current job; written under mu_ before generation_ is bumped, so
-  // workers that observe the new generation see it.
+  std::atomic<uint64_t> generation_{0};  // bumped (under mu_) per job and at shutdown
+  std::atomic<bool> stop_{false};
+  std::atomic<size_t> busy_workers_{0};
+  std::atomic<size_t> sleepers_{0};  // workers blocked (or blocking) on start_cv_
+  // The current job; written before generation_ is bumped (release), so
+  // workers that observe the new generation (acquire) see it.
   const void* job_fn_ = nullptr;
   void (*job_call_)(const void*, size_t, size_t) = nullptr;
   size_t num_tasks_ = 0;

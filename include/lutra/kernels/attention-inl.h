@@ -243,81 +243,103 @@ HWY_INLINE void BlockScores(DF df, const AttnRow* rows, const T* HWY_RESTRICT kr
   }
 }
 
+// o[r] += sum_{k < kNK} w[r][t + k] * v_k for r < kNR: one group of kNK <= 4
+// keys whose rows start at v (head_dim elements each), FMAs in key order.
+template <size_t kNK, size_t kNR, class DF, typename T>
+HWY_INLINE void AccumulateVKeys(DF df, float* const* o, const T* HWY_RESTRICT v,
+                                size_t head_dim, const float* const* w, size_t t) {
+  using V = hn::Vec<DF>;
+  const size_t N = hn::Lanes(df);
+  const T* v0p = v;
+  const T* v1p = v + (kNK > 1 ? head_dim : 0);
+  const T* v2p = v + (kNK > 2 ? 2 * head_dim : 0);
+  const T* v3p = v + (kNK > 3 ? 3 * head_dim : 0);
+  // The group's weights, per row (4 x kNR vectors: registers on AVX-512).
+  const auto wv = [&](size_t r, size_t k) {
+    return hn::Set(df, w[r < kNR ? r : 0][t + (k < kNK ? k : 0)]);
+  };
+  const V w00 = wv(0, 0), w01 = wv(0, 1), w02 = wv(0, 2), w03 = wv(0, 3);
+  const V w10 = wv(1, 0), w11 = wv(1, 1), w12 = wv(1, 2), w13 = wv(1, 3);
+  const V w20 = wv(2, 0), w21 = wv(2, 1), w22 = wv(2, 2), w23 = wv(2, 3);
+  const V w30 = wv(3, 0), w31 = wv(3, 1), w32 = wv(3, 2), w33 = wv(3, 3);
+  // a + w_k * x_k over the group's keys, in t order.
+  const auto fma = [&](V a, V x0, V x1, V x2, V x3, V c0, V c1, V c2, V c3) {
+    a = hn::MulAdd(c0, x0, a);
+    if (kNK > 1) a = hn::MulAdd(c1, x1, a);
+    if (kNK > 2) a = hn::MulAdd(c2, x2, a);
+    if (kNK > 3) a = hn::MulAdd(c3, x3, a);
+    return a;
+  };
+  // Whole vectors load and store unmasked, the last partial one masked
+  // (masked loads and stores throughout made the pass twice as slow).
+  const auto row = [&](size_t r, size_t i, V x0, V x1, V x2, V x3) {
+    float* p = o[r] + i;
+    if (r == 0) hn::StoreU(fma(hn::LoadU(df, p), x0, x1, x2, x3, w00, w01, w02, w03), df, p);
+    if (r == 1) hn::StoreU(fma(hn::LoadU(df, p), x0, x1, x2, x3, w10, w11, w12, w13), df, p);
+    if (r == 2) hn::StoreU(fma(hn::LoadU(df, p), x0, x1, x2, x3, w20, w21, w22, w23), df, p);
+    if (r == 3) hn::StoreU(fma(hn::LoadU(df, p), x0, x1, x2, x3, w30, w31, w32, w33), df, p);
+  };
+  const auto row_n = [&](size_t r, size_t i, size_t n, V x0, V x1, V x2, V x3) {
+    float* p = o[r] + i;
+    if (r == 0) hn::StoreN(fma(hn::LoadN(df, p, n), x0, x1, x2, x3, w00, w01, w02, w03), df, p, n);
+    if (r == 1) hn::StoreN(fma(hn::LoadN(df, p, n), x0, x1, x2, x3, w10, w11, w12, w13), df, p, n);
+    if (r == 2) hn::StoreN(fma(hn::LoadN(df, p, n), x0, x1, x2, x3, w20, w21, w22, w23), df, p, n);
+    if (r == 3) hn::StoreN(fma(hn::LoadN(df, p, n), x0, x1, x2, x3, w30, w31, w32, w33), df, p, n);
+  };
+  size_t i = 0;
+  for (; i + N <= head_dim; i += N) {
+    const V x0 = LoadAsF32(df, v0p + i);
+    const V x1 = kNK > 1 ? LoadAsF32(df, v1p + i) : x0;
+    const V x2 = kNK > 2 ? LoadAsF32(df, v2p + i) : x0;
+    const V x3 = kNK > 3 ? LoadAsF32(df, v3p + i) : x0;
+    row(0, i, x0, x1, x2, x3);
+    if (kNR > 1) row(1, i, x0, x1, x2, x3);
+    if (kNR > 2) row(2, i, x0, x1, x2, x3);
+    if (kNR > 3) row(3, i, x0, x1, x2, x3);
+  }
+  if (i < head_dim) {
+    const size_t n = head_dim - i;
+    const V x0 = LoadNAsF32(df, v0p + i, n);
+    const V x1 = kNK > 1 ? LoadNAsF32(df, v1p + i, n) : x0;
+    const V x2 = kNK > 2 ? LoadNAsF32(df, v2p + i, n) : x0;
+    const V x3 = kNK > 3 ? LoadNAsF32(df, v3p + i, n) : x0;
+    row_n(0, i, n, x0, x1, x2, x3);
+    if (kNR > 1) row_n(1, i, n, x0, x1, x2, x3);
+    if (kNR > 2) row_n(2, i, n, x0, x1, x2, x3);
+    if (kNR > 3) row_n(3, i, n, x0, x1, x2, x3);
+  }
+}
+
 // out_r = out_r * corr_r + sum_{t in [t0, t1)} w[r * kAttnBlock + t] * v_t
 // for r < kNR. vrows: the block's rows of head_dim elements; w already
-// includes int8 V scales. Two vectors of head_dim per pass (2 * kNR chains);
-// each output lane is the same chain (Mul, then FMAs in t order) whatever
-// kNR is, and a weight of exactly 0 leaves it unchanged (finite V).
+// includes int8 V scales. Keys go in groups of four (AccumulateVKeys): each
+// V row is read once, front to back, and each out vector is loaded and
+// stored once per group. Walking the block in stripes of a cache line down
+// its 32 rows instead (the previous kernel) read at half the bandwidth of a
+// sequential walk, from L2 as from DRAM, and held decode attention at a
+// third of the read bandwidth (docs/attention.md). Each output lane is the
+// same chain (Mul by corr, then FMAs in t order) whatever kNR and the
+// grouping are, and a weight of exactly 0 leaves it unchanged (finite V).
 template <size_t kNR, class DF, typename T>
 HWY_INLINE void BlockAccumulateV(DF df, AttnRow* rows, const T* HWY_RESTRICT vrows,
                                  size_t head_dim, size_t t0, size_t t1,
                                  const float* HWY_RESTRICT w) {
-  using V = hn::Vec<DF>;
-  const size_t N = hn::Lanes(df);
-  float* o0 = rows[0].out;
-  float* o1 = rows[kNR > 1 ? 1 : 0].out;
-  float* o2 = rows[kNR > 2 ? 2 : 0].out;
-  float* o3 = rows[kNR > 3 ? 3 : 0].out;
-  const V c0 = hn::Set(df, rows[0].corr);
-  const V c1 = hn::Set(df, rows[kNR > 1 ? 1 : 0].corr);
-  const V c2 = hn::Set(df, rows[kNR > 2 ? 2 : 0].corr);
-  const V c3 = hn::Set(df, rows[kNR > 3 ? 3 : 0].corr);
-  const float* w0 = w;
-  const float* w1 = w + (kNR > 1 ? kAttnBlock : 0);
-  const float* w2 = w + (kNR > 2 ? 2 * kAttnBlock : 0);
-  const float* w3 = w + (kNR > 3 ? 3 * kAttnBlock : 0);
-  size_t i = 0;
-  for (; i + 2 * N <= head_dim; i += 2 * N) {
-    V a0 = hn::Mul(hn::LoadU(df, o0 + i), c0), e0 = hn::Mul(hn::LoadU(df, o0 + i + N), c0);
-    V a1 = a0, e1 = e0, a2 = a0, e2 = e0, a3 = a0, e3 = e0;
-    if (kNR > 1) a1 = hn::Mul(hn::LoadU(df, o1 + i), c1), e1 = hn::Mul(hn::LoadU(df, o1 + i + N), c1);
-    if (kNR > 2) a2 = hn::Mul(hn::LoadU(df, o2 + i), c2), e2 = hn::Mul(hn::LoadU(df, o2 + i + N), c2);
-    if (kNR > 3) a3 = hn::Mul(hn::LoadU(df, o3 + i), c3), e3 = hn::Mul(hn::LoadU(df, o3 + i + N), c3);
-    for (size_t t = t0; t < t1; ++t) {
-      const T* vr = vrows + t * head_dim + i;
-      const V v0 = LoadAsF32(df, vr), v1 = LoadAsF32(df, vr + N);
-      V wt = hn::Set(df, w0[t]);
-      a0 = hn::MulAdd(wt, v0, a0);
-      e0 = hn::MulAdd(wt, v1, e0);
-      if (kNR > 1) {
-        wt = hn::Set(df, w1[t]);
-        a1 = hn::MulAdd(wt, v0, a1);
-        e1 = hn::MulAdd(wt, v1, e1);
-      }
-      if (kNR > 2) {
-        wt = hn::Set(df, w2[t]);
-        a2 = hn::MulAdd(wt, v0, a2);
-        e2 = hn::MulAdd(wt, v1, e2);
-      }
-      if (kNR > 3) {
-        wt = hn::Set(df, w3[t]);
-        a3 = hn::MulAdd(wt, v0, a3);
-        e3 = hn::MulAdd(wt, v1, e3);
-      }
-    }
-    hn::StoreU(a0, df, o0 + i);
-    hn::StoreU(e0, df, o0 + i + N);
-    if (kNR > 1) hn::StoreU(a1, df, o1 + i), hn::StoreU(e1, df, o1 + i + N);
-    if (kNR > 2) hn::StoreU(a2, df, o2 + i), hn::StoreU(e2, df, o2 + i + N);
-    if (kNR > 3) hn::StoreU(a3, df, o3 + i), hn::StoreU(e3, df, o3 + i + N);
+  float* o[kNR];
+  const float* wr[kNR];
+  for (size_t r = 0; r < kNR; ++r) {
+    o[r] = rows[r].out;
+    wr[r] = w + r * kAttnBlock;
+    ScaleInPlace(df, o[r], rows[r].corr, head_dim);
   }
-  for (; i < head_dim; i += N) {  // last vector(s), possibly partial
-    const size_t n = HWY_MIN(N, head_dim - i);
-    V a0 = hn::Mul(hn::LoadN(df, o0 + i, n), c0);
-    V a1 = kNR > 1 ? hn::Mul(hn::LoadN(df, o1 + i, n), c1) : a0;
-    V a2 = kNR > 2 ? hn::Mul(hn::LoadN(df, o2 + i, n), c2) : a0;
-    V a3 = kNR > 3 ? hn::Mul(hn::LoadN(df, o3 + i, n), c3) : a0;
-    for (size_t t = t0; t < t1; ++t) {
-      const V v = LoadNAsF32(df, vrows + t * head_dim + i, n);
-      a0 = hn::MulAdd(hn::Set(df, w0[t]), v, a0);
-      if (kNR > 1) a1 = hn::MulAdd(hn::Set(df, w1[t]), v, a1);
-      if (kNR > 2) a2 = hn::MulAdd(hn::Set(df, w2[t]), v, a2);
-      if (kNR > 3) a3 = hn::MulAdd(hn::Set(df, w3[t]), v, a3);
-    }
-    hn::StoreN(a0, df, o0 + i, n);
-    if (kNR > 1) hn::StoreN(a1, df, o1 + i, n);
-    if (kNR > 2) hn::StoreN(a2, df, o2 + i, n);
-    if (kNR > 3) hn::StoreN(a3, df, o3 + i, n);
+  size_t t = t0;
+  for (; t + 4 <= t1; t += 4) {
+    AccumulateVKeys<4, kNR>(df, o, vrows + t * head_dim, head_dim, wr, t);
+  }
+  switch (t1 - t) {
+    case 3: AccumulateVKeys<3, kNR>(df, o, vrows + t * head_dim, head_dim, wr, t); break;
+    case 2: AccumulateVKeys<2, kNR>(df, o, vrows + t * head_dim, head_dim, wr, t); break;
+    case 1: AccumulateVKeys<1, kNR>(df, o, vrows + t * head_dim, head_dim, wr, t); break;
+    default: break;
   }
 }
 
