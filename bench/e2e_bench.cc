@@ -14,7 +14,9 @@
 // depth so every ratio compares equal shapes. Figures are medians of --reps
 // runs; each run prefills --prefill tokens (GEMM) then decodes --decode
 // tokens (GEMV) one at a time. "GB/s" is weight bytes streamed per decoded
-// token times tokens/s (the head and embedding included).
+// token times tokens/s (the head and embedding included); "read GB/s" is a
+// plain sum over 512 MiB by the same threads before each repetition, and
+// "decode / read" the median over repetitions of the one over the other.
 //
 // --context N,... [--kv f16,bf16,int8]: the context-length sweep of the
 // 4-bit model at full depth: per KV type and thread count, prefill N tokens
@@ -36,6 +38,7 @@
 // runs) against a plain one-token decode step at the same position, the two
 // alternating, medians of --reps x 5 pairs. With --verify only that table
 // is printed.
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -74,6 +77,9 @@ struct Args {
 
 struct Result {
   double prefill_tps = 0.0, decode_tps = 0.0;
+  // Read bandwidth measured by the same threads before each repetition,
+  // and the median over repetitions of decode weight GB/s over it.
+  double read_gbs = 0.0, decode_vs_read = 0.0;
 };
 
 // Prints a failed step's message; the exit code of a failed table.
@@ -94,7 +100,41 @@ std::vector<int> Prompt(const engine::Model& model, size_t n) {
   return prompt;
 }
 
-// Median prefill and decode tokens/s of `model` with `threads` threads.
+volatile uint64_t g_read_sink;  // keeps ReadGBs' sums alive
+
+// GB/s of `pool`'s threads summing 512 MiB (each its own contiguous part,
+// 8 independent integer sums: enough loads in flight for one core's
+// bandwidth): the bandwidth a decode step can hope for, measured by this
+// binary in the same repetitions (the machine's bandwidth drifts).
+double ReadGBs(lutra::ThreadPool& pool) {
+  static std::vector<uint64_t> buf = [] {
+    std::vector<uint64_t> b((size_t{512} << 20) / sizeof(uint64_t));
+    for (size_t i = 0; i < b.size(); ++i) b[i] = i * 0x9E3779B97F4A7C15ull;  // touch every page
+    return b;
+  }();
+  const size_t T = pool.NumThreads();
+  std::vector<uint64_t> sums(T);
+  const auto t0 = std::chrono::steady_clock::now();
+  pool.ParallelFor(T, [&](size_t task, size_t) {
+    const lutra::RowRange r = lutra::SplitRows(buf.size(), T, task, 512);
+    uint64_t s[8] = {};
+    size_t i = r.begin;
+    for (; i + 8 <= r.end; i += 8) {
+#if defined(__GNUC__)  // 4 KiB ahead, as matmul_bench reads best
+      __builtin_prefetch(buf.data() + std::min(i + 512, r.end - 1));
+#endif
+      for (size_t j = 0; j < 8; ++j) s[j] += buf[i + j];
+    }
+    for (; i < r.end; ++i) s[0] += buf[i];
+    sums[task] = s[0] + s[1] + s[2] + s[3] + s[4] + s[5] + s[6] + s[7];
+  });
+  const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  g_read_sink = sums[0];
+  return double(buf.size() * sizeof(uint64_t)) / dt * 1e-9;
+}
+
+// Median prefill and decode tokens/s of `model` with `threads` threads, and
+// the read bandwidth of the same threads, measured before each repetition.
 StatusOr<Result> Measure(const engine::Model& model, const Args& a, size_t threads) {
   using Clock = std::chrono::steady_clock;
   lutra::ThreadPool pool(threads);
@@ -103,8 +143,10 @@ StatusOr<Result> Measure(const engine::Model& model, const Args& a, size_t threa
   state->pool = &pool;
   state->fuse_shared_input = !a.unfused;
   const std::vector<int> prompt = Prompt(model, a.prefill);
-  std::vector<double> prefill, decode;
+  std::vector<double> prefill, decode, read, ratio;
+  const double bytes = double(model.WeightBytes());
   for (int rep = 0; rep < a.reps; ++rep) {
+    read.push_back(ReadGBs(pool));
     const auto t0 = Clock::now();
     StatusOr<const float*> out = engine::Forward(model, *state, prompt.data(), prompt.size(), 0);
     if (!out.ok()) return out.status();
@@ -118,8 +160,9 @@ StatusOr<Result> Measure(const engine::Model& model, const Args& a, size_t threa
     const auto t2 = Clock::now();
     prefill.push_back(double(a.prefill) / std::chrono::duration<double>(t1 - t0).count());
     decode.push_back(double(a.decode) / std::chrono::duration<double>(t2 - t1).count());
+    ratio.push_back(bytes * decode.back() * 1e-9 / read.back());
   }
-  return Result{Median(prefill), Median(decode)};
+  return Result{Median(prefill), Median(decode), Median(read), Median(ratio)};
 }
 
 // Milliseconds of one forward of `n` tokens at position `pos` (all logits
@@ -296,8 +339,8 @@ int Run(const Args& a) {
   printf("e2e_bench: shape %s, prefill %zu tokens, decode %zu tokens, median of %d, target %s\n",
          a.shape.c_str(), a.prefill, a.decode, a.reps, lutra::dispatch::TargetName());
   printf("| model | layers | weights | bits/weight | threads | prefill tok/s | decode tok/s | "
-         "decode GB/s | prefill vs f32 | decode vs f32 |\n");
-  printf("|---|---|---|---|---|---|---|---|---|---|\n");
+         "decode GB/s | read GB/s | decode / read | prefill vs f32 | decode vs f32 |\n");
+  printf("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
   // Depths: the reduced one (all three variants, ratios), then the full one
   // (palettized only).
   std::vector<int> depths = {a.f32_layers};
@@ -321,9 +364,10 @@ int Run(const Args& a) {
           snprintf(vs_decode, sizeof(vs_decode), "%.2fx", r->decode_tps / f32_results[ti].decode_tps);
         }
         const double bytes = double(model->WeightBytes());
-        printf("| %s | %d | %.0f MiB | %.2f | %zu | %.1f | %.2f | %.2f | %s | %s |\n", v.name,
-               layers, bytes / 1048576.0, model->BitsPerWeight(), a.threads[ti], r->prefill_tps,
-               r->decode_tps, bytes * r->decode_tps / 1e9, vs_prefill, vs_decode);
+        printf("| %s | %d | %.0f MiB | %.2f | %zu | %.1f | %.2f | %.2f | %.2f | %.0f%% | %s | %s |\n",
+               v.name, layers, bytes / 1048576.0, model->BitsPerWeight(), a.threads[ti],
+               r->prefill_tps, r->decode_tps, bytes * r->decode_tps / 1e9, r->read_gbs,
+               100.0 * r->decode_vs_read, vs_prefill, vs_decode);
         fflush(stdout);
       }
     }
