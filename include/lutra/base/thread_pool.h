@@ -20,6 +20,7 @@
 #define LUTRA_THREAD_POOL_H_
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include <algorithm>
 #include <atomic>
@@ -86,7 +87,7 @@ class ThreadPool {
 
   // Default spin before blocking. A decode step makes ~100 parallel calls
   // separated by short single-threaded work; a worker that went to sleep
-  // costs a futex wake-up (10-30 us on the hosts measured) at the next call.
+  // costs a futex wake-up (10-50 us on the hosts measured) at the next call.
   static constexpr unsigned kDefaultSpinMicros = 50;
 
   size_t NumThreads() const { return num_threads_; }
