@@ -270,44 +270,32 @@ HWY_INLINE void AccumulateVKeys(DF df, float* const* o, const T* HWY_RESTRICT v,
     if (kNK > 3) a = hn::MulAdd(c3, x3, a);
     return a;
   };
-  // Whole vectors load and store unmasked, the last partial one masked
-  // (masked loads and stores throughout made the pass twice as slow).
-  const auto row = [&](size_t r, size_t i, V x0, V x1, V x2, V x3) {
-    float* p = o[r] + i;
-    if (r == 0) hn::StoreU(fma(hn::LoadU(df, p), x0, x1, x2, x3, w00, w01, w02, w03), df, p);
-    if (r == 1) hn::StoreU(fma(hn::LoadU(df, p), x0, x1, x2, x3, w10, w11, w12, w13), df, p);
-    if (r == 2) hn::StoreU(fma(hn::LoadU(df, p), x0, x1, x2, x3, w20, w21, w22, w23), df, p);
-    if (r == 3) hn::StoreU(fma(hn::LoadU(df, p), x0, x1, x2, x3, w30, w31, w32, w33), df, p);
-  };
-  const auto row_n = [&](size_t r, size_t i, size_t n, V x0, V x1, V x2, V x3) {
-    float* p = o[r] + i;
-    if (r == 0) hn::StoreN(fma(hn::LoadN(df, p, n), x0, x1, x2, x3, w00, w01, w02, w03), df, p, n);
-    if (r == 1) hn::StoreN(fma(hn::LoadN(df, p, n), x0, x1, x2, x3, w10, w11, w12, w13), df, p, n);
-    if (r == 2) hn::StoreN(fma(hn::LoadN(df, p, n), x0, x1, x2, x3, w20, w21, w22, w23), df, p, n);
-    if (r == 3) hn::StoreN(fma(hn::LoadN(df, p, n), x0, x1, x2, x3, w30, w31, w32, w33), df, p, n);
+  // Output vectors i .. i + n of every row (n = N: the whole vectors, which
+  // load and store unmasked; masked loads and stores throughout made the
+  // pass twice as slow; n < N: the last, partial one).
+  const auto step = [&](size_t i, size_t n) {
+    const bool full = n == N;
+    const auto load = [&](const T* p) { return full ? LoadAsF32(df, p) : LoadNAsF32(df, p, n); };
+    const V x0 = load(v0p + i);
+    const V x1 = kNK > 1 ? load(v1p + i) : x0;
+    const V x2 = kNK > 2 ? load(v2p + i) : x0;
+    const V x3 = kNK > 3 ? load(v3p + i) : x0;
+    const auto update = [&](float* p, V c0, V c1, V c2, V c3) {
+      const V a = fma(full ? hn::LoadU(df, p) : hn::LoadN(df, p, n), x0, x1, x2, x3, c0, c1, c2, c3);
+      if (full) {
+        hn::StoreU(a, df, p);
+      } else {
+        hn::StoreN(a, df, p, n);
+      }
+    };
+    update(o[0] + i, w00, w01, w02, w03);
+    if (kNR > 1) update(o[kNR > 1 ? 1 : 0] + i, w10, w11, w12, w13);
+    if (kNR > 2) update(o[kNR > 2 ? 2 : 0] + i, w20, w21, w22, w23);
+    if (kNR > 3) update(o[kNR > 3 ? 3 : 0] + i, w30, w31, w32, w33);
   };
   size_t i = 0;
-  for (; i + N <= head_dim; i += N) {
-    const V x0 = LoadAsF32(df, v0p + i);
-    const V x1 = kNK > 1 ? LoadAsF32(df, v1p + i) : x0;
-    const V x2 = kNK > 2 ? LoadAsF32(df, v2p + i) : x0;
-    const V x3 = kNK > 3 ? LoadAsF32(df, v3p + i) : x0;
-    row(0, i, x0, x1, x2, x3);
-    if (kNR > 1) row(1, i, x0, x1, x2, x3);
-    if (kNR > 2) row(2, i, x0, x1, x2, x3);
-    if (kNR > 3) row(3, i, x0, x1, x2, x3);
-  }
-  if (i < head_dim) {
-    const size_t n = head_dim - i;
-    const V x0 = LoadNAsF32(df, v0p + i, n);
-    const V x1 = kNK > 1 ? LoadNAsF32(df, v1p + i, n) : x0;
-    const V x2 = kNK > 2 ? LoadNAsF32(df, v2p + i, n) : x0;
-    const V x3 = kNK > 3 ? LoadNAsF32(df, v3p + i, n) : x0;
-    row_n(0, i, n, x0, x1, x2, x3);
-    if (kNR > 1) row_n(1, i, n, x0, x1, x2, x3);
-    if (kNR > 2) row_n(2, i, n, x0, x1, x2, x3);
-    if (kNR > 3) row_n(3, i, n, x0, x1, x2, x3);
-  }
+  for (; i + N <= head_dim; i += N) step(i, N);
+  if (i < head_dim) step(i, head_dim - i);
 }
 
 // out_r = out_r * corr_r + sum_{t in [t0, t1)} w[r * kAttnBlock + t] * v_t
