@@ -164,7 +164,9 @@ void TestGemmBitExactGemv() {
   test::Rng rng(81);
   const bool quick = getenv("LUTRA_TEST_QUICK") != nullptr;
   const int all_bits[] = {1, 2, 3, 4, 6, 8};
-  const size_t shapes[3][3] = {{37, 300, 5}, {53, 1031, 16}, {9, 100, 1}};  // N, K, G
+  // N, K, G. K = 9000: the few-token kernel splits even 4 tokens into
+  // groups (FewTokensPerGroup), so every M > 3 takes several passes per row.
+  const size_t shapes[4][3] = {{37, 300, 5}, {53, 1031, 16}, {9, 100, 1}, {11, 9000, 4}};
   ThreadPool pool(2);
   size_t variant = 0;
   for (size_t M = 1; M <= kGemmSmallM + 1; ++M) {
@@ -172,7 +174,7 @@ void TestGemmBitExactGemv() {
     for (int bits : all_bits) {
       for (MatmulPrecision precision : {MatmulPrecision::kInt8, MatmulPrecision::kF32}) {
         ++variant;
-        const size_t* sh = shapes[variant % 3];
+        const size_t* sh = shapes[variant % 4];
         const size_t N = sh[0], K = sh[1];
         PaletteMatrix mat = test::RandomPalette(rng, N, K, bits, sh[2], ElementType::kF16);
         StatusOr<PreparedPalette> pw = PreparedPalette::Make(mat.view());

@@ -17,12 +17,11 @@
 // (epilogue-inl.h ApplyEpilogue, LoRA through a per-panel B^T: LoraPanel);
 // kF32 with GEMV's FinishRows.
 //
-// For M <= kGemmSmallM int8 tokens (speculative verification) GemmRows runs
-// FewTokensRowsI8 (M <= kFewTokens: GEMV's row loop, every token's product
-// with each code vector in registers) or SmallMRowsI8 (weights decoded once
-// per block of rows into an L1 tile) instead: GEMV's summation order and
-// epilogue per token, so every token's outputs are GEMV's bits (the
-// contract in matmul.h).
+// For M <= kGemmSmallM int8 tokens (speculative verification, short
+// batches) GemmRows runs FewTokensRowsI8 instead: GEMV's row loop, with
+// each code vector multiplied by a group of tokens' activations while it is
+// in a register, and GEMV's summation order and epilogue per token, so every
+// token's outputs are GEMV's bits (the contract in matmul.h).
 //
 // Per-target code: include after hwy/highway.h (see dot-inl.h).
 //
@@ -262,114 +261,119 @@ HWY_INLINE void MicroKernelI8(const PreparedInput& in, const EpilogueArgs& e, co
 }
 
 // ---------------------------------------------------------------------------
-// Small-M int8 path (M <= kGemmSmallM: speculative verification, short
+// Few-token int8 path (M <= kGemmSmallM: speculative verification, short
 // batches). The panel kernel above is built for large M: its decode into a
 // transposed tile costs as much as M = 16 GEMVs' worth of dot products. Here
-// the weights are streamed once in GEMV's layout instead: each block of
-// kSmallMRows rows is decoded once (the same DecodeLookupUnit as GEMV) into
-// an L1 buffer and multiplied with the same block of every token, whose
-// activations (M x 256 positions) also stay in L1. Every (row, token) keeps
-// GEMV's per-lane quad sums and AddBlockSum / ReduceSum / RawI8 order, and
-// the epilogue is GEMV's FinishRows, so each token's outputs are GEMV's bits.
+// the weights are read once in GEMV's layout, one row at a time (the rows
+// form one sequential stream, prefetched kFewTokensPrefetchRows ahead), and
+// each decoded code vector is multiplied, while it is in a register, by the
+// activations of a group of up to kFewTokens tokens (matmul_input-inl.h:
+// PreparedInput::xq_groups, the group's tokens interleaved per code vector,
+// so that the group's loads are one stream at small constant offsets). More
+// tokens than a group take further passes over the row, which is in L1 by
+// then. Per (row, token) the i32 quad sums, AddBlockSum, ReduceSum and RawI8
+// are GEMV's and the epilogue is GEMV's FinishRows, so every token's outputs
+// are GEMV's bits (matmul.h).
 
-// Rows decoded per block: the decoded block (kSmallMRows x 256 codes), the
-// f32 accumulators (kSmallMRows x M vectors) and the tokens' activations of
-// one block fit in L1 for M <= 16, and every activation vector loaded from
-// L1 serves kSmallMRows rows.
-constexpr size_t kSmallMRows = 16;
-// Blocks ahead that SmallMRowsI8 prefetches each row's bytes.
-constexpr size_t kSmallMAhead = 2;
+// How far ahead FewTokensRowsI8 prefetches, in rows. It reads one row at a
+// time, so its rows form one sequential stream; one row ahead (2 KiB at
+// K = 4096, 4-bit: GEMV's distance, but GEMV reads four rows at once) is
+// shorter than the memory latency. Four rows ahead measured 8-13 % faster
+// at M = 2 and 4, 1 and 2 threads (matmul_bench --small-m-only, Zen 4;
+// 2 and 8 rows were in between, M = 8 unchanged).
+constexpr size_t kFewTokensPrefetchRows = 4;
 
-// What the small-M micro-tiles of one block read and write.
-struct SmallMBlock {
-  const uint8_t* w;      // row j's vector v at w + (j * nv + v) * L (codes, CodeDot)
-  size_t nv;             // vectors per row in this block
-  const int8_t* xq;      // token 0's block of activations; tokens P apart
-  const PreparedInput* in;  // the tokens' block starts (BlockStart)
-  size_t b;                 // the block
-  size_t P, M;           // P: positions of the block
-  const float* xscale;   // M: the tokens' scales of this block
-  float* accf;           // (row j, token t) at (j * M + t) * f32 lanes
+// What one row's dot products with one token group read.
+struct FewTokensGroup {
+  const int8_t* xq;      // code vector c of token t at (c * kM + t) * L
+  const float* xscale;   // block b of token t at b * kM + t
+  size_t t0;             // the group's first token (BlockStart)
 };
 
-// Rows [j0, j0 + kR) x tokens [t0, t0 + kT) of one block (kR in {1, 2},
-// kT in 1..4): i32 quad sums in registers, then AddBlockSum into accf. Two
-// rows x four tokens: each iteration loads 2 weight and 4 activation
-// vectors for 8 products, which keeps the loads (2 per cycle) below the
-// multiplies. Accumulators are named variables (a<row><token>), not arrays,
-// because SVE vectors are sizeless types.
-template <size_t kR, size_t kT>
-HWY_INLINE void SmallMTile(const SmallMBlock& a, size_t j0, size_t t0) {
-  const DecodeTag du8;
-  const hn::Repartition<int32_t, DecodeTag> di32;
-  const hn::Repartition<int8_t, DecodeTag> di8;
-  const hn::Repartition<float, DecodeTag> df;
+// dots[t] = the int8 dot product (GEMV's DotRowsI8 order) of `row` (its
+// group table in lut) with token g.t0 + t, t < kM. When `ahead` is not null,
+// the same byte offsets of the row there are prefetched one unit at a time.
+// The f32 block sums are named registers, not an array (SVE vectors are
+// sizeless types); with 16 vector registers kFewTokens is 4 so that they,
+// the i32 sums, the table and the codes fit.
+template <int kBits, size_t kM, class D>
+HWY_INLINE void FewTokensRowDots(D d, const LutU8<kBits, D>& lut, const uint8_t* HWY_RESTRICT row,
+                                 const uint8_t* ahead, size_t row_bytes,
+                                 const PreparedInput& in, const FewTokensGroup& g,
+                                 float* HWY_RESTRICT dots) {
+  static_assert(kM >= 1 && kM <= kFewTokens, "1 to kFewTokens tokens");
+  const hn::Repartition<int32_t, D> di32;
+  const hn::Repartition<int8_t, D> di8;
+  const hn::Repartition<float, D> df;
   using VI = hn::Vec<decltype(di32)>;
-  const size_t L = hn::Lanes(du8), NF = hn::Lanes(df);
-  static_assert((kR == 1 || kR == 2) && kT >= 1 && kT <= 4, "tile of 1|2 rows x 1..4 tokens");
-  // Token t's accumulators start at its code-bias correction (CodeDot).
-  const auto start = [&](size_t t) HWY_ATTR {
-    return BlockStart(di32, *a.in, t0 + t, a.b);
-  };
-  VI a00 = start(0), a01 = kT > 1 ? start(1) : a00, a02 = kT > 2 ? start(2) : a00;
-  VI a03 = kT > 3 ? start(3) : a00;
-  VI a10 = a00, a11 = a01, a12 = a02, a13 = a03;
-  const size_t row_step = a.nv * L;
-  for (size_t v = 0; v < a.nv; ++v) {
-    const uint8_t* wv = a.w + (j0 * a.nv + v) * L;
-    const auto c0 = hn::Load(du8, wv);
-    const auto c1 = hn::Load(du8, wv + (kR > 1 ? row_step : 0));
-    const auto m0 = CodeMagnitude(c0), m1 = CodeMagnitude(c1);
-    const auto token = [&](size_t t, VI& acc0, VI& acc1) HWY_ATTR {
-      // LoadedOnce: one load per vector; GCC otherwise folds the load into
-      // both rows' multiplies.
-      const auto x = LoadedOnce(hn::LoadU(di8, a.xq + (t0 + t) * a.P + v * L));
-      acc0 = CodeDot(di32, c0, m0, x, acc0);
-      if constexpr (kR > 1) acc1 = CodeDot(di32, c1, m1, x, acc1);
-    };
-    token(0, a00, a10);
-    if constexpr (kT > 1) token(1, a01, a11);
-    if constexpr (kT > 2) token(2, a02, a12);
-    if constexpr (kT > 3) token(3, a03, a13);
+  using VF = hn::Vec<decltype(df)>;
+  const size_t L = hn::Lanes(d);
+  const size_t unit_bytes = UnitBytes<kBits>(d), unit_step = in.geometry.sub_vectors * kM * L;
+  const size_t upb = in.units_per_block, num_units = in.geometry.num_units;
+  VF f0 = hn::Zero(df), f1 = f0, f2 = f0, f3 = f0, f4 = f0, f5 = f0, f6 = f0, f7 = f0;
+  const int8_t* HWY_RESTRICT xu = g.xq;
+  for (size_t b = 0; b < in.num_blocks; ++b) {
+    // Token t's block starts at its code-bias correction (CodeDot).
+    const auto start = [&](size_t t) HWY_ATTR { return BlockStart(di32, in, g.t0 + t, b); };
+    VI a0 = start(0), a1 = kM > 1 ? start(1) : a0, a2 = kM > 2 ? start(2) : a0;
+    VI a3 = kM > 3 ? start(3) : a0, a4 = kM > 4 ? start(4) : a0, a5 = kM > 5 ? start(5) : a0;
+    VI a6 = kM > 6 ? start(6) : a0, a7 = kM > 7 ? start(7) : a0;
+    const size_t u_end = HWY_MIN((b + 1) * upb, num_units);
+    for (size_t u = b * upb; u < u_end; ++u, xu += unit_step) {
+      const size_t off = u * unit_bytes;
+      for (size_t pb = 0; ahead != nullptr && pb < unit_bytes; pb += 64) {
+        hwy::Prefetch(ahead + off + pb);
+      }
+      DecodeLookupUnit<kBits>(d, lut, row + off, row_bytes - off,
+                              [&](size_t s, hn::Vec<D> codes) HWY_ATTR {
+        const auto mag = CodeMagnitude(codes);
+        const int8_t* HWY_RESTRICT x = xu + s * kM * L;
+        a0 = CodeDot(di32, codes, mag, hn::Load(di8, x), a0);
+        if constexpr (kM > 1) a1 = CodeDot(di32, codes, mag, hn::Load(di8, x + L), a1);
+        if constexpr (kM > 2) a2 = CodeDot(di32, codes, mag, hn::Load(di8, x + 2 * L), a2);
+        if constexpr (kM > 3) a3 = CodeDot(di32, codes, mag, hn::Load(di8, x + 3 * L), a3);
+        if constexpr (kM > 4) a4 = CodeDot(di32, codes, mag, hn::Load(di8, x + 4 * L), a4);
+        if constexpr (kM > 5) a5 = CodeDot(di32, codes, mag, hn::Load(di8, x + 5 * L), a5);
+        if constexpr (kM > 6) a6 = CodeDot(di32, codes, mag, hn::Load(di8, x + 6 * L), a6);
+        if constexpr (kM > 7) a7 = CodeDot(di32, codes, mag, hn::Load(di8, x + 7 * L), a7);
+      });
+    }
+    const float* HWY_RESTRICT s = g.xscale + b * kM;
+    f0 = AddBlockSum(df, a0, s[0], f0);
+    if constexpr (kM > 1) f1 = AddBlockSum(df, a1, s[1], f1);
+    if constexpr (kM > 2) f2 = AddBlockSum(df, a2, s[2], f2);
+    if constexpr (kM > 3) f3 = AddBlockSum(df, a3, s[3], f3);
+    if constexpr (kM > 4) f4 = AddBlockSum(df, a4, s[4], f4);
+    if constexpr (kM > 5) f5 = AddBlockSum(df, a5, s[5], f5);
+    if constexpr (kM > 6) f6 = AddBlockSum(df, a6, s[6], f6);
+    if constexpr (kM > 7) f7 = AddBlockSum(df, a7, s[7], f7);
   }
-  const auto finish = [&](size_t r, size_t t, VI acc) HWY_ATTR {
-    float* f = a.accf + ((j0 + r) * a.M + t0 + t) * NF;
-    hn::Store(AddBlockSum(df, acc, a.xscale[t0 + t], hn::Load(df, f)), df, f);
-  };
-  finish(0, 0, a00);
-  if constexpr (kT > 1) finish(0, 1, a01);
-  if constexpr (kT > 2) finish(0, 2, a02);
-  if constexpr (kT > 3) finish(0, 3, a03);
-  if constexpr (kR > 1) {
-    finish(1, 0, a10);
-    if constexpr (kT > 1) finish(1, 1, a11);
-    if constexpr (kT > 2) finish(1, 2, a12);
-    if constexpr (kT > 3) finish(1, 3, a13);
-  }
+  dots[0] = hn::ReduceSum(df, f0);
+  if constexpr (kM > 1) dots[1] = hn::ReduceSum(df, f1);
+  if constexpr (kM > 2) dots[2] = hn::ReduceSum(df, f2);
+  if constexpr (kM > 3) dots[3] = hn::ReduceSum(df, f3);
+  if constexpr (kM > 4) dots[4] = hn::ReduceSum(df, f4);
+  if constexpr (kM > 5) dots[5] = hn::ReduceSum(df, f5);
+  if constexpr (kM > 6) dots[6] = hn::ReduceSum(df, f6);
+  if constexpr (kM > 7) dots[7] = hn::ReduceSum(df, f7);
 }
 
-// Rows [j, j + kR) x all M tokens of one block, in tiles of 4 tokens.
-template <size_t kR>
-HWY_INLINE void SmallMRowTiles(const SmallMBlock& a, size_t j) {
-  size_t t = 0;
-  for (; t + 4 <= a.M; t += 4) SmallMTile<kR, 4>(a, j, t);
-  switch (a.M - t) {
-    case 3:
-      SmallMTile<kR, 3>(a, j, t);
-      break;
-    case 2:
-      SmallMTile<kR, 2>(a, j, t);
-      break;
-    case 1:
-      SmallMTile<kR, 1>(a, j, t);
-      break;
-    default:
-      break;
+// FewTokensRowDots with kM = m (1 <= m <= kFewTokens) as a constant.
+template <int kBits, size_t kM = 1, class D>
+HWY_INLINE void FewTokensRowDotsN(size_t m, D d, const LutU8<kBits, D>& lut,
+                                  const uint8_t* HWY_RESTRICT row, const uint8_t* ahead,
+                                  size_t row_bytes, const PreparedInput& in,
+                                  const FewTokensGroup& g, float* HWY_RESTRICT dots) {
+  if constexpr (kM < kFewTokens) {
+    if (m > kM) {
+      return FewTokensRowDotsN<kBits, kM + 1>(m, d, lut, row, ahead, row_bytes, in, g, dots);
+    }
   }
+  FewTokensRowDots<kBits, kM>(d, lut, row, ahead, row_bytes, in, g, dots);
 }
 
-// GCC 12 (aarch64) crashes (internal compiler error) in its SLP vectorizer
-// and then in ivopts on SmallMRowsI8 for SVE2_128; the function's loops are
+// GCC 12 (aarch64) crashed (internal compiler error) in its SLP vectorizer
+// and then in ivopts on the small-M kernel for SVE2_128; the loops are
 // explicit SIMD already, so those two passes are turned off for it.
 #if HWY_COMPILER_GCC_ACTUAL && HWY_ARCH_ARM_A64
 #define LUTRA_SMALL_M_ATTR __attribute__((optimize("no-tree-slp-vectorize", "no-ivopts")))
@@ -379,205 +383,52 @@ HWY_INLINE void SmallMRowTiles(const SmallMBlock& a, size_t j) {
 
 // Outputs [n0, n1) of all M <= kGemmSmallM tokens, int8 path.
 template <int kBits>
-HWY_NOINLINE LUTRA_SMALL_M_ATTR void SmallMRowsI8(const PreparedPalette& w, const PreparedInput& in, size_t n0,
-                               size_t n1, float* Y, size_t ldy, GemmScratch* scratch) {
-  using D = DecodeTag;
-  const D d;
-  const hn::Repartition<float, D> df;
-  const size_t L = hn::Lanes(d), NF = hn::Lanes(df);
-  const size_t M = in.rows, P = in.geometry.positions(), G = w.shape().group_rows;
-  const size_t row_bytes = w.shape().row_bytes(), unit_bytes = UnitBytes<kBits>(d);
-  const size_t UP = in.geometry.unit_positions, sub = in.geometry.sub_vectors;
-  const size_t upb = in.units_per_block, num_units = in.geometry.num_units;
-  const EpilogueArgs e = EpilogueArgsOf(in, ldy);
-  // Buffers from the caller's scratch (no allocation per call once it has
-  // grown; lutra::Linear relies on it), else a local one.
-  GemmScratch local;
-  GemmScratch& s = scratch ? *scratch : local;
-  uint8_t* const wbuf = s.Array<uint8_t>(0, kSmallMRows * upb * sub * L);
-  float* const accf = s.Array<float>(1, kSmallMRows * M * NF);
-  // The block's i8 activations of all tokens (see below).
-  int8_t* const xbuf = s.Array<int8_t>(2, M * upb * UP);
-  LutU8<kBits, D> lut[kSmallMRows];
-  const uint8_t* rows[kSmallMRows];
-  size_t groups[kSmallMRows];
-  float xscale[kGemmSmallM];
-  HWY_ALIGN float raw[kSmallMRows];
-  SmallMBlock a;
-  a.w = wbuf;
-  a.in = &in;
-  a.M = M;
-  a.xscale = xscale;
-  a.accf = accf;
-  for (size_t n = n0; n < n1; n += kSmallMRows) {
-    const size_t nr = HWY_MIN(kSmallMRows, n1 - n);
-    for (size_t j = 0; j < nr; ++j) {
-      rows[j] = w.view().row(n + j);
-      groups[j] = (n + j) / G;
-      lut[j].Init(d, w.table_u8(groups[j]));
-    }
-    memset(accf, 0, nr * M * NF * sizeof(float));
-    for (size_t b = 0; b < in.num_blocks; ++b) {
-      const size_t u0 = b * upb, u1 = HWY_MIN(u0 + upb, num_units);
-      a.nv = (u1 - u0) * sub;
-      // The rows are kSmallMRows strided streams of one block's bytes each,
-      // which the hardware prefetchers did not follow (a third of the time
-      // went to the first load of each unit): prefetch each row's block
-      // kSmallMAhead blocks ahead, continuing into the next group's rows.
-      const size_t ahead = b + kSmallMAhead;
-      const size_t pj = ahead < in.num_blocks ? 0 : kSmallMRows;
-      const size_t pu = (ahead < in.num_blocks ? ahead : ahead - in.num_blocks) * upb;
-      if (pu < num_units && n + pj < n1) {
-        const size_t pnr = HWY_MIN(kSmallMRows, n1 - n - pj);
-        const size_t bytes = HWY_MIN(upb * unit_bytes, row_bytes - pu * unit_bytes);
-        for (size_t j = 0; j < pnr; ++j) {
-          const uint8_t* pr = w.view().row(n + pj + j) + pu * unit_bytes;
-          for (size_t pb = 0; pb < bytes; pb += 64) hwy::Prefetch(pr + pb);
-        }
-      }
-      for (size_t j = 0; j < nr; ++j) {
-        uint8_t* dst = wbuf + j * a.nv * L;
-        for (size_t u = u0; u < u1; ++u) {
-          const size_t off = u * unit_bytes;
-          DecodeLookupUnit<kBits>(d, lut[j], rows[j] + off, row_bytes - off,
-                                  [&](size_t s, hn::Vec<D> codes) HWY_ATTR {
-            hn::Store(codes, d, dst + ((u - u0) * sub + s) * L);
-          });
-        }
-      }
-      // The block's activations of all M tokens must lie next to each
-      // other: token rows are P positions apart, a multiple of 4 KiB at
-      // large K, so M > 8 tokens' vectors would map to the same L1 sets and
-      // evict each other (the tiles ran 2x slower), so they are copied.
-      for (size_t t = 0; t < M; ++t) xscale[t] = in.xscale[t * in.num_blocks + b];
-      a.P = a.nv * L;
-      for (size_t t = 0; t < M; ++t) {
-        memcpy(xbuf + t * a.P, in.xq.data() + t * P + u0 * UP, a.P);
-      }
-      a.xq = xbuf;
-      a.b = b;
-      size_t j = 0;
-      for (; j + 2 <= nr; j += 2) SmallMRowTiles<2>(a, j);
-      if (j < nr) SmallMRowTiles<1>(a, j);
-    }
-    for (size_t t = 0; t < M; ++t) {
-      for (size_t j = 0; j < nr; ++j) {
-        const float dot = hn::ReduceSum(df, hn::Load(df, accf + (j * M + t) * NF));
-        raw[j] = RawI8(w, groups[j], dot, in.xsum[t]);
-      }
-      FinishRows(df, e, t, n, nr, raw, Y + t * ldy);
-    }
-  }
-}
-
-// Few tokens (M <= kFewTokens): GEMV's loop over rows, with each decoded
-// code vector multiplied by every token's activations while it is in a
-// register. SmallMRowsI8's decode into an L1 buffer, per-block copies and
-// 16-row tiles cost ~3 GEMVs at M = 2 and 4 on AVX2 (matmul_bench); here
-// the cost is GEMV's plus one CodeDot per token and code vector. Per (row,
-// token) the i32 quad sums, AddBlockSum, ReduceSum and RawI8 are GEMV's, so
-// the outputs are GEMV's bits (matmul.h). The tokens' i32 accumulators stay
-// in registers (8, plus the table, codes and activations: AVX2's 16); their
-// f32 sums, updated once per block, live in an L1 array.
-constexpr size_t kFewTokens = 8;
-// How far ahead FewTokensRowsI8 prefetches, in rows. It reads one row at a
-// time, so its rows form one sequential stream; one row ahead (2 KiB at
-// K = 4096, 4-bit: GEMV's distance, but GEMV reads four rows at once) is
-// shorter than the memory latency. Four rows ahead measured 8-13 % faster
-// at M = 2 and 4, 1 and 2 threads (matmul_bench --small-m-only, Zen 4;
-// 2 and 8 rows were in between, M = 8 unchanged).
-constexpr size_t kFewTokensPrefetchRows = 4;
-
-template <int kBits, size_t kM>
 HWY_NOINLINE LUTRA_SMALL_M_ATTR void FewTokensRowsI8(const PreparedPalette& w,
                                                      const PreparedInput& in, size_t n0,
                                                      size_t n1, float* Y, size_t ldy) {
-  static_assert(kM >= 1 && kM <= kFewTokens, "1 to kFewTokens tokens");
   using D = DecodeTag;
   const D d;
-  const hn::Repartition<int32_t, D> di32;
-  const hn::Repartition<int8_t, D> di8;
   const hn::Repartition<float, D> df;
-  using VI = hn::Vec<decltype(di32)>;
-  const size_t L = hn::Lanes(d), NF = hn::Lanes(df);
-  const size_t P = in.geometry.positions(), G = w.shape().group_rows;
-  const size_t row_bytes = w.shape().row_bytes(), unit_bytes = UnitBytes<kBits>(d);
-  const size_t UP = in.geometry.unit_positions, upb = in.units_per_block;
-  const size_t num_units = in.geometry.num_units, nb = in.num_blocks;
+  const size_t M = in.rows, P = in.geometry.positions(), nb = in.num_blocks;
+  const size_t G = w.shape().group_rows, row_bytes = w.shape().row_bytes();
   const EpilogueArgs e = EpilogueArgsOf(in, ldy);
-  const int8_t* HWY_RESTRICT xq = in.xq.data();
-  HWY_ALIGN float raw[kM][kEpilogueChunk];
-  HWY_ALIGN float accf[kM * hn::MaxLanes(df)];
-  RowStream st;
-  st.Init(n0, G);
+  // One token's input is GEMV's; more are interleaved per group.
+  const int8_t* const xq = M == 1 ? in.xq.data() : in.xq_groups.data();
+  const float* const xscale = M == 1 ? in.xscale.data() : in.xscale_groups.data();
+  const size_t group = M == 1 ? 1 : in.few_group;
+  HWY_ALIGN float raw[kGemmSmallM][kEpilogueChunk];
+  HWY_ALIGN float dots[kFewTokens];
+  RowStream chunk;
+  chunk.Init(n0, G);
   for (size_t n = n0; n < n1; n += kEpilogueChunk) {
     const size_t nr = HWY_MIN(kEpilogueChunk, n1 - n);
-    for (size_t j = 0; j < nr; ++j, st.Next(G)) {
-      const size_t r = st.row;
-      LutU8<kBits, D> lut;
-      lut.Init(d, w.table_u8(st.group));
-      const uint8_t* row = w.view().row(r);
-      // The bytes kFewTokensPrefetchRows rows ahead, at the same offsets.
-      const bool prefetch = r + kFewTokensPrefetchRows < n1;
-      for (size_t t = 0; t < kM; ++t) hn::Store(hn::Zero(df), df, accf + t * NF);
-      for (size_t b = 0; b < nb; ++b) {
-        // Token t's block starts at its code-bias correction (CodeDot).
-        const auto start = [&](size_t t) HWY_ATTR {
-          return BlockStart(di32, in, t, b);
-        };
-        VI a0 = start(0), a1 = kM > 1 ? start(1) : a0, a2 = kM > 2 ? start(2) : a0;
-        VI a3 = kM > 3 ? start(3) : a0, a4 = kM > 4 ? start(4) : a0, a5 = kM > 5 ? start(5) : a0;
-        VI a6 = kM > 6 ? start(6) : a0, a7 = kM > 7 ? start(7) : a0;
-        const size_t u_end = HWY_MIN((b + 1) * upb, num_units);
-        for (size_t u = b * upb; u < u_end; ++u) {
-          const size_t off = u * unit_bytes;
-          for (size_t pb = 0; prefetch && pb < unit_bytes; pb += 64) {
-            hwy::Prefetch(row + kFewTokensPrefetchRows * row_bytes + off + pb);
-          }
-          const int8_t* HWY_RESTRICT xu = xq + u * UP;
-          DecodeLookupUnit<kBits>(d, lut, row + off, row_bytes - off,
-                                  [&](size_t s, hn::Vec<D> codes) HWY_ATTR {
-            const auto mag = CodeMagnitude(codes);
-            const int8_t* HWY_RESTRICT x = xu + s * L;
-            a0 = CodeDot(di32, codes, mag, hn::LoadU(di8, x), a0);
-            if constexpr (kM > 1) a1 = CodeDot(di32, codes, mag, hn::LoadU(di8, x + P), a1);
-            if constexpr (kM > 2) a2 = CodeDot(di32, codes, mag, hn::LoadU(di8, x + 2 * P), a2);
-            if constexpr (kM > 3) a3 = CodeDot(di32, codes, mag, hn::LoadU(di8, x + 3 * P), a3);
-            if constexpr (kM > 4) a4 = CodeDot(di32, codes, mag, hn::LoadU(di8, x + 4 * P), a4);
-            if constexpr (kM > 5) a5 = CodeDot(di32, codes, mag, hn::LoadU(di8, x + 5 * P), a5);
-            if constexpr (kM > 6) a6 = CodeDot(di32, codes, mag, hn::LoadU(di8, x + 6 * P), a6);
-            if constexpr (kM > 7) a7 = CodeDot(di32, codes, mag, hn::LoadU(di8, x + 7 * P), a7);
-          });
+    // One pass over the chunk's rows per token group: the group's
+    // activations (FewTokensPerGroup) stay in L1 for all of its rows, and
+    // the rows (kEpilogueChunk x row_bytes) in L2 for the next group's pass.
+    RowStream st = chunk;
+    for (size_t t0 = 0; t0 < M; t0 += group) {
+      const size_t m = HWY_MIN(group, M - t0);
+      const FewTokensGroup g{xq + t0 * P, xscale + t0 * nb, t0};
+      st = chunk;
+      for (size_t j = 0; j < nr; ++j, st.Next(G)) {
+        LutU8<kBits, D> lut;
+        lut.Init(d, w.table_u8(st.group));
+        const uint8_t* row = w.view().row(st.row);
+        // Prefetch only within this call's range (other threads own the
+        // rest), and only in the first group's pass: later passes find the
+        // rows in L2.
+        const uint8_t* ahead = t0 == 0 && st.row + kFewTokensPrefetchRows < n1
+                                   ? row + kFewTokensPrefetchRows * row_bytes
+                                   : nullptr;
+        FewTokensRowDotsN<kBits>(m, d, lut, row, ahead, row_bytes, in, g, dots);
+        for (size_t t = 0; t < m; ++t) {
+          raw[t0 + t][j] = RawI8(w, st.group, dots[t], in.xsum[t0 + t]);
         }
-        const auto fold = [&](size_t t, VI acc) HWY_ATTR {
-          float* f = accf + t * NF;
-          hn::Store(AddBlockSum(df, acc, in.xscale[t * nb + b], hn::Load(df, f)), df, f);
-        };
-        fold(0, a0);
-        if constexpr (kM > 1) fold(1, a1);
-        if constexpr (kM > 2) fold(2, a2);
-        if constexpr (kM > 3) fold(3, a3);
-        if constexpr (kM > 4) fold(4, a4);
-        if constexpr (kM > 5) fold(5, a5);
-        if constexpr (kM > 6) fold(6, a6);
-        if constexpr (kM > 7) fold(7, a7);
-      }
-      for (size_t t = 0; t < kM; ++t) {
-        raw[t][j] = RawI8(w, st.group, hn::ReduceSum(df, hn::Load(df, accf + t * NF)), in.xsum[t]);
       }
     }
-    for (size_t t = 0; t < kM; ++t) FinishRows(df, e, t, n, nr, raw[t], Y + t * ldy);
+    chunk = st;
+    for (size_t t = 0; t < M; ++t) FinishRows(df, e, t, n, nr, raw[t], Y + t * ldy);
   }
-}
-
-// Calls FewTokensRowsI8 with M = in.rows (<= kFewTokens) as a constant.
-template <int kBits, size_t kM = 1>
-HWY_INLINE void FewTokensRowsI8Dispatch(const PreparedPalette& w, const PreparedInput& in,
-                                        size_t n0, size_t n1, float* Y, size_t ldy) {
-  if constexpr (kM < kFewTokens) {
-    if (in.rows > kM) return FewTokensRowsI8Dispatch<kBits, kM + 1>(w, in, n0, n1, Y, ldy);
-  }
-  FewTokensRowsI8<kBits, kM>(w, in, n0, n1, Y, ldy);
 }
 
 template <int kBits>
@@ -663,10 +514,8 @@ HWY_INLINE Status GemmRows(const PreparedPalette& w, const PreparedInput& in, si
   const bool small_m = in.precision == MatmulPrecision::kInt8 && in.rows <= kGemmSmallM;
   return WithKernelBits(in.bits, "gemm", [&](auto bits) HWY_ATTR {
     constexpr int kBits = decltype(bits)::value;
-    if (small_m && in.rows <= detail::kFewTokens) {
-      detail::FewTokensRowsI8Dispatch<kBits>(w, in, n0, n1, Y, ldy);
-    } else if (small_m) {
-      detail::SmallMRowsI8<kBits>(w, in, n0, n1, Y, ldy, scratch);
+    if (small_m) {
+      detail::FewTokensRowsI8<kBits>(w, in, n0, n1, Y, ldy);
     } else {
       detail::GemmRowsImpl<kBits>(w, in, n0, n1, Y, ldy, scratch);
     }

@@ -227,17 +227,32 @@ struct PreparedInput {
   size_t units_per_block = 0;     // decode units per quantization block
   size_t num_blocks = 0;          // quantization blocks per token row
   std::vector<uint32_t> run_col;  // first column of each 16-position run
-  std::vector<int8_t> xq;         // rows x positions (kInt8)
+  // The token rows that the kernels load a vector at a time are aligned to
+  // HWY_ALIGNMENT (positions() is a multiple of the vector length): with
+  // std::vector's 16-byte alignment every 64-byte load of an AVX-512 kernel
+  // spanned two cache lines, and the few-token kernel, which loads each
+  // token's activations once per code vector, ran up to 1.8x slower at M = 8
+  // depending on where malloc put the buffer.
+  hwy::AlignedVector<int8_t> xq;  // rows x positions (kInt8)
   std::vector<float> xscale;      // rows x num_blocks (kInt8)
+  // The few-token kernel's copy of xq and xscale (kInt8, 2 <= rows <=
+  // kGemmSmallM; gemm-inl.h): tokens in groups of few_group (the last one
+  // may be smaller), each group at token row t0 of the copy, with its m
+  // tokens interleaved per code vector (vector c of token t0 + t at
+  // (c * m + t) * lanes of DecodeTag) and per block (scale of block b at
+  // b * m + t).
+  size_t few_group = 1;
+  hwy::AlignedVector<int8_t> xq_groups;
+  std::vector<float> xscale_groups;
   std::vector<float> xsum;        // rows: sum_b xscale * sum(xq in block)
   // Where the kernels' codes are biased (kCodeBias, lut_decode-inl.h), the
   // i32 values their block accumulators start from: kCodeBias times, per
   // token and block, the sum of xq over each i32 lane's quads (xcorr: rows x
   // num_blocks x i32 lanes of DecodeTag) and over the whole block (xqsum:
   // rows x num_blocks; the GEMM panel's lanes are rows). Empty otherwise.
-  std::vector<int32_t> xcorr;
+  hwy::AlignedVector<int32_t> xcorr;
   std::vector<int32_t> xqsum;
-  std::vector<float> xf;          // rows x positions (kF32)
+  hwy::AlignedVector<float> xf;   // rows x positions (kF32)
   std::vector<float> lora_ax;     // rows x rank: A x per token (unscaled)
   std::vector<float> gather;      // one quantization block of f32 (kInt8 preparation)
   // The caller's bias and residual pointers (which must stay valid until the
