@@ -40,6 +40,9 @@ constexpr size_t kMaxContext = size_t(1) << 20;
 // -n when neither -n nor --steps is given: up to this many new tokens,
 // silently fewer when the context is shorter.
 constexpr long long kDefaultNewTokens = 256;
+// Most tokens drafted per verify pass (--lookup, --draft-max): beyond a few
+// drafts acceptance, not the pass, limits the gain.
+constexpr size_t kMaxDrafts = 31;
 
 struct LoraSpec {
   std::string path;
@@ -555,11 +558,11 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
     } else if (flag == "--stats-json") {
       o->stats_json = value;
     } else if (flag == "--lookup") {
-      // At most kGemmSmallM - 1 drafts: a verify pass of up to kGemmSmallM
-      // tokens runs the small-M GEMM, whose rows are GEMV's bits, so greedy
+      // At most kMaxDrafts drafts: a verify pass of up to kGemmSmallM
+      // tokens runs the few-token GEMM, whose rows are GEMV's bits, so greedy
       // output stays that of plain decoding on the int8 path too.
-      static_assert(lutra::kGemmSmallM == 32, "the messages below say 31");
-      if (!ParseSize(value, 0, lutra::kGemmSmallM - 1, &o->lookup)) {
+      static_assert(kMaxDrafts + 1 <= lutra::kGemmSmallM, "verify passes must stay exact");
+      if (!ParseSize(value, 0, kMaxDrafts, &o->lookup)) {
         return bad("0 (off) or a draft length in [1, 31]");
       }
     } else if (flag == "--draft") {
@@ -570,7 +573,7 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
       }
       o->draft_bits = int(n);
     } else if (flag == "--draft-max") {
-      if (!ParseSize(value, 1, lutra::kGemmSmallM - 1, &o->draft_max)) {
+      if (!ParseSize(value, 1, kMaxDrafts, &o->draft_max)) {
         return bad("an integer in [1, 31]");  // as --lookup
       }
       o->draft_max_given = true;

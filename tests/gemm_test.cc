@@ -1,6 +1,7 @@
 // GEMM over palettized weights vs. a scalar reference (dequantize, multiply
 // in double), on every target: every bit width x codebook type x precision x
-// epilogue, M = 1..33, strided X / Y, and channel ranges that split panels
+// epilogue, M = 1..33 and the panel kernel's first M, strided X / Y, and
+// channel ranges that split panels
 // and groups.
 #include <stddef.h>
 #include <stdlib.h>
@@ -104,7 +105,7 @@ void TestGemmAllFormats() {
   test::Rng rng(77);
   const int all_bits[] = {1, 2, 3, 4, 6, 8};
   const ElementType types[] = {ElementType::kF16, ElementType::kBF16, ElementType::kF32};
-  const size_t Ms[] = {1, 2, 3, 5, 7, 13, 33};
+  const size_t Ms[] = {1, 2, 3, 5, 7, 13, kGemmSmallM + 5};
   size_t variant = 0;
   for (int bits : all_bits) {
     for (ElementType type : types) {
@@ -126,10 +127,11 @@ void TestGemmAllFormats() {
   }
 }
 
-// Every M in 1..33 (micro-kernel remainders) for the fast path.
+// Every M in 1..33 (the few-token kernel's groups) and the panel kernel's
+// first 2 * kGemmMR (micro-kernel remainders) for the fast path.
 void TestGemmAllM() {
   test::Rng rng(78);
-  for (size_t M = 1; M <= 33; ++M) {
+  for (size_t M = 1; M <= kGemmSmallM + 2 * detail::kGemmMR; M = M == 33 ? kGemmSmallM + 1 : M + 1) {
     Case c{45, 130, 16, M % 2 ? 4 : 2, ElementType::kF16, MatmulPrecision::kInt8, M,
            static_cast<int>(M % 5)};
     RunCase(rng, c);
@@ -164,12 +166,15 @@ void TestGemmBitExactGemv() {
   test::Rng rng(81);
   const bool quick = getenv("LUTRA_TEST_QUICK") != nullptr;
   const int all_bits[] = {1, 2, 3, 4, 6, 8};
-  // N, K, G. K = 9000: the few-token kernel splits even 4 tokens into
-  // groups (FewTokensPerGroup), so every M > 3 takes several passes per row.
-  const size_t shapes[4][3] = {{37, 300, 5}, {53, 1031, 16}, {9, 100, 1}, {11, 9000, 4}};
+  // N, K, G. K = 4500: the few-token kernel's groups hold fewer tokens than
+  // kFewTokens on 32-register targets (7: FewTokensPerGroup).
+  const size_t shapes[4][3] = {{37, 300, 5}, {53, 1031, 16}, {9, 100, 1}, {11, 4500, 4}};
   ThreadPool pool(2);
   size_t variant = 0;
+  // Every M up to 33 (every remainder of up to five token groups), then a
+  // few up to the panel kernel's first.
   for (size_t M = 1; M <= kGemmSmallM + 1; ++M) {
+    if (M > 33 && M != 47 && M < kGemmSmallM) continue;
     if (quick && M > 3 && M != 8 && M != 17 && M != kGemmSmallM && M != kGemmSmallM + 1) continue;
     for (int bits : all_bits) {
       for (MatmulPrecision precision : {MatmulPrecision::kInt8, MatmulPrecision::kF32}) {
@@ -275,7 +280,7 @@ void TestExtremeCodes() {
     }
     std::vector<float> w(N * K);
     REQUIRE(Dequantize(mat.view(), w.data(), w.size()).ok());
-    for (size_t M : {size_t{1}, size_t{3}, size_t{12}, size_t{40}}) {
+    for (size_t M : {size_t{1}, size_t{3}, size_t{12}, size_t{40}, kGemmSmallM + 8}) {
       // Runs of one sign, so that pairs of equal products occur.
       std::vector<float> X(M * K);
       for (size_t i = 0; i < X.size(); ++i) X[i] = (i / 3 + M) % 2 ? 0.5f : -0.5f;
@@ -317,7 +322,7 @@ HWY_EXPORT(TestGemmBitExactGemv);
 TEST_CASE("GEMM matches scalar reference for every format and epilogue", "[gemm]") {
   test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestGemmAllFormats)(); });
 }
-TEST_CASE("GEMM for every M in 1..33", "[gemm]") {
+TEST_CASE("GEMM for every M in 1..33 and the panel's first", "[gemm]") {
   test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestGemmAllM)(); });
 }
 TEST_CASE("GEMM equals GEMV per token", "[gemm]") {

@@ -173,10 +173,10 @@ void CheckGroupMatchesSeparateCalls() {
   const PreparedPalette* w[3] = {&*pq, &*pk, &*pv};
   const LoraDelta* lora[3] = {&q.lora, nullptr, nullptr};
   test::Rng rng(31);
-  const std::vector<float> x = rng.GaussianVector(40 * K);
+  const std::vector<float> x = rng.GaussianVector((kGemmSmallM + 8) * K);
   ThreadPool pool2(2), pool3(3);
   for (MatmulPrecision prec : {MatmulPrecision::kInt8, MatmulPrecision::kF32}) {
-    for (size_t M : {size_t{1}, size_t{3}, size_t{12}, size_t{40}}) {
+    for (size_t M : {size_t{1}, size_t{3}, size_t{12}, size_t{40}, kGemmSmallM + 8}) {
       std::vector<float> want[3], got[3];
       for (size_t j = 0; j < 3; ++j) {
         const size_t N = w[j]->shape().rows;

@@ -76,10 +76,11 @@ inline const char* MatmulPrecisionName(MatmulPrecision p) {
   return p == MatmulPrecision::kF32 ? "f32" : "int8";
 }
 
-// Largest token count M for which the int8 GEMM runs the small-M kernel
+// Largest token count M for which the int8 GEMM runs the few-token kernel
 // (kernels/gemm-inl.h: weights streamed once, GEMV's summation order per
-// token) and therefore matches GEMV bit for bit.
-constexpr size_t kGemmSmallM = 32;
+// token) and therefore matches GEMV bit for bit. Up to 64 tokens that kernel
+// is faster than the panel kernel (docs/gemv.md, session 13).
+constexpr size_t kGemmSmallM = 64;
 
 // Row ranges that are multiples of this keep GEMV's 4-row steps whole
 // (kernels/gemv-inl.h GemvRowsI8); any range is correct.
