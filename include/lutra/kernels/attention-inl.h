@@ -72,6 +72,7 @@ struct AttentionOptions {
 #include <cmath>
 #include <vector>
 
+#include "hwy/aligned_allocator.h"
 #include "hwy/cache_control.h"
 #include "hwy/highway.h"
 #include "lutra/base/element-inl.h"
@@ -494,9 +495,12 @@ HWY_INLINE void MergeChunk(DF df, float* HWY_RESTRICT out, float& m, float& l,
 }
 
 // Grows a per-thread scratch buffer (kept between calls: no allocation per
-// decode step once warm) and returns it.
+// decode step once warm) and returns it, aligned to HWY_ALIGNMENT: the
+// partial outputs in it are loaded and stored a vector at a time (head_dim
+// is a multiple of the vector length in practice), and a 64-byte access that
+// spans two cache lines costs two.
 inline float* AttnScratch(size_t floats) {
-  static thread_local std::vector<float> buf;
+  static thread_local hwy::AlignedVector<float> buf;
   if (buf.size() < floats) buf.resize(floats);
   return buf.data();
 }
