@@ -267,13 +267,13 @@ HWY_INLINE void MicroKernelI8(const PreparedInput& in, const EpilogueArgs& e, co
 // the weights are read once in GEMV's layout, one row at a time (the rows
 // form one sequential stream, prefetched kFewTokensPrefetchRows ahead), and
 // each decoded code vector is multiplied, while it is in a register, by the
-// activations of a group of up to kFewTokens tokens (matmul_input-inl.h:
-// PreparedInput::xq_groups, the group's tokens interleaved per code vector,
-// so that the group's loads are one stream at small constant offsets). More
-// tokens than a group take further passes over the row, which is in L1 by
-// then. Per (row, token) the i32 quad sums, AddBlockSum, ReduceSum and RawI8
-// are GEMV's and the epilogue is GEMV's FinishRows, so every token's outputs
-// are GEMV's bits (matmul.h).
+// activations of a group of tokens (FewTokensPerGroup, matmul_input-inl.h:
+// at most kFewTokens; PreparedInput::xq_groups holds each group's tokens
+// interleaved per code vector, so that the group's loads are one stream at
+// small constant offsets). More tokens than a group take further passes
+// over each chunk of rows, which is in L2 by then. Per (row, token) the i32
+// quad sums, AddBlockSum, ReduceSum and RawI8 are GEMV's and the epilogue is
+// GEMV's FinishRows, so every token's outputs are GEMV's bits (matmul.h).
 
 // How far ahead FewTokensRowsI8 prefetches, in rows. It reads one row at a
 // time, so its rows form one sequential stream; one row ahead (2 KiB at
