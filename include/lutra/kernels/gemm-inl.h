@@ -132,11 +132,13 @@ HWY_NOINLINE void DecodePanelF32(const PreparedPalette& w, const PreparedInput& 
                                  size_t nr, size_t NR, float* HWY_RESTRICT rows) {
   using D = DecodeTag;
   const D d;
-  const size_t L = hn::Lanes(d);
+  const hn::Repartition<float, D> df;
+  const size_t L = hn::Lanes(d), NF = hn::Lanes(df);
   const PaletteShape& shape = w.shape();
   const size_t row_bytes = shape.row_bytes();
   const size_t unit_bytes = UnitBytes<kBits>(d);
   const size_t UP = in.geometry.unit_positions, P = in.geometry.positions();
+  const size_t E = shape.num_entries();
   HWY_ALIGN uint8_t buf[hn::MaxLanes(D())];
   for (size_t j = 0; j < NR; ++j) {
     float* HWY_RESTRICT out = rows + j * P;
@@ -153,7 +155,9 @@ HWY_NOINLINE void DecodePanelF32(const PreparedPalette& w, const PreparedInput& 
           d, row + off, row_bytes - off, [&](size_t s, hn::Vec<D> idx) HWY_ATTR {
             hn::Store(idx, d, buf);
             float* o = out + u * UP + s * L;
-            for (size_t k = 0; k < L; ++k) o[k] = table[buf[k]];
+            for (size_t q = 0; q < L / NF; ++q) {
+              hn::StoreU(LookupF32Quarter(df, table, E, buf, q), df, o + q * NF);
+            }
           });
     }
   }

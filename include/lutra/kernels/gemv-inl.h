@@ -268,8 +268,6 @@ HWY_INLINE float DotRowF32(const PreparedPalette& w, const PreparedInput& in, si
   using D = DecodeTag;
   const D d;
   const hn::Repartition<float, D> df;
-  const hn::RebindToSigned<decltype(df)> di32;
-  const hn::Rebind<uint8_t, decltype(di32)> d8q;
   using VF = hn::Vec<decltype(df)>;
   const size_t L = hn::Lanes(d);
   const size_t NF = hn::Lanes(df);  // L / 4
@@ -290,8 +288,8 @@ HWY_INLINE float DotRowF32(const PreparedPalette& w, const PreparedInput& in, si
       hn::Store(idx, d, idx_buf);
       // Quarter q of the index vector times the matching activations.
       const auto quarter = [&](size_t q, VF& acc) HWY_ATTR {
-        const auto vi = hn::PromoteTo(di32, hn::LoadU(d8q, idx_buf + q * NF));
-        acc = hn::MulAdd(LookupF32(df, table, E, vi), hn::LoadU(df, xu + s * L + q * NF), acc);
+        acc = hn::MulAdd(LookupF32Quarter(df, table, E, idx_buf, q),
+                         hn::LoadU(df, xu + s * L + q * NF), acc);
       };
       quarter(0, acc0);
       quarter(1, acc1);

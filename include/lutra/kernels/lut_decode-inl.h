@@ -446,6 +446,18 @@ HWY_INLINE hn::Vec<DF> LookupF32(DF df, const float* HWY_RESTRICT table, size_t 
   return hn::GatherIndex(df, table, idx);
 }
 
+// The f32 weights of quarter q (< 4) of a vector of u8 indices stored at idx
+// (one DecodeUnit sub-vector: f32 lanes = u8 lanes / 4), i.e. of its
+// positions q * NF .. q * NF + NF - 1, looked up in `table` (LookupF32).
+template <class DF>
+HWY_INLINE hn::Vec<DF> LookupF32Quarter(DF df, const float* HWY_RESTRICT table, size_t entries,
+                                        const uint8_t* HWY_RESTRICT idx, size_t q) {
+  const hn::RebindToSigned<DF> di32;
+  const hn::Rebind<uint8_t, decltype(di32)> d8q;
+  const auto vi = hn::PromoteTo(di32, hn::LoadU(d8q, idx + q * hn::Lanes(df)));
+  return LookupF32(df, table, entries, vi);
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace lutra
 HWY_AFTER_NAMESPACE();
