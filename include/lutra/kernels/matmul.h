@@ -230,9 +230,9 @@ struct PreparedInput {
   std::vector<uint32_t> run_col;  // first column of each 16-position run
   // The token rows that the kernels load a vector at a time are aligned to
   // HWY_ALIGNMENT (positions() is a multiple of the vector length): with
-  // std::vector's 16-byte alignment every 64-byte load of an AVX-512 kernel
-  // spanned two cache lines, and the few-token kernel, which loads each
-  // token's activations once per code vector, ran up to 1.8x slower at M = 8
+  // std::vector's 16-byte alignment a 64-byte load of an AVX-512 kernel
+  // could span two cache lines, and the few-token kernel, which loads each
+  // token's activations once per code vector, ran up to 1.6x slower at M = 8
   // depending on where malloc put the buffer.
   hwy::AlignedVector<int8_t> xq;  // rows x positions (kInt8)
   std::vector<float> xscale;      // rows x num_blocks (kInt8)
