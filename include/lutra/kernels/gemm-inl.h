@@ -399,7 +399,7 @@ HWY_NOINLINE LUTRA_SMALL_M_ATTR void FewTokensRowsI8(const PreparedPalette& w,
   // One token's input is GEMV's; more are interleaved per group.
   const int8_t* const xq = M == 1 ? in.xq.data() : in.xq_groups.data();
   const float* const xscale = M == 1 ? in.xscale.data() : in.xscale_groups.data();
-  const size_t group = M == 1 ? 1 : in.few_group;
+  const size_t group = M == 1 ? 1 : FewTokensPerGroup(P);
   HWY_ALIGN float raw[kGemmSmallM][kEpilogueChunk];
   HWY_ALIGN float dots[kFewTokens];
   RowStream chunk;

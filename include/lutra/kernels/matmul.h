@@ -237,12 +237,11 @@ struct PreparedInput {
   hwy::AlignedVector<int8_t> xq;  // rows x positions (kInt8)
   std::vector<float> xscale;      // rows x num_blocks (kInt8)
   // The few-token kernel's copy of xq and xscale (kInt8, 2 <= rows <=
-  // kGemmSmallM; gemm-inl.h): tokens in groups of few_group (the last one
-  // may be smaller), each group at token row t0 of the copy, with its m
-  // tokens interleaved per code vector (vector c of token t0 + t at
-  // (c * m + t) * lanes of DecodeTag) and per block (scale of block b at
-  // b * m + t).
-  size_t few_group = 1;
+  // kGemmSmallM; gemm-inl.h): tokens in groups of FewTokensPerGroup(
+  // positions) (matmul_input-inl.h; the last one may be smaller), each group
+  // at token row t0 of the copy, with its m tokens interleaved per code
+  // vector (vector c of token t0 + t at (c * m + t) * lanes of DecodeTag) and
+  // per block (scale of block b at b * m + t).
   hwy::AlignedVector<int8_t> xq_groups;
   std::vector<float> xscale_groups;
   std::vector<float> xsum;        // rows: sum_b xscale * sum(xq in block)

@@ -79,7 +79,7 @@ HWY_INLINE size_t FewTokensPerGroup(size_t positions) {
 HWY_INLINE void GroupFewTokens(PreparedInput* in) {
   const size_t M = in->rows, P = in->geometry.positions(), nb = in->num_blocks;
   const size_t L = hn::Lanes(DecodeTag());
-  const size_t group = in->few_group = FewTokensPerGroup(P);
+  const size_t group = FewTokensPerGroup(P);
   in->xq_groups.resize(M * P);
   in->xscale_groups.resize(M * nb);
   for (size_t t0 = 0; t0 < M; t0 += group) {
