@@ -17,10 +17,11 @@
 //   cache-cold, 1 and 2 threads (issue 15).
 // Every figure is the median of repetitions. Usage:
 //   matmul_bench [--quick] [--gemv-only] [--groups-only] [--small-m-only]
-//                [--rows=4096|14336]
+//                [--kernels-only] [--rows=4096|14336]
 //   (--quick: fewer repetitions and smaller buffers, a smoke test only;
 //   --groups-only: just the rows-per-codebook section, no bandwidth runs;
-//   --small-m-only: just the small-M sections, int8 and f32 paths)
+//   --small-m-only: just the small-M sections, int8 and f32 paths;
+//   --kernels-only: the few-token against the panel kernel up to kGemmSmallM)
 // Dispatches dynamically to the best target of this CPU.
 #include <stddef.h>
 #include <stdint.h>
@@ -172,6 +173,23 @@ Status RunGemm(const PreparedPalette& w, const float* X, size_t M, float* Y, Thr
   return Gemm(w, X, M, w.shape().cols, Epilogue(), Y, w.shape().rows, pool, opt, scratch);
 }
 
+// Seconds for Y = X W^T (M <= kGemmSmallM int8 tokens, 4-bit weights)
+// through the few-token kernel (few) or the panel kernel: the two kernels
+// between which GemmRows chooses by M (kGemmSmallM). Preparing X is not
+// timed.
+double TimeGemmKernel(const PreparedPalette& w, const float* X, size_t M, bool few, float* Y,
+                      PreparedInput* in, GemmScratch* scratch) {
+  bench::Check(PrepareGemmInput(w, X, M, w.shape().cols, Epilogue(), MatmulOptions(), in));
+  const size_t N = w.shape().rows;
+  const double t0 = bench::Now();
+  if (few) {
+    detail::FewTokensRowsI8<4>(w, *in, 0, N, Y, N);
+  } else {
+    detail::GemmRowsImpl<4>(w, *in, 0, N, Y, N, scratch);
+  }
+  return bench::Now() - t0;
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace lutra
 HWY_AFTER_NAMESPACE();
@@ -186,6 +204,7 @@ HWY_EXPORT(Bf16DotLoop);
 HWY_EXPORT(I8DotLoop);
 HWY_EXPORT(RunGemv);
 HWY_EXPORT(RunGemm);
+HWY_EXPORT(TimeGemmKernel);
 
 // Seconds to sum one chunk of `chunk` bytes at `offset` of buf with
 // `threads` threads (each sums its own half).
@@ -489,8 +508,38 @@ void CompareSmallM(const std::vector<uint8_t>& random, size_t set_bytes, int pas
   }
 }
 
+// The few-token kernel against the panel kernel at M up to kGemmSmallM (the
+// choice kGemmSmallM makes), 4096 rows x K = 3072, 4096, 8192, 4-bit,
+// cache-cold, 1 thread: per row of the table the two kernels' calls
+// alternate (InterleavedMedians), each on its own cold matrix.
+void CompareGemmKernels(const std::vector<uint8_t>& random, size_t set_bytes, int passes) {
+  printf("\n## Few-token vs panel kernel, 4096 rows, 4-bit, int8, cache-cold, 1 thread\n\n");
+  printf("| K | M | few-token us | panel us | few-token GOP/s | panel GOP/s | panel / few-token |\n"
+         "|---|---|---|---|---|---|---|\n");
+  const size_t N = 4096;
+  for (size_t K : {size_t{3072}, size_t{4096}, size_t{8192}}) {
+    const MatrixSet set = MakeSet(random, N, K, 4, set_bytes);
+    const size_t n = set.mats.size();
+    for (size_t M : {size_t{16}, size_t{32}, kGemmSmallM}) {
+      const std::vector<float> X = GemmInput(M, K);
+      std::vector<float> Y(M * N);
+      PreparedInput in[2];
+      GemmScratch scratch;
+      const std::vector<double> t = InterleavedMedians(2, n, passes, [&](size_t v, size_t c) {
+        return HWY_DYNAMIC_DISPATCH(TimeGemmKernel)(set.mats[(c + v * n / 2) % n], X.data(), M,
+                                                    v == 0, Y.data(), &in[v], &scratch);
+      });
+      const double ops = 2.0 * double(M) * N * K;
+      printf("| %zu | %zu | %.0f | %.0f | %.0f | %.0f | **%.2fx** |\n", K, M, t[0] * 1e6,
+             t[1] * 1e6, ops / t[0] / 1e9, ops / t[1] / 1e9, t[1] / t[0]);
+      fflush(stdout);
+    }
+  }
+}
+
 int Main(int argc, char** argv) {
   bool quick = false, gemv_only = false, groups_only = false, small_m_only = false;
+  bool kernels_only = false;
   size_t only_rows = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -498,6 +547,7 @@ int Main(int argc, char** argv) {
     if (arg == "--gemv-only") gemv_only = true;
     if (arg == "--groups-only") groups_only = true;
     if (arg == "--small-m-only") small_m_only = true;
+    if (arg == "--kernels-only") kernels_only = true;
     if (arg.rfind("--rows=", 0) == 0) only_rows = std::stoul(arg.substr(7));
   }
   const size_t kMiB = size_t{1} << 20;
@@ -509,6 +559,10 @@ int Main(int argc, char** argv) {
          hwy::TargetName(hwy::DispatchedTarget()), std::thread::hardware_concurrency());
   if (groups_only) {
     CompareGroupSizes(RandomBytes(set_bytes + 64 * kMiB, 7), set_bytes, passes, quick);
+    return 0;
+  }
+  if (kernels_only) {
+    CompareGemmKernels(RandomBytes(set_bytes + 64 * kMiB, 7), set_bytes, passes);
     return 0;
   }
   ThreadPool pool1(1), pool2(2);
