@@ -189,9 +189,12 @@ HWY_INLINE void StorePanelRow(DF df, const PreparedInput& in, const EpilogueArgs
 }
 
 // Int8 micro-kernel: tokens [m, m + kMR) x the panel's NR rows.
-// The kMR x 2 accumulators are named variables (token i uses a<i>0/a<i>1 and
-// f<i>0/f<i>1; those of tokens >= kMR are dead code), not arrays, because SVE
-// vectors are sizeless types that cannot form arrays.
+// The kMR x 2 i32 accumulators of a quantization block are named variables
+// (token i uses a<i>0/a<i>1; those of tokens >= kMR are dead code), not
+// arrays, because SVE vectors are sizeless types that cannot form arrays.
+// Each block's sums are scaled into f32 totals kept in L1 (`total`), not in
+// registers: they are touched once per block, and keeping them in registers
+// as well made GCC 12 spill or copy the i32 accumulators in the inner loop.
 template <size_t kMR>
 HWY_INLINE void MicroKernelI8(const PreparedInput& in, const EpilogueArgs& e, const Panel& p,
                               size_t m, float* Y, size_t ldy) {
@@ -200,7 +203,6 @@ HWY_INLINE void MicroKernelI8(const PreparedInput& in, const EpilogueArgs& e, co
   const hn::Repartition<int8_t, decltype(di32)> di8;
   const hn::Repartition<float, decltype(di32)> df;
   using VI = hn::Vec<decltype(di32)>;
-  using VF = hn::Vec<decltype(df)>;
   const size_t NF = hn::Lanes(df);
   const size_t NR = 2 * NF;
   const size_t P = in.geometry.positions();
@@ -210,8 +212,10 @@ HWY_INLINE void MicroKernelI8(const PreparedInput& in, const EpilogueArgs& e, co
   static_assert(kMR >= 1 && kMR <= 6, "MicroKernelI8 handles 1 to 6 tokens");
   const int8_t* xq[kMR];
   for (size_t i = 0; i < kMR; ++i) xq[i] = in.xq.data() + (m + i) * P;
-  VF f00 = hn::Zero(df), f01 = f00, f10 = f00, f11 = f00, f20 = f00, f21 = f00;
-  VF f30 = f00, f31 = f00, f40 = f00, f41 = f00, f50 = f00, f51 = f00;
+  // total[(2 * i + h) * NF ..]: token i's f32 dot products of panel half h.
+  HWY_ALIGN float total[kMR * 2 * hn::MaxLanes(decltype(df)())];
+  hn::Vec<decltype(df)> zero = hn::Zero(df);
+  for (size_t v = 0; v < 2 * kMR; ++v) hn::Store(zero, df, total + v * NF);
   for (size_t b = 0, q = 0; b < in.num_blocks; ++b) {
     // Token i's accumulators start at its block's code-bias correction
     // (CodeDot; every lane is a row, so all lanes get the block's sum).
@@ -225,16 +229,16 @@ HWY_INLINE void MicroKernelI8(const PreparedInput& in, const EpilogueArgs& e, co
     VI a50 = kMR > 5 ? start(5) : a00, a51 = a50;
     const size_t q_end = HWY_MIN(q + block_quads, num_quads);
     for (; q < q_end; ++q) {
-      const auto w0 = hn::LoadU(du8, tile + q * NR * 4);
-      const auto w1 = hn::LoadU(du8, tile + q * NR * 4 + NF * 4);
+      const auto w0 = LoadedOnce(hn::LoadU(du8, tile + q * NR * 4));
+      const auto w1 = LoadedOnce(hn::LoadU(du8, tile + q * NR * 4 + NF * 4));
       const auto m0 = CodeMagnitude(w0), m1 = CodeMagnitude(w1);
       // Token i's 4 activation bytes times both weight vectors.
       const auto token = [&](size_t i, VI& acc0, VI& acc1) HWY_ATTR {
         int32_t x4;
         memcpy(&x4, xq[i] + q * 4, 4);
         const auto xb = hn::BitCast(di8, hn::Set(di32, x4));
-        acc0 = CodeDot(di32, w0, m0, xb, acc0);
-        acc1 = CodeDot(di32, w1, m1, xb, acc1);
+        acc0 = Opaque(CodeDot(di32, w0, m0, xb, acc0));
+        acc1 = Opaque(CodeDot(di32, w1, m1, xb, acc1));
       };
       token(0, a00, a01);
       if constexpr (kMR > 1) token(1, a10, a11);
@@ -243,25 +247,24 @@ HWY_INLINE void MicroKernelI8(const PreparedInput& in, const EpilogueArgs& e, co
       if constexpr (kMR > 4) token(4, a40, a41);
       if constexpr (kMR > 5) token(5, a50, a51);
     }
-    // Token i's block sums, scaled by its block scale, into f32.
-    const auto scale = [&](size_t i, VI acc0, VI acc1, VF& f0, VF& f1) HWY_ATTR {
-      const VF sx = hn::Set(df, in.xscale[(m + i) * in.num_blocks + b]);
-      f0 = hn::MulAdd(hn::ConvertTo(df, acc0), sx, f0);
-      f1 = hn::MulAdd(hn::ConvertTo(df, acc1), sx, f1);
+    // Token i's block sums, scaled by its block scale, into its f32 totals.
+    const auto scale = [&](size_t i, VI acc0, VI acc1) HWY_ATTR {
+      const auto sx = hn::Set(df, in.xscale[(m + i) * in.num_blocks + b]);
+      float* t = total + 2 * i * NF;
+      hn::Store(hn::MulAdd(hn::ConvertTo(df, acc0), sx, hn::Load(df, t)), df, t);
+      hn::Store(hn::MulAdd(hn::ConvertTo(df, acc1), sx, hn::Load(df, t + NF)), df, t + NF);
     };
-    scale(0, a00, a01, f00, f01);
-    if constexpr (kMR > 1) scale(1, a10, a11, f10, f11);
-    if constexpr (kMR > 2) scale(2, a20, a21, f20, f21);
-    if constexpr (kMR > 3) scale(3, a30, a31, f30, f31);
-    if constexpr (kMR > 4) scale(4, a40, a41, f40, f41);
-    if constexpr (kMR > 5) scale(5, a50, a51, f50, f51);
+    scale(0, a00, a01);
+    if constexpr (kMR > 1) scale(1, a10, a11);
+    if constexpr (kMR > 2) scale(2, a20, a21);
+    if constexpr (kMR > 3) scale(3, a30, a31);
+    if constexpr (kMR > 4) scale(4, a40, a41);
+    if constexpr (kMR > 5) scale(5, a50, a51);
   }
-  StorePanelRow(df, in, e, p, m, f00, f01, Y, ldy);
-  if constexpr (kMR > 1) StorePanelRow(df, in, e, p, m + 1, f10, f11, Y, ldy);
-  if constexpr (kMR > 2) StorePanelRow(df, in, e, p, m + 2, f20, f21, Y, ldy);
-  if constexpr (kMR > 3) StorePanelRow(df, in, e, p, m + 3, f30, f31, Y, ldy);
-  if constexpr (kMR > 4) StorePanelRow(df, in, e, p, m + 4, f40, f41, Y, ldy);
-  if constexpr (kMR > 5) StorePanelRow(df, in, e, p, m + 5, f50, f51, Y, ldy);
+  for (size_t i = 0; i < kMR; ++i) {
+    StorePanelRow(df, in, e, p, m + i, hn::Load(df, total + 2 * i * NF),
+                  hn::Load(df, total + (2 * i + 1) * NF), Y, ldy);
+  }
 }
 
 // ---------------------------------------------------------------------------

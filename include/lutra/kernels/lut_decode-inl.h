@@ -88,22 +88,34 @@ HWY_INLINE size_t PositionColumn(const UnitGeometry& g, size_t pos) {
   return u * (g.lanes / 16) * cols_per_chunk + block * cols_per_chunk + 16 * s;
 }
 
+// Returns v through an empty asm statement that "modifies" it, so that the
+// compiler keeps v in one register and cannot see where it came from. Two
+// uses (x86 with GCC or Clang; other compilers and architectures get v
+// unchanged):
+// - LoadedOnce, below.
+// - Loop-carried accumulators of a blocked loop (GEMM's MicroKernelI8):
+//   GCC 12 gave each `acc = vpdpbusd(acc, ...)` of such a loop two register
+//   copies (in and out), 24 moves per 12 dot products, until the
+//   accumulators passed through here once per iteration (docs/gemv.md).
+template <class V>
+HWY_INLINE V Opaque(V v) {
+#if HWY_ARCH_X86 && (HWY_COMPILER_GCC || HWY_COMPILER_CLANG) && \
+    HWY_TARGET != HWY_EMU128 && HWY_TARGET != HWY_SCALAR
+  asm("" : "+v"(v.raw));
+#endif
+  return v;
+}
+
 // Returns v, kept in a register. The decode uses each loaded vector several
 // times (once per field or table part), and compilers fold the load into
 // every use as a memory operand. In the int8 GEMV, whose 4 software-
 // prefetched row streams come from DRAM, those repeated accesses to lines
 // still arriving cost a third of the cache-cold 4-bit speed on AVX3_ZEN4 (an
 // A/B of the two forms of this header in a scratch harness; matmul_bench's
-// 4-bit figure rose with it, docs/gemv.md). An empty asm statement that
-// "modifies" v forces one load; other compilers and architectures get v
-// unchanged.
+// 4-bit figure rose with it, docs/gemv.md). Opaque forces one load.
 template <class V>
 HWY_INLINE V LoadedOnce(V v) {
-#if HWY_ARCH_X86 && (HWY_COMPILER_GCC || HWY_COMPILER_CLANG) && \
-    HWY_TARGET != HWY_EMU128 && HWY_TARGET != HWY_SCALAR
-  asm("" : "+v"(v.raw));
-#endif
-  return v;
+  return Opaque(v);
 }
 
 // Field of width kW starting at bit kShift of every byte.
