@@ -17,11 +17,13 @@
 //   cache-cold, 1 and 2 threads (issue 15).
 // Every figure is the median of repetitions. Usage:
 //   matmul_bench [--quick] [--gemv-only] [--groups-only] [--small-m-only]
-//                [--kernels-only] [--rows=4096|14336]
+//                [--kernels-only] [--prefill-only] [--rows=4096|14336]
 //   (--quick: fewer repetitions and smaller buffers, a smoke test only;
 //   --groups-only: just the rows-per-codebook section, no bandwidth runs;
 //   --small-m-only: just the small-M sections, int8 and f32 paths;
-//   --kernels-only: the few-token against the panel kernel up to kGemmSmallM)
+//   --kernels-only: the few-token against the panel kernel up to kGemmSmallM;
+//   --prefill-only: GEMM at M = 64, 128, 512, 1 and 2 threads, against the
+//   int8 dot peak)
 // Dispatches dynamically to the best target of this CPU.
 #include <stddef.h>
 #include <stdint.h>
@@ -537,9 +539,36 @@ void CompareGemmKernels(const std::vector<uint8_t>& random, size_t set_bytes, in
   }
 }
 
+// Prefill GEMM (the panel kernel above kGemmSmallM, the few-token kernel at
+// or below it) against the int8 dot peak: issue 17's "prefill GEMM nearer
+// the int8 peak at M = 64..512, 1 and 2 threads". 4-bit, 4096 rows, K of
+// the AFM shape's projections (3072) and its FFN down projection (8192);
+// matrices rotate over the set as in TimeGemm. The 2-thread share is of
+// twice the 1-core peak.
+void ComparePrefillGemm(const std::vector<uint8_t>& random, size_t set_bytes, ThreadPool& pool2) {
+  const double i8 = PeakOps(HWY_DYNAMIC_DISPATCH(I8DotLoop));
+  printf("## Prefill GEMM against the int8 dot peak (%.0f GOP/s per core), 4096 rows, 4-bit\n\n",
+         i8 / 1e9);
+  printf("| K | M | threads | ms/call | GOP/s (2MNK) | share of the int8 peak |\n"
+         "|---|---|---|---|---|---|\n");
+  const size_t N = 4096;
+  for (size_t K : {size_t{3072}, size_t{8192}}) {
+    const MatrixSet set = MakeSet(random, N, K, 4, set_bytes);
+    for (size_t M : {size_t{64}, size_t{128}, size_t{512}}) {
+      for (size_t threads : {size_t{1}, size_t{2}}) {
+        const double t = TimeGemm(set, M, threads == 1 ? nullptr : &pool2, M == 512 ? 5 : 9);
+        const double ops = 2.0 * double(M) * N * K / t;
+        printf("| %zu | %zu | %zu | %.2f | %.0f | %.0f %% |\n", K, M, threads, t * 1e3, ops / 1e9,
+               100.0 * ops / (i8 * double(threads)));
+        fflush(stdout);
+      }
+    }
+  }
+}
+
 int Main(int argc, char** argv) {
   bool quick = false, gemv_only = false, groups_only = false, small_m_only = false;
-  bool kernels_only = false;
+  bool kernels_only = false, prefill_only = false;
   size_t only_rows = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -548,6 +577,7 @@ int Main(int argc, char** argv) {
     if (arg == "--groups-only") groups_only = true;
     if (arg == "--small-m-only") small_m_only = true;
     if (arg == "--kernels-only") kernels_only = true;
+    if (arg == "--prefill-only") prefill_only = true;
     if (arg.rfind("--rows=", 0) == 0) only_rows = std::stoul(arg.substr(7));
   }
   const size_t kMiB = size_t{1} << 20;
@@ -566,6 +596,10 @@ int Main(int argc, char** argv) {
     return 0;
   }
   ThreadPool pool1(1), pool2(2);
+  if (prefill_only) {
+    ComparePrefillGemm(RandomBytes(set_bytes + 64 * kMiB, 7), set_bytes, pool2);
+    return 0;
+  }
   if (small_m_only) {
     const std::vector<uint8_t> random = RandomBytes(set_bytes + 64 * kMiB, 7);
     CompareSmallM(random, set_bytes, passes, pool2, 0);
