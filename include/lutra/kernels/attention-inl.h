@@ -299,6 +299,67 @@ HWY_INLINE void AccumulateVKeys(DF df, float* const* o, const T* HWY_RESTRICT v,
   if (i < head_dim) step(i, head_dim - i);
 }
 
+#if !HWY_HAVE_SCALABLE
+// Vectors of head_dim per row that AccumulateVSlice keeps in registers:
+// kNR x this <= 24 of AVX-512's 32 registers (12 of 16 elsewhere).
+template <size_t kNR>
+constexpr size_t VSliceVectors() {
+  return (HWY_ARCH_X86 && HWY_TARGET > HWY_AVX3 ? 12 : 24) / kNR;
+}
+
+// BlockAccumulateV for the output vectors [j0, j0 + kS) of every row, with
+// the kNR x kS outputs in registers for the whole block: each V row's slice
+// is loaded once and feeds kNR FMAs per vector, and no output is loaded or
+// stored per key (AccumulateVKeys loads and stores each once per four keys:
+// a third of the V pass's instructions, and store-to-load chains). The
+// same chain per output lane: Mul by corr, then FMAs in t order.
+template <size_t kNR, size_t kS, class DF, typename T>
+HWY_INLINE void AccumulateVSlice(DF df, AttnRow* rows, const T* HWY_RESTRICT vrows,
+                                 size_t head_dim, size_t t0, size_t t1,
+                                 const float* HWY_RESTRICT w, size_t j0) {
+  using V = hn::Vec<DF>;
+  const size_t N = hn::Lanes(df);
+  V o[kNR][kS];  // fixed-size vectors: an array the compiler keeps in registers
+  HWY_UNROLL(4)
+  for (size_t r = 0; r < kNR; ++r) {
+    const V c = hn::Set(df, rows[r].corr);
+    HWY_UNROLL(24)
+    for (size_t j = 0; j < kS; ++j) {
+      o[r][j] = hn::Mul(hn::LoadU(df, rows[r].out + (j0 + j) * N), c);
+    }
+  }
+  for (size_t t = t0; t < t1; ++t) {
+    const T* HWY_RESTRICT v = vrows + t * head_dim + j0 * N;
+    HWY_UNROLL(24)
+    for (size_t j = 0; j < kS; ++j) {
+      const V x = LoadAsF32(df, v + j * N);
+      HWY_UNROLL(4)
+      for (size_t r = 0; r < kNR; ++r) {
+        o[r][j] = hn::MulAdd(hn::Set(df, w[r * kAttnBlock + t]), x, o[r][j]);
+      }
+    }
+  }
+  HWY_UNROLL(4)
+  for (size_t r = 0; r < kNR; ++r) {
+    HWY_UNROLL(24)
+    for (size_t j = 0; j < kS; ++j) hn::StoreU(o[r][j], df, rows[r].out + (j0 + j) * N);
+  }
+}
+
+// AccumulateVSlice with kS = s (1 <= s <= VSliceVectors<kNR>()) a constant.
+template <size_t kNR, size_t kS = 1, class DF, typename T>
+HWY_INLINE void AccumulateVSliceN(size_t s, DF df, AttnRow* rows, const T* HWY_RESTRICT vrows,
+                                  size_t head_dim, size_t t0, size_t t1,
+                                  const float* HWY_RESTRICT w, size_t j0) {
+  if constexpr (kS < VSliceVectors<kNR>()) {
+    if (s > kS) {
+      return AccumulateVSliceN<kNR, kS + 1>(s, df, rows, vrows, head_dim, t0, t1, w, j0);
+    }
+  }
+  AccumulateVSlice<kNR, kS>(df, rows, vrows, head_dim, t0, t1, w, j0);
+}
+#endif  // !HWY_HAVE_SCALABLE
+
 // out_r = out_r * corr_r + sum_{t in [t0, t1)} w[r * kAttnBlock + t] * v_t
 // for r < kNR. vrows: the block's rows of head_dim elements; w already
 // includes int8 V scales. Keys go in groups of four (AccumulateVKeys): each
@@ -313,6 +374,19 @@ template <size_t kNR, class DF, typename T>
 HWY_INLINE void BlockAccumulateV(DF df, AttnRow* rows, const T* HWY_RESTRICT vrows,
                                  size_t head_dim, size_t t0, size_t t1,
                                  const float* HWY_RESTRICT w) {
+#if !HWY_HAVE_SCALABLE
+  // All outputs in registers (AccumulateVSlice) when the rows' head_dim is
+  // whole vectors and they fit: 3 rows of 128 dims (GQA decode, g = 3) on
+  // AVX-512. Decode attention from DRAM, f16: 23.3 -> 18.4 ns per position
+  // and kv head on AVX3_ZEN4 (docs/attention.md). Slices of a row would
+  // read each V row in stripes, which on AVX2 (4 vectors per slice) cost
+  // 1.27x against AccumulateVKeys; so other shapes keep that.
+  const size_t N = hn::Lanes(df);
+  if (head_dim % N == 0 && head_dim / N <= VSliceVectors<kNR>()) {
+    AccumulateVSliceN<kNR>(head_dim / N, df, rows, vrows, head_dim, t0, t1, w, 0);
+    return;
+  }
+#endif
   float* o[kNR];
   const float* wr[kNR];
   for (size_t r = 0; r < kNR; ++r) {
