@@ -125,6 +125,65 @@ struct AttnRow {
   float corr;      // rescale factor of `out` pending for this block
 };
 
+#if !HWY_HAVE_SCALABLE
+// Vectors of head_dim per row that BlockScores and BlockAccumulateV keep in
+// registers (ScoresInRegisters, AccumulateVSlice): kNR x this <= 24 of
+// AVX-512's 32 registers (12 of 16 elsewhere).
+template <size_t kNR>
+constexpr size_t VSliceVectors() {
+  return (HWY_ARCH_X86 && HWY_TARGET > HWY_AVX3 ? 12 : 24) / kNR;
+}
+
+// BlockScores with the kNR query rows (kS vectors each: all of head_dim) in
+// registers, one key at a time. Loading q for every FMA (two keys per
+// pass, q from L1) made the K pass load-bound: 32 vector loads per key
+// where this core issues one per cycle; here a key is kS loads. Each score
+// is the same FMA chain over head_dim and the same ReduceSum as there.
+template <size_t kNR, size_t kS, class DF, typename T, class Prefetch>
+HWY_INLINE void ScoresInRegisters(DF df, const AttnRow* rows, const T* HWY_RESTRICT krows,
+                                  size_t head_dim, size_t t0, size_t t1,
+                                  float* HWY_RESTRICT scores, const Prefetch& prefetch) {
+  using V = hn::Vec<DF>;
+  const size_t N = hn::Lanes(df);
+  V q[kNR][kS];  // fixed-size vectors: an array the compiler keeps in registers
+  HWY_UNROLL(4)
+  for (size_t r = 0; r < kNR; ++r) {
+    HWY_UNROLL(24)
+    for (size_t j = 0; j < kS; ++j) q[r][j] = hn::LoadU(df, rows[r].q + j * N);
+  }
+  for (size_t t = t0; t < t1; ++t) {
+    prefetch(t);
+    const T* HWY_RESTRICT k = krows + t * head_dim;
+    V acc[kNR];
+    HWY_UNROLL(4)
+    for (size_t r = 0; r < kNR; ++r) acc[r] = hn::Zero(df);
+    HWY_UNROLL(24)
+    for (size_t j = 0; j < kS; ++j) {
+      const V x = LoadAsF32(df, k + j * N);  // int8: unscaled
+      HWY_UNROLL(4)
+      for (size_t r = 0; r < kNR; ++r) acc[r] = hn::MulAdd(q[r][j], x, acc[r]);
+    }
+    HWY_UNROLL(4)
+    for (size_t r = 0; r < kNR; ++r) scores[r * kAttnBlock + t] = hn::ReduceSum(df, acc[r]);
+  }
+}
+
+// ScoresInRegisters with kS = s (1 <= s <= VSliceVectors<kNR>()) a constant.
+template <size_t kNR, size_t kS = 1, class DF, typename T, class Prefetch>
+HWY_INLINE void ScoresInRegistersN(size_t s, DF df, const AttnRow* rows,
+                                   const T* HWY_RESTRICT krows, size_t head_dim, size_t t0,
+                                   size_t t1, float* HWY_RESTRICT scores,
+                                   const Prefetch& prefetch) {
+  if constexpr (kS < VSliceVectors<kNR>()) {
+    if (s > kS) {
+      return ScoresInRegistersN<kNR, kS + 1>(s, df, rows, krows, head_dim, t0, t1, scores,
+                                             prefetch);
+    }
+  }
+  ScoresInRegisters<kNR, kS>(df, rows, krows, head_dim, t0, t1, scores, prefetch);
+}
+#endif  // !HWY_HAVE_SCALABLE
+
 // scores[r * kAttnBlock + t] = q_r . k_t for t in [t0, t1), r < kNR (raw
 // dots). krows: the block's rows of head_dim elements of T, the cache's
 // element type (float, float16_t, bfloat16_t or int8_t; element-inl.h loads
@@ -150,6 +209,14 @@ HWY_INLINE void BlockScores(DF df, const AttnRow* rows, const T* HWY_RESTRICT kr
       PrefetchL2(vpf + t * row_bytes + off);
     }
   };
+#if !HWY_HAVE_SCALABLE
+  // The query rows in registers when they fit (3 rows x 128 dims on
+  // AVX-512, as for AccumulateVSlice).
+  if (head_dim % N == 0 && head_dim / N <= VSliceVectors<kNR>()) {
+    ScoresInRegistersN<kNR>(head_dim / N, df, rows, krows, head_dim, t0, t1, scores, prefetch);
+    return;
+  }
+#endif
   const float* q0 = rows[0].q;
   const float* q1 = rows[kNR > 1 ? 1 : 0].q;
   const float* q2 = rows[kNR > 2 ? 2 : 0].q;
@@ -300,13 +367,6 @@ HWY_INLINE void AccumulateVKeys(DF df, float* const* o, const T* HWY_RESTRICT v,
 }
 
 #if !HWY_HAVE_SCALABLE
-// Vectors of head_dim per row that AccumulateVSlice keeps in registers:
-// kNR x this <= 24 of AVX-512's 32 registers (12 of 16 elsewhere).
-template <size_t kNR>
-constexpr size_t VSliceVectors() {
-  return (HWY_ARCH_X86 && HWY_TARGET > HWY_AVX3 ? 12 : 24) / kNR;
-}
-
 // BlockAccumulateV for the output vectors [j0, j0 + kS) of every row, with
 // the kNR x kS outputs in registers for the whole block: each V row's slice
 // is loaded once and feeds kNR FMAs per vector, and no output is loaded or
