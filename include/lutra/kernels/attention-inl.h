@@ -23,7 +23,10 @@
 // exists: the scratch is a 4 x 32 score tile on the stack plus one partial
 // row per (row, chunk) in decode. int8 rows are dequantized on the fly
 // (their scales multiply the score and the softmax weight, not every
-// element).
+// element). Where a pass's query rows fit the registers (AVX-512, g = 3 rows
+// of 128 dims: GQA decode), both the rows and their outputs stay in
+// registers for the whole block (ScoresInRegisters, AccumulateVSlice), with
+// the same bits as the general path.
 //
 // Determinism (other code relies on it): every output element is the same
 // sequence of floating-point operations whatever the thread count and
