@@ -110,6 +110,15 @@ constexpr size_t kAttnDefaultChunk = 256;
 // into L2 0.48 of the read bandwidth, none 0.41.
 constexpr size_t kAttnPrefetchBlocks = 4;
 
+// ScoresInRegisters and AccumulateVSlice hold rows in arrays of vectors,
+// which need sized vector types: not SVE (even its fixed-size targets) or
+// RVV (the reason lut_decode-inl.h has LUTRA_LUT_SIZELESS).
+#if HWY_TARGET_IS_SVE || HWY_TARGET == HWY_RVV || HWY_HAVE_SCALABLE
+#define LUTRA_ATTN_ROWS_IN_REGISTERS 0
+#else
+#define LUTRA_ATTN_ROWS_IN_REGISTERS 1
+#endif
+
 // Prefetch into L2 (not L1: the blocks ahead would evict the current one).
 HWY_INLINE void PrefetchL2(const uint8_t* p) {
 #if HWY_COMPILER_GCC  // also clang
@@ -128,7 +137,7 @@ struct AttnRow {
   float corr;      // rescale factor of `out` pending for this block
 };
 
-#if !HWY_HAVE_SCALABLE
+#if LUTRA_ATTN_ROWS_IN_REGISTERS
 // Vectors of head_dim per row that BlockScores and BlockAccumulateV keep in
 // registers (ScoresInRegisters, AccumulateVSlice): kNR x this <= 24 of
 // AVX-512's 32 registers (12 of 16 elsewhere).
@@ -185,7 +194,7 @@ HWY_INLINE void ScoresInRegistersN(size_t s, DF df, const AttnRow* rows,
   }
   ScoresInRegisters<kNR, kS>(df, rows, krows, head_dim, t0, t1, scores, prefetch);
 }
-#endif  // !HWY_HAVE_SCALABLE
+#endif  // LUTRA_ATTN_ROWS_IN_REGISTERS
 
 // scores[r * kAttnBlock + t] = q_r . k_t for t in [t0, t1), r < kNR (raw
 // dots). krows: the block's rows of head_dim elements of T, the cache's
@@ -212,7 +221,7 @@ HWY_INLINE void BlockScores(DF df, const AttnRow* rows, const T* HWY_RESTRICT kr
       PrefetchL2(vpf + t * row_bytes + off);
     }
   };
-#if !HWY_HAVE_SCALABLE
+#if LUTRA_ATTN_ROWS_IN_REGISTERS
   // The query rows in registers when they fit (3 rows x 128 dims on
   // AVX-512, as for AccumulateVSlice).
   if (head_dim % N == 0 && head_dim / N <= VSliceVectors<kNR>()) {
@@ -369,7 +378,7 @@ HWY_INLINE void AccumulateVKeys(DF df, float* const* o, const T* HWY_RESTRICT v,
   if (i < head_dim) step(i, head_dim - i);
 }
 
-#if !HWY_HAVE_SCALABLE
+#if LUTRA_ATTN_ROWS_IN_REGISTERS
 // BlockAccumulateV for the output vectors [j0, j0 + kS) of every row, with
 // the kNR x kS outputs in registers for the whole block: each V row's slice
 // is loaded once and feeds kNR FMAs per vector, and no output is loaded or
@@ -421,7 +430,7 @@ HWY_INLINE void AccumulateVSliceN(size_t s, DF df, AttnRow* rows, const T* HWY_R
   }
   AccumulateVSlice<kNR, kS>(df, rows, vrows, head_dim, t0, t1, w, j0);
 }
-#endif  // !HWY_HAVE_SCALABLE
+#endif  // LUTRA_ATTN_ROWS_IN_REGISTERS
 
 // out_r = out_r * corr_r + sum_{t in [t0, t1)} w[r * kAttnBlock + t] * v_t
 // for r < kNR. vrows: the block's rows of head_dim elements; w already
@@ -437,7 +446,7 @@ template <size_t kNR, class DF, typename T>
 HWY_INLINE void BlockAccumulateV(DF df, AttnRow* rows, const T* HWY_RESTRICT vrows,
                                  size_t head_dim, size_t t0, size_t t1,
                                  const float* HWY_RESTRICT w) {
-#if !HWY_HAVE_SCALABLE
+#if LUTRA_ATTN_ROWS_IN_REGISTERS
   // All outputs in registers (AccumulateVSlice) when the rows' head_dim is
   // whole vectors and they fit: 3 rows of 128 dims (GQA decode, g = 3) on
   // AVX-512. Decode attention from DRAM, f16: 23.3 -> 18.4 ns per position
@@ -889,4 +898,5 @@ HWY_INLINE Status Attention(const KVCache& cache, size_t layer, size_t pos,
 }  // namespace lutra
 HWY_AFTER_NAMESPACE();
 
+#undef LUTRA_ATTN_ROWS_IN_REGISTERS
 #endif  // LUTRA_ATTENTION_INL_H_
