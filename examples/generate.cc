@@ -562,6 +562,7 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
       // tokens runs the few-token GEMM, whose rows are GEMV's bits, so greedy
       // output stays that of plain decoding on the int8 path too.
       static_assert(kMaxDrafts + 1 <= lutra::kGemmSmallM, "verify passes must stay exact");
+      static_assert(kMaxDrafts == 31, "the messages below say 31");
       if (!ParseSize(value, 0, kMaxDrafts, &o->lookup)) {
         return bad("0 (off) or a draft length in [1, 31]");
       }

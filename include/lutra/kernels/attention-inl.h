@@ -25,7 +25,7 @@
 // (their scales multiply the score and the softmax weight, not every
 // element). Where a pass's query rows fit the registers (AVX-512, g = 3 rows
 // of 128 dims: GQA decode), both the rows and their outputs stay in
-// registers for the whole block (ScoresInRegisters, AccumulateVSlice), with
+// registers for the whole block (ScoresInRegisters, AccumulateVInRegisters), with
 // the same bits as the general path.
 //
 // Determinism (other code relies on it): every output element is the same
@@ -110,7 +110,7 @@ constexpr size_t kAttnDefaultChunk = 256;
 // into L2 0.48 of the read bandwidth, none 0.41.
 constexpr size_t kAttnPrefetchBlocks = 4;
 
-// ScoresInRegisters and AccumulateVSlice hold rows in arrays of vectors,
+// ScoresInRegisters and AccumulateVInRegisters hold rows in arrays of vectors,
 // which need sized vector types: not SVE (even its fixed-size targets) or
 // RVV (the reason lut_decode-inl.h has LUTRA_LUT_SIZELESS).
 #if HWY_TARGET_IS_SVE || HWY_TARGET == HWY_RVV || HWY_HAVE_SCALABLE
@@ -139,11 +139,19 @@ struct AttnRow {
 
 #if LUTRA_ATTN_ROWS_IN_REGISTERS
 // Vectors of head_dim per row that BlockScores and BlockAccumulateV keep in
-// registers (ScoresInRegisters, AccumulateVSlice): kNR x this <= 24 of
-// AVX-512's 32 registers (12 of 16 elsewhere).
+// registers (ScoresInRegisters, AccumulateVInRegisters): kNR x this <= 24
+// of AVX-512's 32 registers (12 of 16 elsewhere).
 template <size_t kNR>
-constexpr size_t VSliceVectors() {
+constexpr size_t RegisterRowVectors() {
   return (HWY_ARCH_X86 && HWY_TARGET > HWY_AVX3 ? 12 : 24) / kNR;
+}
+
+// Whether kNR rows of head_dim fit those registers as whole vectors (3 rows
+// of 128 dims on AVX-512: GQA decode with g = 3).
+template <size_t kNR, class DF>
+HWY_INLINE bool RowsFitRegisters(DF df, size_t head_dim) {
+  const size_t N = hn::Lanes(df);
+  return head_dim % N == 0 && head_dim / N <= RegisterRowVectors<kNR>();
 }
 
 // BlockScores with the kNR query rows (kS vectors each: all of head_dim) in
@@ -180,13 +188,14 @@ HWY_INLINE void ScoresInRegisters(DF df, const AttnRow* rows, const T* HWY_RESTR
   }
 }
 
-// ScoresInRegisters with kS = s (1 <= s <= VSliceVectors<kNR>()) a constant.
+// ScoresInRegisters with kS = s (1 <= s <= RegisterRowVectors<kNR>()) a
+// constant.
 template <size_t kNR, size_t kS = 1, class DF, typename T, class Prefetch>
 HWY_INLINE void ScoresInRegistersN(size_t s, DF df, const AttnRow* rows,
                                    const T* HWY_RESTRICT krows, size_t head_dim, size_t t0,
                                    size_t t1, float* HWY_RESTRICT scores,
                                    const Prefetch& prefetch) {
-  if constexpr (kS < VSliceVectors<kNR>()) {
+  if constexpr (kS < RegisterRowVectors<kNR>()) {
     if (s > kS) {
       return ScoresInRegistersN<kNR, kS + 1>(s, df, rows, krows, head_dim, t0, t1, scores,
                                              prefetch);
@@ -223,8 +232,8 @@ HWY_INLINE void BlockScores(DF df, const AttnRow* rows, const T* HWY_RESTRICT kr
   };
 #if LUTRA_ATTN_ROWS_IN_REGISTERS
   // The query rows in registers when they fit (3 rows x 128 dims on
-  // AVX-512, as for AccumulateVSlice).
-  if (head_dim % N == 0 && head_dim / N <= VSliceVectors<kNR>()) {
+  // AVX-512, as for AccumulateVInRegisters).
+  if (RowsFitRegisters<kNR>(df, head_dim)) {
     ScoresInRegistersN<kNR>(head_dim / N, df, rows, krows, head_dim, t0, t1, scores, prefetch);
     return;
   }
@@ -379,16 +388,16 @@ HWY_INLINE void AccumulateVKeys(DF df, float* const* o, const T* HWY_RESTRICT v,
 }
 
 #if LUTRA_ATTN_ROWS_IN_REGISTERS
-// BlockAccumulateV for the output vectors [j0, j0 + kS) of every row, with
-// the kNR x kS outputs in registers for the whole block: each V row's slice
-// is loaded once and feeds kNR FMAs per vector, and no output is loaded or
-// stored per key (AccumulateVKeys loads and stores each once per four keys:
-// a third of the V pass's instructions, and store-to-load chains). The
-// same chain per output lane: Mul by corr, then FMAs in t order.
+// BlockAccumulateV with all kNR x kS output vectors (kS = head_dim / N) in
+// registers for the whole block: each V row is loaded once and feeds kNR
+// FMAs per vector, and no output is loaded or stored per key
+// (AccumulateVKeys loads and stores each once per four keys: a third of the
+// V pass's instructions, and store-to-load chains). The same chain per
+// output lane: Mul by corr, then FMAs in t order.
 template <size_t kNR, size_t kS, class DF, typename T>
-HWY_INLINE void AccumulateVSlice(DF df, AttnRow* rows, const T* HWY_RESTRICT vrows,
-                                 size_t head_dim, size_t t0, size_t t1,
-                                 const float* HWY_RESTRICT w, size_t j0) {
+HWY_INLINE void AccumulateVInRegisters(DF df, AttnRow* rows, const T* HWY_RESTRICT vrows,
+                                       size_t head_dim, size_t t0, size_t t1,
+                                       const float* HWY_RESTRICT w) {
   using V = hn::Vec<DF>;
   const size_t N = hn::Lanes(df);
   V o[kNR][kS];  // fixed-size vectors: an array the compiler keeps in registers
@@ -396,12 +405,10 @@ HWY_INLINE void AccumulateVSlice(DF df, AttnRow* rows, const T* HWY_RESTRICT vro
   for (size_t r = 0; r < kNR; ++r) {
     const V c = hn::Set(df, rows[r].corr);
     HWY_UNROLL(24)
-    for (size_t j = 0; j < kS; ++j) {
-      o[r][j] = hn::Mul(hn::LoadU(df, rows[r].out + (j0 + j) * N), c);
-    }
+    for (size_t j = 0; j < kS; ++j) o[r][j] = hn::Mul(hn::LoadU(df, rows[r].out + j * N), c);
   }
   for (size_t t = t0; t < t1; ++t) {
-    const T* HWY_RESTRICT v = vrows + t * head_dim + j0 * N;
+    const T* HWY_RESTRICT v = vrows + t * head_dim;
     HWY_UNROLL(24)
     for (size_t j = 0; j < kS; ++j) {
       const V x = LoadAsF32(df, v + j * N);
@@ -414,21 +421,22 @@ HWY_INLINE void AccumulateVSlice(DF df, AttnRow* rows, const T* HWY_RESTRICT vro
   HWY_UNROLL(4)
   for (size_t r = 0; r < kNR; ++r) {
     HWY_UNROLL(24)
-    for (size_t j = 0; j < kS; ++j) hn::StoreU(o[r][j], df, rows[r].out + (j0 + j) * N);
+    for (size_t j = 0; j < kS; ++j) hn::StoreU(o[r][j], df, rows[r].out + j * N);
   }
 }
 
-// AccumulateVSlice with kS = s (1 <= s <= VSliceVectors<kNR>()) a constant.
+// AccumulateVInRegisters with kS = s (1 <= s <= RegisterRowVectors<kNR>())
+// a constant.
 template <size_t kNR, size_t kS = 1, class DF, typename T>
-HWY_INLINE void AccumulateVSliceN(size_t s, DF df, AttnRow* rows, const T* HWY_RESTRICT vrows,
-                                  size_t head_dim, size_t t0, size_t t1,
-                                  const float* HWY_RESTRICT w, size_t j0) {
-  if constexpr (kS < VSliceVectors<kNR>()) {
+HWY_INLINE void AccumulateVInRegistersN(size_t s, DF df, AttnRow* rows,
+                                        const T* HWY_RESTRICT vrows, size_t head_dim, size_t t0,
+                                        size_t t1, const float* HWY_RESTRICT w) {
+  if constexpr (kS < RegisterRowVectors<kNR>()) {
     if (s > kS) {
-      return AccumulateVSliceN<kNR, kS + 1>(s, df, rows, vrows, head_dim, t0, t1, w, j0);
+      return AccumulateVInRegistersN<kNR, kS + 1>(s, df, rows, vrows, head_dim, t0, t1, w);
     }
   }
-  AccumulateVSlice<kNR, kS>(df, rows, vrows, head_dim, t0, t1, w, j0);
+  AccumulateVInRegisters<kNR, kS>(df, rows, vrows, head_dim, t0, t1, w);
 }
 #endif  // LUTRA_ATTN_ROWS_IN_REGISTERS
 
@@ -447,15 +455,13 @@ HWY_INLINE void BlockAccumulateV(DF df, AttnRow* rows, const T* HWY_RESTRICT vro
                                  size_t head_dim, size_t t0, size_t t1,
                                  const float* HWY_RESTRICT w) {
 #if LUTRA_ATTN_ROWS_IN_REGISTERS
-  // All outputs in registers (AccumulateVSlice) when the rows' head_dim is
-  // whole vectors and they fit: 3 rows of 128 dims (GQA decode, g = 3) on
-  // AVX-512. Decode attention from DRAM, f16: 23.3 -> 18.4 ns per position
-  // and kv head on AVX3_ZEN4 (docs/attention.md). Slices of a row would
-  // read each V row in stripes, which on AVX2 (4 vectors per slice) cost
-  // 1.27x against AccumulateVKeys; so other shapes keep that.
-  const size_t N = hn::Lanes(df);
-  if (head_dim % N == 0 && head_dim / N <= VSliceVectors<kNR>()) {
-    AccumulateVSliceN<kNR>(head_dim / N, df, rows, vrows, head_dim, t0, t1, w, 0);
+  // All outputs in registers (AccumulateVInRegisters) when the rows fit
+  // (RowsFitRegisters). Decode attention from DRAM, f16: 23.3 -> 18.4 ns per
+  // position and kv head on AVX3_ZEN4 (docs/attention.md). Slices of a row
+  // would read each V row in stripes, which on AVX2 (4 vectors per slice)
+  // cost 1.27x against AccumulateVKeys; so other shapes keep that.
+  if (RowsFitRegisters<kNR>(df, head_dim)) {
+    AccumulateVInRegistersN<kNR>(head_dim / hn::Lanes(df), df, rows, vrows, head_dim, t0, t1, w);
     return;
   }
 #endif
