@@ -21,12 +21,14 @@
 // merges afterwards; prefill runs (kv head, query tile) groups in parallel,
 // each merging its chunks as it goes. No T x T (or T x context) score matrix
 // exists: the scratch is a 4 x 32 score tile on the stack plus one partial
-// row per (row, chunk) in decode. int8 rows are dequantized on the fly
-// (their scales multiply the score and the softmax weight, not every
-// element). Where a pass's query rows fit the registers (AVX-512, g = 3 rows
-// of 128 dims: GQA decode), both the rows and their outputs stay in
-// registers for the whole block (ScoresInRegisters, AccumulateVInRegisters), with
-// the same bits as the general path.
+// row per (row, chunk) in decode. int8 K rows meet q quantized to int8 in
+// an integer dot product (ScoresI8: vpdpbusd where there is one); int8 V
+// rows are converted to f32 for the V update; their scales multiply the
+// score and the softmax weight, not every element. Where a pass's query
+// rows fit the registers (AVX-512, g = 3 rows of 128 dims: GQA decode),
+// both the rows and their outputs stay in registers for the whole block
+// (ScoresInRegisters, AccumulateVInRegisters), with the same bits as the
+// general path.
 //
 // Determinism (other code relies on it): every output element is the same
 // sequence of floating-point operations whatever the thread count and
@@ -82,6 +84,7 @@ struct AttentionOptions {
 #include "lutra/base/status.h"
 #include "lutra/base/thread_pool.h"
 #include "lutra/kernels/kv_cache.h"
+#include "lutra/kernels/lut_decode-inl.h"  // CodeDot: int8 KV's integer q.k
 #include "lutra/kernels/ops-inl.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -135,6 +138,12 @@ struct AttnRow {
   size_t lo, hi;   // attended positions [lo, hi]
   float m, l;      // running max and running sum of e^(s - m)
   float corr;      // rescale factor of `out` pending for this block
+  // int8 KV only (QuantizeQueryRows): q as int8 (QuantizeRowI8), zero past
+  // head_dim up to a whole u8 vector; q ~= q8 * q8_scale. The raw score is
+  // (CodeDot sum - q8_bias) * q8_scale (ScoresI8).
+  const int8_t* q8;
+  float q8_scale;
+  int32_t q8_bias;
 };
 
 #if LUTRA_ATTN_ROWS_IN_REGISTERS
@@ -179,7 +188,7 @@ HWY_INLINE void ScoresInRegisters(DF df, const AttnRow* rows, const T* HWY_RESTR
     for (size_t r = 0; r < kNR; ++r) acc[r] = hn::Zero(df);
     HWY_UNROLL(24)
     for (size_t j = 0; j < kS; ++j) {
-      const V x = LoadAsF32(df, k + j * N);  // int8: unscaled
+      const V x = LoadAsF32(df, k + j * N);
       HWY_UNROLL(4)
       for (size_t r = 0; r < kNR; ++r) acc[r] = hn::MulAdd(q[r][j], x, acc[r]);
     }
@@ -205,31 +214,154 @@ HWY_INLINE void ScoresInRegistersN(size_t s, DF df, const AttnRow* rows,
 }
 #endif  // LUTRA_ATTN_ROWS_IN_REGISTERS
 
+// int8 KV: q.k in integers. Each query row is quantized like a cached row
+// (QuantizeRowI8: one symmetric scale, |q - q8 * q8_scale| <= max|q| / 254),
+// and the dot of q8 with a key's int8 row is exact in i32 (CodeDot, i.e.
+// vpdpbusd on VNNI). Dequantizing every key element to f32 for 3 x 8 FMAs
+// per key (head_dim 128, g = 3) and a ReduceSum per row made the K pass
+// half of int8 decode attention's time (docs/attention.md).
+// Because the sums are exact, any order of accumulation and reduction gives
+// the same bits: the paths below (4 keys at a time with a transposed
+// reduction, or one key with ReduceSum) agree, as the determinism contract
+// needs. CodeDot multiplies u8 codes (biased by kCodeBias) by i8 values; a
+// key byte k is passed as the code of k + 128, so each sum is
+// sum(k q8) + 128 sum(q8) where kCodeBias is 0, and sum(k q8) where it is
+// 0x80: q8_bias removes the difference.
+
+// Per-thread buffer for the quantized query rows (AttnScratch's buffer is
+// the caller's).
+inline int8_t* AttnQ8Scratch(size_t bytes) {
+  static thread_local hwy::AlignedVector<int8_t> buf;
+  if (buf.size() < bytes) buf.resize(bytes);
+  return buf.data();
+}
+
+// Sets q8, q8_scale and q8_bias of rows[0, num_rows) from their q.
+template <class DF>
+HWY_INLINE void QuantizeQueryRows(DF df, AttnRow* rows, size_t num_rows, size_t head_dim) {
+  const hn::Repartition<uint8_t, DF> du8;
+  const size_t L8 = hn::Lanes(du8);
+  const size_t stride = (head_dim + L8 - 1) / L8 * L8;
+  int8_t* buf = AttnQ8Scratch(num_rows * stride);
+  for (size_t r = 0; r < num_rows; ++r) {
+    int8_t* q8 = buf + r * stride;
+    rows[r].q8 = q8;
+    rows[r].q8_scale = QuantizeRowI8(df, rows[r].q, head_dim, q8);
+    memset(q8 + head_dim, 0, stride - head_dim);
+    int32_t sum = 0;
+    for (size_t i = 0; i < head_dim; ++i) sum += q8[i];
+    rows[r].q8_bias = kCodeBias == 0 ? 128 * sum : 0;
+  }
+}
+
+// scores[r * kAttnBlock + t] = q_r . k_t for t in [t0, t1), r < kNR (raw
+// dots, as BlockScoresF's), in integers (above). krows: the block's int8
+// rows of head_dim bytes.
+template <size_t kNR, class DF, class Prefetch>
+HWY_INLINE void ScoresI8(DF df, const AttnRow* rows, const int8_t* HWY_RESTRICT krows,
+                         size_t head_dim, size_t t0, size_t t1, float* HWY_RESTRICT scores,
+                         const Prefetch& prefetch) {
+  const hn::RebindToSigned<DF> di32;
+  const hn::Repartition<int8_t, DF> di8;
+  const hn::Repartition<uint8_t, DF> du8;
+  const size_t L8 = hn::Lanes(du8);
+  const auto flip = hn::Set(du8, static_cast<uint8_t>(0x80 ^ kCodeBias));
+  // Key bytes [i, i + L8) of row k as codes; zero past head_dim, where q8 is
+  // zero too (so the last row of the cache is not read past its end).
+  const auto codes_at = [&](const int8_t* k, size_t i) {
+    const uint8_t* p = reinterpret_cast<const uint8_t*>(k) + i;
+    return hn::Xor(i + L8 <= head_dim ? hn::LoadU(du8, p) : hn::LoadN(du8, p, head_dim - i),
+                   flip);
+  };
+  const auto q8_at = [&](size_t r, size_t i) { return hn::Load(di8, rows[r].q8 + i); };
+  size_t t = t0;
+#if LUTRA_ATTN_ROWS_IN_REGISTERS
+  // Four keys at a time where their 4 x kNR accumulators fit the registers
+  // (AVX-512, NEON; kNR <= 2 on 16-register targets): the four sums of a row
+  // are reduced together, a third of four ReduceSums' shuffles, and stored
+  // as one 4-lane vector.
+  if constexpr (4 * kNR + 4 <= RegisterRowVectors<1>()) {
+    const hn::Repartition<int64_t, DF> di64;
+    using VI = hn::Vec<decltype(di32)>;
+    for (; t + 4 <= t1; t += 4) {
+      VI acc[kNR][4];
+      HWY_UNROLL(4)
+      for (size_t r = 0; r < kNR; ++r) {
+        HWY_UNROLL(4)
+        for (size_t u = 0; u < 4; ++u) acc[r][u] = hn::Zero(di32);
+      }
+      HWY_UNROLL(4)
+      for (size_t u = 0; u < 4; ++u) prefetch(t + u);
+      // Key by key, each row front to back: reading the four rows' first
+      // vectors, then their second ones, defeated the hardware prefetcher
+      // (1.6x slower from DRAM).
+      HWY_UNROLL(4)
+      for (size_t u = 0; u < 4; ++u) {
+        for (size_t i = 0; i < head_dim; i += L8) {
+          const auto codes = codes_at(krows + (t + u) * head_dim, i);
+          const auto mag = CodeMagnitude(codes);
+          HWY_UNROLL(4)
+          for (size_t r = 0; r < kNR; ++r) {
+            acc[r][u] = CodeDot(di32, codes, mag, q8_at(r, i), acc[r][u]);
+          }
+        }
+      }
+      HWY_UNROLL(4)
+      for (size_t r = 0; r < kNR; ++r) {
+        // Per 128-bit block: [a b c d] = partial sums of the four keys.
+        const auto a = hn::BitCast(di64, acc[r][0]), b = hn::BitCast(di64, acc[r][1]);
+        const auto c = hn::BitCast(di64, acc[r][2]), d = hn::BitCast(di64, acc[r][3]);
+        const VI ac = hn::Add(hn::BitCast(di32, hn::InterleaveLower(di64, a, c)),
+                              hn::BitCast(di32, hn::InterleaveUpper(di64, a, c)));
+        const VI bd = hn::Add(hn::BitCast(di32, hn::InterleaveLower(di64, b, d)),
+                              hn::BitCast(di32, hn::InterleaveUpper(di64, b, d)));
+        VI x = hn::Add(hn::InterleaveEven(di32, ac, bd), hn::InterleaveOdd(di32, ac, bd));
+        // Then over the blocks: every block holds the four totals.
+        if (hn::Lanes(di32) >= 8) x = hn::Add(x, hn::SwapAdjacentBlocks(x));
+        if (hn::Lanes(di32) >= 16) x = hn::Add(x, hn::ReverseBlocks(di32, x));
+        const auto dots = hn::ConvertTo(df, hn::Sub(x, hn::Set(di32, rows[r].q8_bias)));
+        hn::StoreN(hn::Mul(dots, hn::Set(df, rows[r].q8_scale)), df, scores + r * kAttnBlock + t,
+                   4);
+      }
+    }
+  }
+#endif
+  for (; t < t1; ++t) {
+    prefetch(t);
+    const int8_t* k = krows + t * head_dim;
+    auto a0 = hn::Zero(di32), a1 = hn::Zero(di32), a2 = hn::Zero(di32), a3 = hn::Zero(di32);
+    for (size_t i = 0; i < head_dim; i += L8) {
+      const auto codes = codes_at(k, i);
+      const auto mag = CodeMagnitude(codes);
+      a0 = CodeDot(di32, codes, mag, q8_at(0, i), a0);
+      if (kNR > 1) a1 = CodeDot(di32, codes, mag, q8_at(kNR > 1 ? 1 : 0, i), a1);
+      if (kNR > 2) a2 = CodeDot(di32, codes, mag, q8_at(kNR > 2 ? 2 : 0, i), a2);
+      if (kNR > 3) a3 = CodeDot(di32, codes, mag, q8_at(kNR > 3 ? 3 : 0, i), a3);
+    }
+    // The same int -> f32 conversion and product as the vector path.
+    const auto score = [&](size_t r, hn::Vec<decltype(di32)> acc) {
+      return static_cast<float>(hn::ReduceSum(di32, acc) - rows[r].q8_bias) * rows[r].q8_scale;
+    };
+    scores[t] = score(0, a0);
+    if (kNR > 1) scores[kAttnBlock + t] = score(kNR > 1 ? 1 : 0, a1);
+    if (kNR > 2) scores[2 * kAttnBlock + t] = score(kNR > 2 ? 2 : 0, a2);
+    if (kNR > 3) scores[3 * kAttnBlock + t] = score(kNR > 3 ? 3 : 0, a3);
+  }
+}
+
 // scores[r * kAttnBlock + t] = q_r . k_t for t in [t0, t1), r < kNR (raw
 // dots). krows: the block's rows of head_dim elements of T, the cache's
-// element type (float, float16_t, bfloat16_t or int8_t; element-inl.h loads
-// them as f32). Two keys per iteration give 2 * kNR independent FMA chains
+// element type (float, float16_t or bfloat16_t; element-inl.h loads them as
+// f32). Two keys per iteration give 2 * kNR independent FMA chains
 // (one chain per row is latency-bound). Each score is the same sequence of
 // FMAs over head_dim whatever t0, t1 and kNR are: the determinism contract
 // of Attention rests on that.
-template <size_t kNR, class DF, typename T>
-HWY_INLINE void BlockScores(DF df, const AttnRow* rows, const T* HWY_RESTRICT krows,
-                            size_t head_dim, size_t t0, size_t t1,
-                            float* HWY_RESTRICT scores, const uint8_t* kpf,
-                            const uint8_t* vpf, size_t pf_rows) {
+template <size_t kNR, class DF, typename T, class Prefetch>
+HWY_INLINE void BlockScoresF(DF df, const AttnRow* rows, const T* HWY_RESTRICT krows,
+                             size_t head_dim, size_t t0, size_t t1,
+                             float* HWY_RESTRICT scores, const Prefetch& prefetch) {
   using V = hn::Vec<DF>;
   const size_t N = hn::Lanes(df);
-  const size_t row_bytes = head_dim * sizeof(T);
-  // Prefetches row t of a later block's K and V (pf_rows = 0: none),
-  // spread over this block's keys: a burst of prefetches at the block start
-  // stalls on the fill buffers.
-  const auto prefetch = [&](size_t t) {
-    if (t >= pf_rows) return;
-    for (size_t off = 0; off < row_bytes; off += 64) {
-      PrefetchL2(kpf + t * row_bytes + off);
-      PrefetchL2(vpf + t * row_bytes + off);
-    }
-  };
 #if LUTRA_ATTN_ROWS_IN_REGISTERS
   // The query rows in registers when they fit (3 rows x 128 dims on
   // AVX-512, as for AccumulateVInRegisters).
@@ -252,7 +384,7 @@ HWY_INLINE void BlockScores(DF df, const AttnRow* rows, const T* HWY_RESTRICT kr
     V b0 = hn::Zero(df), b1 = hn::Zero(df), b2 = hn::Zero(df), b3 = hn::Zero(df);
     size_t i = 0;
     for (; i + N <= head_dim; i += N) {
-      const V k0 = LoadAsF32(df, ka + i);  // int8: unscaled
+      const V k0 = LoadAsF32(df, ka + i);
       const V k1 = LoadAsF32(df, kb + i);
       V q = hn::LoadU(df, q0 + i);
       a0 = hn::MulAdd(q, k0, a0);
@@ -329,6 +461,30 @@ HWY_INLINE void BlockScores(DF df, const AttnRow* rows, const T* HWY_RESTRICT kr
     if (kNR > 1) scores[kAttnBlock + t] = hn::ReduceSum(df, a1);
     if (kNR > 2) scores[2 * kAttnBlock + t] = hn::ReduceSum(df, a2);
     if (kNR > 3) scores[3 * kAttnBlock + t] = hn::ReduceSum(df, a3);
+  }
+}
+
+// The raw dots of a block (BlockScoresF, or ScoresI8 for int8 rows), and
+// the prefetch of row t of a later block's K and V (pf_rows = 0: none),
+// spread over this block's keys: a burst of prefetches at the block start
+// stalls on the fill buffers.
+template <size_t kNR, class DF, typename T>
+HWY_INLINE void BlockScores(DF df, const AttnRow* rows, const T* HWY_RESTRICT krows,
+                            size_t head_dim, size_t t0, size_t t1,
+                            float* HWY_RESTRICT scores, const uint8_t* kpf,
+                            const uint8_t* vpf, size_t pf_rows) {
+  const size_t row_bytes = head_dim * sizeof(T);
+  const auto prefetch = [&](size_t t) {
+    if (t >= pf_rows) return;
+    for (size_t off = 0; off < row_bytes; off += 64) {
+      PrefetchL2(kpf + t * row_bytes + off);
+      PrefetchL2(vpf + t * row_bytes + off);
+    }
+  };
+  if constexpr (hwy::IsSame<T, int8_t>()) {
+    ScoresI8<kNR>(df, rows, krows, head_dim, t0, t1, scores, prefetch);
+  } else {
+    BlockScoresF<kNR>(df, rows, krows, head_dim, t0, t1, scores, prefetch);
   }
 }
 
@@ -554,6 +710,7 @@ HWY_NOINLINE void AttendChunk(DF df, const KVCache& cache, size_t layer,
     rows[r].m = -HUGE_VALF;
     rows[r].l = 0.0f;
   }
+  if constexpr (hwy::IsSame<T, int8_t>()) QuantizeQueryRows(df, rows, num_rows, hd);
   const size_t rows_hi = khi;
   klo = HWY_MAX(klo, c_lo);
   khi = HWY_MIN(khi, c_hi - 1);
