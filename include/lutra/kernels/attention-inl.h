@@ -261,6 +261,7 @@ template <size_t kNR, class DF, class Prefetch>
 HWY_INLINE void ScoresI8(DF df, const AttnRow* rows, const int8_t* HWY_RESTRICT krows,
                          size_t head_dim, size_t t0, size_t t1, float* HWY_RESTRICT scores,
                          const Prefetch& prefetch) {
+  (void)df;  // only the 4-key path converts to f32 in vectors
   const hn::RebindToSigned<DF> di32;
   const hn::Repartition<int8_t, DF> di8;
   const hn::Repartition<uint8_t, DF> du8;
