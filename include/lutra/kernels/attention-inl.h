@@ -255,7 +255,7 @@ HWY_INLINE void QuantizeQueryRows(DF df, AttnRow* rows, size_t num_rows, size_t 
 }
 
 // scores[r * kAttnBlock + t] = q_r . k_t for t in [t0, t1), r < kNR (raw
-// dots, as BlockScoresF's), in integers (above). krows: the block's int8
+// dots, as BlockScores's), in integers (above). krows: the block's int8
 // rows of head_dim bytes.
 template <size_t kNR, class DF, class Prefetch>
 HWY_INLINE void ScoresI8(DF df, const AttnRow* rows, const int8_t* HWY_RESTRICT krows,
@@ -353,16 +353,32 @@ HWY_INLINE void ScoresI8(DF df, const AttnRow* rows, const int8_t* HWY_RESTRICT 
 // scores[r * kAttnBlock + t] = q_r . k_t for t in [t0, t1), r < kNR (raw
 // dots). krows: the block's rows of head_dim elements of T, the cache's
 // element type (float, float16_t or bfloat16_t; element-inl.h loads them as
-// f32). Two keys per iteration give 2 * kNR independent FMA chains
+// f32; int8_t rows go to ScoresI8). Two keys per iteration give 2 * kNR independent FMA chains
 // (one chain per row is latency-bound). Each score is the same sequence of
 // FMAs over head_dim whatever t0, t1 and kNR are: the determinism contract
 // of Attention rests on that.
-template <size_t kNR, class DF, typename T, class Prefetch>
-HWY_INLINE void BlockScoresF(DF df, const AttnRow* rows, const T* HWY_RESTRICT krows,
-                             size_t head_dim, size_t t0, size_t t1,
-                             float* HWY_RESTRICT scores, const Prefetch& prefetch) {
+template <size_t kNR, class DF, typename T>
+HWY_INLINE void BlockScores(DF df, const AttnRow* rows, const T* HWY_RESTRICT krows,
+                            size_t head_dim, size_t t0, size_t t1,
+                            float* HWY_RESTRICT scores, const uint8_t* kpf,
+                            const uint8_t* vpf, size_t pf_rows) {
   using V = hn::Vec<DF>;
   const size_t N = hn::Lanes(df);
+  const size_t row_bytes = head_dim * sizeof(T);
+  // Prefetches row t of a later block's K and V (pf_rows = 0: none),
+  // spread over this block's keys: a burst of prefetches at the block start
+  // stalls on the fill buffers.
+  const auto prefetch = [&](size_t t) {
+    if (t >= pf_rows) return;
+    for (size_t off = 0; off < row_bytes; off += 64) {
+      PrefetchL2(kpf + t * row_bytes + off);
+      PrefetchL2(vpf + t * row_bytes + off);
+    }
+  };
+  if constexpr (hwy::IsSame<T, int8_t>()) {
+    ScoresI8<kNR>(df, rows, krows, head_dim, t0, t1, scores, prefetch);
+    return;
+  }
 #if LUTRA_ATTN_ROWS_IN_REGISTERS
   // The query rows in registers when they fit (3 rows x 128 dims on
   // AVX-512, as for AccumulateVInRegisters).
@@ -462,30 +478,6 @@ HWY_INLINE void BlockScoresF(DF df, const AttnRow* rows, const T* HWY_RESTRICT k
     if (kNR > 1) scores[kAttnBlock + t] = hn::ReduceSum(df, a1);
     if (kNR > 2) scores[2 * kAttnBlock + t] = hn::ReduceSum(df, a2);
     if (kNR > 3) scores[3 * kAttnBlock + t] = hn::ReduceSum(df, a3);
-  }
-}
-
-// The raw dots of a block (BlockScoresF, or ScoresI8 for int8 rows), and
-// the prefetch of row t of a later block's K and V (pf_rows = 0: none),
-// spread over this block's keys: a burst of prefetches at the block start
-// stalls on the fill buffers.
-template <size_t kNR, class DF, typename T>
-HWY_INLINE void BlockScores(DF df, const AttnRow* rows, const T* HWY_RESTRICT krows,
-                            size_t head_dim, size_t t0, size_t t1,
-                            float* HWY_RESTRICT scores, const uint8_t* kpf,
-                            const uint8_t* vpf, size_t pf_rows) {
-  const size_t row_bytes = head_dim * sizeof(T);
-  const auto prefetch = [&](size_t t) {
-    if (t >= pf_rows) return;
-    for (size_t off = 0; off < row_bytes; off += 64) {
-      PrefetchL2(kpf + t * row_bytes + off);
-      PrefetchL2(vpf + t * row_bytes + off);
-    }
-  };
-  if constexpr (hwy::IsSame<T, int8_t>()) {
-    ScoresI8<kNR>(df, rows, krows, head_dim, t0, t1, scores, prefetch);
-  } else {
-    BlockScoresF<kNR>(df, rows, krows, head_dim, t0, t1, scores, prefetch);
   }
 }
 
