@@ -18,8 +18,10 @@
 // worker that runs out of tasks polls for the next call (up to 50 us,
 // thread_pool.h), and that CPU time counts too, as the wall time would.
 // LUTRA_BENCH_WALL=1 switches to wall time for quiet machines.
-// Usage: attention_bench [--quick] [--only f16|bf16|int8]
-//   --quick: fewer repetitions; --only: the decode rows of one KV type.
+// Usage: attention_bench [--quick] [--only f16|bf16|int8] [--prefill-only]
+//   --quick: fewer repetitions; --only: the decode rows of one KV type;
+//   --prefill-only: the prefill rows alone (f16 and int8 KV, and int8's
+//   time as a share of f16's in the same run).
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -210,8 +212,8 @@ DecodeResult BenchDecode(ElementType type, size_t ctx, ThreadPool& pool, const f
 }
 
 // ms per prompt token of causal attention over a T-token prompt.
-double BenchPrefill(size_t T, ThreadPool& pool, int reps) {
-  KVCache cache = MakeCache(ElementType::kF16, T, 1);
+double BenchPrefill(ElementType type, size_t T, ThreadPool& pool, int reps) {
+  KVCache cache = MakeCache(type, T, 1);
   Fill(cache, T);
   std::mt19937 rng(6);
   std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -235,8 +237,10 @@ int main(int argc, char** argv) {
   using namespace lutra;
   bool quick = false;
   const char* only = nullptr;  // --only TYPE: decode rows of one KV type
+  bool prefill_only = false;
   for (int i = 1; i < argc; ++i) {
     if (strcmp(argv[i], "--quick") == 0) quick = true;
+    if (strcmp(argv[i], "--prefill-only") == 0) prefill_only = true;
     if (strcmp(argv[i], "--only") == 0 && i + 1 < argc) only = argv[++i];
   }
   const int reps = quick ? 5 : 9;
@@ -253,6 +257,7 @@ int main(int argc, char** argv) {
       "| KV | context | threads | us/token/layer | KV GB/s | read GB/s | share of read BW |\n"
       "|---|---|---|---|---|---|---|\n";
   for (ElementType type : types) {
+    if (prefill_only) break;
     if (only != nullptr && strcmp(only, ElementTypeName(type)) != 0) continue;
     for (size_t ctx : contexts) {
       for (size_t threads : {size_t{1}, size_t{2}}) {
@@ -268,17 +273,23 @@ int main(int argc, char** argv) {
       }
     }
   }
-  printf("\n%s", table.c_str());
+  if (!prefill_only) printf("\n%s", table.c_str());
   if (only != nullptr) return 0;
-  std::string ptable = "| prompt tokens | threads | ms/token (f16 KV) |\n|---|---|---|\n";
+  std::string ptable =
+      "| prompt tokens | threads | ms/token, f16 KV | ms/token, int8 KV | int8 / f16 |\n"
+      "|---|---|---|---|---|\n";
   for (size_t T : {size_t{64}, size_t{512}, size_t{2048}, size_t{8192}}) {
     for (size_t threads : {size_t{1}, size_t{2}}) {
       ThreadPool pool(threads);
-      const double ms = BenchPrefill(T, pool, T >= 8192 ? 3 : reps);
-      printf("prefill %5zu tokens, %zu thr: %.3f ms/token\n", T, threads, ms);
+      const int r = T >= 8192 ? 3 : reps;
+      const double f16 = BenchPrefill(ElementType::kF16, T, pool, r);
+      const double i8 = BenchPrefill(ElementType::kI8, T, pool, r);
+      printf("prefill %5zu tokens, %zu thr: %.3f ms/token f16, %.3f int8 (%.2f)\n", T, threads,
+             f16, i8, i8 / f16);
       fflush(stdout);
-      char line[128];
-      snprintf(line, sizeof(line), "| %zu | %zu | %.3f |\n", T, threads, ms);
+      char line[160];
+      snprintf(line, sizeof(line), "| %zu | %zu | %.3f | %.3f | %.2f |\n", T, threads, f16, i8,
+               i8 / f16);
       ptable += line;
     }
   }
