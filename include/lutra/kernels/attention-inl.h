@@ -228,11 +228,16 @@ HWY_INLINE void ScoresInRegistersN(size_t s, DF df, const AttnRow* rows,
 // sum(k q8) + 128 sum(q8) where kCodeBias is 0, and sum(k q8) where it is
 // 0x80: q8_bias removes the difference.
 
-// Per-thread buffer for the quantized query rows (AttnScratch's buffer is
-// the caller's).
-inline int8_t* AttnQ8Scratch(size_t bytes) {
-  static thread_local hwy::AlignedVector<int8_t> buf;
-  if (buf.size() < bytes) buf.resize(bytes);
+// Grows a per-thread scratch buffer of n elements of T, one per T (kept
+// between calls: no allocation per decode step once warm), and returns it,
+// aligned to HWY_ALIGNMENT: the partial outputs (float) and quantized query
+// rows (int8_t) in them are loaded and stored a vector at a time (head_dim
+// is a multiple of the vector length in practice), and a 64-byte access that
+// spans two cache lines costs two.
+template <typename T>
+inline T* AttnScratch(size_t n) {
+  static thread_local hwy::AlignedVector<T> buf;
+  if (buf.size() < n) buf.resize(n);
   return buf.data();
 }
 
@@ -242,7 +247,7 @@ HWY_INLINE void QuantizeQueryRows(DF df, AttnRow* rows, size_t num_rows, size_t 
   const hn::Repartition<uint8_t, DF> du8;
   const size_t L8 = hn::Lanes(du8);
   const size_t stride = (head_dim + L8 - 1) / L8 * L8;
-  int8_t* buf = AttnQ8Scratch(num_rows * stride);
+  int8_t* buf = AttnScratch<int8_t>(num_rows * stride);
   for (size_t r = 0; r < num_rows; ++r) {
     int8_t* q8 = buf + r * stride;
     rows[r].q8 = q8;
@@ -375,6 +380,11 @@ HWY_INLINE void BlockScores(DF df, const AttnRow* rows, const T* HWY_RESTRICT kr
       PrefetchL2(vpf + t * row_bytes + off);
     }
   };
+  // int8 rows: in integers. The f32 body below stays in this function (and
+  // is compiled, unused, for int8): moving it into a function of its own
+  // that took the prefetch lambda, or making int8 an overload with a
+  // prefetch functor, each slowed one type's decode attention by 10-20 %
+  // in measurements (docs/attention.md).
   if constexpr (hwy::IsSame<T, int8_t>()) {
     ScoresI8<kNR>(df, rows, krows, head_dim, t0, t1, scores, prefetch);
     return;
@@ -796,17 +806,6 @@ HWY_INLINE void MergeChunk(DF df, float* HWY_RESTRICT out, float& m, float& l,
   m = m_new;
 }
 
-// Grows a per-thread scratch buffer (kept between calls: no allocation per
-// decode step once warm) and returns it, aligned to HWY_ALIGNMENT: the
-// partial outputs in it are loaded and stored a vector at a time (head_dim
-// is a multiple of the vector length in practice), and a 64-byte access that
-// spans two cache lines costs two.
-inline float* AttnScratch(size_t floats) {
-  static thread_local hwy::AlignedVector<float> buf;
-  if (buf.size() < floats) buf.resize(floats);
-  return buf.data();
-}
-
 // Runs fn(task) for task < n on `pool` (inline when null).
 template <class Fn>
 void AttnParallel(ThreadPool* pool, size_t n, const Fn& fn) {
@@ -882,7 +881,7 @@ HWY_INLINE void AttentionT(DF df, const KVCache& cache, size_t layer, size_t pos
     const size_t num_tasks = first[num_groups];
     // Per task: max_rows partial rows, then (m, l) per row.
     const size_t stride = max_rows * (hd + 2);
-    float* parts = AttnScratch(num_tasks * stride);
+    float* parts = AttnScratch<float>(num_tasks * stride);
     pool->ParallelFor(num_tasks, [&](size_t task, size_t) {
       const size_t gi = static_cast<size_t>(
           std::upper_bound(first, first + num_groups + 1, task) - first - 1);
@@ -928,7 +927,7 @@ HWY_INLINE void AttentionT(DF df, const KVCache& cache, size_t layer, size_t pos
     AttnRow rows[kAttnMaxTileRows], part[kAttnMaxTileRows];
     float m[kAttnMaxTileRows], l[kAttnMaxTileRows];
     const size_t n = fill(gi, rows);
-    float* buf = AttnScratch(n * hd);
+    float* buf = AttnScratch<float>(n * hd);
     for (size_t r = 0; r < n; ++r) {
       memset(rows[r].out, 0, hd * sizeof(float));
       m[r] = -HUGE_VALF;
