@@ -126,19 +126,20 @@ enum class Sensitivity {
 
 // Codebook tuning's default (LoadOptions::tune_steps = -1): steps, and the
 // largest model it runs on. A step is a forward and backward pass over 512
-// calibration tokens; its cost grows with the matrix weights (about 0.23 s
-// per step on stories260K's 0.26 M weights, one core). The default spends
+// training tokens; its cost grows with the matrix weights (about 0.1 s per
+// step on stories260K's 0.26 M weights, one Zen 5 core). The default spends
 // about kTuneWeightSteps (steps x matrix weights), within
-// [kTuneDefaultSteps, kTuneMaxSteps]: 1200 steps on stories260K (4.6 min on
-// one core), 300 from 1.1 M weights up. It runs by default only on
-// calibration text of at least kTuneMinTokens, and where it runs the
-// sampled calibration text is kTuneCalibTokens long. On stories260K,
-// 8192 -> 32768 tokens and 300 -> 1200 steps cut the held-out KL of
-// --mixed 3.5 from 0.295 to 0.171 (docs/quality.md): the tuned codebooks
-// and indices fit 8192 tokens far better than unseen text.
+// [kTuneDefaultSteps, kTuneMaxSteps]: 2400 steps on stories260K (about
+// 4 min on one core), 640 at 1 M weights, 320 at 2 M, never under 300. It runs by
+// default only on calibration text of at least kTuneMinTokens, and where it
+// runs the sampled calibration text is kTuneCalibTokens long. The steps
+// train on fresh sampled text (TuneOptions::train_text), so more steps no
+// longer fit one text better than the model: on stories260K, --mixed 3.5's
+// mean KL over 4 unseen texts was 0.130 at 1200 steps, 0.108 at 2400 and
+// 0.113 at 4800 (docs/quality.md).
 constexpr int kTuneDefaultSteps = 300;
-constexpr int kTuneMaxSteps = 1200;
-constexpr double kTuneWeightSteps = 3.2e8;
+constexpr int kTuneMaxSteps = 2400;
+constexpr double kTuneWeightSteps = 6.4e8;
 constexpr size_t kTuneAutoMaxWeights = 2000000;
 constexpr size_t kTuneMinTokens = 2048;
 constexpr size_t kTuneCalibTokens = 32768;
@@ -204,11 +205,22 @@ struct LoadOptions {
   // Also tune the indices (TuneOptions::index_lr; off: the indices stay as
   // palettizing chose them).
   bool tune_indices = true;
+  // Tune on freshly sampled text, each sequence once (TuneOptions::
+  // train_text), where the calibration text is sampled: 1 on, 0 off (cycle
+  // the calibration text), -1 on up to kTuneAutoMaxWeights. Sampling is a
+  // decode, one read of every weight per token, so on large models the
+  // fresh text would cost more than the training steps.
+  int tune_fresh = -1;
   // > 0: also build a rank-r accuracy-recovery adapter (Model::recovery):
   // the SVD of each projection's weighted residual (BuildRecoveryAdapter),
   // then, where tuning runs, trained with the codebooks on the same loss
   // (TuneOptions::adapter), so that base and adapter are fitted together.
   size_t recover_rank = 0;
+  // Which projections get the recovery adapter: bit p set adapts
+  // kAllProjections[p] in every layer. The adapter costs r (N + K) 16-bit
+  // values per matrix, so on small matrices it is worth placing: wo, w2 and
+  // wv carry the most output error per unit of weight error (docs/quality.md).
+  uint32_t recover_targets = (1u << kNumProjections) - 1;
 };
 
 // Opens a llama2.c checkpoint (.bin), GGUF v3 Llama model (both through
@@ -478,9 +490,10 @@ StatusOr<std::shared_ptr<const Adapter>> LoadLora(const std::string& path, float
 // With the palettized model's calibration statistics, the residual is
 // weighted by sqrt(E[x^2]) of each input column before the SVD (and the
 // weighting undone in A), so the rank goes where the activations are.
-StatusOr<std::shared_ptr<const Adapter>> BuildRecoveryAdapter(const Model& f32_model,
-                                                              const Model& palettized,
-                                                              size_t rank, size_t threads);
+// `projections`: LoadOptions::recover_targets.
+StatusOr<std::shared_ptr<const Adapter>> BuildRecoveryAdapter(
+    const Model& f32_model, const Model& palettized, size_t rank, size_t threads,
+    uint32_t projections = (1u << kNumProjections) - 1);
 
 // ----------------------------------------------------------------------------
 // End-to-end codebook tuning (tune.cc; docs/quality.md)
@@ -520,11 +533,17 @@ struct TuneOptions {
   // adapter). 3e-3: --mixed 3.35 --recover-rank 1 on stories260K, held-out
   // KL 0.204; 1e-2: 0.210 (docs/lora.md).
   float adapter_lr = 3e-3f;
+  // The text the steps train on (null: the calibration text). The KL in
+  // TuneReport stays the calibration text's. PalettizeModel samples a fresh
+  // text of steps x batch x segment tokens, so that no sequence is seen
+  // twice: the tuned model then fits the model's distribution instead of
+  // the sequences it saw (docs/quality.md).
+  const std::vector<int>* train_text = nullptr;
 };
 
 struct TuneReport {
   std::shared_ptr<const Adapter> adapter;  // TuneOptions::adapter, trained
-  size_t steps = 0, matrices = 0, tokens = 0;
+  size_t steps = 0, matrices = 0, tokens = 0;  // tokens: of the training text
   size_t changed_indices = 0, indices = 0;  // index tuning: moved / all
   double kl_before = 0.0, kl_after = 0.0;  // mean KL on the calibration text
   double seconds = 0.0;

@@ -74,11 +74,13 @@ struct Options {
   std::string save;         // write a .lutra file and exit
   bool eval = false;
   std::string eval_text;
+  std::string eval_ref;  // the f32 source of a palettized --model (.lutra)
   size_t eval_tokens = 256;
   size_t batch = 64;        // prefill chunk
   std::vector<LoraSpec> loras;
   std::string prompts_file;        // lines "[ADAPTER<TAB>]PROMPT"
   size_t recover_rank = 0;         // > 0: build a recovery adapter
+  bool recover_targets_given = false;
   std::string calib_file;          // --calib-text FILE
   bool show_map = false;           // print the per-tensor table
   bool group_given = false, groups_given = false, calib_given = false;
@@ -137,12 +139,15 @@ void PrintUsage(FILE* out) {
           "  --gptq on|off       error feedback at <= 4 bits when the Gram matrices fit\n"
           "                      (default on)\n"
           "  --tune-steps N      end-to-end codebook tuning steps against the f32 model\n"
-          "                      on the calibration text (default 1200 on the smallest\n"
-          "                      models, 300 from 1.1 M weights, 0 above 2 M);\n"
+          "                      (default 2400 on the smallest models, 640 at 1 M\n"
+          "                      weights, 320 at 2 M, 0 above 2 M);\n"
           "                      --tune on|off: the default count even above 2 M / 0\n"
           "  --tune-norms on|off also tune the RMSNorm weights (default on)\n"
           "  --tune-indices on|off also move weights to other codebook entries\n"
           "                      (straight-through latents; default on)\n"
+          "  --tune-fresh on|off tune on fresh sampled text, each sequence once\n"
+          "                      (default on up to 2 M weights; off: cycle the\n"
+          "                      calibration text)\n"
           "  --show-map          print each tensor's bits, G and error (stderr)\n"
           "  --save FILE.lutra   write the (palettized) model to FILE.lutra and exit;\n"
           "                      later runs map it with --model FILE.lutra\n"
@@ -197,6 +202,8 @@ void PrintUsage(FILE* out) {
           "  --eval-text TEXT    text to evaluate on\n"
           "  --eval-file FILE    text to evaluate on, from a file\n"
           "  --eval-tokens N     tokens to evaluate (default 256)\n"
+          "  --eval-ref FILE     the f32 model to compare with when --model is an\n"
+          "                      already palettized .lutra (with its --lora adapter)\n"
           "LoRA adapters (lutra/format/lora_file.h: llama.cpp GGUF adapter layout):\n"
           "  --lora FILE[:SCALE] load an adapter (repeatable); the first one is active\n"
           "  --lora-scaled FILE SCALE\n"
@@ -206,6 +213,8 @@ void PrintUsage(FILE* out) {
           "                      'recovery', active unless a --lora is given), trained\n"
           "                      with the codebooks where tuning runs; --save writes\n"
           "                      it beside the model as FILE.recovery.gguf\n"
+          "  --recover-targets L the projections it adapts, comma-separated from\n"
+          "                      q,k,v,o,w1,w2,w3 (or attn_q, ..., ffn_up); default all\n"
           "  --prompts-file FILE one prompt per line, optionally 'ADAPTER<TAB>PROMPT' to\n"
           "                      switch adapters per prompt ('-' for none)\n"
           "  -h, --help          this text\n");
@@ -489,6 +498,10 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
       const std::string v = value;
       if (v != "on" && v != "off") return bad("on or off");
       o->load.tune_indices = v == "on";
+    } else if (flag == "--tune-fresh") {
+      const std::string v = value;
+      if (v != "on" && v != "off") return bad("on or off");
+      o->load.tune_fresh = v == "on" ? 1 : 0;
     } else if (flag == "--sensitivity") {
       const std::string v = value;
       if (v == "auto") {
@@ -547,12 +560,32 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
       if (!ParseSize(value, 1, lutra::kMaxLoraRank, &o->recover_rank)) {
         return bad("a rank in [1, 64]");
       }
+    } else if (flag == "--recover-targets") {
+      uint32_t mask = 0;
+      const std::string list = value;
+      for (size_t begin = 0; begin <= list.size();) {
+        size_t end = list.find(',', begin);
+        if (end == std::string::npos) end = list.size();
+        const std::string name = list.substr(begin, end - begin);
+        lutra::Projection p;
+        bool found = lutra::ProjectionFromGgufName(name, &p);
+        for (lutra::Projection q : lutra::kAllProjections) {
+          if (name == lutra::ProjectionName(q)) p = q, found = true;
+        }
+        if (!found) return bad("projections from q,k,v,o,w1,w2,w3 (e.g. v,o,w2)");
+        mask |= 1u << static_cast<unsigned>(p);
+        begin = end + 1;
+      }
+      o->load.recover_targets = mask;
+      o->recover_targets_given = true;
     } else if (flag == "--eval-text") {
       o->eval_text = value;
     } else if (flag == "--eval-file") {
       StatusOr<std::string> text = ReadTextFile(value);
       if (!text.ok()) return text.status().WithContext("--eval-file");
       o->eval_text = std::move(*text);
+    } else if (flag == "--eval-ref") {
+      o->eval_ref = value;
     } else if (flag == "--eval-tokens") {
       if (!ParseSize(value, 2, 1 << 20, &o->eval_tokens)) return bad("an integer >= 2");
     } else if (flag == "--stats-json") {
@@ -657,9 +690,17 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
   }
 
   const bool palettize = o->load.bits != 0 || o->load.mixed_bits != 0.0;
-  if ((o->eval || o->recover_rank > 0) && !palettize) {
-    return lutra::InvalidArgument("%s needs --bits B or --mixed BPW (a palettized model)",
-                                  o->eval ? "--eval" : "--recover-rank");
+  if ((o->eval || o->recover_rank > 0) && !palettize && o->eval_ref.empty()) {
+    return lutra::InvalidArgument("%s needs --bits B or --mixed BPW (a palettized model)%s",
+                                  o->eval ? "--eval" : "--recover-rank",
+                                  o->eval ? ", or a palettized .lutra with --eval-ref" : "");
+  }
+  if (o->recover_targets_given && o->recover_rank == 0) {
+    return lutra::InvalidArgument("--recover-targets needs --recover-rank R");
+  }
+  if (!o->eval_ref.empty() && palettize) {
+    return lutra::InvalidArgument("--eval-ref evaluates an already palettized --model .lutra: "
+                                  "drop --bits/--mixed");
   }
   return Status();
 }
@@ -1291,9 +1332,30 @@ int main(int argc, char** argv) {
                           : engine::MakeSyntheticModel(o.synthetic, load, uint64_t(o.seed));
   if (!model.ok()) return Fail(model.status());
   const bool already = model->weights.embedding.palettized() && !random_palettes;
-  if (keep_f32 && already) {
+  std::unique_ptr<engine::Model> f32;
+  if (!o.eval_ref.empty() && (!o.eval || !already || o.recover_rank > 0)) {
+    return Fail(lutra::InvalidArgument(
+        "--eval-ref is the f32 reference of --eval on an already palettized --model .lutra "
+        "(without --recover-rank)"));
+  }
+  if (keep_f32 && already && !o.eval_ref.empty()) {
+    // A saved palettization, evaluated against its source: palettize once,
+    // evaluate on many texts.
+    engine::LoadOptions ref_load = o.load;
+    ref_load.bits = 0, ref_load.mixed_bits = 0.0;
+    Status magic = CheckGgufMagic(o.eval_ref);
+    if (!magic.ok()) return Fail(magic.WithContext("--eval-ref"));
+    StatusOr<engine::Model> ref = engine::OpenModel(o.eval_ref, ref_load, o.threads);
+    if (!ref.ok()) return Fail(ref.status().WithContext("--eval-ref"));
+    if (ref->weights.embedding.palettized()) {
+      return Fail(lutra::InvalidArgument("--eval-ref %s is palettized: give the f32 source",
+                                         o.eval_ref.c_str()));
+    }
+    f32 = std::make_unique<engine::Model>(std::move(*ref));
+  } else if (keep_f32 && already) {
     return Fail(lutra::InvalidArgument("--eval and --recover-rank need an f32 source model "
-                                       "(.bin, .gguf or --synthetic), not a palettized .lutra"));
+                                       "(.bin, .gguf or --synthetic), not a palettized .lutra "
+                                       "(--eval-ref FILE gives its f32 source)"));
   }
   if (palettize && already) {
     return Fail(lutra::InvalidArgument("%s is already palettized: drop --bits/--mixed",
@@ -1308,7 +1370,6 @@ int main(int argc, char** argv) {
     if (!d.ok()) return Fail(d.status());
     draft = std::move(*d);
   }
-  std::unique_ptr<engine::Model> f32;
   if (palettize && !random_palettes) {
     engine::LoadOptions q = o.load;
     q.calib_bos = (*tokenizer)->bos_id();

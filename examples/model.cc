@@ -790,7 +790,7 @@ StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t th
   // trains it with the codebooks, so each fits what the other leaves.
   if (o.recover_rank > 0) {
     StatusOr<std::shared_ptr<const Adapter>> a =
-        BuildRecoveryAdapter(src, m, o.recover_rank, threads);
+        BuildRecoveryAdapter(src, m, o.recover_rank, threads, o.recover_targets);
     if (!a.ok()) return a.status().WithContext("palettize");
     m.recovery = std::move(*a);
   }
@@ -801,17 +801,42 @@ StatusOr<Model> PalettizeModel(const Model& src, const LoadOptions& o, size_t th
     to.pool = &pool;
     to.adapter = m.recovery.get();
     if (!o.tune_indices) to.index_lr = 0.0f;
+    // Where the calibration text was sampled, the steps train on fresh
+    // samples, each sequence seen once: repeated sequences were fitted
+    // better than the model's distribution (docs/quality.md). A text the
+    // user gave is all there is, and is cycled.
+    std::vector<int> fresh;
+    const Clock::time_point t_fresh = Clock::now();
+    if (o.calib_text.empty() &&
+        (o.tune_fresh > 0 || (o.tune_fresh < 0 && src.MatrixWeights() <= kTuneAutoMaxWeights))) {
+      // Seeds far from the calibration text's (seed + sequence number).
+      StatusOr<std::vector<int>> t =
+          SampleTokens(src, to.steps * to.batch * to.segment,
+                       src.tokenizer ? src.tokenizer->bos_id() : o.calib_bos,
+                       o.calib_seed + (uint64_t{1} << 40), &pool);
+      if (!t.ok()) return t.status();
+      fresh = std::move(*t);
+      to.train_text = &fresh;
+    }
+    const double fresh_s = seconds_since(t_fresh);
     StatusOr<TuneReport> r = TuneCodebooks(src, m, calib, to);
     if (!r.ok()) return r.status().WithContext("palettize");
     if (r->adapter) m.recovery = r->adapter;
-    snprintf(buf, sizeof(buf), "; codebooks%s%s tuned end to end (KL distillation, %zu steps)",
+    snprintf(buf, sizeof(buf),
+             "; codebooks%s%s tuned end to end (KL distillation, %zu steps on %zu %s tokens)",
              o.tune_indices ? (o.tune_norms ? ", indices" : " and indices") : "",
-             o.tune_norms ? " and norms" : "", r->steps);
+             o.tune_norms ? " and norms" : "", r->steps, r->tokens,
+             fresh.empty() ? "calibration" : "freshly sampled");
     if (r->matrices > 0 || o.tune_norms) m.quantization += buf;
     snprintf(buf, sizeof(buf),
              "tuning: %zu matrices, calibration KL %.4f -> %.4f, %zu steps, %.1f s",
              r->matrices, r->kl_before, r->kl_after, r->steps, r->seconds);
     m.quantization_table += buf;
+    if (!fresh.empty()) {
+      snprintf(buf, sizeof(buf), " on %zu fresh tokens (sampled in %.1f s)", fresh.size(),
+               fresh_s);
+      m.quantization_table += buf;
+    }
     if (r->indices > 0) {
       snprintf(buf, sizeof(buf), ", %zu of %zu indices moved", r->changed_indices, r->indices);
       m.quantization_table += buf;
@@ -1017,7 +1042,11 @@ StatusOr<std::shared_ptr<const Adapter>> LoadLora(const std::string& path, float
 
 StatusOr<std::shared_ptr<const Adapter>> BuildRecoveryAdapter(const Model& f32_model,
                                                               const Model& palettized,
-                                                              size_t rank, size_t threads) {
+                                                              size_t rank, size_t threads,
+                                                              uint32_t projections) {
+  if ((projections & ((1u << kNumProjections) - 1)) == 0) {
+    return InvalidArgument("recovery: no projection to adapt");
+  }
   if (f32_model.config.n_layers != palettized.config.n_layers ||
       f32_model.config.dim != palettized.config.dim) {
     return InvalidArgument("recovery: the f32 and palettized models differ in shape");
@@ -1031,6 +1060,7 @@ StatusOr<std::shared_ptr<const Adapter>> BuildRecoveryAdapter(const Model& f32_m
     const Linear* ws[kNumProjections] = {&w.wq, &w.wk, &w.wv, &w.wo, &w.w1, &w.w2, &w.w3};
     const Linear* qs[kNumProjections] = {&q.wq, &q.wk, &q.wv, &q.wo, &q.w1, &q.w2, &q.w3};
     for (size_t p = 0; p < kNumProjections; ++p) {
+      if ((projections >> p & 1) == 0) continue;
       if (ws[p]->palettized() || !qs[p]->palettized()) {
         return InvalidArgument("recovery: needs f32 originals and palettized copies");
       }

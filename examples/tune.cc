@@ -608,14 +608,24 @@ StatusOr<TuneReport> TuneCodebooks(const Model& f32_model, Model& m, const std::
                            o.segment, o.batch, double(o.lr));
   }
   const size_t seg = std::min(o.segment, size_t(c.seq_len));
-  // Sequences: consecutive runs of `seg` calibration tokens, each from
-  // position 0; a last run shorter than 2 tokens is dropped.
-  std::vector<std::pair<size_t, size_t>> seqs;  // (start, length)
-  for (size_t s = 0; s + 2 <= calib.size(); s += seg) {
-    seqs.push_back({s, std::min(seg, calib.size() - s)});
-  }
-  if (seqs.empty()) return InvalidArgument("tuning: the calibration text has < 2 tokens");
-  for (const auto& s : seqs) LUTRA_RETURN_IF_ERROR(CheckTokens(c, &calib[s.first], s.second));
+  // Sequences: consecutive runs of `seg` tokens, each from position 0; a
+  // last run shorter than 2 tokens is dropped. The steps train on `text`;
+  // the KL reported is on the calibration text.
+  using Seqs = std::vector<std::pair<size_t, size_t>>;  // (start, length)
+  const auto split = [&](const std::vector<int>& t, const char* what) -> StatusOr<Seqs> {
+    Seqs out;
+    for (size_t s = 0; s + 2 <= t.size(); s += seg) out.push_back({s, std::min(seg, t.size() - s)});
+    if (out.empty()) return InvalidArgument("tuning: the %s has < 2 tokens", what);
+    for (const auto& s : out) LUTRA_RETURN_IF_ERROR(CheckTokens(c, &t[s.first], s.second));
+    return out;
+  };
+  const std::vector<int>& text = o.train_text != nullptr ? *o.train_text : calib;
+  StatusOr<Seqs> seqs_or =
+      split(text, o.train_text != nullptr ? "training text" : "calibration text");
+  if (!seqs_or.ok()) return seqs_or.status();
+  const Seqs& seqs = *seqs_or;
+  StatusOr<Seqs> report_seqs = split(calib, "calibration text");
+  if (!report_seqs.ok()) return report_seqs.status();
 
   StatusOr<Net<float>> student = MakeNet<float>(m);
   if (!student.ok()) return student.status();
@@ -635,29 +645,32 @@ StatusOr<TuneReport> TuneCodebooks(const Model& f32_model, Model& m, const std::
   // per step).
   StatusOr<Net<float>> ref = MakeNet<float>(f32_model);
   if (!ref.ok()) return ref.status();
-  const bool keep_teacher = double(calib.size()) * double(vocab) * 4.0 <= double(o.max_teacher_bytes);
+  const bool keep_teacher = double(text.size()) * double(vocab) * 4.0 <= double(o.max_teacher_bytes);
   std::vector<std::vector<float>> teacher(seqs.size());
-  const auto teacher_logp = [&](size_t i, Acts<float>& a, std::vector<float>& out) {
-    ForwardPass(*ref, &calib[seqs[i].first], seqs[i].second, a);
+  const auto teacher_logp = [&](const std::vector<int>& t, const std::pair<size_t, size_t>& s,
+                                Acts<float>& a, std::vector<float>& out) {
+    ForwardPass(*ref, &t[s.first], s.second, a);
     out.assign(a.logits.begin(), a.logits.end());
-    LogSoftmaxRows(out.data(), seqs[i].second, vocab);
+    LogSoftmaxRows(out.data(), s.second, vocab);
   };
   if (keep_teacher) {
-    parallel(seqs.size(), [&](size_t i, size_t thread) { teacher_logp(i, acts[thread], teacher[i]); });
+    parallel(seqs.size(),
+             [&](size_t i, size_t thread) { teacher_logp(text, seqs[i], acts[thread], teacher[i]); });
   }
   size_t positions = 0;
-  for (const auto& s : seqs) positions += s.second;
-  // Mean KL of the student over all sequences.
-  std::vector<double> seq_kl(seqs.size());
+  for (const auto& s : *report_seqs) positions += s.second;
+  // Mean KL of the student over the calibration text's sequences.
+  const bool reuse_teacher = keep_teacher && &text == &calib;
+  std::vector<double> seq_kl(report_seqs->size());
   const auto mean_kl = [&]() {
-    parallel(seqs.size(), [&](size_t i, size_t thread) {
+    parallel(report_seqs->size(), [&](size_t i, size_t thread) {
       Acts<float>& a = acts[thread];
+      const auto& s = (*report_seqs)[i];
       std::vector<float> computed;
-      if (!keep_teacher) teacher_logp(i, a, computed);
-      const std::vector<float>& lp = keep_teacher ? teacher[i] : computed;
-      ForwardPass(*student, &calib[seqs[i].first], seqs[i].second, a);
-      seq_kl[i] = KlAndGradient<float>(a.logits.data(), lp.data(), seqs[i].second, vocab, 0.0,
-                                       nullptr);
+      if (!reuse_teacher) teacher_logp(calib, s, a, computed);
+      const std::vector<float>& lp = reuse_teacher ? teacher[i] : computed;
+      ForwardPass(*student, &calib[s.first], s.second, a);
+      seq_kl[i] = KlAndGradient<float>(a.logits.data(), lp.data(), s.second, vocab, 0.0, nullptr);
     });
     double sum = 0.0;
     for (double k : seq_kl) sum += k;
@@ -739,7 +752,7 @@ StatusOr<TuneReport> TuneCodebooks(const Model& f32_model, Model& m, const std::
 
   TuneReport report;
   report.matrices = tuners.size();
-  report.tokens = calib.size();
+  report.tokens = text.size();
   report.kl_before = mean_kl();
   if (tuners.empty() && norm_ids.empty() && lora.empty()) {
     report.kl_after = report.kl_before;
@@ -778,13 +791,13 @@ StatusOr<TuneReport> TuneCodebooks(const Model& f32_model, Model& m, const std::
       const auto& s = seqs[batch[b]];
       for (std::vector<float>& g : grads[b]) std::fill(g.begin(), g.end(), 0.0f);
       std::vector<float> computed;
-      if (!keep_teacher) teacher_logp(batch[b], a, computed);
+      if (!keep_teacher) teacher_logp(text, s, a, computed);
       const std::vector<float>& lp = keep_teacher ? teacher[batch[b]] : computed;
-      ForwardPass(*student, &calib[s.first], s.second, a);
+      ForwardPass(*student, &text[s.first], s.second, a);
       dlogits[b].resize(s.second * vocab);
       KlAndGradient<float>(a.logits.data(), lp.data(), s.second, vocab, weight,
                            dlogits[b].data());
-      BackwardPass(*student, &calib[s.first], a, dlogits[b].data(), grads[b]);
+      BackwardPass(*student, &text[s.first], a, dlogits[b].data(), grads[b]);
     });
     for (size_t b = 1; b < slots; ++b) {
       for (size_t t = 0; t < grads[0].size(); ++t) {

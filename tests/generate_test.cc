@@ -659,6 +659,21 @@ TEST_CASE("Recovery adapter lowers the KL of 4-bit stories260K; adapter files lo
   REQUIRE((base.ok() && recovered.ok()));
   INFO("KL 4-bit " << base->mean_kl << " + recovery rank 8 " << recovered->mean_kl);
   CHECK(recovered->mean_kl < 0.9 * base->mean_kl);
+  // Only the projections asked for (LoadOptions::recover_targets), with
+  // the same factors as in the full adapter.
+  const uint32_t vo2 = 1u << static_cast<unsigned>(Projection::kV) |
+                       1u << static_cast<unsigned>(Projection::kO) |
+                       1u << static_cast<unsigned>(Projection::kW2);
+  StatusOr<std::shared_ptr<const Adapter>> some = BuildRecoveryAdapter(f32, *q4, 8, 2, vo2);
+  REQUIRE(some.ok());
+  CHECK((*some)->num_targets() == 3 * size_t(f32.config.n_layers));
+  const LoraFactors* w2 = (*some)->FindFactors(1, Projection::kW2);
+  const LoraFactors* w2_all = (*rec)->FindFactors(1, Projection::kW2);
+  REQUIRE((w2 != nullptr && w2_all != nullptr));
+  CHECK(w2->A(0, 3) == w2_all->A(0, 3));
+  CHECK((*some)->FindFactors(1, Projection::kQ) == nullptr);
+  CHECK(test::Contains(BuildRecoveryAdapter(f32, *q4, 8, 2, 0).status().message(),
+                       "no projection"));
   // Saved as a llama.cpp-layout adapter file and loaded back: same logits.
   const std::string path = TempPath("recovery.gguf");
   REQUIRE(SaveAdapter(path, **rec).ok());
@@ -940,6 +955,24 @@ TEST_CASE("lutra-generate: --save writes the recovery adapter beside the model",
   };
   CHECK(text(a.out).size() > 10);
   CHECK(text(a.out) == text(b.out));
+  // --eval-ref: the saved pair evaluated against its f32 source gives the
+  // figures of --eval on the source (palettized in the same run).
+  std::vector<std::string> eval_direct = make, eval_saved = {"-m", path, "--lora",
+                                                              path + ".recovery.gguf", "--eval-ref",
+                                                              SharedPath("stories260K.bin")};
+  for (auto* v : {&eval_direct, &eval_saved}) v->insert(v->end(), {"--eval", "--seed", "1"});
+  CliResult e1 = RunCli(eval_direct), e2 = RunCli(eval_saved);
+  INFO(e1.out << "\n---\n" << e2.out);
+  REQUIRE((e1.rc == 0 && e2.rc == 0));
+  const auto evals = [](const std::string& out) {
+    std::string lines;
+    for (size_t at = out.find("eval on"); at != std::string::npos; at = out.find("eval on", at + 1)) {
+      lines += out.substr(at, out.find('\n', at) - at) + "\n";
+    }
+    return lines;
+  };
+  CHECK(test::Contains(evals(e1.out), "palettized + recovery"));
+  CHECK(evals(e1.out) == evals(e2.out));
 }
 
 TEST_CASE("lutra-generate: bad input gets clear errors", "[generate][cli]") {
@@ -971,6 +1004,14 @@ TEST_CASE("lutra-generate: bad input gets clear errors", "[generate][cli]") {
       {{"-m", gguf, "-cnv", "--chat-template", "chatml", "-p", "Hi"}, "'<|im_start|>'"},
       {{"-m", bin, "--tokenizer", tok, "-cnv", "-p", "Hi"}, "--chat-template"},
       {{"-m", bin, "--tokenize", "Zoo"}, "give --tokenizer"},
+      {{"-m", bin, "--tokenizer", tok, "--bits", "4", "--eval", "--eval-ref", bin},
+       "drop --bits/--mixed"},
+      {{"-m", bin, "--tokenizer", tok, "--eval-ref", bin}, "already palettized --model .lutra"},
+      {{"-m", bin, "--tokenizer", tok, "--bits", "4", "--recover-targets", "v"},
+       "needs --recover-rank"},
+      {{"-m", bin, "--tokenizer", tok, "--bits", "4", "--recover-rank", "1", "--recover-targets",
+        "v,x"},
+       "projections from q,k,v,o,w1,w2,w3"},
   };
   for (const Case& c : cases) {
     CliResult r = RunCli(c.args);
