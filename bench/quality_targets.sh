@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 14's quality targets on stories260K, checked (docs/quality.md,
 # "Targets of issue 14"). Too slow for the test suite (each configuration
-# tunes for 2400 steps: about 2.5 min on 2 cores), so it is a bench:
+# tunes for 2400 steps: about 3.5 min on 2 cores, 25 min in all), so it is
+# a bench:
 #
 #   bash bench/quality_targets.sh [BUILD_DIR] [THREADS]
 #

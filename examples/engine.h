@@ -126,17 +126,18 @@ enum class Sensitivity {
 
 // Codebook tuning's default (LoadOptions::tune_steps = -1): steps, and the
 // largest model it runs on. A step is a forward and backward pass over 512
-// training tokens; its cost grows with the matrix weights (about 0.1 s per
-// step on stories260K's 0.26 M weights, one Zen 5 core). The default spends
-// about kTuneWeightSteps (steps x matrix weights), within
-// [kTuneDefaultSteps, kTuneMaxSteps]: 2400 steps on stories260K (about
-// 4 min on one core), 640 at 1 M weights, 320 at 2 M, never under 300. It runs by
-// default only on calibration text of at least kTuneMinTokens, and where it
-// runs the sampled calibration text is kTuneCalibTokens long. The steps
-// train on fresh sampled text (TuneOptions::train_text), so more steps no
-// longer fit one text better than the model: on stories260K, --mixed 3.5's
-// mean KL over 4 unseen texts was 0.130 at 1200 steps, 0.108 at 2400 and
-// 0.113 at 4800 (docs/quality.md).
+// training tokens; its cost grows with the matrix weights (about 0.12 s
+// per step on stories260K's 0.26 M weights, one Zen 5 core). The default
+// spends about kTuneWeightSteps (steps x matrix weights), within
+// [kTuneDefaultSteps, kTuneMaxSteps]: 2400 steps on stories260K (5-6 min on
+// one core, sampling the fresh text included), 640 at 1 M weights, 320 at
+// 2 M, never under 300. It runs by default only on calibration text of at
+// least kTuneMinTokens, and where it runs the sampled calibration text is
+// kTuneCalibTokens long. The steps train on fresh sampled text
+// (TuneOptions::train_text), so more steps no longer fit one text better
+// than the model: on stories260K, --mixed 3.5's mean KL over 4 unseen texts
+// was 0.130 at 1200 steps, 0.108 at 2400 and 0.113 at 4800
+// (docs/quality.md).
 constexpr int kTuneDefaultSteps = 300;
 constexpr int kTuneMaxSteps = 2400;
 constexpr double kTuneWeightSteps = 6.4e8;
