@@ -623,9 +623,8 @@ StatusOr<std::vector<int>> SampleTokens(const Model& model, size_t count, int bo
     }
     for (size_t i = 0; i < threads && out.size() < count; ++i) {
       LUTRA_RETURN_IF_ERROR(status[i]);
-      // A sequence ends at the context length or where the text would run
-      // past `count`.
-      const size_t take = std::min({wave[i].size(), max_steps + 1, count - out.size()});
+      // The last sequence stops where the text reaches `count`.
+      const size_t take = std::min(wave[i].size(), count - out.size());
       out.insert(out.end(), wave[i].begin(), wave[i].begin() + take);
     }
   }

@@ -259,6 +259,21 @@ bool ParseSize(const char* s, size_t lo, size_t hi, size_t* out) {
   *out = size_t(v);
   return true;
 }
+constexpr char kEvalRefUse[] =
+    "--eval-ref is the f32 reference of --eval on an already palettized --model .lutra "
+    "(without --recover-rank)";
+
+// The items of a comma-separated list ("1,4,16"); an empty string has none,
+// and a trailing comma adds none.
+std::vector<std::string> SplitCommas(const char* s) {
+  std::vector<std::string> items;
+  for (const char* p = s; *p != '\0';) {
+    const char* comma = strchr(p, ',');
+    items.push_back(comma ? std::string(p, comma) : std::string(p));
+    p = comma ? comma + 1 : p + items.back().size();
+  }
+  return items;
+}
 // A byte count: plain bytes or a number with K, M, G or T (powers of 1024,
 // e.g. 512M, 1.5G); false on garbage or above 2^62 (or SIZE_MAX).
 bool ParseBytes(const char* s, size_t* out) {
@@ -453,12 +468,9 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
       o->group_given = true;
     } else if (flag == "--groups") {
       o->load.groups.clear();
-      for (const char* p = value; *p != '\0';) {
-        const char* comma = strchr(p, ',');
-        const std::string item = comma ? std::string(p, comma) : std::string(p);
+      for (const std::string& item : SplitCommas(value)) {
         if (!ParseSize(item.c_str(), 1, 1 << 20, &n)) return bad("a list like 1,4,16 of G in [1, 2^20]");
         o->load.groups.push_back(n);
-        p = comma ? comma + 1 : p + item.size();
       }
       if (o->load.groups.empty()) return bad("a list like 1,4,16");
       o->groups_given = true;
@@ -561,21 +573,18 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
         return bad("a rank in [1, 64]");
       }
     } else if (flag == "--recover-targets") {
+      const char* what = "projections from q,k,v,o,w1,w2,w3 (e.g. v,o,w2)";
       uint32_t mask = 0;
-      const std::string list = value;
-      for (size_t begin = 0; begin <= list.size();) {
-        size_t end = list.find(',', begin);
-        if (end == std::string::npos) end = list.size();
-        const std::string name = list.substr(begin, end - begin);
+      for (const std::string& name : SplitCommas(value)) {
         lutra::Projection p;
         bool found = lutra::ProjectionFromGgufName(name, &p);
         for (lutra::Projection q : lutra::kAllProjections) {
           if (name == lutra::ProjectionName(q)) p = q, found = true;
         }
-        if (!found) return bad("projections from q,k,v,o,w1,w2,w3 (e.g. v,o,w2)");
+        if (!found) return bad(what);
         mask |= 1u << static_cast<unsigned>(p);
-        begin = end + 1;
       }
+      if (mask == 0) return bad(what);
       o->load.recover_targets = mask;
       o->recover_targets_given = true;
     } else if (flag == "--eval-text") {
@@ -701,6 +710,9 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
   if (!o->eval_ref.empty() && palettize) {
     return lutra::InvalidArgument("--eval-ref evaluates an already palettized --model .lutra: "
                                   "drop --bits/--mixed");
+  }
+  if (!o->eval_ref.empty() && (!o->eval || o->recover_rank > 0)) {
+    return lutra::InvalidArgument("%s", kEvalRefUse);
   }
   return Status();
 }
@@ -1333,12 +1345,8 @@ int main(int argc, char** argv) {
   if (!model.ok()) return Fail(model.status());
   const bool already = model->weights.embedding.palettized() && !random_palettes;
   std::unique_ptr<engine::Model> f32;
-  if (!o.eval_ref.empty() && (!o.eval || !already || o.recover_rank > 0)) {
-    return Fail(lutra::InvalidArgument(
-        "--eval-ref is the f32 reference of --eval on an already palettized --model .lutra "
-        "(without --recover-rank)"));
-  }
-  if (keep_f32 && already && !o.eval_ref.empty()) {
+  if (!o.eval_ref.empty() && !already) return Fail(lutra::InvalidArgument("%s", kEvalRefUse));
+  if (!o.eval_ref.empty()) {
     // A saved palettization, evaluated against its source: palettize once,
     // evaluate on many texts.
     engine::LoadOptions ref_load = o.load;
