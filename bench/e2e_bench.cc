@@ -5,6 +5,7 @@
 //
 //   e2e_bench [--shape afm] [--f32-layers 2] [--prefill 64] [--decode 16]
 //             [--reps 3] [--threads 1,2] [--full-layers 26] [--verify 1,2,4,8]
+//             [--sequences 2,4,8]
 //             [--context 64,512,2048,8192 [--kv f16,bf16,int8] [--chunk 512]]
 //             [--unfused] [--fusion-ab]
 //
@@ -38,6 +39,14 @@
 // runs) against a plain one-token decode step at the same position, the two
 // alternating, medians of --reps x 5 pairs. With --verify only that table
 // is printed.
+//
+// --sequences N,...: batched decoding of N independent sequences
+// (engine::ForwardBatch: each its own KV cache, one small-M GEMM per matrix
+// for all), 4-bit, full depth: after each sequence's --prefill prompt, one
+// batched step of the N sequences against one decode step of a single
+// sequence, alternating, medians of --reps x 5 pairs; tokens/s over all
+// sequences and its ratio to one sequence's. With --sequences only that
+// table is printed.
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -67,6 +76,7 @@ struct Args {
   int reps = 3;
   std::vector<size_t> threads = {1, 2};
   std::vector<size_t> verify;  // drafted tokens per verify step (empty: skip)
+  std::vector<size_t> sequences;  // --sequences: batched decoding (empty: skip)
   std::vector<size_t> context;  // prompt lengths of the context sweep (empty: skip)
   std::vector<lutra::ElementType> kv = {lutra::ElementType::kF16, lutra::ElementType::kBF16,
                                         lutra::ElementType::kI8};
@@ -232,6 +242,64 @@ int RunVerify(const Args& a) {
       }
       const double p = Median(plain), v = Median(verify);
       printf("| %zu | %zu | %zu | %.2f | %.2f | %.2fx |\n", threads, k, k + 1, p, v, v / p);
+      fflush(stdout);
+    }
+  }
+  return 0;
+}
+
+// The batched-decoding table (--sequences): see the top of the file.
+int RunSequences(const Args& a) {
+  const size_t max_n = *std::max_element(a.sequences.begin(), a.sequences.end());
+  const size_t steps = 5 * size_t(a.reps);
+  // Each timed pair appends one position to every sequence it runs.
+  const std::unique_ptr<engine::Model> model = FullDepth4Bit(a, a.prefill + 2 * steps + 2);
+  if (model == nullptr) return 1;
+  printf("\nBatched decoding, 4-bit, %d layers, N sequences after a %zu-token prefill each "
+         "(median of %zu pairs):\n\n",
+         a.full_layers, a.prefill, steps);
+  printf("| threads | sequences N | one sequence's step ms | batched step ms | batched / one | "
+         "tokens/s, all N | tokens/s vs one sequence |\n|---|---|---|---|---|---|---|\n");
+  for (size_t threads : a.threads) {
+    lutra::ThreadPool pool(threads);
+    for (size_t n : a.sequences) {
+      // Sequence 0 runs alone, 1..n together: all at the same positions.
+      std::vector<engine::RunState> states;
+      for (size_t i = 0; i <= n; ++i) {
+        StatusOr<engine::RunState> st = engine::MakeRunState(model->config, a.prefill);
+        if (!st.ok()) return Fail(st.status());
+        st->pool = &pool;
+        if (Status p = PrefillPrompt(*model, a, *st); !p.ok()) return Fail(p);
+        states.push_back(std::move(*st));
+      }
+      StatusOr<engine::RunState> batch = engine::MakeBatchState(model->config, max_n);
+      if (!batch.ok()) return Fail(batch.status());
+      batch->pool = &pool;
+      std::vector<engine::RunState*> seqs;
+      for (size_t i = 1; i <= n; ++i) seqs.push_back(&states[i]);
+      std::vector<double> one, all;
+      for (size_t r = 0; r < steps; ++r) {
+        for (int side = 0; side < 2; ++side) {
+          const bool batched = (side == 0) == (r % 2 == 0);
+          const size_t pos = a.prefill + r;
+          std::vector<int> tokens(batched ? n : 1);
+          for (size_t i = 0; i < tokens.size(); ++i) {
+            tokens[i] = int((pos + 7 * i) * 31 % model->config.vocab_size);
+          }
+          using Clock = std::chrono::steady_clock;
+          const auto t0 = Clock::now();
+          const Status st =
+              batched ? engine::ForwardBatch(*model, *batch, seqs.data(), tokens.data(), n)
+                            .status()
+                      : engine::Forward(*model, states[0], tokens.data(), 1, pos).status();
+          if (!st.ok()) return Fail(st);
+          (batched ? all : one)
+              .push_back(1e3 * std::chrono::duration<double>(Clock::now() - t0).count());
+        }
+      }
+      const double p = Median(one), b = Median(all);
+      printf("| %zu | %zu | %.2f | %.2f | %.2fx | %.1f | %.2fx |\n", threads, n, p, b, b / p,
+             1e3 * double(n) / b, double(n) * p / b);
       fflush(stdout);
     }
   }
@@ -409,9 +477,12 @@ bool ParseArgs(int argc, char** argv, Args* a) {
         if (!lutra::ElementTypeFromName(name.c_str(), &t)) return false;
         a->kv.push_back(t);
       }
-    } else if (flag == "--threads" || flag == "--verify" || flag == "--context") {
-      std::vector<size_t>& list =
-          flag == "--threads" ? a->threads : flag == "--verify" ? a->verify : a->context;
+    } else if (flag == "--threads" || flag == "--verify" || flag == "--context" ||
+               flag == "--sequences") {
+      std::vector<size_t>& list = flag == "--threads"   ? a->threads
+                                  : flag == "--verify"  ? a->verify
+                                  : flag == "--context" ? a->context
+                                                        : a->sequences;
       list.clear();
       for (const char* p = v; *p;) {
         char* end = nullptr;
@@ -430,6 +501,9 @@ bool ParseArgs(int argc, char** argv, Args* a) {
   for (size_t n : a->context) {
     if (n < 1) return false;
   }
+  for (size_t n : a->sequences) {
+    if (n < 1 || n > 64) return false;  // kGemmSmallM: rows are GEMV's bits
+  }
   return a->f32_layers >= 1 && a->chunk >= 1 && !a->kv.empty() && a->prefill >= 1 &&
          a->decode >= 1 && a->reps >= 1 && !a->threads.empty();
 }
@@ -442,14 +516,15 @@ int main(int argc, char** argv) {
     fprintf(stderr,
             "usage: e2e_bench [--shape afm|1b|tiny] [--full-layers L] [--f32-layers L] "
             "[--prefill N] [--decode N] [--reps R] [--threads 1,2] [--verify 1,2,4,8] "
-            "[--context 64,512,2048,8192 [--kv f16,bf16,int8] [--chunk N]] [--unfused] "
-            "[--fusion-ab]\n");
+            "[--sequences 2,4,8] [--context 64,512,2048,8192 [--kv f16,bf16,int8] "
+            "[--chunk N]] [--unfused] [--fusion-ab]\n");
     return 2;
   }
   if (a.full_layers == 0) {
     a.full_layers = a.shape == "afm" ? 26 : a.shape == "1b" ? 16 : 4;
   }
   if (!a.verify.empty()) return RunVerify(a);
+  if (!a.sequences.empty()) return RunSequences(a);
   if (!a.context.empty()) return RunContext(a);
   if (a.fusion_ab) return RunFusionAB(a);
   return Run(a);

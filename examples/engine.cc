@@ -52,6 +52,12 @@ StatusOr<RunState> MakeRunState(const ModelConfig& c, size_t max_batch, ElementT
   return s;
 }
 
+StatusOr<RunState> MakeBatchState(const ModelConfig& config, size_t max_batch) {
+  ModelConfig one = config;
+  one.seq_len = 1;  // the sequences bring their caches
+  return MakeRunState(one, max_batch);
+}
+
 uint64_t RunStateBytes(const ModelConfig& c, size_t max_batch, ElementType kv_type) {
   // In double: a hostile config cannot overflow it; the result saturates.
   const double b = double(max_batch);
@@ -71,6 +77,23 @@ uint64_t RunStateBytes(const ModelConfig& c, size_t max_batch, ElementType kv_ty
 // Steps of the forward pass
 
 namespace {
+
+// Whether run state s (its activation buffers and, with `cache`, its KV
+// cache) was made for c.
+Status CheckRunState(const ModelConfig& c, const RunState& s, const char* caller,
+                     bool cache = true) {
+  if ((cache && (s.cache.num_layers() != size_t(c.n_layers) ||
+                 s.cache.capacity() != size_t(c.seq_len) ||
+                 s.cache.num_kv_heads() != size_t(c.n_kv_heads) ||
+                 s.cache.head_dim() != size_t(c.head_dim))) ||
+      s.x.size() != s.max_batch * size_t(c.dim) ||
+      s.hb.size() != s.max_batch * size_t(c.hidden_dim) ||
+      s.logits.size() != s.max_batch * size_t(c.vocab_size) ||
+      s.q.size() != s.max_batch * size_t(c.q_dim())) {
+    return InvalidArgument("%s: the run state was made for a different model config", caller);
+  }
+  return Status();
+}
 
 // Y (num x rows) = X (num x cols) W^T: GEMV for one token, GEMM for a batch.
 // `layer`/`p` select the active adapter's delta (the head has none: layer -1).
@@ -195,13 +218,7 @@ StatusOr<const float*> Forward(const Model& model, RunState& s, const int* token
     }
   }
   const size_t dim = c.dim, hidden = c.hidden_dim;
-  if (s.cache.num_layers() != size_t(c.n_layers) || s.cache.capacity() != size_t(c.seq_len) ||
-      s.cache.num_kv_heads() != size_t(c.n_kv_heads) || s.cache.head_dim() != size_t(c.head_dim) ||
-      s.x.size() != s.max_batch * dim || s.hb.size() != s.max_batch * hidden ||
-      s.logits.size() != s.max_batch * size_t(c.vocab_size) ||
-      s.q.size() != s.max_batch * size_t(c.q_dim())) {
-    return InvalidArgument("forward: the run state was made for a different model config");
-  }
+  LUTRA_RETURN_IF_ERROR(CheckRunState(c, s, "forward"));
   // Positions continue the cache, or rewind it (a new prompt on this state).
   if (pos != s.cache.end(0)) LUTRA_RETURN_IF_ERROR(s.cache.Truncate(pos));
   // The model's RoPE frequencies (a few dozen pow calls: negligible next to
@@ -258,6 +275,113 @@ StatusOr<const float*> Forward(const Model& model, RunState& s, const int* token
   LUTRA_RETURN_IF_ERROR(Project(s, w.output, s.xb.data(), rows, s.logits.data()));
   const size_t last = all_logits ? 0 : rows - 1;
   return static_cast<const float*>(s.logits.data() + last * size_t(c.vocab_size));
+}
+
+StatusOr<const float*> ForwardBatch(const Model& model, RunState& b, RunState* const* seqs,
+                                    const int* tokens, size_t n) {
+  const ModelConfig& c = model.config;
+  const Weights& w = model.weights;
+  if (n == 0 || n > b.max_batch) {
+    return InvalidArgument("forward batch: %zu sequences, need 1..%zu (the batch state's "
+                           "max_batch)",
+                           n, b.max_batch);
+  }
+  if (b.calibration != nullptr || b.capture != nullptr || b.stop_after_layer >= 0) {
+    return InvalidArgument("forward batch: calibration and capture run through Forward");
+  }
+  LUTRA_RETURN_IF_ERROR(CheckRunState(c, b, "forward batch", /*cache=*/false));
+  std::vector<size_t> pos(n);
+  for (size_t i = 0; i < n; ++i) {
+    if (seqs[i] == nullptr) return InvalidArgument("forward batch: sequence %zu is null", i);
+    for (size_t j = 0; j < i; ++j) {
+      if (seqs[j] == seqs[i]) {
+        return InvalidArgument("forward batch: sequences %zu and %zu are the same state; each "
+                               "sequence needs its own",
+                               j, i);
+      }
+    }
+    LUTRA_RETURN_IF_ERROR(CheckRunState(c, *seqs[i], "forward batch"));
+    if (seqs[i]->precision != b.precision) {
+      return InvalidArgument("forward batch: sequence %zu has another matmul precision than "
+                             "the batch state",
+                             i);
+    }
+    if (tokens[i] < 0 || tokens[i] >= c.vocab_size) {
+      return OutOfRange("forward batch: token %d outside the vocabulary (%d)", tokens[i],
+                        c.vocab_size);
+    }
+    pos[i] = seqs[i]->cache.end(0);
+  }
+  const size_t dim = c.dim, hidden = c.hidden_dim, q_dim = c.q_dim(), kv_dim = c.kv_dim();
+  b.rope_inv_freq = RopeInverseFrequencies(c);
+  const double* inv_freq = b.rope_inv_freq.data();
+  // Runs fn(first, count) over the runs of consecutive sequences that share
+  // an adapter, with b.adapter set to it; b's own adapter is restored after.
+  const Adapter* const own = b.adapter;
+  const auto per_adapter = [&](const auto& fn) -> Status {
+    Status status;
+    for (size_t a = 0; a < n && status.ok();) {
+      size_t e = a + 1;
+      while (e < n && seqs[e]->adapter == seqs[a]->adapter) ++e;
+      b.adapter = seqs[a]->adapter;
+      status = fn(a, e - a);
+      a = e;
+    }
+    b.adapter = own;
+    return status;
+  };
+
+  Embed(w.embedding, tokens, n, b.x.data());
+  for (int l = 0; l < c.n_layers; ++l) {
+    const LayerWeights& lw = w.layers[l];
+    for (size_t i = 0; i < n; ++i) {
+      dispatch::RMSNorm(&b.x[i * dim], lw.attn_norm, dim, c.norm_eps, &b.xb[i * dim]);
+    }
+    LUTRA_RETURN_IF_ERROR(per_adapter([&](size_t a, size_t m) {
+      const SharedOut qkv[3] = {{&lw.wq, &b.q[a * q_dim], Projection::kQ},
+                                {&lw.wk, &b.k[a * kv_dim], Projection::kK},
+                                {&lw.wv, &b.v[a * kv_dim], Projection::kV}};
+      return ProjectShared(b, &b.xb[a * dim], m, l, qkv, 3);
+    }));
+    AddBias(lw.bq, n, q_dim, b.q.data());
+    AddBias(lw.bk, n, kv_dim, b.k.data());
+    AddBias(lw.bv, n, kv_dim, b.v.data());
+    // Each token at its own position, against its own cache (Attend's
+    // single-token step).
+    for (size_t i = 0; i < n; ++i) {
+      LUTRA_RETURN_IF_ERROR(dispatch::RoPE(&b.q[i * q_dim], 1, c.n_heads, c.head_dim, pos[i],
+                                           inv_freq, c.rope_layout));
+      LUTRA_RETURN_IF_ERROR(dispatch::RoPE(&b.k[i * kv_dim], 1, c.n_kv_heads, c.head_dim,
+                                           pos[i], inv_freq, c.rope_layout));
+      LUTRA_RETURN_IF_ERROR(dispatch::AppendKV(seqs[i]->cache, l, pos[i], 1, &b.k[i * kv_dim],
+                                               &b.v[i * kv_dim]));
+      LUTRA_RETURN_IF_ERROR(dispatch::Attention(seqs[i]->cache, l, pos[i], 1, &b.q[i * q_dim],
+                                                c.n_heads, &b.att[i * q_dim], b.pool));
+    }
+    LUTRA_RETURN_IF_ERROR(per_adapter([&](size_t a, size_t m) {
+      return Project(b, lw.wo, &b.att[a * q_dim], m, &b.xb[a * dim], l, Projection::kO);
+    }));
+    dispatch::AddTo(b.x.data(), b.xb.data(), n * dim);
+
+    for (size_t i = 0; i < n; ++i) {
+      dispatch::RMSNorm(&b.x[i * dim], lw.ffn_norm, dim, c.norm_eps, &b.xb[i * dim]);
+    }
+    LUTRA_RETURN_IF_ERROR(per_adapter([&](size_t a, size_t m) {
+      const SharedOut gate_up[2] = {{&lw.w1, &b.hb[a * hidden], Projection::kW1},
+                                    {&lw.w3, &b.hb2[a * hidden], Projection::kW3}};
+      return ProjectShared(b, &b.xb[a * dim], m, l, gate_up, 2);
+    }));
+    dispatch::SwiGLU(b.hb.data(), b.hb2.data(), n * hidden, b.hb.data());
+    LUTRA_RETURN_IF_ERROR(per_adapter([&](size_t a, size_t m) {
+      return Project(b, lw.w2, &b.hb[a * hidden], m, &b.xb[a * dim], l, Projection::kW2);
+    }));
+    dispatch::AddTo(b.x.data(), b.xb.data(), n * dim);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    dispatch::RMSNorm(&b.x[i * dim], w.final_norm, dim, c.norm_eps, &b.xb[i * dim]);
+  }
+  LUTRA_RETURN_IF_ERROR(Project(b, w.output, b.xb.data(), n, b.logits.data()));
+  return static_cast<const float*>(b.logits.data());
 }
 
 // ----------------------------------------------------------------------------
@@ -341,6 +465,102 @@ Status Generate(const Model& model, RunState& state, const std::vector<int>& pro
   st.decode_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
   st.positions = pos;
   if (stats) *stats = st;
+  return Status();
+}
+
+Status GenerateBatch(const Model& model, RunState& batch, const std::vector<RunState*>& seqs,
+                     const std::vector<std::vector<int>>& prompts,
+                     const std::vector<Sampler*>& samplers, const std::vector<size_t>& steps,
+                     const std::vector<int>& stop_tokens,
+                     const std::function<void(size_t seq, int prev, int token)>& on_token,
+                     std::vector<GenerateStats>* stats) {
+  using Clock = std::chrono::steady_clock;
+  const size_t n = seqs.size();
+  if (prompts.size() != n || samplers.size() != n || steps.size() != n) {
+    return InvalidArgument("generate batch: %zu states, %zu prompts, %zu samplers and %zu step "
+                           "limits; need one of each per sequence",
+                           n, prompts.size(), samplers.size(), steps.size());
+  }
+  if (n > batch.max_batch) {
+    return InvalidArgument("generate batch: %zu sequences, the batch state holds %zu", n,
+                           batch.max_batch);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    if (seqs[i] == nullptr || samplers[i] == nullptr) {
+      return InvalidArgument("generate batch: sequence %zu has no %s", i,
+                             seqs[i] == nullptr ? "state" : "sampler");
+    }
+  }
+  // Per sequence, Generate's loop state: the token to feed next, its
+  // position, the decode steps taken and the steps it may take.
+  struct Live {
+    int token = 0, prev = 0;
+    size_t pos = 0, step = 0, to_generate = 0;
+    bool done = false;
+  };
+  std::vector<Live> live(n);
+  std::vector<GenerateStats> st(n);
+  // A sampled token: Generate's stop check, Accept and on_token.
+  const auto take = [&](size_t i) {
+    Live& q = live[i];
+    if (std::find(stop_tokens.begin(), stop_tokens.end(), q.token) != stop_tokens.end()) {
+      st[i].stop_token = q.token;
+      q.done = true;
+      return;
+    }
+    samplers[i]->Accept(q.token);
+    if (on_token) on_token(i, q.prev, q.token);
+    ++st[i].generated_tokens;
+    if (++q.step >= q.to_generate) q.done = true;
+  };
+  for (size_t i = 0; i < n; ++i) {
+    // Each prompt alone, on its own state (chunked prefill, with that
+    // state's adapter and threads).
+    StatusOr<int> first = Prefill(model, *seqs[i], prompts[i], *samplers[i], 0, &st[i]);
+    if (!first.ok()) return first.status().WithContext("sequence " + std::to_string(i));
+    Live& q = live[i];
+    q.token = *first;
+    q.pos = prompts[i].size();
+    q.prev = prompts[i].back();
+    q.to_generate = steps[i] + 1 > q.pos ? steps[i] + 1 - q.pos : 0;
+    if (q.to_generate == 0) {
+      q.done = true;
+    } else {
+      take(i);
+    }
+  }
+
+  std::vector<RunState*> rows;
+  std::vector<int> tokens;
+  std::vector<size_t> index;
+  const auto t1 = Clock::now();
+  for (;;) {
+    rows.clear();
+    tokens.clear();
+    index.clear();
+    for (size_t i = 0; i < n; ++i) {
+      if (live[i].done) continue;
+      rows.push_back(seqs[i]);
+      tokens.push_back(live[i].token);
+      index.push_back(i);
+    }
+    if (rows.empty()) break;
+    StatusOr<const float*> out = ForwardBatch(model, batch, rows.data(), tokens.data(), rows.size());
+    if (!out.ok()) return out.status();
+    const double now = std::chrono::duration<double>(Clock::now() - t1).count();
+    for (size_t r = 0; r < rows.size(); ++r) {
+      const size_t i = index[r];
+      Live& q = live[i];
+      ++st[i].decode_forwards;
+      ++q.pos;
+      q.prev = q.token;
+      q.token = int(samplers[i]->Sample(*out + r * size_t(model.config.vocab_size)));
+      take(i);
+      st[i].decode_seconds = now;
+    }
+  }
+  for (size_t i = 0; i < n; ++i) st[i].positions = live[i].pos;
+  if (stats) *stats = std::move(st);
   return Status();
 }
 

@@ -320,6 +320,11 @@ struct RunState {
 StatusOr<RunState> MakeRunState(const ModelConfig& config, size_t max_batch,
                                 ElementType kv_type = ElementType::kF32);
 
+// A run state for ForwardBatch / GenerateBatch: activations for max_batch
+// tokens and a one-position KV cache it never uses (each sequence brings its
+// own). RunStateBytes(config with seq_len 1, max_batch) is its size.
+StatusOr<RunState> MakeBatchState(const ModelConfig& config, size_t max_batch);
+
 // Bytes MakeRunState allocates (activations and KV cache), e.g. to check a
 // memory budget before making it; saturates instead of overflowing.
 uint64_t RunStateBytes(const ModelConfig& config, size_t max_batch,
@@ -404,6 +409,41 @@ Status Generate(const Model& model, RunState& state, const std::vector<int>& pro
                 size_t steps, Sampler& sampler, const std::vector<int>& stop_tokens,
                 const std::function<void(int prev, int token)>& on_token,
                 GenerateStats* stats, size_t start_pos = 0);
+
+// ----------------------------------------------------------------------------
+// Several sequences decoded together (issue 15; docs/generate.md "Batched
+// decoding")
+
+// One decode step of n independent sequences. tokens[i] is the next token of
+// sequence seqs[i], at position seqs[i]->cache.end(0). It attends that
+// sequence's own KV cache, with that sequence's adapter (seqs[i]->adapter).
+// The n tokens' matrix products run as one batched product (the small-M
+// GEMM, whose rows are GEMV's bits) per run of consecutive sequences that
+// share an adapter, so the weights are read once per run, not once per
+// sequence. `batch` (MakeBatchState, or any run state for the model)
+// provides the activations (max_batch >= n), the threads and the precision;
+// each sequence's state provides only its KV cache and adapter, and must
+// have batch's precision. Row i of the result is bit for
+// bit the logits a single-token Forward on seqs[i] gives. The sequences must
+// be distinct and made for `model`. Returns n x vocab logits.
+StatusOr<const float*> ForwardBatch(const Model& model, RunState& batch, RunState* const* seqs,
+                                    const int* tokens, size_t n);
+
+// Generate for several prompts at once: prompts[i] is prefilled on seqs[i]
+// (its own KV cache, adapter and pool; Generate's start_pos 0), then the live
+// sequences decode together, one ForwardBatch per step, each until its
+// position steps[i] (Generate's `steps`) or one of `stop_tokens`. samplers[i] samples sequence i; on_token(i,
+// prev, token) is called as each token is sampled. Each sequence's tokens
+// are those Generate gives it alone with the same sampler (bit-identical
+// logits, same draws). stats (may be null) receives one entry per sequence;
+// its decode_seconds is the batched decode's wall time while the sequence
+// was live, its decode_forwards the batched steps it took part in.
+Status GenerateBatch(const Model& model, RunState& batch, const std::vector<RunState*>& seqs,
+                     const std::vector<std::vector<int>>& prompts,
+                     const std::vector<Sampler*>& samplers, const std::vector<size_t>& steps,
+                     const std::vector<int>& stop_tokens,
+                     const std::function<void(size_t seq, int prev, int token)>& on_token,
+                     std::vector<GenerateStats>* stats);
 
 // ----------------------------------------------------------------------------
 // Speculative decoding (issue 15; docs/generate.md "Speculative decoding")

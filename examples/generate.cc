@@ -95,6 +95,7 @@ struct Options {
   bool max_memory_given = false;   // else DefaultMaxMemory()
   // Speculative decoding (docs/generate.md "Speculative decoding").
   size_t lookup = 0;               // --lookup N: prompt-lookup drafts; 0 off
+  size_t parallel = 1;             // --parallel N: --prompts-file lines decoded together
   std::string draft;               // --draft FILE: draft model
   int draft_bits = 0;              // --draft-bits B: draft palettized at B bits
   size_t draft_max = 4;            // --draft-max K: draft model's tokens per step
@@ -217,6 +218,9 @@ void PrintUsage(FILE* out) {
           "                      q,k,v,o,w1,w2,w3 (or attn_q, ..., ffn_up); default all\n"
           "  --prompts-file FILE one prompt per line, optionally 'ADAPTER<TAB>PROMPT' to\n"
           "                      switch adapters per prompt ('-' for none)\n"
+          "  --parallel N        with --prompts-file: decode up to N prompts together, one\n"
+          "                      pass over the weights per step for all of them (1..64;\n"
+          "                      default 1); each keeps its own KV cache, adapter and text\n"
           "  -h, --help          this text\n");
 }
 
@@ -615,6 +619,14 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
         return bad("one of 1, 2, 3, 4, 6, 8");
       }
       o->draft_bits = int(n);
+    } else if (flag == "--parallel") {
+      // At most kGemmSmallM: a step of that many tokens runs the few-token
+      // GEMM, whose rows are GEMV's bits, so each sequence's text is the one
+      // it gets alone.
+      if (!ParseSize(value, 1, lutra::kGemmSmallM, &o->parallel)) {
+        return bad("an integer in [1, 64]");
+      }
+      static_assert(lutra::kGemmSmallM == 64, "the messages say 64");
     } else if (flag == "--draft-max") {
       if (!ParseSize(value, 1, kMaxDrafts, &o->draft_max)) {
         return bad("an integer in [1, 31]");  // as --lookup
@@ -693,6 +705,11 @@ Status ParseArgs(int argc, char** argv, Options* o, bool* help) {
                                   "with -p, --prompts-file or --chat, not with --eval or "
                                   "--save");
   }
+  if (o->parallel > 1 && (o->prompts_file.empty() || o->Speculative())) {
+    return lutra::InvalidArgument("--parallel decodes the lines of --prompts-file together; it "
+                                  "needs --prompts-file and does not combine with speculation "
+                                  "(--lookup, --draft, --draft-bits)");
+  }
   if (o->compare && o->chat) {
     return lutra::InvalidArgument("--compare reruns one prompt without speculation: use it "
                                   "with -p or --prompts-file, not --chat");
@@ -741,9 +758,16 @@ StatusOr<std::shared_ptr<const lutra::Tokenizer>> GetTokenizer(const Options& o,
 // llama2.c's safe_printf does), so raw byte tokens cannot garble the
 // terminal. Bytes >= 0x80 are written: byte-level vocabularies and byte
 // fallback spell multi-byte UTF-8 characters one token per byte.
-void PrintPiece(std::string_view piece) {
+// A decoded piece as printed: empty for a lone non-printable ASCII byte.
+std::string_view Printable(std::string_view piece) {
   const unsigned char c = static_cast<unsigned char>(piece.empty() ? 0 : piece[0]);
-  if (piece.size() == 1 && c < 0x80 && !isprint(c) && !isspace(c)) return;
+  if (piece.size() == 1 && c < 0x80 && !isprint(c) && !isspace(c)) return {};
+  return piece;
+}
+
+void PrintPiece(std::string_view piece) {
+  piece = Printable(piece);
+  if (piece.empty()) return;
   fwrite(piece.data(), 1, piece.size(), stdout);
   fflush(stdout);
 }
@@ -958,28 +982,45 @@ Status RunSpeculative(const Options& o, const engine::Model& model, engine::RunS
   return Status();
 }
 
+// One prompt ready to run: its tokens, Generate's `steps` (LastPosition)
+// and a run state with the options' batch, KV type, threads, precision and
+// `adapter`.
+struct PromptRun {
+  std::vector<int> prompt;
+  size_t steps = 0;
+  engine::RunState state;
+};
+
+StatusOr<PromptRun> PreparePrompt(const Options& o, const engine::Model& model,
+                                  const lutra::Tokenizer& tok, lutra::ThreadPool* pool,
+                                  const std::string& text, const lutra::Adapter* adapter) {
+  PromptRun run;
+  LUTRA_ASSIGN_OR_RETURN(run.prompt, tok.Encode(text, tok.add_bos_token()));
+  const size_t context = size_t(model.config.seq_len);
+  if (run.prompt.size() > context) {
+    return lutra::InvalidArgument("prompt of %zu tokens exceeds the context of %zu",
+                                  run.prompt.size(), context);
+  }
+  LUTRA_ASSIGN_OR_RETURN(run.steps,
+                         LastPosition(o, 0, run.prompt.size(), context, /*clamp=*/false));
+  LUTRA_ASSIGN_OR_RETURN(run.state, engine::MakeRunState(model.config, o.batch, o.kv_type));
+  run.state.pool = pool;
+  run.state.precision = o.precision;
+  run.state.adapter = adapter;
+  return run;
+}
+
 int RunGenerate(const Options& o, const engine::Model& model, const lutra::Tokenizer& tok,
                 lutra::ThreadPool* pool, const std::string& prompt_text,
                 const lutra::Adapter* adapter, size_t adapter_bytes,
                 const engine::Model* draft = nullptr) {
-  StatusOr<std::vector<int>> prompt = tok.Encode(prompt_text, tok.add_bos_token());
-  if (!prompt.ok()) return Fail(prompt.status());
+  StatusOr<PromptRun> run = PreparePrompt(o, model, tok, pool, prompt_text, adapter);
+  if (!run.ok()) return Fail(run.status());
   const size_t context = size_t(model.config.seq_len);
-  if (prompt->size() > context) {
-    return Fail(lutra::InvalidArgument("prompt of %zu tokens exceeds the context of %zu",
-                                       prompt->size(), context));
-  }
-  StatusOr<size_t> steps = LastPosition(o, 0, prompt->size(), context, /*clamp=*/false);
-  if (!steps.ok()) return Fail(steps.status());
-  StatusOr<engine::RunState> state = engine::MakeRunState(model.config, o.batch, o.kv_type);
-  if (!state.ok()) return Fail(state.status());
-  state->pool = pool;
-  state->precision = o.precision;
-  state->adapter = adapter;
 
   // The prompt is echoed first, as llama2.c does.
   int prev = -1;
-  for (int t : *prompt) {
+  for (int t : run->prompt) {
     PieceWriter{tok}(prev, t);
     prev = t;
   }
@@ -990,18 +1031,108 @@ int RunGenerate(const Options& o, const engine::Model& model, const lutra::Token
   RunFigures figures{{}, &model, adapter, adapter_bytes, o.threads};
   if (o.Speculative()) {
     Status status =
-        RunSpeculative(o, model, *state, *prompt, *steps, *sampler, tok, stop, draft, &figures);
+        RunSpeculative(o, model, run->state, run->prompt, run->steps, *sampler, tok, stop, draft,
+                       &figures);
     if (!status.ok()) return Fail(status);
     Status reported = ReportStats(o, figures);
     return reported.ok() ? 0 : Fail(reported);
   }
-  Status status = engine::Generate(model, *state, *prompt, *steps, *sampler, stop,
+  Status status = engine::Generate(model, run->state, run->prompt, run->steps, *sampler, stop,
                                    PieceWriter{tok}, &figures.gen);
   printf("\n");
   fflush(stdout);
   if (!status.ok()) return Fail(status);
   Status reported = ReportStats(o, figures);
   return reported.ok() ? 0 : Fail(reported);
+}
+
+// One line of --prompts-file: the prompt and its adapter (null: none).
+struct PromptLine {
+  std::string text;
+  std::shared_ptr<const lutra::Adapter> adapter;
+};
+
+// --parallel: the prompts of `lines` decoded together (engine::GenerateBatch),
+// each on its own run state (KV cache, adapter) with the sampler it would get
+// alone, so each text is the one --parallel 1 prints. Texts are printed
+// whole, in line order, once all have ended (their tokens interleave while
+// decoding); one stats line covers the batch.
+int RunParallel(const Options& o, const engine::Model& model, const lutra::Tokenizer& tok,
+                lutra::ThreadPool* pool, const std::vector<PromptLine>& lines,
+                size_t adapter_bytes) {
+  const size_t n = lines.size(), context = size_t(model.config.seq_len);
+  std::vector<std::vector<int>> prompts;
+  std::vector<size_t> steps;
+  std::vector<engine::RunState> states;
+  std::vector<lutra::Sampler> samplers;
+  std::vector<std::string> texts(n);
+  for (size_t i = 0; i < n; ++i) {
+    StatusOr<PromptRun> run =
+        PreparePrompt(o, model, tok, pool, lines[i].text, lines[i].adapter.get());
+    if (!run.ok()) return Fail(run.status());
+    StatusOr<lutra::Sampler> sampler =
+        MakeSampler(o, o.temperature, model.config.vocab_size, context);
+    if (!sampler.ok()) return Fail(sampler.status());
+    int prev = -1;
+    for (int t : run->prompt) {
+      StatusOr<std::string_view> piece = tok.Decode(prev, t);
+      if (piece.ok()) texts[i] += Printable(*piece);
+      prev = t;
+    }
+    prompts.push_back(std::move(run->prompt));
+    steps.push_back(run->steps);
+    states.push_back(std::move(run->state));
+    samplers.push_back(std::move(*sampler));
+  }
+  StatusOr<engine::RunState> batch = engine::MakeBatchState(model.config, n);
+  if (!batch.ok()) return Fail(batch.status());
+  batch->pool = pool;
+  batch->precision = o.precision;
+  std::vector<engine::RunState*> seqs;
+  std::vector<lutra::Sampler*> sampler_ptrs;
+  for (size_t i = 0; i < n; ++i) {
+    seqs.push_back(&states[i]);
+    sampler_ptrs.push_back(&samplers[i]);
+  }
+  std::vector<int> stop = {tok.bos_id()};
+  if (tok.eos_id() >= 0) stop.push_back(tok.eos_id());
+  std::vector<engine::GenerateStats> stats;
+  Status status = engine::GenerateBatch(
+      model, *batch, seqs, prompts, sampler_ptrs, steps, stop,
+      [&](size_t i, int prev, int token) {
+        StatusOr<std::string_view> piece = tok.Decode(prev, token);
+        if (piece.ok()) texts[i] += Printable(*piece);
+      },
+      &stats);
+  if (!status.ok()) return Fail(status);
+  for (size_t i = 0; i < n; ++i) {
+    fprintf(stderr, "[adapter: %s]\n",
+            lines[i].adapter ? lines[i].adapter->name().c_str() : "none");
+    printf("%s\n", texts[i].c_str());
+    fflush(stdout);
+  }
+  // The batch: prefills one after another, then one decode loop.
+  size_t prompt_tokens = 0, generated = 0, decoded = 0, steps_run = 0;
+  double prefill_seconds = 0.0, decode_seconds = 0.0;
+  for (const engine::GenerateStats& st : stats) {
+    prompt_tokens += st.prompt_tokens;
+    generated += st.generated_tokens;
+    decoded += st.decode_forwards;
+    steps_run = std::max(steps_run, st.decode_forwards);
+    prefill_seconds += st.prefill_seconds;
+    decode_seconds = std::max(decode_seconds, st.decode_seconds);
+  }
+  fprintf(stderr,
+          "stats: parallel %zu sequence%s, prompts %zu tokens in %.1f ms, generated %zu tokens, "
+          "decode %zu tokens in %zu batched steps at %.1f tokens/s over all sequences (%.2f ms "
+          "per step), weights %.1f MiB at %.2f bits/weight, adapters %.1f KiB, %zu thread%s, "
+          "%s\n",
+          n, n == 1 ? "" : "s", prompt_tokens, prefill_seconds * 1e3, generated, decoded, steps_run,
+          decode_seconds > 0.0 ? double(decoded) / decode_seconds : 0.0,
+          steps_run > 0 ? decode_seconds * 1e3 / double(steps_run) : 0.0,
+          model.WeightBytes() / 1048576.0, model.BitsPerWeight(), adapter_bytes / 1024.0,
+          o.threads, o.threads == 1 ? "" : "s", lutra::dispatch::TargetName());
+  return 0;
 }
 
 // Reads one line of stdin without its newline; false at the end of input.
@@ -1432,7 +1563,13 @@ int main(int argc, char** argv) {
   if (!o.eval) f32.reset();  // only the palettized weights stay in memory
   // The run state (activations, KV cache of the whole context) counts
   // against --max-memory too: refuse a context that cannot fit up front.
-  const uint64_t run_bytes = engine::RunStateBytes(model->config, o.batch, o.kv_type);
+  // --parallel N: N sequences' states (each with its KV cache) and the
+  // batch's activations.
+  lutra::ModelConfig one_position = model->config;
+  one_position.seq_len = 1;  // MakeBatchState's
+  const uint64_t run_bytes =
+      engine::RunStateBytes(model->config, o.batch, o.kv_type) * o.parallel +
+      (o.parallel > 1 ? engine::RunStateBytes(one_position, o.parallel) : 0);
   const uint64_t draft_bytes =
       draft ? uint64_t(draft->heap_bytes) +
                   engine::RunStateBytes(draft->config, o.batch, o.kv_type)
@@ -1462,6 +1599,7 @@ int main(int argc, char** argv) {
   }
   char line[4096];
   int rc = 0;
+  std::vector<PromptLine> group;  // --parallel: lines waiting for a batch
   while (rc == 0 && fgets(line, sizeof(line), f) != nullptr) {
     std::string text = line;
     while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
@@ -1481,10 +1619,21 @@ int main(int argc, char** argv) {
         adapter = *a;
       }
     }
+    if (o.parallel > 1) {
+      group.push_back({text, adapter});
+      if (group.size() == o.parallel) {
+        rc = RunParallel(o, *model, **tokenizer, &pool, group, adapters.resident_bytes());
+        group.clear();
+      }
+      continue;
+    }
     fprintf(stderr, "[adapter: %s]\n", adapter ? adapter->name().c_str() : "none");
     rc = RunGenerate(o, *model, **tokenizer, &pool, text, adapter.get(),
                      adapters.resident_bytes(), draft.get());
   }
   fclose(f);
+  if (rc == 0 && !group.empty()) {
+    rc = RunParallel(o, *model, **tokenizer, &pool, group, adapters.resident_bytes());
+  }
   return rc;
 }

@@ -975,6 +975,51 @@ TEST_CASE("lutra-generate: --save writes the recovery adapter beside the model",
   CHECK(evals(e1.out) == evals(e2.out));
 }
 
+// --parallel N decodes the lines of --prompts-file N at a time, each with
+// its own cache and sampler: the texts are those of --parallel 1, greedy and
+// sampled (same seed), in line order.
+TEST_CASE("lutra-generate: --parallel gives each prompt the text it gets alone",
+          "[generate][cli][batch]") {
+  LUTRA_REQUIRE_CLI();
+  const std::string bin = SharedPath("stories260K.bin"), tok = SharedPath("tok512.bin");
+  const std::string prompts = TempPath("parallel_prompts.txt");
+  std::ofstream(prompts) << "Lily and Ben\nOnce upon a time, there was a dog\n-\tTom went\n"
+                            "The sun was hot\n";
+  // The output without its stats lines.
+  const auto texts = [](const std::string& out) {
+    std::string kept;
+    size_t at = 0;
+    while (at < out.size()) {
+      size_t end = out.find('\n', at);
+      end = end == std::string::npos ? out.size() : end + 1;
+      if (out.compare(at, 6, "stats:") != 0) kept += out.substr(at, end - at);
+      at = end;
+    }
+    return kept;
+  };
+  for (const char* temp : {"0", "0.8"}) {
+    INFO("--temp " << temp);
+    std::vector<std::string> args = {"-m", bin, "--tokenizer", tok, "--bits", "4", "--tune",
+                                     "off", "-n", "30", "--temp", temp, "-s", "5",
+                                     "--prompts-file", prompts};
+    CliResult one = RunCli(args);
+    args.insert(args.end(), {"--parallel", "3"});
+    CliResult three = RunCli(args);
+    INFO(one.out);
+    INFO(three.out);
+    REQUIRE(one.rc == 0);
+    REQUIRE(three.rc == 0);
+    CHECK(texts(one.out).size() > 100);
+    CHECK(texts(three.out) == texts(one.out));
+    // Two batches: three lines, then the last one.
+    CHECK(test::Contains(three.out, "stats: parallel 3 sequences, prompts"));
+    CHECK(test::Contains(three.out, "stats: parallel 1 sequence, prompts"));
+    if (std::string(temp) == "0") {
+      CHECK(test::Contains(three.out, "decode 87 tokens in 29 batched steps"));
+    }
+  }
+}
+
 TEST_CASE("lutra-generate: bad input gets clear errors", "[generate][cli]") {
   LUTRA_REQUIRE_CLI();
   const std::string bin = SharedPath("stories260K.bin"), tok = SharedPath("tok512.bin");
@@ -1012,6 +1057,11 @@ TEST_CASE("lutra-generate: bad input gets clear errors", "[generate][cli]") {
       {{"-m", bin, "--tokenizer", tok, "--bits", "4", "--recover-rank", "1", "--recover-targets",
         "v,x"},
        "projections from q,k,v,o,w1,w2,w3"},
+      {{"-m", gguf, "--parallel", "0"}, "an integer in [1, 64]"},
+      {{"-m", gguf, "--parallel", "65"}, "an integer in [1, 64]"},
+      {{"-m", gguf, "--parallel", "2", "-p", "Hi"}, "needs --prompts-file"},
+      {{"-m", gguf, "--parallel", "2", "--prompts-file", text_gguf, "--lookup", "3"},
+       "does not combine with speculation"},
   };
   for (const Case& c : cases) {
     CliResult r = RunCli(c.args);

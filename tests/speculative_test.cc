@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -20,6 +21,7 @@
 #include "lutra/dispatch.h"
 #include "lutra/runtime/sampling.h"
 #include "lutra/runtime/speculative.h"
+#include "tests/support/random_weights.h"
 #include "tests/test_util.h"
 
 namespace lutra {
@@ -585,6 +587,135 @@ TEST_CASE("Speculative sampling on stories260K keeps the target's distribution",
               << ChiSquareBound(dof));
   CHECK(groups > 0);
   CHECK(chi < ChiSquareBound(dof));
+}
+
+// ----------------------------------------------------------------------------
+// Several sequences decoded together (GenerateBatch, ForwardBatch)
+
+// Each sequence of one GenerateBatch call gets the tokens and counts that
+// Generate gives it alone: prompts of different lengths (so sequences end
+// at different steps), adapters in runs (none, none, A, A, none: three
+// products per matrix) and, when `temperature` > 0, a sampler per sequence
+// with its own seed.
+void CheckBatchMatchesAlone(const Model& model, MatmulPrecision precision, float temperature) {
+  const Models& m = Stories();
+  test::Rng rng(21);
+  const std::shared_ptr<const Adapter> adapter = std::make_shared<const Adapter>(
+      test::RandomAdapter("a", engine::AdapterShapes(model.config), 3, ElementType::kF16, 0.5f,
+                          0.05f, rng)
+          .value());
+  const char* texts[] = {"Lily and Ben", "Once upon a time, there was a dog. The dog", "Tom",
+                         "The sun was hot and the cat", "Mom said"};
+  const Adapter* adapters[] = {nullptr, nullptr, adapter.get(), adapter.get(), nullptr};
+  const size_t n = 5;
+  // Generate's `steps` per sequence; the third ends when its prompt does.
+  const std::vector<size_t> limits = {70, 90, 2, 60, 75};
+  std::vector<std::vector<int>> prompts;
+  for (const char* t : texts) prompts.push_back(m.tok->Encode(t, true).value());
+  SamplingConfig sc;
+  sc.temperature = temperature;
+  // Alone: Generate per prompt.
+  std::vector<std::vector<int>> alone(n);
+  std::vector<GenerateStats> alone_stats(n);
+  for (size_t i = 0; i < n; ++i) {
+    RunState state = MakeRunState(model.config, 8).value();
+    state.precision = precision;
+    state.adapter = adapters[i];
+    sc.seed = 100 + i;
+    Sampler sampler = Sampler::Create(model.config.vocab_size, sc).value();
+    REQUIRE(Generate(model, state, prompts[i], limits[i], sampler, {1, 2},
+                     [&](int, int t) { alone[i].push_back(t); }, &alone_stats[i])
+                .ok());
+  }
+  // Together.
+  RunState batch = engine::MakeBatchState(model.config, n).value();
+  batch.precision = precision;
+  std::vector<RunState> states;
+  std::vector<Sampler> samplers;
+  for (size_t i = 0; i < n; ++i) {
+    states.push_back(MakeRunState(model.config, 8).value());
+    states.back().precision = precision;
+    states.back().adapter = adapters[i];
+    sc.seed = 100 + i;
+    samplers.push_back(Sampler::Create(model.config.vocab_size, sc).value());
+  }
+  std::vector<RunState*> seqs;
+  std::vector<Sampler*> sampler_ptrs;
+  for (size_t i = 0; i < n; ++i) {
+    seqs.push_back(&states[i]);
+    sampler_ptrs.push_back(&samplers[i]);
+  }
+  std::vector<std::vector<int>> together(n);
+  std::vector<GenerateStats> stats;
+  const Status s = engine::GenerateBatch(
+      model, batch, seqs, prompts, sampler_ptrs, limits, {1, 2},
+      [&](size_t i, int, int t) { together[i].push_back(t); }, &stats);
+  INFO(s.message());
+  REQUIRE(s.ok());
+  REQUIRE(stats.size() == n);
+  std::set<size_t> lengths;
+  for (size_t i = 0; i < n; ++i) {
+    INFO("sequence " << i);
+    CHECK(together[i] == alone[i]);
+    CHECK(stats[i].generated_tokens == alone_stats[i].generated_tokens);
+    CHECK(stats[i].decode_forwards == alone_stats[i].decode_forwards);
+    CHECK(stats[i].positions == alone_stats[i].positions);
+    CHECK(stats[i].stop_token == alone_stats[i].stop_token);
+    lengths.insert(alone_stats[i].decode_forwards);
+  }
+  CHECK(lengths.size() > 1);  // the sequences left the batch at different steps
+}
+
+TEST_CASE("Batched decoding of several sequences equals each decoded alone",
+          "[speculative][batch][shared]") {
+  LUTRA_REQUIRE_SHARED_MODELS();
+  const Models& m = Stories();
+  for (const Path& path : Paths(m)) {
+    INFO(path.name);
+    CheckBatchMatchesAlone(*path.model, path.precision, 0.0f);
+  }
+  INFO("sampling, temperature 0.8");
+  CheckBatchMatchesAlone(m.q4, MatmulPrecision::kInt8, 0.8f);
+  // The int8 rows rest on the small-M GEMM: every target.
+  test::ForEachTarget([&] { CheckBatchMatchesAlone(m.q4, MatmulPrecision::kInt8, 0.0f); });
+}
+
+TEST_CASE("Batched decoding rejects bad input", "[speculative][batch][shared]") {
+  LUTRA_REQUIRE_SHARED_MODELS();
+  const Models& m = Stories();
+  RunState batch = MakeRunState(m.f32.config, 2).value();
+  RunState a = MakeRunState(m.f32.config, 1).value();
+  RunState b = MakeRunState(m.f32.config, 1).value();
+  const int tokens[3] = {1, 1, 1};
+  RunState* same[2] = {&a, &a};
+  StatusOr<const float*> r = engine::ForwardBatch(m.f32, batch, same, tokens, 2);
+  CHECK(test::Contains(r.status().message(), "same state"));
+  RunState* three[3] = {&a, &b, &batch};
+  r = engine::ForwardBatch(m.f32, batch, three, tokens, 3);
+  CHECK(test::Contains(r.status().message(), "max_batch"));
+  b.precision = MatmulPrecision::kF32;
+  RunState* two[2] = {&a, &b};
+  r = engine::ForwardBatch(m.f32, batch, two, tokens, 2);
+  CHECK(test::Contains(r.status().message(), "precision"));
+  b.precision = a.precision;
+  const int bad[2] = {1, 100000};
+  r = engine::ForwardBatch(m.f32, batch, two, bad, 2);
+  CHECK(test::Contains(r.status().message(), "vocabulary"));
+  // A state made for another model.
+  ModelConfig other = m.f32.config;
+  other.seq_len /= 2;
+  RunState c = MakeRunState(other, 1).value();
+  RunState* mixed[2] = {&a, &c};
+  r = engine::ForwardBatch(m.f32, batch, mixed, tokens, 2);
+  CHECK(test::Contains(r.status().message(), "different model config"));
+  // Nothing was appended by the failed calls.
+  CHECK(a.cache.end(0) == 0);
+  CHECK(b.cache.end(0) == 0);
+  // GenerateBatch: one prompt and one sampler per sequence.
+  Sampler sampler = Sampler::Create(m.f32.config.vocab_size, SamplingConfig()).value();
+  const Status s = engine::GenerateBatch(m.f32, batch, {&a, &b}, {{1, 410}}, {&sampler}, {20},
+                                         {}, nullptr, nullptr);
+  CHECK(test::Contains(s.message(), "one of each per sequence"));
 }
 
 TEST_CASE("Speculative decoding rejects bad input", "[speculative][shared]") {
