@@ -50,6 +50,7 @@
 #include <string.h>
 
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "hwy/aligned_allocator.h"
@@ -290,6 +291,15 @@ HWY_INLINE void MicroKernelI8(const PreparedInput& in, const EpilogueArgs& e, co
 // 2 and 8 rows were in between, M = 8 unchanged).
 constexpr size_t kFewTokensPrefetchRows = 4;
 
+// Forces a lambda inline (GCC, Clang). The few-token kernel's block lambda
+// is called from two loops (whole and partial blocks); GCC left it out of
+// line for some token counts, and those ran 3-12x slower.
+#if HWY_COMPILER_GCC || HWY_COMPILER_CLANG
+#define LUTRA_LAMBDA_INLINE __attribute__((always_inline))
+#else
+#define LUTRA_LAMBDA_INLINE
+#endif
+
 // What one row's dot products with one token group read.
 struct FewTokensGroup {
   const int8_t* xq;      // code vector c of token t at (c * kM + t) * L
@@ -298,11 +308,15 @@ struct FewTokensGroup {
 };
 
 // dots[t] = the int8 dot product (GEMV's DotRowsI8 order) of `row` (its
-// group table in lut) with token g.t0 + t, t < kM. When `ahead` is not null,
-// the same byte offsets of the row there are prefetched one unit at a time.
+// group table in lut) with token g.t0 + t, t < kM. The same byte offsets of
+// the row at `ahead` are prefetched one unit at a time (`ahead` = `row`
+// where nothing is to be fetched: one instantiation per kM, not two, kept
+// GCC from spilling the 8-token loops of the 3- and 6-bit widths).
 // The f32 block sums are named registers, not an array (SVE vectors are
 // sizeless types); with 16 vector registers kFewTokens is 4 so that they,
-// the i32 sums, the table and the codes fit.
+// the i32 sums, the table and the codes fit. Blocks of full units (all but
+// possibly the last) take no bounds checks and, on fixed-width targets, a
+// constant unit count (FixedUnitsPerBlock), as GEMV's BlockI8.
 template <int kBits, size_t kM, class D>
 HWY_INLINE void FewTokensRowDots(D d, const LutU8<kBits, D>& lut, const uint8_t* HWY_RESTRICT row,
                                  const uint8_t* ahead, size_t row_bytes,
@@ -319,19 +333,22 @@ HWY_INLINE void FewTokensRowDots(D d, const LutU8<kBits, D>& lut, const uint8_t*
   const size_t upb = in.units_per_block, num_units = in.geometry.num_units;
   VF f0 = hn::Zero(df), f1 = f0, f2 = f0, f3 = f0, f4 = f0, f5 = f0, f6 = f0, f7 = f0;
   const int8_t* HWY_RESTRICT xu = g.xq;
-  for (size_t b = 0; b < in.num_blocks; ++b) {
+  constexpr size_t kFixedUpb = FixedUnitsPerBlock<kBits>();
+  const size_t full_blocks = (row_bytes / unit_bytes) / upb;
+  // Block b; kFull (a std::integral_constant): all its units are whole.
+  const auto block = [&](auto full, size_t b) HWY_ATTR LUTRA_LAMBDA_INLINE {
+    constexpr bool kFull = decltype(full)::value;
     // Token t's block starts at its code-bias correction (CodeDot).
     const auto start = [&](size_t t) HWY_ATTR { return BlockStart(di32, in, g.t0 + t, b); };
     VI a0 = start(0), a1 = kM > 1 ? start(1) : a0, a2 = kM > 2 ? start(2) : a0;
     VI a3 = kM > 3 ? start(3) : a0, a4 = kM > 4 ? start(4) : a0, a5 = kM > 5 ? start(5) : a0;
     VI a6 = kM > 6 ? start(6) : a0, a7 = kM > 7 ? start(7) : a0;
-    const size_t u_end = HWY_MIN((b + 1) * upb, num_units);
-    for (size_t u = b * upb; u < u_end; ++u, xu += unit_step) {
-      const size_t off = u * unit_bytes;
-      for (size_t pb = 0; ahead != nullptr && pb < unit_bytes; pb += 64) {
-        hwy::Prefetch(ahead + off + pb);
-      }
-      DecodeLookupUnit<kBits>(d, lut, row + off, row_bytes - off,
+    const size_t units = kFull ? (kFixedUpb != 0 ? kFixedUpb : upb)
+                               : HWY_MIN((b + 1) * upb, num_units) - b * upb;
+    for (size_t k = 0; k < units; ++k, xu += unit_step) {
+      const size_t off = (b * upb + k) * unit_bytes;
+      for (size_t pb = 0; pb < unit_bytes; pb += 64) hwy::Prefetch(ahead + off + pb);
+      DecodeLookupUnit<kBits>(d, lut, row + off, kFull ? unit_bytes : row_bytes - off,
                               [&](size_t s, hn::Vec<D> codes) HWY_ATTR {
         const auto mag = CodeMagnitude(codes);
         const int8_t* HWY_RESTRICT x = xu + s * kM * L;
@@ -354,7 +371,10 @@ HWY_INLINE void FewTokensRowDots(D d, const LutU8<kBits, D>& lut, const uint8_t*
     if constexpr (kM > 5) f5 = AddBlockSum(df, a5, s[5], f5);
     if constexpr (kM > 6) f6 = AddBlockSum(df, a6, s[6], f6);
     if constexpr (kM > 7) f7 = AddBlockSum(df, a7, s[7], f7);
-  }
+  };
+  size_t b = 0;
+  for (; b < full_blocks; ++b) block(std::true_type(), b);
+  for (; b < in.num_blocks; ++b) block(std::false_type(), b);
   dots[0] = hn::ReduceSum(df, f0);
   if constexpr (kM > 1) dots[1] = hn::ReduceSum(df, f1);
   if constexpr (kM > 2) dots[2] = hn::ReduceSum(df, f2);
@@ -426,7 +446,7 @@ HWY_NOINLINE LUTRA_SMALL_M_ATTR void FewTokensRowsI8(const PreparedPalette& w,
         // rows in L2.
         const uint8_t* ahead = t0 == 0 && st.row + kFewTokensPrefetchRows < n1
                                    ? row + kFewTokensPrefetchRows * row_bytes
-                                   : nullptr;
+                                   : row;
         FewTokensRowDotsN<kBits>(m, d, lut, row, ahead, row_bytes, in, g, dots);
         for (size_t t = 0; t < m; ++t) {
           raw[t0 + t][j] = RawI8(w, st.group, dots[t], in.xsum[t0 + t]);

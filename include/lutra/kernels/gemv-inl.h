@@ -120,8 +120,14 @@ HWY_INLINE void BlockI8(D d, const BlockArgsI8<kBits, kRows, D>& a, size_t b, si
   const VI start = BlockStart(di32, *a.in, 0, b);
   VI acc0 = start, acc1 = start, acc2 = start, acc3 = start;
   VI odd0 = hn::Zero(di32), odd1 = hn::Zero(di32), odd2 = hn::Zero(di32), odd3 = hn::Zero(di32);
-  const size_t u0 = b * a.units_per_block;
-  const size_t u_end = kFull ? u0 + a.units_per_block : HWY_MIN(u0 + a.units_per_block, num_units);
+  // A constant unit count where it measured faster cache-cold (matmul_bench
+  // --gemv-only, 1 thread, alternating runs: 3-bit 6-7 %, 4-bit 4-6 %, 6-bit
+  // 1-3 % faster; 2- and 8-bit 2-4 % slower, so they keep the runtime count).
+  constexpr size_t kFixedUpb =
+      kBits == 3 || kBits == 4 || kBits == 6 ? FixedUnitsPerBlock<kBits>() : 0;
+  const size_t upb = kFull && kFixedUpb != 0 ? kFixedUpb : a.units_per_block;
+  const size_t u0 = b * upb;
+  const size_t u_end = kFull ? u0 + upb : HWY_MIN(u0 + upb, num_units);
   for (size_t u = u0; u < u_end; ++u) {
     const size_t off = u * unit_bytes;
     const int8_t* HWY_RESTRICT xu = a.xq + u * UP;
