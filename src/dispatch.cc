@@ -91,7 +91,14 @@ Status GemmGroupT(const dispatch::GroupJob* jobs, size_t num_jobs, const float* 
     }
     Epilogue ep;
     ep.lora = job.lora;
-    LUTRA_RETURN_IF_ERROR(PrepareGemmInput(*job.w, x, batch, cols, ep, opt, job.in));
+    // Matrices of the same width read the same quantized x: copy it.
+    const dispatch::GroupJob* same = nullptr;
+    for (size_t i = 0; i < j && same == nullptr; ++i) {
+      if (jobs[i].w->shape().bits == job.w->shape().bits) same = &jobs[i];
+    }
+    LUTRA_RETURN_IF_ERROR(
+        same != nullptr ? PrepareGemmInputFrom(*same->in, *job.w, x, cols, ep, job.in)
+                        : PrepareGemmInput(*job.w, x, batch, cols, ep, opt, job.in));
   }
   const size_t tasks = pool != nullptr ? pool->NumThreads() : 1;
   // Gemv's and Gemm's alignments of their ParallelForRows ranges.

@@ -160,25 +160,29 @@ TEST_CASE("linear: equals dispatch Gemv/Gemm for any split and M") {
 
 // dispatch::GemmGroup (q/k/v in one parallel region) equals one
 // dispatch::Gemv/Gemm per matrix, bit for bit: mixed widths and row counts
-// that split unevenly, LoRA on one job only, M on GEMV, the few-token, the
-// small-M and the panel path, no pool and pools of 2 and 3 threads.
+// that split unevenly, two jobs of one width (the second copies the first's
+// quantized input, PrepareGemmInputFrom, and adds its own LoRA), LoRA on
+// some jobs only, M on GEMV, the few-token, the small-M and the panel path,
+// no pool and pools of 2 and 3 threads.
 void CheckGroupMatchesSeparateCalls() {
   const size_t K = 200;
   Matrix q = MakeMatrix(61, K, 4, 2, 21), k = MakeMatrix(18, K, 2, 0, 22),
-         v = MakeMatrix(18, K, 3, 0, 23);
+         v = MakeMatrix(18, K, 3, 0, 23), u = MakeMatrix(35, K, 2, 3, 25);
   StatusOr<PreparedPalette> pq = PreparedPalette::Make(q.palette.view());
   StatusOr<PreparedPalette> pk = PreparedPalette::Make(k.palette.view());
   StatusOr<PreparedPalette> pv = PreparedPalette::Make(v.palette.view());
-  REQUIRE((pq.ok() && pk.ok() && pv.ok()));
-  const PreparedPalette* w[3] = {&*pq, &*pk, &*pv};
-  const LoraDelta* lora[3] = {&q.lora, nullptr, nullptr};
+  StatusOr<PreparedPalette> pu = PreparedPalette::Make(u.palette.view());
+  REQUIRE((pq.ok() && pk.ok() && pv.ok() && pu.ok()));
+  constexpr size_t kJobs = 4;
+  const PreparedPalette* w[kJobs] = {&*pq, &*pk, &*pv, &*pu};
+  const LoraDelta* lora[kJobs] = {&q.lora, nullptr, nullptr, &u.lora};
   test::Rng rng(31);
   const std::vector<float> x = rng.GaussianVector((kGemmSmallM + 8) * K);
   ThreadPool pool2(2), pool3(3);
   for (MatmulPrecision prec : {MatmulPrecision::kInt8, MatmulPrecision::kF32}) {
     for (size_t M : {size_t{1}, size_t{3}, size_t{12}, size_t{40}, kGemmSmallM + 8}) {
-      std::vector<float> want[3], got[3];
-      for (size_t j = 0; j < 3; ++j) {
+      std::vector<float> want[kJobs], got[kJobs];
+      for (size_t j = 0; j < kJobs; ++j) {
         const size_t N = w[j]->shape().rows;
         want[j].assign(M * N, 0.0f);
         PreparedInput in;
@@ -192,15 +196,15 @@ void CheckGroupMatchesSeparateCalls() {
         INFO("precision " << MatmulPrecisionName(prec) << " M " << M << " threads "
                           << (pool ? pool->NumThreads() : 1) << " on "
                           << dispatch::ActiveTarget());
-        PreparedInput in[3];
+        PreparedInput in[kJobs];
         std::vector<GemmScratch> scratch(3);
-        dispatch::GroupJob jobs[3];
-        for (size_t j = 0; j < 3; ++j) {
+        dispatch::GroupJob jobs[kJobs];
+        for (size_t j = 0; j < kJobs; ++j) {
           got[j].assign(want[j].size(), -1.0f);
           jobs[j] = dispatch::GroupJob{w[j], lora[j], got[j].data(), &in[j]};
         }
-        REQUIRE(dispatch::GemmGroup(jobs, 3, x.data(), M, prec, pool, scratch.data()).ok());
-        for (size_t j = 0; j < 3; ++j) CHECK(got[j] == want[j]);
+        REQUIRE(dispatch::GemmGroup(jobs, kJobs, x.data(), M, prec, pool, scratch.data()).ok());
+        for (size_t j = 0; j < kJobs; ++j) CHECK(got[j] == want[j]);
       }
     }
   }

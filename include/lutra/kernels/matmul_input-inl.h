@@ -326,6 +326,51 @@ HWY_INLINE Status PrepareGemmInput(const PreparedPalette& w, const float* HWY_RE
   return Status::Ok();
 }
 
+// PrepareGemmInput(w, X, from.rows, ldx, ep, opt, in) for `from`, an input
+// this target prepared from the same X and precision for a matrix with w's
+// bits and columns (another matrix of a GemmGroup): the activations'
+// positions and quantization depend only on those, so they are copied, not
+// computed again (M = 5, K = 3072: 7.9 µs per preparation, on one thread
+// before the row tasks start). The LoRA half (A x) is w's own.
+HWY_INLINE Status PrepareGemmInputFrom(const PreparedInput& from, const PreparedPalette& w,
+                                       const float* HWY_RESTRICT X, size_t ldx,
+                                       const Epilogue& ep, PreparedInput* in) {
+  if (in == nullptr || in == &from) return InvalidArgument("matmul: bad PreparedInput to fill");
+  if (from.weights == nullptr || from.bits != w.shape().bits || from.cols != w.shape().cols) {
+    return InvalidArgument("matmul: the input to copy was prepared for %d-bit rows of %zu "
+                           "columns, not %d-bit rows of %zu",
+                           from.bits, from.cols, w.shape().bits, w.shape().cols);
+  }
+  if (X == nullptr) return InvalidArgument("matmul: null activations");
+  if (ep.lora != nullptr) LUTRA_RETURN_IF_ERROR(ValidateLora(*ep.lora));
+  in->precision = from.precision;
+  in->bits = from.bits;
+  in->cols = from.cols;
+  in->rows = from.rows;
+  in->geometry = from.geometry;
+  in->units_per_block = from.units_per_block;
+  in->num_blocks = from.num_blocks;
+  in->run_col = from.run_col;
+  in->xq = from.xq;
+  in->xscale = from.xscale;
+  in->xq_groups = from.xq_groups;
+  in->xscale_groups = from.xscale_groups;
+  in->xsum = from.xsum;
+  in->xcorr = from.xcorr;
+  in->xqsum = from.xqsum;
+  in->xf = from.xf;
+  in->weights = &w;
+  in->epilogue = ep;
+  in->epilogue.lora = nullptr;  // kernels read in->lora
+  in->has_lora = ep.lora != nullptr;
+  if (in->has_lora) {
+    in->lora = *ep.lora;
+    in->lora_ax.resize(from.rows * in->lora.rank);
+    LoraAx(in->lora, X, from.rows, ldx, from.cols, in->lora_ax.data());
+  }
+  return Status::Ok();
+}
+
 // Single token (GEMV): x has x_size == K floats.
 HWY_INLINE Status PrepareGemvInput(const PreparedPalette& w, const float* HWY_RESTRICT x,
                                    size_t x_size, const Epilogue& ep,
