@@ -796,44 +796,81 @@ StatusOr<std::vector<int>> SampleTokens(const Model& model, size_t count, int bo
                            c.vocab_size);
   }
   // Sequence i is seeded with seed + i and depends on nothing else, so the
-  // text does not depend on the thread count. With several threads each
-  // samples whole sequences on its own state (a wave of `threads` at a
-  // time): the small models sampled for tuning text are too small for the
-  // threads to share a matmul.
+  // text does not depend on the thread count. Each thread samples a group of
+  // up to kSampleBatch whole sequences on its own states (a wave of threads x
+  // batch sequences at a time; the small models sampled for tuning text are
+  // too small for the threads to share a matmul), decoded together by
+  // GenerateBatch: one pass over the weights per step for the group, and
+  // each sequence the tokens it gets alone.
+  constexpr size_t kSampleBatch = 8;
+  constexpr uint64_t kSampleStateBytes = uint64_t{256} << 20;  // per thread
   const size_t threads = pool != nullptr ? pool->NumThreads() : 1;
-  std::vector<RunState> states;
-  for (size_t t = 0; t < threads; ++t) {
-    StatusOr<RunState> state = MakeRunState(c, 64);
-    if (!state.ok()) return state.status();
-    state->pool = threads == 1 ? pool : nullptr;
-    state->precision = MatmulPrecision::kF32;
-    states.push_back(std::move(*state));
+  const uint64_t state_bytes = RunStateBytes(c, 1);
+  const size_t batch = size_t(std::max<uint64_t>(
+      1, std::min<uint64_t>(kSampleBatch, kSampleStateBytes / std::max<uint64_t>(state_bytes, 1))));
+  struct Group {
+    std::vector<RunState> seqs;
+    RunState batch;
+  };
+  std::vector<Group> groups(threads);
+  for (Group& g : groups) {
+    for (size_t i = 0; i < batch; ++i) {
+      StatusOr<RunState> state = MakeRunState(c, 1);
+      if (!state.ok()) return state.status();
+      state->precision = MatmulPrecision::kF32;
+      g.seqs.push_back(std::move(*state));
+    }
+    StatusOr<RunState> b = MakeBatchState(c, batch);
+    if (!b.ok()) return b.status();
+    b->precision = MatmulPrecision::kF32;
+    g.batch = std::move(*b);
   }
   const size_t max_steps = std::min<size_t>(size_t(c.seq_len), count);
-  std::vector<std::vector<int>> wave(threads);
+  const size_t wave_size = threads * batch;
+  std::vector<std::vector<int>> wave(wave_size);
   std::vector<Status> status(threads);
   std::vector<int> out;
-  for (uint64_t first = 0; out.size() < count; first += threads) {
-    const auto sample = [&](size_t i, size_t thread) {
-      std::vector<int>& seq = wave[i];
-      seq.assign(1, bos);
-      SamplingConfig sc;
-      // Plain sampling at temperature 1, without top-p: text drawn from the
-      // model's own distribution, tail tokens included. Text a person wrote
-      // goes through contexts that follow unlikely tokens, which top-p 0.9
-      // never produced: with it, the held-out KL of --mixed 4.0 stories260K
-      // was 0.19 against 0.10 now (docs/quality.md).
-      sc.temperature = 1.0f;
-      sc.top_p = 1.0f;
-      sc.seed = seed + first + i;
-      StatusOr<Sampler> sampler = Sampler::Create(size_t(c.vocab_size), sc);
-      if (!sampler.ok()) {
-        status[i] = sampler.status();
-        return;
+  for (uint64_t first = 0; out.size() < count;) {
+    // No more sequences than the text still needs if each runs to
+    // max_steps tokens (sequences that end early leave the rest to the
+    // next wave, which continues with the next seeds).
+    const size_t needed = (count - out.size() + max_steps - 1) / max_steps;
+    const size_t wave_seqs = std::min(wave_size, std::max<size_t>(needed, 1));
+    const auto sample = [&](size_t thread, size_t) {
+      Group& g = groups[thread];
+      const size_t mine =
+          wave_seqs > thread * batch ? std::min(batch, wave_seqs - thread * batch) : 0;
+      if (mine == 0) return;
+      std::vector<RunState*> seqs;
+      std::vector<std::vector<int>> prompts(mine, std::vector<int>{bos});
+      std::vector<Sampler> samplers;
+      std::vector<Sampler*> sampler_ptrs;
+      for (size_t i = 0; i < mine; ++i) {
+        const size_t w = thread * batch + i;
+        wave[w].assign(1, bos);
+        SamplingConfig sc;
+        // Plain sampling at temperature 1, without top-p: text drawn from the
+        // model's own distribution, tail tokens included. Text a person wrote
+        // goes through contexts that follow unlikely tokens, which top-p 0.9
+        // never produced: with it, the held-out KL of --mixed 4.0 stories260K
+        // was 0.19 against 0.10 now (docs/quality.md).
+        sc.temperature = 1.0f;
+        sc.top_p = 1.0f;
+        sc.seed = seed + first + w;
+        StatusOr<Sampler> sampler = Sampler::Create(size_t(c.vocab_size), sc);
+        if (!sampler.ok()) {
+          status[thread] = sampler.status();
+          return;
+        }
+        samplers.push_back(std::move(*sampler));
+        seqs.push_back(&g.seqs[i]);
       }
+      for (Sampler& s : samplers) sampler_ptrs.push_back(&s);
       if (max_steps >= 2) {
-        status[i] = Generate(model, states[thread], {bos}, max_steps, *sampler, {bos},
-                             [&](int, int token) { seq.push_back(token); }, nullptr);
+        status[thread] = GenerateBatch(
+            model, g.batch, seqs, prompts, sampler_ptrs, std::vector<size_t>(mine, max_steps),
+            {bos}, [&](size_t i, int, int token) { wave[thread * batch + i].push_back(token); },
+            nullptr);
       }
     };
     if (threads > 1) {
@@ -841,12 +878,13 @@ StatusOr<std::vector<int>> SampleTokens(const Model& model, size_t count, int bo
     } else {
       sample(0, 0);
     }
-    for (size_t i = 0; i < threads && out.size() < count; ++i) {
-      LUTRA_RETURN_IF_ERROR(status[i]);
+    for (size_t t = 0; t < threads; ++t) LUTRA_RETURN_IF_ERROR(status[t]);
+    for (size_t w = 0; w < wave_seqs && out.size() < count; ++w) {
       // The last sequence stops where the text reaches `count`.
-      const size_t take = std::min(wave[i].size(), count - out.size());
-      out.insert(out.end(), wave[i].begin(), wave[i].begin() + take);
+      const size_t take = std::min(wave[w].size(), count - out.size());
+      out.insert(out.end(), wave[w].begin(), wave[w].begin() + take);
     }
+    first += wave_seqs;
   }
   return out;
 }
