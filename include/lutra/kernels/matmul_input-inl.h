@@ -98,8 +98,9 @@ HWY_INLINE void GroupFewTokens(PreparedInput* in) {
 // length is one (0 on scalable targets). A full block's unit loop then has a
 // constant trip count and unrolls: at 2 units per block (4-bit, AVX-512) the
 // loop's bookkeeping (bounds, the next block's start) was about 30 scalar
-// instructions per 4-8 vpdpbusd; without it the few-token kernel at M = 2
-// ran 1.5x and 4-bit GEMV 1.35x faster from L2 (docs/gemv.md, session 17).
+// instructions per 4-8 vpdpbusd; dropping it made the few-token kernel at
+// M = 2 1.5x and 4-bit GEMV 1.35x faster from L2 (docs/gemv.md, session
+// 17).
 template <int kBits>
 constexpr size_t FixedUnitsPerBlock() {
 #if HWY_HAVE_SCALABLE
@@ -335,7 +336,9 @@ HWY_INLINE Status PrepareGemmInput(const PreparedPalette& w, const float* HWY_RE
 HWY_INLINE Status PrepareGemmInputFrom(const PreparedInput& from, const PreparedPalette& w,
                                        const float* HWY_RESTRICT X, size_t ldx,
                                        const Epilogue& ep, PreparedInput* in) {
-  if (in == nullptr || in == &from) return InvalidArgument("matmul: bad PreparedInput to fill");
+  if (in == nullptr || in == &from) {
+    return InvalidArgument("matmul: the PreparedInput to fill is null or the one to copy");
+  }
   if (from.weights == nullptr || from.bits != w.shape().bits || from.cols != w.shape().cols) {
     return InvalidArgument("matmul: the input to copy was prepared for %d-bit rows of %zu "
                            "columns, not %d-bit rows of %zu",
