@@ -52,10 +52,21 @@ StatusOr<RunState> MakeRunState(const ModelConfig& c, size_t max_batch, ElementT
   return s;
 }
 
-StatusOr<RunState> MakeBatchState(const ModelConfig& config, size_t max_batch) {
+namespace {
+// The config of MakeBatchState's run state: the sequences bring their caches.
+ModelConfig BatchStateConfig(const ModelConfig& config) {
   ModelConfig one = config;
-  one.seq_len = 1;  // the sequences bring their caches
-  return MakeRunState(one, max_batch);
+  one.seq_len = 1;
+  return one;
+}
+}  // namespace
+
+StatusOr<RunState> MakeBatchState(const ModelConfig& config, size_t max_batch) {
+  return MakeRunState(BatchStateConfig(config), max_batch);
+}
+
+uint64_t BatchStateBytes(const ModelConfig& config, size_t max_batch) {
+  return RunStateBytes(BatchStateConfig(config), max_batch);
 }
 
 uint64_t RunStateBytes(const ModelConfig& c, size_t max_batch, ElementType kv_type) {

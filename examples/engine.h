@@ -322,8 +322,9 @@ StatusOr<RunState> MakeRunState(const ModelConfig& config, size_t max_batch,
 
 // A run state for ForwardBatch / GenerateBatch: activations for max_batch
 // tokens and a one-position KV cache it never uses (each sequence brings its
-// own). RunStateBytes(config with seq_len 1, max_batch) is its size.
+// own). BatchStateBytes is its size.
 StatusOr<RunState> MakeBatchState(const ModelConfig& config, size_t max_batch);
+uint64_t BatchStateBytes(const ModelConfig& config, size_t max_batch);
 
 // Bytes MakeRunState allocates (activations and KV cache), e.g. to check a
 // memory budget before making it; saturates instead of overflowing.

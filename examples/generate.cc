@@ -1565,11 +1565,9 @@ int main(int argc, char** argv) {
   // against --max-memory too: refuse a context that cannot fit up front.
   // --parallel N: N sequences' states (each with its KV cache) and the
   // batch's activations.
-  lutra::ModelConfig one_position = model->config;
-  one_position.seq_len = 1;  // MakeBatchState's
   const uint64_t run_bytes =
       engine::RunStateBytes(model->config, o.batch, o.kv_type) * o.parallel +
-      (o.parallel > 1 ? engine::RunStateBytes(one_position, o.parallel) : 0);
+      (o.parallel > 1 ? engine::BatchStateBytes(model->config, o.parallel) : 0);
   const uint64_t draft_bytes =
       draft ? uint64_t(draft->heap_bytes) +
                   engine::RunStateBytes(draft->config, o.batch, o.kv_type)
