@@ -5,7 +5,7 @@
 //
 //   e2e_bench [--shape afm] [--f32-layers 2] [--prefill 64] [--decode 16]
 //             [--reps 3] [--threads 1,2] [--full-layers 26] [--verify 1,2,4,8]
-//             [--sequences 2,4,8]
+//             [--sequences 2,4,8 [--adapters 2]]
 //             [--context 64,512,2048,8192 [--kv f16,bf16,int8] [--chunk 512]]
 //             [--unfused] [--fusion-ab]
 //
@@ -46,7 +46,10 @@
 // batched step of the N sequences against one decode step of a single
 // sequence, alternating, medians of --reps x 5 pairs; tokens/s over all
 // sequences and its ratio to one sequence's. With --sequences only that
-// table is printed.
+// table is printed. --adapters K (with --sequences): K random rank-16 f16
+// adapters on every projection, sequence i decoding with adapter i % K
+// (interleaved, so no two neighbours share one when K > 1) and the single
+// sequence with adapter 0: one pass per matrix with a LoRA delta per token.
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -60,6 +63,7 @@
 
 #include "lutra/dispatch.h"
 #include "examples/engine.h"
+#include "tests/support/random_weights.h"
 
 namespace {
 
@@ -77,6 +81,7 @@ struct Args {
   std::vector<size_t> threads = {1, 2};
   std::vector<size_t> verify;  // drafted tokens per verify step (empty: skip)
   std::vector<size_t> sequences;  // --sequences: batched decoding (empty: skip)
+  size_t adapters = 0;  // --adapters: distinct adapters over the sequences
   std::vector<size_t> context;  // prompt lengths of the context sweep (empty: skip)
   std::vector<lutra::ElementType> kv = {lutra::ElementType::kF16, lutra::ElementType::kBF16,
                                         lutra::ElementType::kI8};
@@ -255,9 +260,22 @@ int RunSequences(const Args& a) {
   // Each timed pair appends one position to every sequence it runs.
   const std::unique_ptr<engine::Model> model = FullDepth4Bit(a, a.prefill + 2 * steps + 2);
   if (model == nullptr) return 1;
-  printf("\nBatched decoding, 4-bit, %d layers, N sequences after a %zu-token prefill each "
-         "(median of %zu pairs):\n\n",
-         a.full_layers, a.prefill, steps);
+  // Sequence i's adapter is i % K (the single sequence's: 0).
+  std::vector<std::shared_ptr<const lutra::Adapter>> adapters;
+  lutra::test::Rng rng(5);
+  for (size_t k = 0; k < a.adapters; ++k) {
+    StatusOr<lutra::Adapter> ad =
+        lutra::test::RandomAdapter("a" + std::to_string(k), engine::AdapterShapes(model->config),
+                                   16, lutra::ElementType::kF16, 1.0f, 0.01f, rng);
+    if (!ad.ok()) return Fail(ad.status());
+    adapters.push_back(std::make_shared<const lutra::Adapter>(std::move(ad).value()));
+  }
+  const auto adapter_of = [&](size_t i) -> const lutra::Adapter* {
+    return adapters.empty() ? nullptr : adapters[i % adapters.size()].get();
+  };
+  printf("\nBatched decoding, 4-bit, %d layers, N sequences after a %zu-token prefill each, "
+         "%zu rank-16 adapters (median of %zu pairs):\n\n",
+         a.full_layers, a.prefill, a.adapters, steps);
   printf("| threads | sequences N | one sequence's step ms | batched step ms | batched / one | "
          "tokens/s, all N | tokens/s vs one sequence |\n|---|---|---|---|---|---|---|\n");
   for (size_t threads : a.threads) {
@@ -269,6 +287,7 @@ int RunSequences(const Args& a) {
         StatusOr<engine::RunState> st = engine::MakeRunState(model->config, a.prefill);
         if (!st.ok()) return Fail(st.status());
         st->pool = &pool;
+        st->adapter = adapter_of(i == 0 ? 0 : i - 1);
         if (Status p = PrefillPrompt(*model, a, *st); !p.ok()) return Fail(p);
         states.push_back(std::move(*st));
       }
@@ -465,6 +484,8 @@ bool ParseArgs(int argc, char** argv, Args* a) {
       a->decode = size_t(atoi(v));
     } else if (flag == "--reps") {
       a->reps = atoi(v);
+    } else if (flag == "--adapters") {
+      a->adapters = size_t(atoi(v));
     } else if (flag == "--chunk") {
       a->chunk = size_t(atoi(v));
     } else if (flag == "--kv") {  // names as ElementTypeName gives them
@@ -516,7 +537,7 @@ int main(int argc, char** argv) {
     fprintf(stderr,
             "usage: e2e_bench [--shape afm|1b|tiny] [--full-layers L] [--f32-layers L] "
             "[--prefill N] [--decode N] [--reps R] [--threads 1,2] [--verify 1,2,4,8] "
-            "[--sequences 2,4,8] [--context 64,512,2048,8192 [--kv f16,bf16,int8] "
+            "[--sequences 2,4,8 [--adapters K]] [--context 64,512,2048,8192 [--kv f16,bf16,int8] "
             "[--chunk N]] [--unfused] [--fusion-ab]\n");
     return 2;
   }

@@ -53,8 +53,10 @@
 #include "lutra/format/lora.h"
 #include "lutra/format/lora_file.h"
 #include "lutra/kernels/dot-inl.h"
+#include "lutra/kernels/epilogue-inl.h"
 #include "lutra/kernels/gemv-inl.h"
 #include "lutra/kernels/matmul.h"
+#include "lutra/kernels/matmul_input-inl.h"
 #include "lutra/runtime/lora_manager.h"
 
 #ifndef LUTRA_LORA_BENCH_ONCE_
@@ -91,21 +93,21 @@ Status RunLayer(const bench::BenchLayer& layer, const Adapter* adapter, size_t l
   return Status::Ok();
 }
 
-// The epilogue's extra work alone, for one layer: A x (rank dots of length K)
-// and one rank-length dot per output row, the same TypedDot calls the GEMV
-// epilogue makes. Returns a checksum so nothing is optimized away.
+// The epilogue's extra work alone, for one layer: A x (LoraAx: rank dots of
+// length K) and the B rows' dots (LoraRowDots, in the epilogue's chunks of
+// kEpilogueChunk rows): the calls the GEMV epilogue makes. Returns a
+// checksum so nothing is optimized away.
 float LoraOnly(const Adapter& adapter, size_t layer_index, const float* x, float* ax) {
   float acc = 0.0f;
+  HWY_ALIGN float dots[kEpilogueChunk];
   for (Projection p : kAllProjections) {
     const LoraDelta* d = adapter.Find(layer_index, p);
     const size_t K = adapter.base().Cols(p), N = adapter.base().Rows(p);
-    const size_t es = ElementBytes(d->type);
-    for (size_t r = 0; r < d->rank; ++r) {
-      ax[r] = TypedDot(d->type, static_cast<const uint8_t*>(d->a) + r * K * es, x, K);
-    }
-    for (size_t n = 0; n < N; ++n) {
-      acc += d->scale *
-             TypedDot(d->type, static_cast<const uint8_t*>(d->b) + n * d->rank * es, ax, d->rank);
+    LoraAx(*d, x, 1, K, K, ax);
+    for (size_t n0 = 0; n0 < N; n0 += kEpilogueChunk) {
+      const size_t n = HWY_MIN(kEpilogueChunk, N - n0);
+      LoraRowDots(*d, ax, n0, n, dots);
+      for (size_t j = 0; j < n; ++j) acc += d->scale * dots[j];
     }
   }
   return acc;

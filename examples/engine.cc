@@ -106,24 +106,61 @@ Status CheckRunState(const ModelConfig& c, const RunState& s, const char* caller
   return Status();
 }
 
+// The LoRA deltas of one projection for a call's tokens: one for all (may
+// be null), or, where the tokens' adapters differ (ForwardBatch over
+// sequences with different adapters), one per token.
+struct TokenLora {
+  const LoraDelta* one = nullptr;
+  const LoraDelta* const* per_token = nullptr;  // num entries (null: none)
+};
+
+// Projection p of `layer` (-1: the head, which has none) for the num tokens
+// of s: s.adapter's delta, or with s.token_adapters each token's adapter's,
+// listed in s.token_lora's slot `slot` (< 3: one per matrix of a GemmGroup).
+TokenLora LoraOf(RunState& s, int layer, Projection p, size_t num, size_t slot) {
+  TokenLora r;
+  if (layer < 0) return r;
+  if (s.token_adapters.empty()) {
+    r.one = s.adapter != nullptr ? s.adapter->Find(size_t(layer), p) : nullptr;
+    return r;
+  }
+  if (s.token_lora.size() < 3 * s.max_batch) s.token_lora.resize(3 * s.max_batch);
+  const LoraDelta** list = &s.token_lora[slot * s.max_batch];
+  for (size_t i = 0; i < num; ++i) {
+    const Adapter* a = s.token_adapters[i];
+    list[i] = a != nullptr ? a->Find(size_t(layer), p) : nullptr;
+  }
+  r.per_token = list;
+  return r;
+}
+
 // Y (num x rows) = X (num x cols) W^T: GEMV for one token, GEMM for a batch.
-// `layer`/`p` select the active adapter's delta (the head has none: layer -1).
+// `layer`/`p` select the adapter's delta (LoraOf).
 Status Project(RunState& s, const Linear& w, const float* x, size_t num, float* y,
                int layer = -1, Projection p = Projection::kQ) {
-  const LoraDelta* lora =
-      s.adapter != nullptr && layer >= 0 ? s.adapter->Find(size_t(layer), p) : nullptr;
+  const TokenLora lora = LoraOf(s, layer, p, num, 0);
   if (w.palettized()) {
-    if (num == 1) return dispatch::Gemv(*w.prepared, x, lora, s.precision, y, s.pool, &s.scratch);
-    return dispatch::Gemm(*w.prepared, x, num, lora, s.precision, y, s.pool, &s.scratch);
+    if (lora.per_token != nullptr) {
+      return dispatch::GemmPerTokenLora(*w.prepared, x, num, lora.per_token, s.precision, y,
+                                        s.pool, &s.scratch);
+    }
+    if (num == 1) {
+      return dispatch::Gemv(*w.prepared, x, lora.one, s.precision, y, s.pool, &s.scratch);
+    }
+    return dispatch::Gemm(*w.prepared, x, num, lora.one, s.precision, y, s.pool, &s.scratch);
   }
   if (num == 1) {
     dispatch::MatVecF32(w.f32, w.rows, w.cols, x, y, s.pool);
   } else {
     dispatch::MatMulF32(w.f32, w.rows, w.cols, x, num, y, s.pool);
   }
-  if (lora != nullptr) {
-    s.lora_ax.resize(lora->rank);
-    dispatch::LoraApply(*lora, x, num, w.rows, w.cols, s.lora_ax.data(), y);
+  // LoraApply takes each token on its own: one call per token gives the
+  // same bits as one call for all.
+  for (size_t i = 0; i < num; ++i) {
+    const LoraDelta* d = lora.per_token != nullptr ? lora.per_token[i] : lora.one;
+    if (d == nullptr) continue;
+    s.lora_ax.resize(d->rank);
+    dispatch::LoraApply(*d, x + i * w.cols, 1, w.rows, w.cols, s.lora_ax.data(), y + i * w.rows);
   }
   return Status();
 }
@@ -150,8 +187,10 @@ Status ProjectShared(RunState& s, const float* x, size_t num, int layer, const S
   }
   dispatch::GroupJob jobs[3];
   for (size_t i = 0; i < n; ++i) {
+    const TokenLora lora = LoraOf(s, layer, outs[i].p, num, i);
     jobs[i].w = outs[i].w->prepared;
-    jobs[i].lora = s.adapter != nullptr ? s.adapter->Find(size_t(layer), outs[i].p) : nullptr;
+    jobs[i].lora = lora.one;
+    jobs[i].token_lora = lora.per_token;
     jobs[i].y = outs[i].y;
     jobs[i].in = &s.group_in[i];
   }
@@ -208,6 +247,44 @@ Status Observe(RunState& s, int layer, const char* kind, const float* x, size_t 
   return s.calibration->Add(InputSite(layer, kind), x, rows, cols);
 }
 
+// One transformer layer over the num token rows of s.x: x += Wo Attention(..),
+// then x += W2 (SiLU(W1 xn) * W3 xn). attend() takes the projected s.q, s.k
+// and s.v (biases added) to s.att: RoPE, the KV append and the attention,
+// which Forward runs over one sequence and ForwardBatch per sequence.
+template <class AttendFn>
+Status RunLayer(const ModelConfig& c, const LayerWeights& lw, RunState& s, int l, size_t num,
+                const AttendFn& attend) {
+  const size_t dim = c.dim, hidden = c.hidden_dim;
+  for (size_t i = 0; i < num; ++i) {
+    dispatch::RMSNorm(&s.x[i * dim], lw.attn_norm, dim, c.norm_eps, &s.xb[i * dim]);
+  }
+  LUTRA_RETURN_IF_ERROR(Observe(s, l, "attn_in", s.xb.data(), num, dim));
+  const SharedOut qkv[3] = {{&lw.wq, s.q.data(), Projection::kQ},
+                            {&lw.wk, s.k.data(), Projection::kK},
+                            {&lw.wv, s.v.data(), Projection::kV}};
+  LUTRA_RETURN_IF_ERROR(ProjectShared(s, s.xb.data(), num, l, qkv, 3));
+  AddBias(lw.bq, num, c.q_dim(), s.q.data());
+  AddBias(lw.bk, num, c.kv_dim(), s.k.data());
+  AddBias(lw.bv, num, c.kv_dim(), s.v.data());
+  LUTRA_RETURN_IF_ERROR(attend());
+  LUTRA_RETURN_IF_ERROR(Observe(s, l, "attn_out", s.att.data(), num, c.q_dim()));
+  LUTRA_RETURN_IF_ERROR(Project(s, lw.wo, s.att.data(), num, s.xb.data(), l, Projection::kO));
+  dispatch::AddTo(s.x.data(), s.xb.data(), num * dim);
+
+  for (size_t i = 0; i < num; ++i) {
+    dispatch::RMSNorm(&s.x[i * dim], lw.ffn_norm, dim, c.norm_eps, &s.xb[i * dim]);
+  }
+  LUTRA_RETURN_IF_ERROR(Observe(s, l, "ffn_in", s.xb.data(), num, dim));
+  const SharedOut gate_up[2] = {{&lw.w1, s.hb.data(), Projection::kW1},
+                                {&lw.w3, s.hb2.data(), Projection::kW3}};
+  LUTRA_RETURN_IF_ERROR(ProjectShared(s, s.xb.data(), num, l, gate_up, 2));
+  dispatch::SwiGLU(s.hb.data(), s.hb2.data(), num * hidden, s.hb.data());
+  LUTRA_RETURN_IF_ERROR(Observe(s, l, "ffn_mid", s.hb.data(), num, hidden));
+  LUTRA_RETURN_IF_ERROR(Project(s, lw.w2, s.hb.data(), num, s.xb.data(), l, Projection::kW2));
+  dispatch::AddTo(s.x.data(), s.xb.data(), num * dim);
+  return Status();
+}
+
 }  // namespace
 
 std::string InputSite(int layer, const char* kind) {
@@ -228,7 +305,7 @@ StatusOr<const float*> Forward(const Model& model, RunState& s, const int* token
                         c.vocab_size);
     }
   }
-  const size_t dim = c.dim, hidden = c.hidden_dim;
+  const size_t dim = c.dim;
   LUTRA_RETURN_IF_ERROR(CheckRunState(c, s, "forward"));
   // Positions continue the cache, or rewind it (a new prompt on this state).
   if (pos != s.cache.end(0)) LUTRA_RETURN_IF_ERROR(s.cache.Truncate(pos));
@@ -239,40 +316,13 @@ StatusOr<const float*> Forward(const Model& model, RunState& s, const int* token
 
   Embed(w.embedding, tokens, num, s.x.data());
   for (int l = 0; l < c.n_layers; ++l) {
-    const LayerWeights& lw = w.layers[l];
-    // Attention block: x += Wo * Attention(RoPE(Wq xn + bq), RoPE(Wk xn + bk), Wv xn + bv).
-    for (size_t i = 0; i < num; ++i) {
-      dispatch::RMSNorm(&s.x[i * dim], lw.attn_norm, dim, c.norm_eps, &s.xb[i * dim]);
-    }
-    LUTRA_RETURN_IF_ERROR(Observe(s, l, "attn_in", s.xb.data(), num, dim));
-    const SharedOut qkv[3] = {{&lw.wq, s.q.data(), Projection::kQ},
-                              {&lw.wk, s.k.data(), Projection::kK},
-                              {&lw.wv, s.v.data(), Projection::kV}};
-    LUTRA_RETURN_IF_ERROR(ProjectShared(s, s.xb.data(), num, l, qkv, 3));
-    AddBias(lw.bq, num, c.q_dim(), s.q.data());
-    AddBias(lw.bk, num, c.kv_dim(), s.k.data());
-    AddBias(lw.bv, num, c.kv_dim(), s.v.data());
-    LUTRA_RETURN_IF_ERROR(dispatch::RoPE(s.q.data(), num, c.n_heads, c.head_dim, pos, inv_freq,
-                                         c.rope_layout));
-    LUTRA_RETURN_IF_ERROR(dispatch::RoPE(s.k.data(), num, c.n_kv_heads, c.head_dim, pos,
-                                         inv_freq, c.rope_layout));
-    LUTRA_RETURN_IF_ERROR(Attend(c, s, l, num, pos));
-    LUTRA_RETURN_IF_ERROR(Observe(s, l, "attn_out", s.att.data(), num, c.q_dim()));
-    LUTRA_RETURN_IF_ERROR(Project(s, lw.wo, s.att.data(), num, s.xb.data(), l, Projection::kO));
-    dispatch::AddTo(s.x.data(), s.xb.data(), num * dim);
-
-    // FFN block: x += W2 (SiLU(W1 xn) * W3 xn).
-    for (size_t i = 0; i < num; ++i) {
-      dispatch::RMSNorm(&s.x[i * dim], lw.ffn_norm, dim, c.norm_eps, &s.xb[i * dim]);
-    }
-    LUTRA_RETURN_IF_ERROR(Observe(s, l, "ffn_in", s.xb.data(), num, dim));
-    const SharedOut gate_up[2] = {{&lw.w1, s.hb.data(), Projection::kW1},
-                                  {&lw.w3, s.hb2.data(), Projection::kW3}};
-    LUTRA_RETURN_IF_ERROR(ProjectShared(s, s.xb.data(), num, l, gate_up, 2));
-    dispatch::SwiGLU(s.hb.data(), s.hb2.data(), num * hidden, s.hb.data());
-    LUTRA_RETURN_IF_ERROR(Observe(s, l, "ffn_mid", s.hb.data(), num, hidden));
-    LUTRA_RETURN_IF_ERROR(Project(s, lw.w2, s.hb.data(), num, s.xb.data(), l, Projection::kW2));
-    dispatch::AddTo(s.x.data(), s.xb.data(), num * dim);
+    LUTRA_RETURN_IF_ERROR(RunLayer(c, w.layers[l], s, l, num, [&]() -> Status {
+      LUTRA_RETURN_IF_ERROR(dispatch::RoPE(s.q.data(), num, c.n_heads, c.head_dim, pos,
+                                           inv_freq, c.rope_layout));
+      LUTRA_RETURN_IF_ERROR(dispatch::RoPE(s.k.data(), num, c.n_kv_heads, c.head_dim, pos,
+                                           inv_freq, c.rope_layout));
+      return Attend(c, s, size_t(l), num, pos);
+    }));
     if (l == s.stop_after_layer) return static_cast<const float*>(nullptr);
   }
 
@@ -323,75 +373,49 @@ StatusOr<const float*> ForwardBatch(const Model& model, RunState& b, RunState* c
     }
     pos[i] = seqs[i]->cache.end(0);
   }
-  const size_t dim = c.dim, hidden = c.hidden_dim, q_dim = c.q_dim(), kv_dim = c.kv_dim();
+  const size_t dim = c.dim, q_dim = c.q_dim(), kv_dim = c.kv_dim();
   b.rope_inv_freq = RopeInverseFrequencies(c);
   const double* inv_freq = b.rope_inv_freq.data();
-  // Runs fn(first, count) over the runs of consecutive sequences that share
-  // an adapter, with b.adapter set to it; b's own adapter is restored after.
+  // Token i's adapter is its sequence's: one for all when they agree, else
+  // one per token (the matmuls' per-token LoRA epilogue), so every matrix
+  // is read once per step either way. b's own adapter is restored after.
   const Adapter* const own = b.adapter;
-  const auto per_adapter = [&](const auto& fn) -> Status {
-    Status status;
-    for (size_t a = 0; a < n && status.ok();) {
-      size_t e = a + 1;
-      while (e < n && seqs[e]->adapter == seqs[a]->adapter) ++e;
-      b.adapter = seqs[a]->adapter;
-      status = fn(a, e - a);
-      a = e;
+  bool mixed = false;
+  for (size_t i = 1; i < n; ++i) mixed = mixed || seqs[i]->adapter != seqs[0]->adapter;
+  b.adapter = seqs[0]->adapter;
+  if (mixed) {
+    b.token_adapters.resize(n);
+    for (size_t i = 0; i < n; ++i) b.token_adapters[i] = seqs[i]->adapter;
+  }
+  const auto run = [&]() -> Status {
+    Embed(w.embedding, tokens, n, b.x.data());
+    for (int l = 0; l < c.n_layers; ++l) {
+      LUTRA_RETURN_IF_ERROR(RunLayer(c, w.layers[l], b, l, n, [&]() -> Status {
+        // Each token at its own position, against its own cache (Attend's
+        // single-token step).
+        for (size_t i = 0; i < n; ++i) {
+          LUTRA_RETURN_IF_ERROR(dispatch::RoPE(&b.q[i * q_dim], 1, c.n_heads, c.head_dim,
+                                               pos[i], inv_freq, c.rope_layout));
+          LUTRA_RETURN_IF_ERROR(dispatch::RoPE(&b.k[i * kv_dim], 1, c.n_kv_heads, c.head_dim,
+                                               pos[i], inv_freq, c.rope_layout));
+          LUTRA_RETURN_IF_ERROR(dispatch::AppendKV(seqs[i]->cache, size_t(l), pos[i], 1,
+                                                   &b.k[i * kv_dim], &b.v[i * kv_dim]));
+          LUTRA_RETURN_IF_ERROR(dispatch::Attention(seqs[i]->cache, size_t(l), pos[i], 1,
+                                                    &b.q[i * q_dim], c.n_heads,
+                                                    &b.att[i * q_dim], b.pool));
+        }
+        return Status();
+      }));
     }
-    b.adapter = own;
-    return status;
+    for (size_t i = 0; i < n; ++i) {
+      dispatch::RMSNorm(&b.x[i * dim], w.final_norm, dim, c.norm_eps, &b.xb[i * dim]);
+    }
+    return Project(b, w.output, b.xb.data(), n, b.logits.data());
   };
-
-  Embed(w.embedding, tokens, n, b.x.data());
-  for (int l = 0; l < c.n_layers; ++l) {
-    const LayerWeights& lw = w.layers[l];
-    for (size_t i = 0; i < n; ++i) {
-      dispatch::RMSNorm(&b.x[i * dim], lw.attn_norm, dim, c.norm_eps, &b.xb[i * dim]);
-    }
-    LUTRA_RETURN_IF_ERROR(per_adapter([&](size_t a, size_t m) {
-      const SharedOut qkv[3] = {{&lw.wq, &b.q[a * q_dim], Projection::kQ},
-                                {&lw.wk, &b.k[a * kv_dim], Projection::kK},
-                                {&lw.wv, &b.v[a * kv_dim], Projection::kV}};
-      return ProjectShared(b, &b.xb[a * dim], m, l, qkv, 3);
-    }));
-    AddBias(lw.bq, n, q_dim, b.q.data());
-    AddBias(lw.bk, n, kv_dim, b.k.data());
-    AddBias(lw.bv, n, kv_dim, b.v.data());
-    // Each token at its own position, against its own cache (Attend's
-    // single-token step).
-    for (size_t i = 0; i < n; ++i) {
-      LUTRA_RETURN_IF_ERROR(dispatch::RoPE(&b.q[i * q_dim], 1, c.n_heads, c.head_dim, pos[i],
-                                           inv_freq, c.rope_layout));
-      LUTRA_RETURN_IF_ERROR(dispatch::RoPE(&b.k[i * kv_dim], 1, c.n_kv_heads, c.head_dim,
-                                           pos[i], inv_freq, c.rope_layout));
-      LUTRA_RETURN_IF_ERROR(dispatch::AppendKV(seqs[i]->cache, l, pos[i], 1, &b.k[i * kv_dim],
-                                               &b.v[i * kv_dim]));
-      LUTRA_RETURN_IF_ERROR(dispatch::Attention(seqs[i]->cache, l, pos[i], 1, &b.q[i * q_dim],
-                                                c.n_heads, &b.att[i * q_dim], b.pool));
-    }
-    LUTRA_RETURN_IF_ERROR(per_adapter([&](size_t a, size_t m) {
-      return Project(b, lw.wo, &b.att[a * q_dim], m, &b.xb[a * dim], l, Projection::kO);
-    }));
-    dispatch::AddTo(b.x.data(), b.xb.data(), n * dim);
-
-    for (size_t i = 0; i < n; ++i) {
-      dispatch::RMSNorm(&b.x[i * dim], lw.ffn_norm, dim, c.norm_eps, &b.xb[i * dim]);
-    }
-    LUTRA_RETURN_IF_ERROR(per_adapter([&](size_t a, size_t m) {
-      const SharedOut gate_up[2] = {{&lw.w1, &b.hb[a * hidden], Projection::kW1},
-                                    {&lw.w3, &b.hb2[a * hidden], Projection::kW3}};
-      return ProjectShared(b, &b.xb[a * dim], m, l, gate_up, 2);
-    }));
-    dispatch::SwiGLU(b.hb.data(), b.hb2.data(), n * hidden, b.hb.data());
-    LUTRA_RETURN_IF_ERROR(per_adapter([&](size_t a, size_t m) {
-      return Project(b, lw.w2, &b.hb[a * hidden], m, &b.xb[a * dim], l, Projection::kW2);
-    }));
-    dispatch::AddTo(b.x.data(), b.xb.data(), n * dim);
-  }
-  for (size_t i = 0; i < n; ++i) {
-    dispatch::RMSNorm(&b.x[i * dim], w.final_norm, dim, c.norm_eps, &b.xb[i * dim]);
-  }
-  LUTRA_RETURN_IF_ERROR(Project(b, w.output, b.xb.data(), n, b.logits.data()));
+  const Status status = run();
+  b.adapter = own;
+  b.token_adapters.clear();
+  if (!status.ok()) return status;
   return static_cast<const float*>(b.logits.data());
 }
 
@@ -439,6 +463,22 @@ StatusOr<int> Prefill(const Model& model, RunState& state, const std::vector<int
   return token;
 }
 
+// A sampled token, as every generator takes it: a stop token is recorded
+// in st and ends the text (false); any other is Accept()ed by the sampler,
+// passed to on_token(prev, token) and counted.
+template <class OnToken>
+bool TakeToken(int prev, int token, const std::vector<int>& stop_tokens, Sampler& sampler,
+               const OnToken& on_token, GenerateStats& st) {
+  if (std::find(stop_tokens.begin(), stop_tokens.end(), token) != stop_tokens.end()) {
+    st.stop_token = token;
+    return false;
+  }
+  sampler.Accept(token);
+  on_token(prev, token);
+  ++st.generated_tokens;
+  return true;
+}
+
 }  // namespace
 
 Status Generate(const Model& model, RunState& state, const std::vector<int>& prompt,
@@ -457,6 +497,9 @@ Status Generate(const Model& model, RunState& state, const std::vector<int>& pro
   const auto t1 = Clock::now();
   const size_t to_generate = steps + 1 > pos ? steps + 1 - pos : 0;
   int prev = prompt.back();
+  const auto emit = [&](int p, int t) {
+    if (on_token) on_token(p, t);
+  };
   for (size_t n = 0; n < to_generate; ++n) {
     if (n > 0) {
       StatusOr<const float*> out = Forward(model, state, &token, 1, pos++);
@@ -465,13 +508,7 @@ Status Generate(const Model& model, RunState& state, const std::vector<int>& pro
       prev = token;
       token = int(sampler.Sample(*out));
     }
-    if (std::find(stop_tokens.begin(), stop_tokens.end(), token) != stop_tokens.end()) {
-      st.stop_token = token;
-      break;
-    }
-    sampler.Accept(token);
-    if (on_token) on_token(prev, token);
-    ++st.generated_tokens;
+    if (!TakeToken(prev, token, stop_tokens, sampler, emit, st)) break;
   }
   st.decode_seconds = std::chrono::duration<double>(Clock::now() - t1).count();
   st.positions = pos;
@@ -511,18 +548,14 @@ Status GenerateBatch(const Model& model, RunState& batch, const std::vector<RunS
   };
   std::vector<Live> live(n);
   std::vector<GenerateStats> st(n);
-  // A sampled token: Generate's stop check, Accept and on_token.
+  // Sequence i's sampled token (TakeToken), then its step limit.
   const auto take = [&](size_t i) {
     Live& q = live[i];
-    if (std::find(stop_tokens.begin(), stop_tokens.end(), q.token) != stop_tokens.end()) {
-      st[i].stop_token = q.token;
-      q.done = true;
-      return;
-    }
-    samplers[i]->Accept(q.token);
-    if (on_token) on_token(i, q.prev, q.token);
-    ++st[i].generated_tokens;
-    if (++q.step >= q.to_generate) q.done = true;
+    const auto emit = [&](int p, int t) {
+      if (on_token) on_token(i, p, t);
+    };
+    q.done = !TakeToken(q.prev, q.token, stop_tokens, *samplers[i], emit, st[i]) ||
+             ++q.step >= q.to_generate;
   };
   for (size_t i = 0; i < n; ++i) {
     // Each prompt alone, on its own state (chunked prefill, with that
@@ -648,16 +681,16 @@ Status GenerateSpeculative(const Model& model, RunState& state, const std::vecto
   // Emits the next token (as Generate does); sets `done` at a stop token or
   // when enough are generated.
   const auto emit = [&](int t) {
-    if (std::find(stop_tokens.begin(), stop_tokens.end(), t) != stop_tokens.end()) {
-      st.stop_token = t;
+    const auto pass = [&](int p, int tok) {
+      if (on_token) on_token(p, tok);
+    };
+    if (!TakeToken(prev, t, stop_tokens, sampler, pass, st)) {
       done = true;
       return;
     }
-    sampler.Accept(t);
-    if (on_token) on_token(prev, t);
     prev = t;
     text.push_back(t);
-    done = ++st.generated_tokens >= to_generate;
+    done = st.generated_tokens >= to_generate;
   };
   if (!done) emit(token);
   while (!done) {

@@ -305,6 +305,12 @@ struct RunState {
   // the palettized GEMV/GEMM epilogue: y = W x + scale * B (A x).
   const Adapter* adapter = nullptr;
   std::vector<float> lora_ax;  // f32 weights' LoRA scratch (rank floats)
+  // ForwardBatch's working lists, empty otherwise: token i's adapter where
+  // the sequences' adapters differ (it then overrides `adapter`), and one
+  // projection's per-token deltas (3 x max_batch: one list per matrix of a
+  // fused q/k/v group).
+  std::vector<const Adapter*> token_adapters;
+  std::vector<const LoraDelta*> token_lora;
   // When set, Forward adds every matrix input it computes to these
   // statistics (sites as in Model::MatrixInputSites) and runs the head on
   // every token.

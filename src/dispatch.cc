@@ -64,9 +64,11 @@ Status GemvT(const PreparedPalette& w, const float* x, const LoraDelta* lora,
 }
 
 Status GemmT(const PreparedPalette& w, const float* x, size_t batch, const LoraDelta* lora,
-             MatmulPrecision precision, float* y, ThreadPool* pool, PreparedInput* scratch) {
+             const LoraDelta* const* token_lora, MatmulPrecision precision, float* y,
+             ThreadPool* pool, PreparedInput* scratch) {
   Epilogue ep;
   ep.lora = lora;
+  ep.token_lora = token_lora;
   MatmulOptions opt;
   opt.precision = precision;
   return Gemm(w, x, batch, w.shape().cols, ep, y, w.shape().rows, pool, opt, scratch);
@@ -91,6 +93,7 @@ Status GemmGroupT(const dispatch::GroupJob* jobs, size_t num_jobs, const float* 
     }
     Epilogue ep;
     ep.lora = job.lora;
+    ep.token_lora = job.token_lora;
     // Matrices of the same width read the same quantized x: copy it.
     const dispatch::GroupJob* same = nullptr;
     for (size_t i = 0; i < j && same == nullptr; ++i) {
@@ -216,7 +219,15 @@ Status Gemv(const PreparedPalette& w, const float* x, const LoraDelta* lora,
 
 Status Gemm(const PreparedPalette& w, const float* x, size_t batch, const LoraDelta* lora,
             MatmulPrecision precision, float* y, ThreadPool* pool, PreparedInput* scratch) {
-  return HWY_DYNAMIC_DISPATCH(GemmT)(w, x, batch, lora, precision, y, pool, scratch);
+  return HWY_DYNAMIC_DISPATCH(GemmT)(w, x, batch, lora, nullptr, precision, y, pool, scratch);
+}
+
+Status GemmPerTokenLora(const PreparedPalette& w, const float* x, size_t batch,
+                        const LoraDelta* const* token_lora, MatmulPrecision precision, float* y,
+                        ThreadPool* pool, PreparedInput* scratch) {
+  if (token_lora == nullptr) return InvalidArgument("gemm: null token_lora list");
+  return HWY_DYNAMIC_DISPATCH(GemmT)(w, x, batch, nullptr, token_lora, precision, y, pool,
+                                     scratch);
 }
 
 HWY_EXPORT(PrepareGemmT);

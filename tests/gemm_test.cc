@@ -236,6 +236,94 @@ void TestGemmBitExactGemv() {
   }
 }
 
+// A LoRA delta per token (Epilogue::token_lora: batched decoding of
+// sequences with different adapters): token m's row equals its GEMV with
+// ep.lora = its own delta (or none), bit for bit where the contract holds
+// (matmul.h), and so does a second matrix of the same width prepared from
+// the first input (PrepareGemmInputFrom, as a GemmGroup does). A list of one
+// delta repeated equals ep.lora. Every width, both precisions, the
+// few-token and the panel kernel, two threads.
+void TestGemmPerTokenLora() {
+  test::Rng rng(81);
+  ThreadPool pool(2);
+  const size_t N = 45, K = 300;
+  size_t variant = 0;
+  for (int bits : {1, 2, 3, 4, 6, 8}) {
+    for (MatmulPrecision precision : {MatmulPrecision::kInt8, MatmulPrecision::kF32}) {
+      for (size_t M : {size_t{2}, size_t{5}, size_t{17}, kGemmSmallM + 3}) {
+        ++variant;
+        PaletteMatrix mat = test::RandomPalette(rng, N, K, bits, 5, ElementType::kF16);
+        PaletteMatrix mat2 = test::RandomPalette(rng, N, K, bits, 3, ElementType::kBF16);
+        StatusOr<PreparedPalette> pw = PreparedPalette::Make(mat.view());
+        StatusOr<PreparedPalette> pw2 = PreparedPalette::Make(mat2.view());
+        REQUIRE((pw.ok() && pw2.ok()));
+        std::vector<float> X(M * K);
+        for (size_t m = 0; m < M; ++m) {
+          const std::vector<float> x = test::RandomActivations(rng, K);
+          std::copy(x.begin(), x.end(), X.begin() + m * K);
+        }
+        // Two adapters of different ranks and types, and tokens without.
+        const test::LoraFactors a = test::RandomLora(rng, N, K, 1 + rng.Below(20),
+                                                     static_cast<ElementType>(rng.Below(3)));
+        const test::LoraFactors b = test::RandomLora(rng, N, K, 21 + rng.Below(40),
+                                                     static_cast<ElementType>(rng.Below(3)));
+        std::vector<const LoraDelta*> list(M);
+        for (size_t m = 0; m < M; ++m) {
+          const size_t pick = (m + variant) % 3;
+          list[m] = pick == 0 ? nullptr : pick == 1 ? &a.delta : &b.delta;
+        }
+        const std::vector<float> bias = rng.GaussianVector(N);
+        Epilogue ep;
+        if (variant % 2) ep.bias = bias.data();
+        ep.token_lora = list.data();
+        MatmulOptions opt;
+        opt.precision = precision;
+        std::vector<float> Y(M * N), Y2(M * N), Y3(M * N), y(N);
+        PreparedInput in, in2;
+        REQUIRE(PrepareGemmInput(pw.value(), X.data(), M, K, ep, opt, &in).ok());
+        const size_t split = rng.Below(N + 1);
+        REQUIRE(GemmRows(pw.value(), in, 0, split, Y.data(), N).ok());
+        REQUIRE(GemmRows(pw.value(), in, split, N, Y.data(), N).ok());
+        REQUIRE(Gemm(pw.value(), X.data(), M, K, ep, Y2.data(), N, &pool, opt).ok());
+        REQUIRE(PrepareGemmInputFrom(in, pw2.value(), X.data(), K, ep, &in2).ok());
+        REQUIRE(GemmRows(pw2.value(), in2, 0, N, Y3.data(), N).ok());
+        const bool exact = precision == MatmulPrecision::kF32 || M <= kGemmSmallM;
+        INFO("M=" << M << " bits=" << bits << " precision=" << MatmulPrecisionName(precision)
+                  << " ranks " << a.delta.rank << "/" << b.delta.rank << " split=" << split
+                  << " target=" << test::CurrentTargetName());
+        size_t mismatches = 0;
+        const auto compare = [&](const float* got, const float* want) {
+          for (size_t r = 0; r < N; ++r) {
+            mismatches += exact ? !test::SameBits(got[r], want[r])
+                                : !(std::abs(got[r] - want[r]) <= 1e-4f * (1.0f + std::abs(want[r])));
+          }
+        };
+        for (size_t m = 0; m < M; ++m) {
+          Epilogue one;
+          one.bias = ep.bias;
+          one.lora = list[m];
+          REQUIRE(Gemv(pw.value(), X.data() + m * K, K, one, y.data(), N, nullptr, opt).ok());
+          compare(&Y[m * N], y.data());
+          compare(&Y2[m * N], y.data());
+          REQUIRE(Gemv(pw2.value(), X.data() + m * K, K, one, y.data(), N, nullptr, opt).ok());
+          compare(&Y3[m * N], y.data());
+        }
+        CHECK(mismatches == 0);
+        // One delta repeated: exactly the ep.lora call (its panel path too).
+        std::fill(list.begin(), list.end(), &b.delta);
+        Epilogue uniform;
+        uniform.bias = ep.bias;
+        uniform.lora = &b.delta;
+        REQUIRE(Gemm(pw.value(), X.data(), M, K, ep, Y.data(), N, &pool, opt).ok());
+        REQUIRE(Gemm(pw.value(), X.data(), M, K, uniform, Y2.data(), N, &pool, opt).ok());
+        size_t differ = 0;
+        for (size_t i = 0; i < M * N; ++i) differ += !test::SameBits(Y[i], Y2[i]);
+        CHECK(differ == 0);
+      }
+    }
+  }
+}
+
 void TestGemmErrors() {
   test::Rng rng(80);
   const size_t N = 8, K = 40, M = 3;
@@ -252,6 +340,22 @@ void TestGemmErrors() {
   CHECK(!GemmRows(pw.value(), in, 0, N + 1, Y.data(), N).ok());
   CHECK(!GemmRows(pw.value(), in, 0, N, nullptr, N).ok());
   CHECK(!GemvRows(pw.value(), in, 0, N, Y.data()).ok());  // M = 3 input
+  // Per-token LoRA: not together with ep.lora, and each delta is checked
+  // (the message names the token).
+  test::LoraFactors lora = test::RandomLora(rng, N, K, 3, ElementType::kF32);
+  LoraDelta bad = lora.delta;
+  bad.rank = kMaxLoraRank + 1;
+  const LoraDelta* list[M] = {&lora.delta, nullptr, &bad};
+  Epilogue ep;
+  ep.token_lora = list;
+  const Status s = PrepareGemmInput(pw.value(), X.data(), M, K, ep, MatmulOptions(), &in);
+  CHECK(!s.ok());
+  CHECK(s.message().find("token 2") != std::string::npos);
+  list[2] = &lora.delta;
+  ep.lora = &lora.delta;
+  CHECK(!PrepareGemmInput(pw.value(), X.data(), M, K, ep, MatmulOptions(), &in).ok());
+  ep.lora = nullptr;
+  CHECK(PrepareGemmInput(pw.value(), X.data(), M, K, ep, MatmulOptions(), &in).ok());
 }
 
 // The extremes of the int8 path's product: codebooks of only -1 and +1 give
@@ -317,6 +421,7 @@ HWY_EXPORT(TestExtremeCodes);
 HWY_EXPORT(TestGemmAllM);
 HWY_EXPORT(TestGemmMatchesGemv);
 HWY_EXPORT(TestGemmErrors);
+HWY_EXPORT(TestGemmPerTokenLora);
 HWY_EXPORT(TestGemmBitExactGemv);
 
 TEST_CASE("GEMM matches scalar reference for every format and epilogue", "[gemm]") {
@@ -333,6 +438,9 @@ TEST_CASE("GEMM rows are GEMV's bits for M <= kGemmSmallM", "[gemm]") {
 }
 TEST_CASE("int8 products at the extremes of codes and activations", "[gemm][gemv]") {
   test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestExtremeCodes)(); });
+}
+TEST_CASE("GEMM with a LoRA delta per token equals each token's GEMV", "[gemm][lora]") {
+  test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestGemmPerTokenLora)(); });
 }
 TEST_CASE("GEMM rejects bad input", "[gemm]") {
   test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestGemmErrors)(); });

@@ -316,6 +316,43 @@ void TestEpilogueApplier() {
   }
 }
 
+// LoraRowDots gives each row the same bits whichever chunk it is computed
+// in (rows share reductions four at a time, SumsOfFour): one call over N
+// rows against one call per row and calls over odd chunks. GEMV, the
+// few-token GEMM and every thread split rely on it for bit-equal outputs.
+void TestLoraRowDotsChunking() {
+  test::Rng rng(12);
+  const size_t N = 37;
+  for (ElementType type : {ElementType::kF16, ElementType::kBF16, ElementType::kF32}) {
+    for (size_t rank : {size_t{1}, size_t{3}, size_t{16}, size_t{17}, size_t{64}}) {
+      const test::LoraFactors lora = test::RandomLora(rng, N, 1, rank, type);
+      const std::vector<float> ax = rng.GaussianVector(rank);
+      std::vector<float> all(N), one(N), odd(N);
+      LoraRowDots(lora.delta, ax.data(), 0, N, all.data());
+      for (size_t j = 0; j < N; ++j) LoraRowDots(lora.delta, ax.data(), j, 1, &one[j]);
+      for (size_t j = 0; j < N;) {
+        const size_t len = 1 + rng.Below(7);  // (HWY_MIN evaluates twice)
+        const size_t n = HWY_MIN(N - j, len);
+        LoraRowDots(lora.delta, ax.data(), j, n, &odd[j]);
+        j += n;
+      }
+      INFO("type " << ElementTypeName(type) << " rank " << rank << " on "
+                   << test::CurrentTargetName());
+      size_t differ = 0;
+      for (size_t j = 0; j < N; ++j) {
+        differ += !test::SameBits(all[j], one[j]) || !test::SameBits(all[j], odd[j]);
+        double want = 0.0, mag = 0.0;
+        for (size_t k = 0; k < rank; ++k) {
+          want += double(lora.bf[j * rank + k]) * ax[k];
+          mag += std::abs(double(lora.bf[j * rank + k]) * ax[k]);
+        }
+        CHECK(std::abs(all[j] - want) <= test::RoundingTol(0, rank, mag));
+      }
+      CHECK(differ == 0);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace HWY_NAMESPACE
 }  // namespace lutra
@@ -328,6 +365,7 @@ HWY_EXPORT(TestGemvAccuracyAndDetection);
 HWY_EXPORT(TestGemvThreadPool);
 HWY_EXPORT(TestGemvErrors);
 HWY_EXPORT(TestEpilogueApplier);
+HWY_EXPORT(TestLoraRowDotsChunking);
 
 TEST_CASE("GEMV matches scalar reference for every format and epilogue", "[gemv]") {
   test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestGemvAllFormats)(); });
@@ -345,6 +383,9 @@ TEST_CASE("Epilogue applier matches scalar reference", "[gemv][epilogue]") {
   test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestEpilogueApplier)(); });
 }
 
+TEST_CASE("LoRA row dots do not depend on the chunking", "[gemv][epilogue][lora]") {
+  test::ForEachTarget([] { HWY_DYNAMIC_DISPATCH(TestLoraRowDotsChunking)(); });
+}
 TEST_CASE("WithBits passes each valid width as a constant and rejects others", "[palette]") {
   for (int bits : {1, 2, 3, 4, 6, 8}) {
     int seen = 0;

@@ -997,20 +997,26 @@ TEST_CASE("lutra-generate: --parallel gives each prompt the text it gets alone",
     }
     return kept;
   };
+  // Runs `extra` with --parallel 1 and 3: same texts; returns the two runs.
+  const auto both = [&](const std::vector<std::string>& extra) {
+    std::vector<std::string> args = {"-m", bin, "--tokenizer", tok, "--bits", "4", "--tune",
+                                     "off", "-n", "30", "--prompts-file", prompts};
+    args.insert(args.end(), extra.begin(), extra.end());
+    std::pair<CliResult, CliResult> r;
+    r.first = RunCli(args);
+    args.insert(args.end(), {"--parallel", "3"});
+    r.second = RunCli(args);
+    INFO(r.first.out);
+    INFO(r.second.out);
+    REQUIRE(r.first.rc == 0);
+    REQUIRE(r.second.rc == 0);
+    CHECK(texts(r.first.out).size() > 100);
+    CHECK(texts(r.second.out) == texts(r.first.out));
+    return r;
+  };
   for (const char* temp : {"0", "0.8"}) {
     INFO("--temp " << temp);
-    std::vector<std::string> args = {"-m", bin, "--tokenizer", tok, "--bits", "4", "--tune",
-                                     "off", "-n", "30", "--temp", temp, "-s", "5",
-                                     "--prompts-file", prompts};
-    CliResult one = RunCli(args);
-    args.insert(args.end(), {"--parallel", "3"});
-    CliResult three = RunCli(args);
-    INFO(one.out);
-    INFO(three.out);
-    REQUIRE(one.rc == 0);
-    REQUIRE(three.rc == 0);
-    CHECK(texts(one.out).size() > 100);
-    CHECK(texts(three.out) == texts(one.out));
+    const auto [one, three] = both({"--temp", temp, "-s", "5"});
     // Two batches: three lines, then the last one.
     CHECK(test::Contains(three.out, "stats: parallel 3 sequences, prompts"));
     CHECK(test::Contains(three.out, "stats: parallel 1 sequence, prompts"));
@@ -1018,6 +1024,12 @@ TEST_CASE("lutra-generate: --parallel gives each prompt the text it gets alone",
       CHECK(test::Contains(three.out, "decode 87 tokens in 29 batched steps"));
     }
   }
+  // With an adapter: --recover-rank makes the recovery adapter the active
+  // one, so the first batch mixes it (lines 1, 2) with none (line 3, "-"):
+  // one pass with a LoRA delta per token, and still the texts alone.
+  const auto [one, three] = both({"--recover-rank", "2", "--temp", "0"});
+  CHECK(test::Contains(one.out, "[adapter: recovery]"));
+  CHECK(test::Contains(one.out, "[adapter: none]"));
 }
 
 TEST_CASE("lutra-generate: bad input gets clear errors", "[generate][cli]") {

@@ -594,9 +594,10 @@ TEST_CASE("Speculative sampling on stories260K keeps the target's distribution",
 
 // Each sequence of one GenerateBatch call gets the tokens and counts that
 // Generate gives it alone: prompts of different lengths (so sequences end
-// at different steps), adapters in runs (none, none, A, A, none: three
-// products per matrix) and, when `temperature` > 0, a sampler per sequence
-// with its own seed.
+// at different steps), two adapters of different ranks and types mixed
+// with none (none, A, B, A, none: one pass per matrix, with a LoRA delta per
+// token) and, when `temperature` > 0, a sampler per sequence with its own
+// seed.
 void CheckBatchMatchesAlone(const Model& model, MatmulPrecision precision, float temperature) {
   const Models& m = Stories();
   test::Rng rng(21);
@@ -606,7 +607,11 @@ void CheckBatchMatchesAlone(const Model& model, MatmulPrecision precision, float
           .value());
   const char* texts[] = {"Lily and Ben", "Once upon a time, there was a dog. The dog", "Tom",
                          "The sun was hot and the cat", "Mom said"};
-  const Adapter* adapters[] = {nullptr, nullptr, adapter.get(), adapter.get(), nullptr};
+  const std::shared_ptr<const Adapter> adapter_b = std::make_shared<const Adapter>(
+      test::RandomAdapter("b", engine::AdapterShapes(model.config), 5, ElementType::kBF16, 0.7f,
+                          0.05f, rng)
+          .value());
+  const Adapter* adapters[] = {nullptr, adapter.get(), adapter_b.get(), adapter.get(), nullptr};
   const size_t n = 5;
   // Generate's `steps` per sequence; the third ends when its prompt does.
   const std::vector<size_t> limits = {70, 90, 2, 60, 75};

@@ -54,13 +54,24 @@ Status Gemv(const PreparedPalette& w, const float* x, const LoraDelta* lora,
 Status Gemm(const PreparedPalette& w, const float* x, size_t batch, const LoraDelta* lora,
             MatmulPrecision precision, float* y, ThreadPool* pool, PreparedInput* scratch);
 
+// Gemm with a LoRA delta per token: token m's is token_lora[m] (null: none;
+// `batch` entries; lutra/kernels/matmul.h Epilogue::token_lora). Each token's
+// row is its Gemm with that delta alone (bit for bit up to kGemmSmallM
+// tokens), in one pass over W: batched decoding of sequences with different
+// adapters.
+Status GemmPerTokenLora(const PreparedPalette& w, const float* x, size_t batch,
+                        const LoraDelta* const* token_lora, MatmulPrecision precision, float* y,
+                        ThreadPool* pool, PreparedInput* scratch);
+
 // One matrix of a GemmGroup: Y (batch x w->shape().rows) = X W^T [+ lora],
 // its input prepared into *in (kept by the caller and reused between calls).
+// token_lora instead of lora: a delta per token, as in GemmPerTokenLora.
 struct GroupJob {
   const PreparedPalette* w = nullptr;
   const LoraDelta* lora = nullptr;  // may be null
   float* y = nullptr;
   PreparedInput* in = nullptr;
+  const LoraDelta* const* token_lora = nullptr;  // batch entries, or null
 };
 
 // Several matmuls that read the same X (batch x cols): q/k/v, or gate/up.

@@ -74,6 +74,7 @@ class Linear {
     std::vector<float> x(M * K, 0.0f), y(M * N);
     LUTRA_RETURN_IF_ERROR(l.Prepare(x.data(), M, Epilogue()));
     l.in_->lora_ax.reserve(M * opt.max_lora_rank);
+    l.in_->token_lora.reserve(M);
     if (M > 1) {
       const size_t n1 = std::min(N, dispatch::GemmRangeAlignment());
       for (GemmScratch& s : l.scratch_) {
@@ -98,9 +99,14 @@ class Linear {
       return InvalidArgument("linear: M = %zu token rows, need 1..%zu (max_tokens)", M,
                              opt_.max_tokens);
     }
-    if (epilogue.lora != nullptr && epilogue.lora->rank > opt_.max_lora_rank) {
-      return InvalidArgument("linear: LoRA rank %zu > max_lora_rank %zu",
-                             epilogue.lora->rank, opt_.max_lora_rank);
+    // The largest rank, of `lora` or of any token's delta (token_lora).
+    size_t rank = epilogue.lora != nullptr ? epilogue.lora->rank : 0;
+    for (size_t m = 0; epilogue.token_lora != nullptr && m < M; ++m) {
+      if (epilogue.token_lora[m] != nullptr) rank = std::max(rank, epilogue.token_lora[m]->rank);
+    }
+    if (rank > opt_.max_lora_rank) {
+      return InvalidArgument("linear: LoRA rank %zu > max_lora_rank %zu", rank,
+                             opt_.max_lora_rank);
     }
     MatmulOptions mo;
     mo.precision = opt_.precision;

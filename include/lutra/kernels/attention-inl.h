@@ -83,6 +83,7 @@ struct AttentionOptions {
 #include "lutra/base/element-inl.h"
 #include "lutra/base/status.h"
 #include "lutra/base/thread_pool.h"
+#include "lutra/kernels/dot-inl.h"  // SumsOfFour
 #include "lutra/kernels/kv_cache.h"
 #include "lutra/kernels/lut_decode-inl.h"  // CodeDot: int8 KV's integer q.k
 #include "lutra/kernels/ops-inl.h"
@@ -287,7 +288,6 @@ HWY_INLINE void ScoresI8(DF df, const AttnRow* rows, const int8_t* HWY_RESTRICT 
   // are reduced together, a third of four ReduceSums' shuffles, and stored
   // as one 4-lane vector.
   if constexpr (4 * kNR + 4 <= RegisterRowVectors<1>()) {
-    const hn::Repartition<int64_t, DF> di64;
     using VI = hn::Vec<decltype(di32)>;
     for (; t + 4 <= t1; t += 4) {
       VI acc[kNR][4];
@@ -314,17 +314,8 @@ HWY_INLINE void ScoresI8(DF df, const AttnRow* rows, const int8_t* HWY_RESTRICT 
       }
       HWY_UNROLL(4)
       for (size_t r = 0; r < kNR; ++r) {
-        // Per 128-bit block: [a b c d] = partial sums of the four keys.
-        const auto a = hn::BitCast(di64, acc[r][0]), b = hn::BitCast(di64, acc[r][1]);
-        const auto c = hn::BitCast(di64, acc[r][2]), d = hn::BitCast(di64, acc[r][3]);
-        const VI ac = hn::Add(hn::BitCast(di32, hn::InterleaveLower(di64, a, c)),
-                              hn::BitCast(di32, hn::InterleaveUpper(di64, a, c)));
-        const VI bd = hn::Add(hn::BitCast(di32, hn::InterleaveLower(di64, b, d)),
-                              hn::BitCast(di32, hn::InterleaveUpper(di64, b, d)));
-        VI x = hn::Add(hn::InterleaveEven(di32, ac, bd), hn::InterleaveOdd(di32, ac, bd));
-        // Then over the blocks: every block holds the four totals.
-        if (hn::Lanes(di32) >= 8) x = hn::Add(x, hn::SwapAdjacentBlocks(x));
-        if (hn::Lanes(di32) >= 16) x = hn::Add(x, hn::ReverseBlocks(di32, x));
+        // The four keys' sums in lanes 0..3.
+        const VI x = SumsOfFour(di32, acc[r][0], acc[r][1], acc[r][2], acc[r][3]);
         const auto dots = hn::ConvertTo(df, hn::Sub(x, hn::Set(di32, rows[r].q8_bias)));
         hn::StoreN(hn::Mul(dots, hn::Set(df, rows[r].q8_scale)), df, scores + r * kAttnBlock + t,
                    4);

@@ -39,7 +39,9 @@
 
 #include <vector>
 
+#include "hwy/cache_control.h"
 #include "hwy/highway.h"
+#include "lutra/base/element-inl.h"  // LoadNAsF32
 #include "lutra/format/lora.h"
 #include "lutra/format/palette.h"
 #include "lutra/kernels/dot-inl.h"
@@ -55,8 +57,21 @@ struct EpilogueArgs {
   const float* bias = nullptr;      // N floats, or null
   const float* residual = nullptr;  // M x N at residual_stride, or null
   size_t residual_stride = 0;
-  const LoraDelta* lora = nullptr;  // null: no LoRA term
+  const LoraDelta* lora = nullptr;  // every token's delta; null: no LoRA term
   const float* lora_ax = nullptr;   // M x lora->rank: A x per token
+  // Instead of lora: token m's delta at token_lora[m] (rank 0: none), its A x
+  // at lora_ax + m * lora_ax_stride.
+  const LoraDelta* token_lora = nullptr;
+  size_t lora_ax_stride = 0;
+
+  // Token m's delta (null: no LoRA term) and its A x.
+  const LoraDelta* LoraOf(size_t m) const {
+    if (token_lora == nullptr) return lora;
+    return token_lora[m].rank != 0 ? &token_lora[m] : nullptr;
+  }
+  const float* AxOf(size_t m) const {
+    return lora_ax + m * (token_lora != nullptr ? lora_ax_stride : lora->rank);
+  }
 };
 
 // The epilogue of a prepared input whose output rows are ldy floats apart.
@@ -66,7 +81,12 @@ HWY_INLINE EpilogueArgs EpilogueArgsOf(const PreparedInput& in, size_t ldy) {
   e.residual = in.epilogue.residual;
   e.residual_stride = in.epilogue.residual_stride ? in.epilogue.residual_stride : ldy;
   if (in.has_lora) {
-    e.lora = &in.lora;
+    if (in.token_lora.empty()) {
+      e.lora = &in.lora;
+    } else {
+      e.token_lora = in.token_lora.data();
+      e.lora_ax_stride = in.lora_ax_stride;
+    }
     e.lora_ax = in.lora_ax.data();
   }
   return e;
@@ -74,7 +94,7 @@ HWY_INLINE EpilogueArgs EpilogueArgsOf(const PreparedInput& in, size_t ldy) {
 
 // y_row[n0 + j] = fma(scale, dots[j], (raw[j] + bias[n0 + j]) + residual)
 // for j < n, token m (residual[m * residual_stride + n0 + j]); absent terms
-// are skipped, and dots is read only when e.lora is set. raw may be
+// are skipped, and dots is read only when token m has a delta. raw may be
 // y_row + n0 (in place), and residual may alias y_row: each vector of them is
 // loaded before the same elements are stored.
 template <class DF>
@@ -84,8 +104,9 @@ HWY_INLINE void ApplyEpilogue(DF df, const EpilogueArgs& e, size_t m, size_t n0,
   const size_t NF = hn::Lanes(df);
   const float* bias = e.bias ? e.bias + n0 : nullptr;
   const float* res = e.residual ? e.residual + m * e.residual_stride + n0 : nullptr;
-  if (e.lora == nullptr) dots = nullptr;
-  const VF scale = hn::Set(df, e.lora ? e.lora->scale : 0.0f);
+  const LoraDelta* lora = e.LoraOf(m);
+  if (lora == nullptr) dots = nullptr;
+  const VF scale = hn::Set(df, lora ? lora->scale : 0.0f);
   float* out = y_row + n0;
   const auto one = [&](size_t j, size_t cnt) HWY_ATTR {
     VF v = hn::LoadN(df, raw + j, cnt);
@@ -99,14 +120,71 @@ HWY_INLINE void ApplyEpilogue(DF df, const EpilogueArgs& e, size_t m, size_t n0,
   if (j < n) one(j, n - j);
 }
 
+namespace detail {
+
+#if LUTRA_HAVE_SUMS_OF_FOUR
+// LoraRowDots for B rows of T (rank elements each, from b): rows four at a
+// time, each row's products summed per lane over its vectors in order, then
+// the four rows' sums in one SumsOfFour (zeros past n). A row's dot thus
+// has the same bits whichever rows share its group: every chunking of the
+// outputs (GEMV, the few-token GEMM, any thread split) agrees.
+template <typename T>
+HWY_INLINE void RowDotsOfFour(const T* HWY_RESTRICT b, size_t rank, const float* HWY_RESTRICT ax,
+                              size_t n, float* HWY_RESTRICT dots) {
+  const hn::ScalableTag<float> df;
+  using VF = hn::Vec<decltype(df)>;
+  const size_t NF = hn::Lanes(df);
+  const auto row = [&](size_t j) HWY_ATTR {
+    VF acc = hn::Zero(df);
+    if (j >= n) return acc;
+    const T* HWY_RESTRICT r = b + j * rank;
+    for (size_t k = 0; k < rank; k += NF) {
+      const size_t c = HWY_MIN(NF, rank - k);
+      acc = hn::MulAdd(LoadNAsF32(df, r + k, c), hn::LoadN(df, ax + k, c), acc);
+    }
+    return acc;
+  };
+  for (size_t j = 0; j < n; j += 4) {
+    const VF sums = SumsOfFour(df, row(j), row(j + 1), row(j + 2), row(j + 3));
+    hn::StoreN(sums, df, dots + j, HWY_MIN(size_t{4}, n - j));
+  }
+}
+#endif
+
+}  // namespace detail
+
 // dots[j] = B_{n0 + j} . ax (rank floats) for j < n: one dot product per B
 // row, for callers that use each row once.
+// - The B rows of the next n outputs are prefetched: callers walk the rows
+//   in order, a chunk at a time between runs of the matmul's own loads, and
+//   without it each chunk's B rows came from DRAM on demand (a rank-16 f16
+//   adapter on every projection cost a 4-bit AFM decode step 23 %, for 3 %
+//   more bytes). Prefetching past B's end is harmless: a prefetch never
+//   faults.
+// - Four rows share one reduction (RowDotsOfFour) where the target has
+//   SumsOfFour: one ReduceSum per row cost about as much as the rest of the
+//   epilogue.
 HWY_INLINE void LoraRowDots(const LoraDelta& lora, const float* HWY_RESTRICT ax, size_t n0,
                             size_t n, float* HWY_RESTRICT dots) {
   const size_t rank = lora.rank;
   const size_t row_bytes = rank * ElementBytes(lora.type);
   const uint8_t* b = static_cast<const uint8_t*>(lora.b) + n0 * row_bytes;
+  for (size_t off = n * row_bytes; off < 2 * n * row_bytes; off += 64) {
+    hwy::Prefetch(b + off);
+  }
+#if LUTRA_HAVE_SUMS_OF_FOUR
+  switch (lora.type) {
+    case ElementType::kF16:
+      return detail::RowDotsOfFour(reinterpret_cast<const hwy::float16_t*>(b), rank, ax, n, dots);
+    case ElementType::kBF16:
+      return detail::RowDotsOfFour(reinterpret_cast<const hwy::bfloat16_t*>(b), rank, ax, n,
+                                   dots);
+    default:
+      return detail::RowDotsOfFour(reinterpret_cast<const float*>(b), rank, ax, n, dots);
+  }
+#else
   for (size_t j = 0; j < n; ++j) dots[j] = TypedDot(lora.type, b + j * row_bytes, ax, rank);
+#endif
 }
 
 // B^T of output rows [n0, n0 + n) in f32 (rank x NR, zero past n), built once
@@ -160,7 +238,7 @@ template <class DF>
 HWY_NOINLINE void FinishRows(DF df, const EpilogueArgs& e, size_t m, size_t n0, size_t n,
                              const float* raw, float* y_row) {
   HWY_ALIGN float dots[kEpilogueChunk];
-  if (e.lora) LoraRowDots(*e.lora, e.lora_ax + m * e.lora->rank, n0, n, dots);
+  if (const LoraDelta* lora = e.LoraOf(m)) LoraRowDots(*lora, e.AxOf(m), n0, n, dots);
   ApplyEpilogue(df, e, m, n0, n, raw, dots, y_row);
 }
 

@@ -90,7 +90,9 @@ struct Panel {
   const uint8_t* tile = nullptr;  // [positions / 4][NR][4] u8 codes
   const float* step = nullptr;    // NR (0 past nr)
   const float* lo = nullptr;      // NR
-  const LoraPanel* lora = nullptr;  // B^T of the panel's rows (or null)
+  // B^T of the panel's rows; null without LoRA or with a delta per token
+  // (FinishPanelRow then takes each token's LoraRowDots).
+  const LoraPanel* lora = nullptr;
 };
 
 // Decodes rows [n, n + nr) into the interleaved u8 tile (rows past nr = 0).
@@ -170,7 +172,11 @@ template <class DF>
 HWY_INLINE void FinishPanelRow(DF df, const EpilogueArgs& e, const Panel& p, size_t m,
                                const float* raw, float* Y, size_t ldy) {
   HWY_ALIGN float dots[2 * hn::MaxLanes(DF())];
-  if (p.lora != nullptr) p.lora->Dots(df, e.lora_ax + m * e.lora->rank, dots);
+  if (p.lora != nullptr) {
+    p.lora->Dots(df, e.AxOf(m), dots);
+  } else if (const LoraDelta* lora = e.LoraOf(m)) {
+    LoraRowDots(*lora, e.AxOf(m), p.n, p.nr, dots);  // a delta per token
+  }
   ApplyEpilogue(df, e, m, p.n, p.nr, raw, dots, Y + m * ldy);
 }
 
@@ -493,7 +499,7 @@ HWY_NOINLINE void GemmRowsImpl(const PreparedPalette& w, const PreparedInput& in
       }
       continue;
     }
-    if (in.has_lora) {
+    if (in.has_lora && in.token_lora.empty()) {
       lora.Init(in.lora, n, p.nr, NR);
       p.lora = &lora;
     }

@@ -60,11 +60,17 @@ namespace lutra {
 // residual may alias the output (in-place residual add); each element is
 // read before it is written. Arithmetic (kernels/epilogue-inl.h), in f32:
 //   y = fma(lora->scale, B_n . (A x), (W x + bias[n]) + residual).
+// token_lora gives each token its own delta instead of `lora` (set at most
+// one of them): token m's is token_lora[m], null for none, M entries. Token
+// m's outputs are then those of the same call with lora = token_lora[m] and
+// token m alone (bit for bit wherever the contract above holds), so one pass
+// over W serves a batch of sequences with different adapters.
 struct Epilogue {
   const float* bias = nullptr;
   const float* residual = nullptr;
   size_t residual_stride = 0;  // GEMM only
   const LoraDelta* lora = nullptr;
+  const LoraDelta* const* token_lora = nullptr;
 };
 
 enum class MatmulPrecision : uint8_t {
@@ -253,13 +259,20 @@ struct PreparedInput {
   hwy::AlignedVector<int32_t> xcorr;
   std::vector<int32_t> xqsum;
   hwy::AlignedVector<float> xf;   // rows x positions (kF32)
-  std::vector<float> lora_ax;     // rows x rank: A x per token (unscaled)
+  // A x per token (unscaled): token m's at m * rank (`lora`), or at
+  // m * lora_ax_stride (token_lora; the largest of their ranks).
+  std::vector<float> lora_ax;
+  size_t lora_ax_stride = 0;
   std::vector<float> gather;      // one quantization block of f32 (kInt8 preparation)
   // The caller's bias and residual pointers (which must stay valid until the
-  // row calls return); epilogue.lora is null: the kernels read `lora`, a copy
-  // of the caller's LoraDelta (whose factors must stay valid likewise).
+  // row calls return); epilogue.lora and .token_lora are null: the kernels
+  // read `lora` (one delta for every token) or `token_lora` (one per token,
+  // rank 0 for none; empty when every token has the same), copies of the
+  // caller's LoraDeltas (whose factors must stay valid likewise). has_lora:
+  // some token has a delta.
   Epilogue epilogue;
   LoraDelta lora;
+  std::vector<LoraDelta> token_lora;
   bool has_lora = false;
   const PreparedPalette* weights = nullptr;  // the matrix this was prepared for
 

@@ -221,6 +221,64 @@ HWY_INLINE void LoraAx(const LoraDelta& lora, const float* HWY_RESTRICT X, size_
   }
 }
 
+namespace detail {
+
+// Checks the epilogue's LoRA delta(s) for M tokens before anything is
+// prepared.
+HWY_INLINE Status CheckLora(const Epilogue& ep, size_t M) {
+  if (ep.lora != nullptr && ep.token_lora != nullptr) {
+    return InvalidArgument("matmul: the epilogue sets both lora and token_lora; set one");
+  }
+  if (ep.lora != nullptr) return ValidateLora(*ep.lora);
+  if (ep.token_lora == nullptr) return Status::Ok();
+  for (size_t m = 0; m < M; ++m) {
+    if (ep.token_lora[m] == nullptr) continue;
+    const Status s = ValidateLora(*ep.token_lora[m]);
+    if (!s.ok()) return InvalidArgument("matmul: token %zu's %s", m, s.message().c_str());
+  }
+  return Status::Ok();
+}
+
+// The LoRA half of a preparation (after CheckLora): copies the delta(s)
+// into in and computes A x of the M token rows X (row m at X + m * ldx, K
+// floats). A token list whose entries are all the same delta (or all null)
+// is stored as one delta, so that such calls run exactly as with ep.lora.
+HWY_INLINE void PrepareLora(const Epilogue& ep, const float* HWY_RESTRICT X, size_t M,
+                            size_t ldx, size_t K, PreparedInput* in) {
+  in->epilogue.lora = nullptr;  // kernels read in->lora / in->token_lora
+  in->epilogue.token_lora = nullptr;
+  in->token_lora.clear();
+  const LoraDelta* one = ep.lora;
+  bool mixed = false;
+  if (ep.token_lora != nullptr) {
+    one = ep.token_lora[0];
+    for (size_t m = 1; m < M; ++m) mixed = mixed || ep.token_lora[m] != one;
+  }
+  in->has_lora = one != nullptr || mixed;
+  if (!mixed) {
+    if (one == nullptr) return;
+    in->lora = *one;
+    in->lora_ax_stride = one->rank;
+    in->lora_ax.resize(M * one->rank);
+    LoraAx(*one, X, M, ldx, K, in->lora_ax.data());
+    return;
+  }
+  size_t stride = 0;
+  for (size_t m = 0; m < M; ++m) {
+    if (ep.token_lora[m] != nullptr) stride = HWY_MAX(stride, ep.token_lora[m]->rank);
+  }
+  in->token_lora.assign(M, LoraDelta());  // rank 0: no delta
+  in->lora_ax_stride = stride;
+  in->lora_ax.resize(M * stride);
+  for (size_t m = 0; m < M; ++m) {
+    if (ep.token_lora[m] == nullptr) continue;
+    in->token_lora[m] = *ep.token_lora[m];
+    LoraAx(*ep.token_lora[m], X + m * ldx, 1, ldx, K, in->lora_ax.data() + m * stride);
+  }
+}
+
+}  // namespace detail
+
 // Prepares M token rows X (row m at X + m * ldx, K floats each; ldx >= K)
 // for GemvRows (M = 1) / GemmRows against w. The epilogue's pointers are
 // stored and must stay valid until the row calls return. Cost
@@ -244,7 +302,7 @@ HWY_INLINE Status PrepareGemmInput(const PreparedPalette& w, const float* HWY_RE
     return Unimplemented("matmul: %s kernels are not compiled in this build "
                          "(LUTRA_KERNEL_PRECISIONS)", MatmulPrecisionName(opt.precision));
   }
-  if (ep.lora != nullptr) LUTRA_RETURN_IF_ERROR(ValidateLora(*ep.lora));
+  LUTRA_RETURN_IF_ERROR(detail::CheckLora(ep, M));
 
   in->precision = opt.precision;
   in->bits = shape.bits;
@@ -252,9 +310,7 @@ HWY_INLINE Status PrepareGemmInput(const PreparedPalette& w, const float* HWY_RE
   in->rows = M;
   in->weights = &w;
   in->epilogue = ep;
-  in->epilogue.lora = nullptr;  // kernels read in->lora
-  in->has_lora = ep.lora != nullptr;
-  if (in->has_lora) in->lora = *ep.lora;
+  in->has_lora = false;  // until PrepareLora, after the activations
   LUTRA_RETURN_IF_ERROR(WithKernelBits(shape.bits, "matmul", [&](auto bits) HWY_ATTR {
     detail::SetGeometry<decltype(bits)::value>(shape, in);
   }));
@@ -320,10 +376,7 @@ HWY_INLINE Status PrepareGemmInput(const PreparedPalette& w, const float* HWY_RE
     }
     if (M >= 2 && M <= kGemmSmallM) detail::GroupFewTokens(in);
   }
-  if (in->has_lora) {
-    in->lora_ax.resize(M * in->lora.rank);
-    LoraAx(in->lora, X, M, ldx, K, in->lora_ax.data());
-  }
+  detail::PrepareLora(ep, X, M, ldx, K, in);
   return Status::Ok();
 }
 
@@ -345,7 +398,7 @@ HWY_INLINE Status PrepareGemmInputFrom(const PreparedInput& from, const Prepared
                            from.bits, from.cols, w.shape().bits, w.shape().cols);
   }
   if (X == nullptr) return InvalidArgument("matmul: null activations");
-  if (ep.lora != nullptr) LUTRA_RETURN_IF_ERROR(ValidateLora(*ep.lora));
+  LUTRA_RETURN_IF_ERROR(detail::CheckLora(ep, from.rows));
   in->precision = from.precision;
   in->bits = from.bits;
   in->cols = from.cols;
@@ -364,13 +417,7 @@ HWY_INLINE Status PrepareGemmInputFrom(const PreparedInput& from, const Prepared
   in->xf = from.xf;
   in->weights = &w;
   in->epilogue = ep;
-  in->epilogue.lora = nullptr;  // kernels read in->lora
-  in->has_lora = ep.lora != nullptr;
-  if (in->has_lora) {
-    in->lora = *ep.lora;
-    in->lora_ax.resize(from.rows * in->lora.rank);
-    LoraAx(in->lora, X, from.rows, ldx, from.cols, in->lora_ax.data());
-  }
+  detail::PrepareLora(ep, X, from.rows, ldx, from.cols, in);
   return Status::Ok();
 }
 
