@@ -425,9 +425,9 @@ Status Generate(const Model& model, RunState& state, const std::vector<int>& pro
 // sequence seqs[i], at position seqs[i]->cache.end(0). It attends that
 // sequence's own KV cache, with that sequence's adapter (seqs[i]->adapter).
 // The n tokens' matrix products run as one batched product (the small-M
-// GEMM, whose rows are GEMV's bits) per run of consecutive sequences that
-// share an adapter, so the weights are read once per run, not once per
-// sequence. `batch` (MakeBatchState, or any run state for the model)
+// GEMM, whose rows are GEMV's bits), each token with its own sequence's LoRA
+// delta in the epilogue (Epilogue::token_lora), so the weights are read once
+// per step whatever the mix of adapters. `batch` (MakeBatchState, or any run state for the model)
 // provides the activations (max_batch >= n), the threads and the precision;
 // each sequence's state provides only its KV cache and adapter, and must
 // have batch's precision. Row i of the result is bit for
