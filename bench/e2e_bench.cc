@@ -485,7 +485,9 @@ bool ParseArgs(int argc, char** argv, Args* a) {
     } else if (flag == "--reps") {
       a->reps = atoi(v);
     } else if (flag == "--adapters") {
-      a->adapters = size_t(atoi(v));
+      const int k = atoi(v);
+      if (k < 0 || k > 64) return false;
+      a->adapters = size_t(k);
     } else if (flag == "--chunk") {
       a->chunk = size_t(atoi(v));
     } else if (flag == "--kv") {  // names as ElementTypeName gives them
@@ -525,6 +527,7 @@ bool ParseArgs(int argc, char** argv, Args* a) {
   for (size_t n : a->sequences) {
     if (n < 1 || n > 64) return false;  // kGemmSmallM: rows are GEMV's bits
   }
+  if (a->adapters > 0 && a->sequences.empty()) return false;  // --adapters is for --sequences
   return a->f32_layers >= 1 && a->chunk >= 1 && !a->kv.empty() && a->prefill >= 1 &&
          a->decode >= 1 && a->reps >= 1 && !a->threads.empty();
 }
