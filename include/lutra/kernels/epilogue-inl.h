@@ -159,8 +159,9 @@ HWY_INLINE void RowDotsOfFour(const T* HWY_RESTRICT b, size_t rank, const float*
 //   in order, a chunk at a time between runs of the matmul's own loads, and
 //   without it each chunk's B rows came from DRAM on demand (a rank-16 f16
 //   adapter on every projection cost a 4-bit AFM decode step 23 %, for 3 %
-//   more bytes). Prefetching past B's end is harmless: a prefetch never
-//   faults.
+//   more bytes). The last chunk prefetches past B's end, which is harmless
+//   (a prefetch never faults); its addresses are computed as integers, as
+//   pointer arithmetic past an array's end is undefined.
 // - Four rows share one reduction (RowDotsOfFour) where the target has
 //   SumsOfFour: one ReduceSum per row cost about as much as the rest of the
 //   epilogue.
@@ -169,8 +170,9 @@ HWY_INLINE void LoraRowDots(const LoraDelta& lora, const float* HWY_RESTRICT ax,
   const size_t rank = lora.rank;
   const size_t row_bytes = rank * ElementBytes(lora.type);
   const uint8_t* b = static_cast<const uint8_t*>(lora.b) + n0 * row_bytes;
-  for (size_t off = n * row_bytes; off < 2 * n * row_bytes; off += 64) {
-    hwy::Prefetch(b + off);
+  const uintptr_t next = reinterpret_cast<uintptr_t>(b) + n * row_bytes;
+  for (size_t off = 0; off < n * row_bytes; off += 64) {
+    hwy::Prefetch(reinterpret_cast<const uint8_t*>(next + off));
   }
 #if LUTRA_HAVE_SUMS_OF_FOUR
   switch (lora.type) {
