@@ -158,7 +158,7 @@ HWY_INLINE void RowDotsOfFour(const T* HWY_RESTRICT b, size_t rank, const float*
 // - The B rows of the next n outputs are prefetched: callers walk the rows
 //   in order, a chunk at a time between runs of the matmul's own loads, and
 //   without it each chunk's B rows came from DRAM on demand (a rank-16 f16
-//   adapter on every projection cost a 4-bit AFM decode step 23 %, for 3 %
+//   adapter on every projection cost a 4-bit AFM decode step 27 %, for 3 %
 //   more bytes). The last chunk prefetches past B's end, which is harmless
 //   (a prefetch never faults); its addresses are computed as integers, as
 //   pointer arithmetic past an array's end is undefined.
